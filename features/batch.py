@@ -1,0 +1,329 @@
+"""The one batch type every stage uses (training, evaluation and serving).
+
+A `Batch` holds B users ("queries"), each with a behavior history and a jagged
+list of candidates; N is the total number of candidates in the batch.
+
+* ranking training: one sample = (user history as of t, one candidate) -> N == B
+  (or several candidates per user when a request's impressions are grouped);
+* retrieval training: the candidates of user b are the next items at every
+  position of its history prefix (every-prefix next-item training);
+* serving: B == 1, the candidates are the retrieved items.
+
+Sparse and sequence features are TorchRec `KeyedJaggedTensor`s (KJT):
+
+    user        stride B   keys: "user_id" (1 per user) + user attributes (0..k each)
+    history     stride B   *parallel* keys with identical lengths per user:
+                           "hist_item_id", "hist_ts" (ms), "hist_event_type",
+                           "hist_category", optionally "hist_sdim_sig" (packed
+                           SimHash codes computed when the event arrived)
+    candidates  stride N   keys: "item_id" (1 per candidate) + item attributes
+                           (multi-valued, e.g. "item_category", "item_tag")
+
+plus dense tensors: `num_candidates` (B,), `request_ts` (B,), `user_dense`
+(B, Du), `candidate_dense` (N, Dc), `labels` (N, T) and `weights` (N,).
+
+Ids are the canonical int64 ids of the data contract; mapping them to
+embedding rows (`features.hashing`) is the model's first step, so the batch
+built offline by the reader and online from Redis is the same thing.
+
+Construction only assigns; `validate_batch` checks a batch where data enters a
+stage (reader, request decoding) and names the feature and sizes on error.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+USER_ID = "user_id"
+ITEM_ID = "item_id"
+HIST_ITEM_ID = "hist_item_id"
+HIST_TS = "hist_ts"
+HIST_EVENT_TYPE = "hist_event_type"
+HIST_CATEGORY = "hist_category"
+HIST_SDIM_SIG = "hist_sdim_sig"
+HISTORY_KEYS: tuple[str, ...] = (HIST_ITEM_ID, HIST_TS, HIST_EVENT_TYPE, HIST_CATEGORY)
+ITEM_CATEGORY = "item_category"
+ITEM_TAG = "item_tag"
+
+ArrayLike = np.ndarray | torch.Tensor | Sequence[int]
+
+
+class BatchValidationError(ValueError):
+    """A batch does not have the shape its stage expects; names the feature and sizes."""
+
+
+def _as_long(x: ArrayLike) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x.to(torch.int64)
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(x, dtype=np.int64)))
+
+
+def _as_float(x: np.ndarray | torch.Tensor, ndim: int) -> torch.Tensor:
+    t = x.to(torch.float32) if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x, dtype=np.float32))
+    return t
+
+
+def make_kjt(features: Mapping[str, tuple[ArrayLike, ArrayLike]], stride: int | None = None) -> KeyedJaggedTensor:
+    """{key: (values, lengths)} -> KeyedJaggedTensor (values int64, lengths int32).
+
+    Keys keep their insertion order. `stride` is needed only when there are no keys.
+    """
+    keys = list(features)
+    if not keys:
+        return KeyedJaggedTensor(
+            keys=[], values=torch.empty(0, dtype=torch.int64),
+            lengths=torch.empty(0, dtype=torch.int32), stride=stride or 0,
+        )
+    values = torch.cat([_as_long(features[k][0]) for k in keys])
+    lengths = torch.cat([_as_long(features[k][1]).to(torch.int32) for k in keys])
+    return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, stride=stride)
+
+
+@dataclass
+class Batch(Pipelineable):
+    """See the module docstring for the layout. Shapes: B users, N candidates, T tasks."""
+
+    user: KeyedJaggedTensor
+    history: KeyedJaggedTensor
+    candidates: KeyedJaggedTensor
+    num_candidates: torch.Tensor  # (B,) int64
+    request_ts: torch.Tensor  # (B,) int64, ms
+    user_dense: torch.Tensor  # (B, Du) float32
+    candidate_dense: torch.Tensor  # (N, Dc) float32
+    labels: torch.Tensor  # (N, T) float32; T may be 0 at serving time
+    weights: torch.Tensor  # (N,) float32 sample weights
+    meta: dict[str, str] = field(default_factory=dict)  # provenance (shard, split); never tensors
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.num_candidates.numel())
+
+    @property
+    def total_candidates(self) -> int:
+        return int(self.candidate_dense.shape[0])
+
+    def user_ids(self) -> torch.Tensor:  # (B,)
+        return self.user[USER_ID].values()
+
+    def candidate_item_ids(self) -> torch.Tensor:  # (N,)
+        return self.candidates[ITEM_ID].values()
+
+    def candidate_user_index(self) -> torch.Tensor:  # (N,) row of each candidate's user
+        return torch.repeat_interleave(torch.arange(self.batch_size, device=self.num_candidates.device), self.num_candidates)
+
+    def history_lengths(self) -> torch.Tensor:  # (B,) int64
+        return self.history[HIST_ITEM_ID].lengths().to(torch.int64)
+
+    def history_offsets(self) -> torch.Tensor:  # (B+1,) int64
+        return self.history[HIST_ITEM_ID].offsets().to(torch.int64)
+
+    def history_values(self, key: str) -> torch.Tensor:  # (sum L,)
+        return self.history[key].values()
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return Batch(
+            user=self.user.to(device, non_blocking=non_blocking),
+            history=self.history.to(device, non_blocking=non_blocking),
+            candidates=self.candidates.to(device, non_blocking=non_blocking),
+            num_candidates=self.num_candidates.to(device, non_blocking=non_blocking),
+            request_ts=self.request_ts.to(device, non_blocking=non_blocking),
+            user_dense=self.user_dense.to(device, non_blocking=non_blocking),
+            candidate_dense=self.candidate_dense.to(device, non_blocking=non_blocking),
+            labels=self.labels.to(device, non_blocking=non_blocking),
+            weights=self.weights.to(device, non_blocking=non_blocking),
+            meta=dict(self.meta),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        for kjt in (self.user, self.history, self.candidates):
+            kjt.record_stream(stream)
+        for t in (self.num_candidates, self.request_ts, self.user_dense, self.candidate_dense, self.labels, self.weights):
+            t.record_stream(stream)
+
+    def pin_memory(self) -> "Batch":
+        return Batch(
+            user=self.user.pin_memory(),
+            history=self.history.pin_memory(),
+            candidates=self.candidates.pin_memory(),
+            num_candidates=self.num_candidates.pin_memory(),
+            request_ts=self.request_ts.pin_memory(),
+            user_dense=self.user_dense.pin_memory(),
+            candidate_dense=self.candidate_dense.pin_memory(),
+            labels=self.labels.pin_memory(),
+            weights=self.weights.pin_memory(),
+            meta=dict(self.meta),
+        )
+
+
+def build_batch(
+    *,
+    user: Mapping[str, tuple[ArrayLike, ArrayLike]],
+    history: Mapping[str, ArrayLike],
+    history_lengths: ArrayLike,
+    candidates: Mapping[str, tuple[ArrayLike, ArrayLike]],
+    num_candidates: ArrayLike,
+    request_ts: ArrayLike,
+    user_dense: np.ndarray | torch.Tensor | None = None,
+    candidate_dense: np.ndarray | torch.Tensor | None = None,
+    labels: np.ndarray | torch.Tensor | None = None,
+    weights: np.ndarray | torch.Tensor | None = None,
+    meta: Mapping[str, str] | None = None,
+) -> Batch:
+    """Assembles a Batch from flat arrays (the reader's and serving's common path).
+
+    `history` holds the values of each parallel key; they share `history_lengths`.
+    Missing dense parts become empty (B, 0) / (N, 0) tensors, missing labels (N, 0),
+    missing weights ones. No validation here: call `validate_batch`.
+    """
+    num_c = _as_long(num_candidates)
+    b = int(num_c.numel())
+    n = int(num_c.sum()) if b else 0
+    hl = _as_long(history_lengths)
+    hist = make_kjt({k: (v, hl) for k, v in history.items()}, stride=b)
+    return Batch(
+        user=make_kjt(user, stride=b),
+        history=hist,
+        candidates=make_kjt(candidates, stride=n),
+        num_candidates=num_c,
+        request_ts=_as_long(request_ts),
+        user_dense=_as_float(user_dense, 2) if user_dense is not None else torch.zeros(b, 0),
+        candidate_dense=_as_float(candidate_dense, 2) if candidate_dense is not None else torch.zeros(n, 0),
+        labels=_as_float(labels, 2) if labels is not None else torch.zeros(n, 0),
+        weights=_as_float(weights, 1) if weights is not None else torch.ones(n),
+        meta=dict(meta or {}),
+    )
+
+
+@dataclass(frozen=True)
+class BatchSpec:
+    """What a stage expects of a batch; `validate_batch` checks a batch against it."""
+
+    user_keys: tuple[str, ...] = (USER_ID,)
+    history_keys: tuple[str, ...] = HISTORY_KEYS
+    candidate_keys: tuple[str, ...] = (ITEM_ID,)
+    user_dense_dim: int | None = None  # None: any
+    candidate_dense_dim: int | None = None
+    num_tasks: int | None = None
+    max_history: int | None = None
+    max_candidates_per_user: int | None = None
+    history_before_request: bool = True  # every behavior strictly before request_ts
+
+
+def _fail(msg: str) -> None:
+    raise BatchValidationError(msg)
+
+
+def _check_kjt(name: str, kjt: KeyedJaggedTensor, keys: Sequence[str], stride: int) -> None:
+    missing = [k for k in keys if k not in kjt.keys()]
+    if missing:
+        _fail(f"{name}: missing keys {missing} (have {kjt.keys()})")
+    lengths = kjt.lengths()
+    n_keys = len(kjt.keys())
+    if lengths.numel() != n_keys * stride:
+        _fail(f"{name}: lengths has {lengths.numel()} entries, expected {n_keys} keys x stride {stride} = {n_keys * stride}")
+    if n_keys and int(lengths.min()) < 0:
+        _fail(f"{name}: negative lengths")
+    total = int(lengths.sum()) if lengths.numel() else 0
+    if kjt.values().numel() != total:
+        _fail(f"{name}: values has {kjt.values().numel()} entries but lengths sum to {total}")
+    if kjt.values().dtype != torch.int64:
+        _fail(f"{name}: values must be int64, got {kjt.values().dtype}")
+
+
+def validate_batch(batch: Batch, spec: BatchSpec = BatchSpec()) -> Batch:
+    """Checks shapes, dtypes and invariants; raises BatchValidationError naming the feature.
+
+    Runs where data enters a stage (reader, request decoding), never inside forward.
+    """
+    nc = batch.num_candidates
+    if nc.dim() != 1:
+        _fail(f"num_candidates must be 1-D (B,), got shape {tuple(nc.shape)}")
+    b = int(nc.numel())
+    if b and int(nc.min()) < 0:
+        _fail("num_candidates has negative entries")
+    n = int(nc.sum()) if b else 0
+
+    _check_kjt("user", batch.user, spec.user_keys, b)
+    if USER_ID in batch.user.keys():
+        ul = batch.user[USER_ID].lengths()
+        if b and not bool((ul == 1).all()):
+            row = int((ul != 1).nonzero()[0])
+            _fail(f"user.{USER_ID}: every user needs exactly one id, row {row} has {int(ul[row])}")
+
+    _check_kjt("history", batch.history, spec.history_keys, b)
+    hkeys = batch.history.keys()
+    if hkeys:
+        ref = batch.history[hkeys[0]].lengths()
+        for k in hkeys[1:]:
+            lk = batch.history[k].lengths()
+            if not torch.equal(lk, ref):
+                row = int((lk != ref).nonzero()[0])
+                _fail(
+                    f"history.{k}: lengths differ from history.{hkeys[0]} (parallel keys must match); "
+                    f"row {row}: {int(lk[row])} vs {int(ref[row])}"
+                )
+        if spec.max_history is not None and b and int(ref.max()) > spec.max_history:
+            row = int(ref.argmax())
+            _fail(f"history.{hkeys[0]}: row {row} has {int(ref[row])} behaviors, max is {spec.max_history}")
+        if spec.history_before_request and HIST_TS in hkeys and b:
+            ts = batch.history[HIST_TS].values()
+            owner = torch.repeat_interleave(torch.arange(b), ref.to(torch.int64))
+            bad = ts >= batch.request_ts[owner] if batch.request_ts.numel() == b else None
+            if bad is not None and bool(bad.any()):
+                i = int(bad.nonzero()[0])
+                _fail(
+                    f"history.{HIST_TS}: behavior at ts={int(ts[i])} is not before request_ts="
+                    f"{int(batch.request_ts[owner[i]])} (row {int(owner[i])}): the sample would see the future"
+                )
+
+    _check_kjt("candidates", batch.candidates, spec.candidate_keys, n)
+    if ITEM_ID in batch.candidates.keys() and n:
+        cl = batch.candidates[ITEM_ID].lengths()
+        if not bool((cl == 1).all()):
+            row = int((cl != 1).nonzero()[0])
+            _fail(f"candidates.{ITEM_ID}: every candidate needs exactly one id, candidate {row} has {int(cl[row])}")
+    if spec.max_candidates_per_user is not None and b and int(nc.max()) > spec.max_candidates_per_user:
+        _fail(f"num_candidates: {int(nc.max())} candidates for one user, max is {spec.max_candidates_per_user}")
+
+    if tuple(batch.request_ts.shape) != (b,):
+        _fail(f"request_ts: shape {tuple(batch.request_ts.shape)}, expected ({b},)")
+    for name, t, rows, dim in (
+        ("user_dense", batch.user_dense, b, spec.user_dense_dim),
+        ("candidate_dense", batch.candidate_dense, n, spec.candidate_dense_dim),
+        ("labels", batch.labels, n, spec.num_tasks),
+    ):
+        if t.dim() != 2 or t.shape[0] != rows:
+            _fail(f"{name}: shape {tuple(t.shape)}, expected ({rows}, {'D' if dim is None else dim})")
+        if dim is not None and t.shape[1] != dim:
+            _fail(f"{name}: has {t.shape[1]} columns, expected {dim}")
+        if t.dtype != torch.float32:
+            _fail(f"{name}: dtype {t.dtype}, expected float32")
+        if t.numel() and not bool(torch.isfinite(t).all()):
+            idx = (~torch.isfinite(t)).nonzero()[0].tolist()
+            _fail(f"{name}: non-finite value at {idx}")
+    if tuple(batch.weights.shape) != (n,):
+        _fail(f"weights: shape {tuple(batch.weights.shape)}, expected ({n},)")
+    return batch
+
+
+def jagged_tail(values: torch.Tensor, lengths: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last `n` elements of every row of a jagged tensor (e.g. the short-term history).
+
+    values: (sum L,), lengths: (B,) -> (values', lengths') with lengths' = min(L, n).
+    Vectorized: no loop over rows.
+    """
+    lengths = lengths.to(torch.int64)
+    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=values.device)
+    offsets[1:] = torch.cumsum(lengths, 0)
+    new_len = lengths.clamp(max=n)
+    row = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), new_len)
+    new_off = torch.zeros_like(offsets)
+    new_off[1:] = torch.cumsum(new_len, 0)
+    pos = torch.arange(int(new_len.sum()), device=values.device) - new_off[:-1][row]
+    src = offsets[1:][row] - new_len[row] + pos
+    return values[src], new_len
