@@ -43,10 +43,10 @@ USER_ID = "user_id"
 ITEM_ID = "item_id"
 HIST_ITEM_ID = "hist_item_id"
 HIST_TS = "hist_ts"
-HIST_EVENT_TYPE = "hist_event_type"
+HIST_ACTION = "hist_action"  # features.sequence.action_code(event_type, label)
 HIST_CATEGORY = "hist_category"
 HIST_SDIM_SIG = "hist_sdim_sig"
-HISTORY_KEYS: tuple[str, ...] = (HIST_ITEM_ID, HIST_TS, HIST_EVENT_TYPE, HIST_CATEGORY)
+HISTORY_KEYS: tuple[str, ...] = (HIST_ITEM_ID, HIST_TS, HIST_ACTION, HIST_CATEGORY)
 ITEM_CATEGORY = "item_category"
 ITEM_TAG = "item_tag"
 

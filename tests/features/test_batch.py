@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from features.batch import (
-    HIST_CATEGORY, HIST_EVENT_TYPE, HIST_ITEM_ID, HIST_TS, ITEM_CATEGORY, ITEM_ID, USER_ID,
+    HIST_CATEGORY, HIST_ACTION, HIST_ITEM_ID, HIST_TS, ITEM_CATEGORY, ITEM_ID, USER_ID,
     BatchSpec, BatchValidationError, build_batch, jagged_tail, validate_batch,
 )
 
@@ -16,7 +16,7 @@ def _batch(hist_lengths=(3, 0), num_candidates=(2, 1), **over):
         history={
             HIST_ITEM_ID: list(range(10, 10 + total)),
             HIST_TS: list(range(100, 100 + total)),
-            HIST_EVENT_TYPE: [2] * total,
+            HIST_ACTION: [2] * total,
             HIST_CATEGORY: [5] * total,
         },
         history_lengths=list(hist_lengths),
@@ -45,7 +45,7 @@ def test_parallel_history_keys_must_have_identical_lengths():
     from features.batch import make_kjt
 
     b.history = make_kjt({HIST_ITEM_ID: ([1, 2, 3], [3, 0]), HIST_TS: ([1, 2, 3], [2, 1]),
-                          HIST_EVENT_TYPE: ([1, 1, 1], [3, 0]), HIST_CATEGORY: ([1, 1, 1], [3, 0])}, stride=2)
+                          HIST_ACTION: ([1, 1, 1], [3, 0]), HIST_CATEGORY: ([1, 1, 1], [3, 0])}, stride=2)
     with pytest.raises(BatchValidationError, match=r"history.hist_ts: lengths differ .* row 0: 2 vs 3"):
         validate_batch(b)
 

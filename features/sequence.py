@@ -1,0 +1,130 @@
+"""A user's behavior sequence and the one function that appends an event to it.
+
+The Spark jobs build sequences for millions of users with window functions;
+the streaming consumer keeps them up to date in Redis one event at a time.
+Both must produce the same thing, so the semantics live here, once:
+
+* which events are behaviors (`SequenceConfig.behavior_event_types`);
+* the per-behavior fields: item id, timestamp, action code, category id;
+* the order: chronological by ``ts_ms``; events with equal timestamps keep
+  their ``event_id`` order offline and their arrival order online (producers
+  emit a user's same-millisecond events in event_id order, so the two agree);
+* the cap: the long-term sequence keeps the latest `long_cap` behaviors; the
+  short-term sequence is the last `short_cap` of it.
+
+`append_event` is pure: it returns a new state. The Spark job's reference test
+folds it over events (`fold_events`) and compares with the Spark output row
+for row; the Redis consumer applies it to the state it reads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import numpy as np
+
+from features.hashing import hash_string
+from features.schema import Event, EventType
+
+CATEGORY_FEATURE = "category"
+DEFAULT_BEHAVIOR_TYPES: tuple[str, ...] = ("click", "purchase", "rating", "interaction", "like", "add_to_cart", "view")
+NUM_ACTIONS = 2 * (max(e.value for e in EventType) + 1)  # vocabulary size of action codes
+
+
+@dataclass(frozen=True)
+class SequenceConfig:
+    long_cap: int = 10_000
+    short_cap: int = 50
+    behavior_event_types: tuple[str, ...] = DEFAULT_BEHAVIOR_TYPES
+
+    def __post_init__(self) -> None:
+        if self.long_cap <= 0 or self.short_cap <= 0:
+            raise ValueError(f"long_cap and short_cap must be positive, got {self.long_cap}, {self.short_cap}")
+        if self.short_cap > self.long_cap:
+            raise ValueError(f"short_cap={self.short_cap} exceeds long_cap={self.long_cap}")
+        for t in self.behavior_event_types:
+            EventType.parse(t)
+
+
+def action_code(event_type: str | int, label: float) -> int:
+    """Event kind and outcome in one small id: 2 * EventType + (label >= 0.5); 0 = padding.
+
+    Spark: ``2 * <event type code> + CAST(label >= 0.5 AS INT)``.
+    """
+    code = event_type if isinstance(event_type, int) else EventType.parse(event_type).value
+    return 2 * int(code) + int(label >= 0.5)
+
+
+def category_id(categories: Iterable[str] | None) -> int:
+    """The id of an item's primary (first) category; 0 when it has none.
+
+    Spark: ``coalesce(xxhash64(lit('category'), element_at(categories, 1)), 0)``.
+    """
+    for c in categories or ():
+        return hash_string(c, CATEGORY_FEATURE)
+    return 0
+
+
+@dataclass(frozen=True)
+class SequenceState:
+    """A user's long-term behavior sequence, chronological, as parallel arrays."""
+
+    item_ids: np.ndarray  # (L,) int64
+    ts_ms: np.ndarray  # (L,) int64
+    actions: np.ndarray  # (L,) int64
+    categories: np.ndarray  # (L,) int64
+
+    @classmethod
+    def empty(cls) -> "SequenceState":
+        z = np.empty(0, dtype=np.int64)
+        return cls(z, z, z, z)
+
+    def __len__(self) -> int:
+        return int(self.item_ids.shape[0])
+
+    def short(self, short_cap: int) -> "SequenceState":
+        return self.tail(short_cap)
+
+    def tail(self, n: int) -> "SequenceState":
+        s = slice(max(len(self) - n, 0), None)
+        return SequenceState(self.item_ids[s], self.ts_ms[s], self.actions[s], self.categories[s])
+
+    def equals(self, other: "SequenceState") -> bool:
+        return all(
+            np.array_equal(getattr(self, f), getattr(other, f)) for f in ("item_ids", "ts_ms", "actions", "categories")
+        )
+
+
+def is_behavior(event: Event, cfg: SequenceConfig) -> bool:
+    return event.event_type in cfg.behavior_event_types
+
+
+def append_event(state: SequenceState, event: Event, category: int, cfg: SequenceConfig) -> SequenceState:
+    """Returns `state` with `event` inserted in time order and capped at `cfg.long_cap`.
+
+    Non-behavior events (e.g. impressions) leave the state unchanged. A late
+    event is inserted after every behavior with ts_ms <= its ts_ms; if it is
+    older than everything kept in a full sequence it falls off the cap.
+    """
+    if not is_behavior(event, cfg):
+        return state
+    pos = int(np.searchsorted(state.ts_ms, event.ts_ms, side="right"))
+    item = np.insert(state.item_ids, pos, np.int64(event.item_id))
+    ts = np.insert(state.ts_ms, pos, np.int64(event.ts_ms))
+    act = np.insert(state.actions, pos, np.int64(action_code(event.event_type, event.label)))
+    cat = np.insert(state.categories, pos, np.int64(category))
+    if item.shape[0] > cfg.long_cap:
+        drop = item.shape[0] - cfg.long_cap
+        item, ts, act, cat = item[drop:], ts[drop:], act[drop:], cat[drop:]
+    return SequenceState(item, ts, act, cat)
+
+
+def fold_events(
+    events: Iterable[Event], item_categories: Mapping[int, int], cfg: SequenceConfig,
+    state: SequenceState | None = None,
+) -> SequenceState:
+    """The reference: folds `append_event` over events ordered by (ts_ms, event_id)."""
+    st = state if state is not None else SequenceState.empty()
+    for e in sorted(events, key=lambda e: (e.ts_ms, e.event_id)):
+        st = append_event(st, e, item_categories.get(e.item_id, 0), cfg)
+    return st
