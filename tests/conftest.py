@@ -57,3 +57,11 @@ def kafka_broker(tmp_path_factory: pytest.TempPathFactory):
 
     with LocalServices(tmp_path_factory.mktemp("kafka"), redis=False) as svc:
         yield svc.kafka
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _quiet_library_logs():
+    """TorchRec's planner and DCP log every call at INFO/DEBUG; keep test output readable."""
+    for name in ("torchrec", "torch.distributed", "c10d-NullHandler-dcp_logger", "MethodLogger-NullHandler", "py4j"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    yield

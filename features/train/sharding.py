@@ -1,0 +1,169 @@
+"""Sharded embeddings: TorchRec DistributedModelParallel, the plan, fused optimizers.
+
+Shared by the retriever and the ranker (one machinery, not two copies). Model
+code builds plain TorchRec modules (`EmbeddingCollection` for sequences,
+`EmbeddingBagCollection` for pooled features) and knows nothing of sharding;
+`shard_model` wraps the model from the outside:
+
+* the planner picks table-wise / row-wise / data-parallel per table, and
+  `ShardingConfig.constraints` overrides it per table (e.g. force row-wise for
+  the item table);
+* the embeddings' optimizer is fused into the backward (FBGEMM TBE kernels).
+  On CPU the fused kernels support SGD, Adagrad and row-wise Adagrad, not Adam
+  (STACK.md), so the default is row-wise Adagrad; dense parameters use Adam
+  through `make_optimizer`;
+* TorchRec offers ROW_WISE for EmbeddingBagCollection only on CUDA; a sharder
+  subclass adds it for CPU (gloo), which works (verified, STACK-DETAILS §2).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+from torchrec.distributed.planner.types import PlannerError
+from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan, ShardingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
+
+SHARDING_TYPES = ("data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
+
+
+@dataclass(frozen=True)
+class ShardingConfig:
+    """How embedding tables are sharded and optimized.
+
+    constraints: table name -> allowed sharding types (the planner picks among
+        them); tables not listed are planned freely.
+    """
+
+    constraints: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd"] = "rowwise_adagrad"
+    embedding_lr: float = 0.05
+    embedding_eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        for table, types in self.constraints.items():
+            bad = [t for t in types if t not in SHARDING_TYPES]
+            if bad or not types:
+                raise ValueError(f"sharding constraints for table {table!r}: {list(types)} (allowed: {SHARDING_TYPES})")
+
+
+class CpuRowWiseEBCSharder(EmbeddingBagCollectionSharder):
+    """Offers ROW_WISE / TABLE_ROW_WISE for EmbeddingBagCollection on CPU as well."""
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        types = super().sharding_types(compute_device_type)
+        if compute_device_type == "cpu":
+            types = types + [t for t in (ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value) if t not in types]
+        return types
+
+
+def default_sharders() -> list[ModuleSharder[nn.Module]]:
+    return [CpuRowWiseEBCSharder(), EmbeddingCollectionSharder()]
+
+
+def embedding_tables(model: nn.Module) -> dict[str, tuple[int, int]]:
+    """table name -> (num_embeddings, embedding_dim) for every TorchRec collection in `model`."""
+    out: dict[str, tuple[int, int]] = {}
+    for m in model.modules():
+        if isinstance(m, EmbeddingCollection):
+            for c in m.embedding_configs():
+                out[c.name] = (c.num_embeddings, c.embedding_dim)
+        elif isinstance(m, EmbeddingBagCollection):
+            for c in m.embedding_bag_configs():
+                out[c.name] = (c.num_embeddings, c.embedding_dim)
+    return out
+
+
+def _embedding_params(model: nn.Module) -> list[nn.Parameter]:
+    params = []
+    for m in model.modules():
+        if isinstance(m, (EmbeddingCollection, EmbeddingBagCollection)):
+            params.extend(m.parameters())
+    return params
+
+
+def _fuse_embedding_optimizer(model: nn.Module, cfg: ShardingConfig) -> None:
+    params = _embedding_params(model)
+    if not params:
+        return
+    if cfg.embedding_optimizer == "rowwise_adagrad":
+        _apply_optimizer_in_backward(RowWiseAdagrad, params, {"lr": cfg.embedding_lr, "eps": cfg.embedding_eps})
+    elif cfg.embedding_optimizer == "adagrad":
+        _apply_optimizer_in_backward(torch.optim.Adagrad, params, {"lr": cfg.embedding_lr, "eps": cfg.embedding_eps})
+    else:
+        _apply_optimizer_in_backward(torch.optim.SGD, params, {"lr": cfg.embedding_lr})
+
+
+def plan_sharding(
+    model: nn.Module, cfg: ShardingConfig, world_size: int, device: torch.device,
+    pg: dist.ProcessGroup | None = None,
+) -> ShardingPlan:
+    """The planner's plan under `cfg.constraints` (collective when a process group is given)."""
+    tables = embedding_tables(model)
+    unknown = sorted(set(cfg.constraints) - set(tables))
+    if unknown:
+        raise ValueError(f"sharding constraints name unknown tables {unknown}; the model's tables are {sorted(tables)}")
+    constraints = {
+        name: ParameterConstraints(sharding_types=list(types), compute_kernels=["fused"])
+        for name, types in cfg.constraints.items()
+    }
+    topology = Topology(world_size=world_size, compute_device=device.type, local_world_size=world_size)
+    planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
+    try:
+        if pg is not None:
+            return planner.collective_plan(model, default_sharders(), pg)
+        return planner.plan(model, default_sharders())
+    except PlannerError as e:
+        raise ValueError(f"no sharding plan satisfies the constraints {dict(cfg.constraints)}: {e}") from e
+
+
+def shard_model(
+    model: nn.Module, cfg: ShardingConfig, device: torch.device, pg: dist.ProcessGroup | None = None,
+) -> DistributedModelParallel:
+    """Fuses the embedding optimizer, plans, and wraps `model` in DistributedModelParallel.
+
+    Requires an initialized default process group (world size 1 is fine: the
+    single-process path uses the same code).
+    """
+    if not dist.is_initialized():
+        raise RuntimeError("shard_model needs torch.distributed initialized (see jobs/launch.py)")
+    pg = pg or dist.group.WORLD
+    world = dist.get_world_size(pg)
+    _fuse_embedding_optimizer(model, cfg)
+    plan = plan_sharding(model, cfg, world, device, pg)
+    return DistributedModelParallel(
+        module=model, env=ShardingEnv.from_process_group(pg), device=device, plan=plan,
+        sharders=default_sharders(),
+    )
+
+
+def make_optimizer(dmp: DistributedModelParallel, dense_lr: float, weight_decay: float = 0.0) -> CombinedOptimizer:
+    """Fused embedding optimizer + Adam(W) for the dense parameters, stepped together."""
+    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    opts = [dmp.fused_optimizer]
+    if dense:
+        opts.append(KeyedOptimizerWrapper(
+            dense, lambda ps: torch.optim.AdamW(ps, lr=dense_lr, weight_decay=weight_decay)
+        ))
+    return CombinedOptimizer(opts)
+
+
+def describe_plan(dmp: DistributedModelParallel) -> dict[str, str]:
+    """table name -> sharding type, for logs and manifests."""
+    out: dict[str, str] = {}
+    for module_plan in dmp.plan.plan.values():
+        for table, ps in module_plan.items():  # type: ignore[union-attr]
+            ranks = sorted({r for r in (ps.ranks or [])})
+            out[table] = f"{ps.sharding_type} on ranks {ranks}"
+    return out
