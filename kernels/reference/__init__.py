@@ -1,0 +1,1 @@
+"""PyTorch references of the kernels: the semantics, and the fast path on CPU."""
