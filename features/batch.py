@@ -226,7 +226,7 @@ def _check_kjt(name: str, kjt: KeyedJaggedTensor, keys: Sequence[str], stride: i
     n_keys = len(kjt.keys())
     if lengths.numel() != n_keys * stride:
         _fail(f"{name}: lengths has {lengths.numel()} entries, expected {n_keys} keys x stride {stride} = {n_keys * stride}")
-    if n_keys and int(lengths.min()) < 0:
+    if lengths.numel() and int(lengths.min()) < 0:
         _fail(f"{name}: negative lengths")
     total = int(lengths.sum()) if lengths.numel() else 0
     if kjt.values().numel() != total:

@@ -15,6 +15,7 @@ environment itself.
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import enum
 import types
@@ -72,7 +73,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         inner = args[0] if args else Any
         items = [_coerce(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is not list else items
-    if origin in (dict, Mapping, typing.Mapping):
+    if origin in (dict, Mapping, typing.Mapping, collections.abc.Mapping):  # get_origin(Mapping[..]) is the abc
         if not isinstance(value, Mapping):
             raise ConfigError(f"{path}: expected a mapping, got {type(value).__name__}")
         kt, vt = args if args else (Any, Any)

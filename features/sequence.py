@@ -58,7 +58,9 @@ def action_code(event_type: str | int, label: float) -> int:
 def category_id(categories: Iterable[str] | None) -> int:
     """The id of an item's primary (first) category; 0 when it has none.
 
-    Spark: ``coalesce(xxhash64(lit('category'), element_at(categories, 1)), 0)``.
+    Spark: ``CASE WHEN try_element_at(categories, 1) IS NULL THEN 0 ELSE xxhash64(lit('category'),
+    try_element_at(categories, 1)) END`` (not a ``coalesce``: xxhash64 skips NULL arguments and would
+    return the feature seed; see features.spark.exprs.category_id).
     """
     for c in categories or ():
         return hash_string(c, CATEGORY_FEATURE)
