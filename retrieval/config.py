@@ -1,0 +1,195 @@
+"""Typed configuration of the two-tower retriever (frozen dataclasses; YAML files in retrieval/configs/).
+
+    cfg = features.config.load_config(RetrieverConfig, "retrieval/configs/ml-1m.yaml", ["train.epochs=3"])
+
+Every knob has a default; the per-dataset YAML files set what differs (sequence
+length, attribute features, dropout, epochs). No dataset names appear in code.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from features.train.sharding import ShardingConfig
+
+ITEM_ID_TABLE = "item_id"
+CATEGORY_TABLE = "category"
+
+
+@dataclass(frozen=True)
+class ItemTowerConfig:
+    """Item tower: hashed id embedding (+ attributes) -> L2-normalized vector.
+
+    id_buckets: rows of the item-id table; ids map to rows with the features.hashing
+        spec (``pmod(xxhash64(feature, id), id_buckets)``).
+    id_hashes: independent hashes per id whose rows are summed ("hash embedding"):
+        with 2 hashes two catalog items share their whole representation only if
+        both hashes collide, which does not happen at catalog sizes of millions.
+    category: use the item's categories (multi-valued, mean-pooled; the same table
+        embeds the history's primary category).
+    attribute_features: pooled attribute features of the candidate KJT, e.g.
+        ("item_attr_year", "item_tag"); each gets its own small hashed table.
+    id_dropout: probability of dropping an item's id embedding in training, so
+        that the attribute path alone gives usable vectors for new items.
+    """
+
+    id_buckets: int = 1 << 20
+    id_hashes: int = 2
+    category: bool = True
+    category_buckets: int = 1 << 12
+    attribute_features: tuple[str, ...] = ()
+    attribute_buckets: int = 1 << 12
+    id_dropout: float = 0.0
+    init_std: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.id_buckets <= 0 or self.category_buckets <= 0 or self.attribute_buckets <= 0:
+            raise ValueError("item tower bucket counts must be positive")
+        if not 1 <= self.id_hashes <= 4:
+            raise ValueError(f"item.id_hashes must be in 1..4, got {self.id_hashes}")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"item.id_dropout must be in [0, 1), got {self.id_dropout}")
+
+
+@dataclass(frozen=True)
+class UserTowerConfig:
+    """User tower: causal self-attention over the last `max_len` behaviors (+ user features).
+
+    A behavior's token is id embedding (shared with the item tower) + primary
+    category + action code + learned position (0 = oldest kept behavior).
+    """
+
+    max_len: int = 200
+    num_layers: int = 2
+    num_heads: int = 1
+    ffn_mult: int = 4
+    dropout: float = 0.2
+    attention_dropout: float = 0.0  # > 0 leaves the fused (flash) CPU attention kernel: about 2.5x slower
+    use_category: bool = True
+    use_action: bool = False
+    user_features: tuple[str, ...] = ()
+    user_feature_buckets: int = 1 << 12
+    length_groups: int = 4  # users are encoded in groups of similar history length (less padding)
+
+    def __post_init__(self) -> None:
+        if min(self.max_len, self.num_layers, self.num_heads, self.ffn_mult, self.length_groups) <= 0:
+            raise ValueError("user tower sizes (max_len, num_layers, num_heads, ffn_mult, length_groups) must be positive")
+        for name in ("dropout", "attention_dropout"):
+            v = getattr(self, name)
+            if not 0.0 <= v < 1.0:
+                raise ValueError(f"user.{name} must be in [0, 1), got {v}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    dim: int = 64
+    item: ItemTowerConfig = field(default_factory=ItemTowerConfig)
+    user: UserTowerConfig = field(default_factory=UserTowerConfig)
+
+    def __post_init__(self) -> None:
+        if self.dim <= 0 or self.dim % self.user.num_heads:
+            raise ValueError(f"model.dim={self.dim} must be positive and divisible by user.num_heads={self.user.num_heads}")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Sampled softmax over in-batch (+ uniform) negatives with logQ correction (retrieval/loss.py).
+
+    mode: "sampled" — negatives are the batch's positives (in_batch) plus
+        `uniform_negatives` items drawn uniformly from the catalog, each column
+        corrected by log Q (see retrieval/loss.py for the formula);
+        "full" — every catalog item is a column (the limit of sampling: no
+        correction needed), affordable for catalogs of thousands of items.
+    dedupe: one column per distinct item (Q = inclusion probability) instead of
+        one per draw (Q = expected number of draws).
+    temperature: logits are cos(q, v) / temperature; `learn_temperature` makes
+        it a trained parameter (clamped to [min_temperature, 1]).
+    """
+
+    mode: Literal["sampled", "full"] = "sampled"
+    in_batch: bool = True
+    uniform_negatives: int = 0
+    dedupe: bool = True
+    logq_correction: bool = True
+    temperature: float = 0.05
+    learn_temperature: bool = False
+    min_temperature: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_temperature <= self.temperature <= 1.0:
+            raise ValueError(f"loss.temperature must be in [min_temperature, 1], got {self.temperature}")
+        if self.uniform_negatives < 0:
+            raise ValueError(f"loss.uniform_negatives must be >= 0, got {self.uniform_negatives}")
+        if self.mode == "sampled" and not self.in_batch and self.uniform_negatives == 0:
+            raise ValueError("loss: sampled mode needs in_batch negatives or uniform_negatives > 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 128  # users per step and rank (each contributes every position of its sequence)
+    lr: float = 1e-3  # dense parameters (AdamW)
+    weight_decay: float = 0.0
+    warmup_steps: int = 100
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays to min_lr_ratio * lr at the last epoch
+    min_lr_ratio: float = 0.05
+    grad_clip: float = 0.0  # 0: off; dense parameters only
+    bf16: bool = False  # autocast the encoder and logits matmuls to bfloat16 on CPU
+    seed: int = 0
+    threads: int = 0  # torch threads per rank; 0: cores / world size
+    eval_every: int = 1  # epochs
+    patience: int = 5  # evaluations without a valid improvement before stopping (0: never)
+    select_metric: str = "ndcg@10"
+    max_minutes: float = 0.0  # wall-clock budget for training (0: none); stops after the epoch that exceeds it
+    checkpoint_every: int = 1  # epochs; the last and the best epoch are always kept
+    sharding: ShardingConfig = field(default_factory=lambda: ShardingConfig(embedding_lr=0.05))
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0 or self.batch_size <= 0:
+            raise ValueError(f"train.epochs and train.batch_size must be positive, got {self.epochs}, {self.batch_size}")
+        if self.lr <= 0:
+            raise ValueError(f"train.lr must be positive, got {self.lr}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Leave-one-out full ranking: the held-out item against every catalog item, the user's history masked."""
+
+    ks: tuple[int, ...] = (10, 50, 200)
+    recall_ks: tuple[int, ...] = (100, 500)
+    batch_size: int = 512
+    mask_history: bool = True
+    max_users: int = 0  # 0: all users (a smaller number only for quick checks)
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """The exported ANN index over the item embedding matrix (faiss, inner product)."""
+
+    kind: Literal["hnsw", "ivf", "flat"] = "hnsw"
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 1024
+    ivf_nlist: int = 0  # 0: about 4 * sqrt(N)
+    ivf_nprobe: int = 16
+    recall_k: int = 500
+
+    def __post_init__(self) -> None:
+        if self.hnsw_m <= 0 or self.hnsw_ef_search <= 0 or self.ivf_nprobe <= 0 or self.recall_k <= 0:
+            raise ValueError("index: hnsw_m, hnsw_ef_search, ivf_nprobe and recall_k must be positive")
+
+
+@dataclass(frozen=True)
+class RetrieverConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+
+    def __post_init__(self) -> None:
+        known = [f"{m}@{k}" for k in self.eval.ks for m in ("hr", "ndcg")] + [f"recall@{k}" for k in self.eval.recall_ks]
+        if self.train.select_metric not in known:
+            raise ValueError(f"train.select_metric {self.train.select_metric!r} is not computed; choose one of {known}")

@@ -1,0 +1,121 @@
+"""The inference wrapper serving loads: user tower, item tower and ANN search over the exported items.
+
+    r = retrieval.export.load_retriever("artifacts/retriever")      # -> RetrieverInference
+    u = r.user_embedding(batch)           # (B, D) from the Batch built out of online state (Redis)
+    ids, scores = r.search(u.numpy(), 500)                           # ANN over the exported catalog
+    v = r.item_embedding(candidates_kjt)  # (N, D) for new items (attributes + hashed id)
+
+The server builds `batch` with `features.batch.build_batch` from the same fields
+the offline reader uses (history keys hist_item_id / hist_category /
+hist_action / hist_ts, user keys user_id + the attribute features listed in
+`RetrieverInference.user_keys`); the model truncates the history to its last
+`max_len` behaviors itself. These method names are a stable interface
+(`serving.models.RetrieverInference`).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
+
+from features.batch import HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, ITEM_ID, Batch, BatchSpec, validate_batch
+from retrieval.evaluate import empty_batch, last_queries
+from retrieval.index import search as index_search
+from retrieval.model import TwoTowerRetriever
+
+
+class CompactEmbeddingCollection(nn.Module):
+    """Drop-in for the trained `EmbeddingCollection` at inference, holding only the rows in use.
+
+    The item-id table has 2^20 rows of which the catalog touches a few
+    thousand; the export keeps those rows (sorted row ids + vectors per table)
+    and any other row reads as zeros, so an item the model never saw gets its
+    vector from its attributes alone.
+    """
+
+    def __init__(self, tables: dict[str, tuple[torch.Tensor, torch.Tensor]], feature_to_table: dict[str, str]) -> None:
+        super().__init__()
+        self.feature_to_table = dict(feature_to_table)
+        self.rows = nn.ParameterDict()
+        self.weights = nn.ParameterDict()
+        for name, (rows, weight) in tables.items():
+            self.rows[name] = nn.Parameter(rows.to(torch.int64), requires_grad=False)
+            self.weights[name] = nn.Parameter(weight.to(torch.float32), requires_grad=False)
+
+    def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
+        out = {}
+        for key in features.keys():
+            jt = features[key]
+            table = self.feature_to_table[key]
+            rows, weight = self.rows[table], self.weights[table]
+            v = jt.values()
+            if rows.numel() == 0:
+                emb = weight.new_zeros(v.numel(), weight.shape[1])
+            else:
+                pos = torch.searchsorted(rows, v).clamp(max=rows.numel() - 1)
+                hit = (rows[pos] == v).unsqueeze(1)
+                emb = torch.where(hit, weight[pos], weight.new_zeros(()))
+            out[key] = JaggedTensor(values=emb, lengths=jt.lengths())
+        return out
+
+
+class RetrieverInference:
+    """User tower + item tower + the exported faiss index (see the module docstring).
+
+    Attributes:
+        item_ids: (N,) int64 ids of the indexed items (row i of the index is item_ids[i]).
+        item_vectors: (N, D) float32 exported item vectors.
+        dim: D.
+        max_len: behaviors the user tower reads (the last max_len).
+        history_keys / user_keys / item_keys: the batch keys the towers read.
+    """
+
+    def __init__(self, model: TwoTowerRetriever, item_ids: np.ndarray, item_vectors: np.ndarray,
+                 index: faiss.Index, exact: faiss.Index, meta: dict[str, Any]) -> None:
+        self.model = model.eval()
+        self.item_ids = item_ids
+        self.item_vectors = item_vectors
+        self.index = index
+        self.exact = exact
+        self.meta = meta
+        self.dim = int(model.cfg.dim)
+        self.max_len = int(model.cfg.user.max_len)
+        self.history_keys = tuple(meta["history_keys"])
+        self.user_keys = tuple(meta["user_keys"])
+        self.item_keys = tuple(meta["item_keys"])
+        self._spec = BatchSpec(user_keys=self.user_keys, history_keys=self.history_keys, candidate_keys=(),
+                               history_before_request=False)
+
+    @torch.inference_mode()
+    def user_embedding(self, batch: Batch) -> torch.Tensor:
+        """(B, D) L2-normalized user vectors after each user's last behavior (>= 1 behavior per user)."""
+        validate_batch(batch, self._spec)
+        return last_queries(self.model, batch)
+
+    @torch.inference_mode()
+    def item_embedding(self, candidates: KeyedJaggedTensor) -> torch.Tensor:
+        """(N, D) L2-normalized vectors of the items of a candidates KJT (keys `item_keys`)."""
+        missing = [k for k in self.item_keys if k not in candidates.keys()]
+        if missing:
+            raise ValueError(f"item_embedding: candidates lack keys {missing} (have {candidates.keys()})")
+        return self.model(empty_batch(), candidates).items
+
+    def search(self, user_vecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """ANN top-k: (B, D) -> (ids (B, k) int64, -1 where missing; scores (B, k) float32), best first."""
+        return self._ids(*index_search(self.index, np.asarray(user_vecs), k))
+
+    def exact_search(self, user_vecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Brute-force top-k over the same vectors (the ANN index's reference)."""
+        return self._ids(*index_search(self.exact, np.asarray(user_vecs), k))
+
+    def _ids(self, rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.where(rows >= 0, self.item_ids[np.maximum(rows, 0)], -1)
+        return ids, scores
+
+
+HISTORY_KEYS = (HIST_ITEM_ID, HIST_CATEGORY, HIST_ACTION)
+__all__ = ["CompactEmbeddingCollection", "RetrieverInference", "HISTORY_KEYS", "ITEM_ID"]
