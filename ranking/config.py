@@ -1,0 +1,282 @@
+"""Typed configuration of the CTR ranker (frozen dataclasses; YAML files in ranking/configs/).
+
+    cfg = features.config.load_config(RankerConfig, "ranking/configs/ml-1m.yaml", ["train.epochs=2"])
+
+An ablation is a config, never a code path chosen by name: ``ranking/configs/ablations/din.yaml``
+turns the long-sequence module, DARE's decoupled tables and the mixture of experts off;
+``full.yaml`` turns all of them on. Dataset files set what differs per dataset (table
+sizes, history caps, epochs). No dataset names appear in code.
+
+The model config is what an export stores (config.json): the inference module is
+rebuilt from it and the code, never unpickled.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from features.train.sharding import ShardingConfig
+
+# Hash-spec feature names (features.hashing): ids map to table rows with pmod(xxhash64(feature, id), buckets).
+ITEM_FEATURE = "item_id"  # the same name the retriever and serving use for item ids
+CATEGORY_FEATURE = "category"  # == features.sequence.CATEGORY_FEATURE
+
+# TorchRec table names.
+ITEM_REP_TABLE = "item_rep"
+ITEM_ATT_TABLE = "item_att"
+CATEGORY_REP_TABLE = "category_rep"
+CATEGORY_ATT_TABLE = "category_att"
+
+LongModule = Literal["none", "full", "dare", "sdim"]
+
+
+@dataclass(frozen=True)
+class EmbeddingArchConfig:
+    """Embedding tables.
+
+    dim: the representation dimension D (behaviors, candidates, interest vectors).
+    decoupled: DARE (Feng et al. 2024): every behavior feature (item, category,
+        action) has two tables, an *attention* table of `attention_dim` used only
+        to score behaviors against the candidate, and a *representation* table of
+        `dim` used only to aggregate them and as the candidate's input to the MLP.
+        False: one table of `dim` does both (DIN, SDIM, full attention baselines).
+    attention_dim: Da of the attention tables (DARE lets it be smaller, e.g. D/2).
+    user_features: pooled features of the user KJT (e.g. "user_id", "user_attr_age"),
+        each with its own hashed table of `pooled_dim`.
+    candidate_features: pooled (mean) multi-valued features of the candidates KJT
+        besides the item id (e.g. "item_category", "item_tag").
+    """
+
+    dim: int = 32
+    decoupled: bool = False
+    attention_dim: int = 16
+    item_buckets: int = 1 << 16
+    category_buckets: int = 1 << 12
+    use_category: bool = True
+    use_action: bool = True
+    user_features: tuple[str, ...] = ("user_id",)
+    user_buckets: int = 1 << 16
+    candidate_features: tuple[str, ...] = ()
+    candidate_buckets: int = 1 << 12
+    pooled_dim: int = 16
+    init_std: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("dim", "attention_dim", "item_buckets", "category_buckets", "user_buckets",
+                     "candidate_buckets", "pooled_dim"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"embedding.{name} must be positive, got {getattr(self, name)}")
+        for group in ("user_features", "candidate_features"):
+            names = getattr(self, group)
+            if len(set(names)) != len(names):
+                raise ValueError(f"embedding.{group} has duplicates: {list(names)}")
+        if "item_id" in self.candidate_features:
+            raise ValueError("embedding.candidate_features must not list item_id (the item tables embed it)")
+        if self.init_std <= 0:
+            raise ValueError(f"embedding.init_std must be positive, got {self.init_std}")
+
+    @property
+    def query_dim(self) -> int:
+        """Dimension of attention queries and keys."""
+        return self.attention_dim if self.decoupled else self.dim
+
+
+@dataclass(frozen=True)
+class SequenceArchConfig:
+    """Behavior-sequence modules.
+
+    short_len: DIN-style target attention over the last `short_len` behaviors (0: off).
+    long: the long-term module over the last `long_len` behaviors:
+        "none"; "full" softmax target attention over all of them;
+        "dare" top-`top_k` search with the attention embeddings, softmax-weighted
+        sum of the kept behaviors' representation embeddings (needs
+        embedding.decoupled for DARE proper; coupled tables give the TWIN/SIM-style
+        top-K baseline); "sdim" SimHash signatures (m = `sdim_hashes`
+        functions of tau = `sdim_bits` bits) of the behaviors' and the candidate's
+        item embeddings and aggregation by signature collision (no softmax).
+    """
+
+    short_len: int = 50
+    long: LongModule = "none"
+    long_len: int = 1000
+    top_k: int = 32
+    sdim_hashes: int = 8
+    sdim_bits: int = 3
+    sdim_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.short_len < 0:
+            raise ValueError(f"sequence.short_len must be >= 0, got {self.short_len}")
+        if self.long not in ("none", "full", "dare", "sdim"):
+            raise ValueError(f"sequence.long must be one of none/full/dare/sdim, got {self.long!r}")
+        if self.long != "none" and self.long_len <= 0:
+            raise ValueError(f"sequence.long_len must be positive with a long module, got {self.long_len}")
+        if self.top_k <= 0:
+            raise ValueError(f"sequence.top_k must be positive, got {self.top_k}")
+        if self.sdim_hashes <= 0 or self.sdim_bits <= 0 or self.sdim_hashes * self.sdim_bits > 63:
+            raise ValueError(f"sequence.sdim_hashes * sdim_bits must fit a packed int64 signature (<= 63 bits), "
+                             f"got {self.sdim_hashes} x {self.sdim_bits}")
+        if self.short_len == 0 and self.long == "none":
+            raise ValueError("the ranker needs a behavior module: set sequence.short_len > 0 or sequence.long")
+
+    @property
+    def history_len(self) -> int:
+        """How many of the latest behaviors the model reads (longer histories are truncated)."""
+        return max(self.short_len, self.long_len if self.long != "none" else 0)
+
+
+@dataclass(frozen=True)
+class MoEArchConfig:
+    """AW-MoE (Gong et al. 2023): experts over the feature interactions, gated by attention.
+
+    num_experts == 1 is a plain MLP (no gate). With more, each task's gate is
+
+        g = softmax( sum_l a_l * GateUnit(v_l) + W [candidate, user] )          (E,)
+
+    where a_l are the candidate's target-attention weights over the short-term
+    behaviors and GateUnit maps a behavior's representation to expert logits.
+    """
+
+    num_experts: int = 1
+    expert_hidden: tuple[int, ...] = (256, 128)
+    gate_hidden: int = 32
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.num_experts <= 0:
+            raise ValueError(f"moe.num_experts must be positive, got {self.num_experts}")
+        if not self.expert_hidden or any(h <= 0 for h in self.expert_hidden):
+            raise ValueError(f"moe.expert_hidden must be positive sizes, got {list(self.expert_hidden)}")
+        if self.gate_hidden <= 0:
+            raise ValueError(f"moe.gate_hidden must be positive, got {self.gate_hidden}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"moe.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class HeadsConfig:
+    """Task heads sharing the bottom; task 0 is the main task (what serving ranks by)."""
+
+    tasks: tuple[str, ...] = ("click",)
+
+    def __post_init__(self) -> None:
+        if not self.tasks or len(set(self.tasks)) != len(self.tasks):
+            raise ValueError(f"heads.tasks must be non-empty and unique, got {list(self.tasks)}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The whole model. user_dense_dim / candidate_dense_dim: -1 = take them from the data."""
+
+    embedding: EmbeddingArchConfig = EmbeddingArchConfig()
+    sequence: SequenceArchConfig = SequenceArchConfig()
+    moe: MoEArchConfig = MoEArchConfig()
+    heads: HeadsConfig = HeadsConfig()
+    user_dense_dim: int = -1
+    candidate_dense_dim: int = -1
+    bf16_mlp: bool = True  # experts and heads under bf16 autocast (about 2x on AVX-512 BF16 CPUs)
+
+    def __post_init__(self) -> None:
+        if self.sequence.short_len == 0 and self.moe.num_experts > 1:
+            raise ValueError("moe.num_experts > 1 needs the short-term sequence (sequence.short_len > 0): "
+                             "the AW-MoE gate attends over it")
+
+    @property
+    def resolved(self) -> bool:
+        return self.user_dense_dim >= 0 and self.candidate_dense_dim >= 0
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """BCE per task (weighted by the samples' weights) + the AW-MoE contrastive gate loss.
+
+    contrastive_weight: lambda of the InfoNCE loss between the gate outputs of two
+        randomly masked views of the short-term sequence (each behavior dropped
+        with `mask_prob`); 0 turns it off. Needs moe.num_experts > 1.
+    contrastive_rows: at most this many samples (drawn at random among those with
+        behaviors) enter the InfoNCE matrix of a batch, which is quadratic in it.
+    """
+
+    task_weights: tuple[float, ...] = ()  # () = 1 for every task
+    contrastive_weight: float = 0.0
+    contrastive_temperature: float = 0.2
+    mask_prob: float = 0.3
+    contrastive_rows: int = 512
+
+    def __post_init__(self) -> None:
+        if self.contrastive_weight < 0:
+            raise ValueError(f"loss.contrastive_weight must be >= 0, got {self.contrastive_weight}")
+        if self.contrastive_temperature <= 0:
+            raise ValueError(f"loss.contrastive_temperature must be positive, got {self.contrastive_temperature}")
+        if self.contrastive_rows < 2:
+            raise ValueError(f"loss.contrastive_rows must be >= 2, got {self.contrastive_rows}")
+        if not 0.0 < self.mask_prob < 1.0:
+            raise ValueError(f"loss.mask_prob must be in (0, 1), got {self.mask_prob}")
+        if any(w < 0 for w in self.task_weights):
+            raise ValueError(f"loss.task_weights must be >= 0, got {list(self.task_weights)}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the samples come from: a `cascade build-features` output directory (read by features.reader).
+
+    Which events are samples (e.g. the ML-1M CTR protocol keeps the "rating" events
+    of users 1-2999) is decided when the features are built
+    (``ranking.event_types`` of `cascade build-features`), not here. The reader
+    slices each sample's history to the last `model.sequence.history_len`
+    behaviors (what the model reads) or the build's cap, whichever is smaller.
+    """
+
+    features_dir: str = ""
+    batch_size: int = 2048
+    eval_batch_size: int = 4096
+    shuffle_seed: int = 0
+    shuffle_buffer_rows: int = 131_072
+    validate: bool = True  # features.batch.validate_batch on every batch
+
+    def __post_init__(self) -> None:
+        if self.batch_size <= 0 or self.eval_batch_size <= 0:
+            raise ValueError("data.batch_size and data.eval_batch_size must be positive")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The loop: epochs, optimizers (fused row-wise Adagrad for tables, AdamW dense), checkpoints.
+
+    select_metric: the valid metric that picks the best epoch (its test metrics are reported).
+    max_steps_per_epoch: 0 = a full pass over the training split.
+    """
+
+    epochs: int = 3
+    dense_lr: float = 1e-3
+    weight_decay: float = 0.0
+    sharding: ShardingConfig = field(default_factory=lambda: ShardingConfig(embedding_lr=0.05))
+    seed: int = 0
+    select_metric: Literal["auc", "gauc", "logloss"] = "auc"
+    max_steps_per_epoch: int = 0
+    max_minutes: float = 0.0  # 0 = no time budget
+    log_every: int = 50
+    threads: int = 0  # torch threads per rank; 0 = leave as is
+
+    def __post_init__(self) -> None:
+        if self.epochs <= 0:
+            raise ValueError(f"train.epochs must be positive, got {self.epochs}")
+        if self.dense_lr <= 0:
+            raise ValueError(f"train.dense_lr must be positive, got {self.dense_lr}")
+        if self.max_steps_per_epoch < 0 or self.max_minutes < 0:
+            raise ValueError("train.max_steps_per_epoch and train.max_minutes must be >= 0")
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    model: ModelConfig = ModelConfig()
+    loss: LossConfig = LossConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+
+    def __post_init__(self) -> None:
+        if self.loss.contrastive_weight > 0 and self.model.moe.num_experts == 1:
+            raise ValueError("loss.contrastive_weight > 0 needs the AW-MoE gate (model.moe.num_experts > 1)")
+        tw = self.loss.task_weights
+        if tw and len(tw) != len(self.model.heads.tasks):
+            raise ValueError(f"loss.task_weights has {len(tw)} entries for {len(self.model.heads.tasks)} tasks")

@@ -1,0 +1,125 @@
+"""Ranker export: a directory the server loads with restricted deserialization only.
+
+    EXPORT/config.json     {"format", "model": ModelConfig, "history": caps, "tasks", "sdim", "metadata"}
+    EXPORT/weights.pt      torch.save(model.state_dict()): tensors only, loaded with weights_only=True
+    EXPORT/manifest.json   {"format", "files": {name: sha256}}
+
+The module is rebuilt from config.json and the code (never unpickled). Sharded
+tables are gathered by loading the DCP checkpoint into an unsharded model in
+one process (`export_from_checkpoint`; DCP reshards any world size to 1).
+
+    export_from_checkpoint("runs/ml-1m/checkpoints/best", cfg.model, "artifacts/ranker")
+    ranker = load_ranker("artifacts/ranker")       # RankerInference (SdimRankerInference with SDIM)
+    probs = ranker.forward(batch)                  # (N,)
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from features.config import ConfigError, from_mapping, to_dict
+from ranking.config import LossConfig, ModelConfig
+from ranking.inference import RankerInference, make_inference
+from ranking.model import RankerModel
+from ranking.task import RankerTrainTask
+
+FORMAT = "cascade.ranker/v1"
+CONFIG = "config.json"
+WEIGHTS = "weights.pt"
+MANIFEST = "manifest.json"
+
+
+class RankerExportError(ValueError):
+    """An export directory is missing a file, fails its checksum or does not match the code."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export_ranker(model: RankerModel, out_dir: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
+    """Writes config.json, weights.pt and manifest.json for an unsharded model; returns the directory."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = model.cfg
+    s = cfg.sequence
+    config = {
+        "format": FORMAT,
+        "model": to_dict(cfg),
+        "tasks": list(cfg.heads.tasks),
+        "history": {"short_len": s.short_len, "long_len": s.long_len if s.long != "none" else 0,
+                    "reads_last": s.history_len, "long_module": s.long},
+        "sdim": {"num_hashes": s.sdim_hashes, "num_bits": s.sdim_bits, "seed": s.sdim_seed,
+                 "batch_key": "hist_sdim_sig"} if s.long == "sdim" else None,
+        "metadata": dict(metadata or {}),
+    }
+    (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    torch.save(state, out / WEIGHTS)
+    manifest = {"format": FORMAT, "files": {name: _sha256(out / name) for name in (CONFIG, WEIGHTS)}}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return out
+
+
+def export_from_checkpoint(checkpoint: str | Path, model_cfg: ModelConfig, out_dir: str | Path,
+                           metadata: Mapping[str, Any] | None = None) -> Path:
+    """Gathers a (sharded) DCP training checkpoint into an unsharded model and exports it.
+
+    Runs in one process, with or without a process group (no collectives).
+    """
+    ckpt = Path(checkpoint)
+    if not (ckpt / ".metadata").exists():
+        raise FileNotFoundError(f"{ckpt} is not a DCP checkpoint (no .metadata)")
+    task = RankerTrainTask(RankerModel(model_cfg, embedding_device="cpu"), LossConfig())
+    state = {"model": task.state_dict()}
+    dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
+    task.load_state_dict(state["model"])
+    return export_ranker(task.model, out_dir, metadata)
+
+
+def read_export_config(path: str | Path) -> dict[str, Any]:
+    """config.json of a verified export."""
+    root = Path(path)
+    m = root / MANIFEST
+    if not m.is_file():
+        raise RankerExportError(f"{m} does not exist: not a ranker export")
+    manifest = json.loads(m.read_text())
+    if manifest.get("format") != FORMAT:
+        raise RankerExportError(f"{m}: format {manifest.get('format')!r}, this code reads {FORMAT!r}")
+    files = manifest.get("files") or {}
+    for name in (CONFIG, WEIGHTS):
+        if name not in files:
+            raise RankerExportError(f"{m} does not list {name}")
+        f = root / name
+        if not f.is_file():
+            raise RankerExportError(f"{f} is listed in the manifest but missing")
+        got = _sha256(f)
+        if got != files[name]:
+            raise RankerExportError(f"{f}: sha256 {got}, the manifest says {files[name]}")
+    return json.loads((root / CONFIG).read_text())
+
+
+def load_ranker(path: str | Path) -> RankerInference:
+    """Verifies checksums, rebuilds the model from config.json + code, loads weights (weights_only=True)."""
+    root = Path(path)
+    config = read_export_config(root)
+    try:
+        cfg = from_mapping(ModelConfig, config["model"])
+    except (KeyError, ConfigError) as e:
+        raise RankerExportError(f"{root / CONFIG}: the model config does not match this code: {e}") from None
+    model = RankerModel(cfg, embedding_device="cpu")
+    state = torch.load(root / WEIGHTS, weights_only=True, map_location="cpu")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise RankerExportError(f"{root / WEIGHTS} does not fit the model of {root / CONFIG}: {e}") from None
+    return make_inference(model)

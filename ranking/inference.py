@@ -1,0 +1,120 @@
+"""The inference module serving loads: the batch built from online state -> probabilities.
+
+It wraps the same `RankerModel` the train task trains (eval mode, no dropout,
+no masked views), so scores equal the training forward's (tests check it).
+
+History the model reads (also in the export's config.json, ``history``):
+
+* ``long_len``  the long-term module reads the last `long_len` behaviors;
+* ``short_len`` the short-term attention and the AW-MoE gate read the last `short_len`;
+* longer histories are truncated by the model itself (the server may send up
+  to its long cap, e.g. 10k; anything beyond ``history_len`` is ignored).
+
+With an SDIM module (`SdimRankerInference`) `behavior_signatures(item_ids)`
+gives each item's packed SimHash signature (`kernels.pack_codes`): the server
+computes it when an event arrives and stores it beside the sequence
+(``hist_sdim_sig`` in the batch), so a request only gathers. Signatures depend
+on the model version: recompute them when a new model is loaded.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from features.batch import HISTORY_KEYS, ITEM_CATEGORY, ITEM_ID, USER_ID, Batch, BatchSpec, BatchValidationError
+from kernels import pack_codes
+from ranking.model import RankerModel
+
+
+class RankerInference:
+    """forward(batch) -> (N,) probabilities of the main task (task 0); predict(batch) -> (N, T).
+
+    Example::
+
+        ranker = ranking.export.load_ranker("artifacts/ranker")
+        probs = ranker.forward(batch)          # (N,)
+    """
+
+    def __init__(self, model: RankerModel) -> None:
+        self.model = model.eval()
+        self.cfg = model.cfg
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.cfg.heads.tasks
+
+    @property
+    def short_len(self) -> int:
+        return self.cfg.sequence.short_len
+
+    @property
+    def long_len(self) -> int:
+        """Behaviors the long-term module reads (0 without one)."""
+        return self.cfg.sequence.long_len if self.cfg.sequence.long != "none" else 0
+
+    @property
+    def history_len(self) -> int:
+        """The most behaviors any module reads; longer histories are truncated."""
+        return self.cfg.sequence.history_len
+
+    def batch_spec(self) -> BatchSpec:
+        """What a request batch must hold (for `features.batch.validate_batch` at the server's edge)."""
+        e = self.cfg.embedding
+        cand = (ITEM_ID,) + ((ITEM_CATEGORY,) if e.use_category else ()) + tuple(e.candidate_features)
+        return BatchSpec(user_keys=tuple(dict.fromkeys((USER_ID,) + tuple(e.user_features))),
+                         history_keys=HISTORY_KEYS, candidate_keys=cand,
+                         user_dense_dim=self.cfg.user_dense_dim, candidate_dense_dim=self.cfg.candidate_dense_dim)
+
+    def _check(self, batch: Batch) -> None:
+        """Cheap structural checks (keys, dense widths) so a wrong batch fails with a clear message."""
+        spec = self.batch_spec()
+        for name, kjt, keys in (("user", batch.user, spec.user_keys), ("history", batch.history, spec.history_keys),
+                                ("candidates", batch.candidates, spec.candidate_keys)):
+            missing = [k for k in keys if k not in kjt.keys()]
+            if missing:
+                raise BatchValidationError(f"ranker: batch.{name} lacks feature(s) {missing} (has {kjt.keys()})")
+        for name, t, dim in (("user_dense", batch.user_dense, spec.user_dense_dim),
+                             ("candidate_dense", batch.candidate_dense, spec.candidate_dense_dim)):
+            if t.dim() != 2 or t.shape[1] != dim:
+                raise BatchValidationError(f"ranker: batch.{name} has shape {tuple(t.shape)}, the model expects "
+                                           f"(rows, {dim})")
+
+    @torch.inference_mode()
+    def predict(self, batch: Batch) -> torch.Tensor:
+        """(N, T) probabilities of every task."""
+        self._check(batch)
+        return torch.sigmoid(self.model(batch).logits)
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """(N,) probabilities of the main task."""
+        return self.predict(batch)[:, 0]
+
+    __call__ = forward
+
+
+class SdimRankerInference(RankerInference):
+    """A ranker with an SDIM long-term module: also computes behavior signatures at event time."""
+
+    @property
+    def signature_bits(self) -> tuple[int, int]:
+        """(m hash functions, tau bits) of a packed signature."""
+        s = self.cfg.sequence
+        return s.sdim_hashes, s.sdim_bits
+
+    @torch.inference_mode()
+    def behavior_signatures(self, item_ids: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """(K,) canonical item ids -> (K,) int64 packed SimHash signatures (the batch key ``hist_sdim_sig``)."""
+        ids = torch.as_tensor(np.asarray(item_ids) if not isinstance(item_ids, torch.Tensor) else item_ids)
+        if ids.dim() != 1 or ids.is_floating_point():
+            raise ValueError(f"behavior_signatures: item_ids must be a 1-D integer array, got {ids.dtype} "
+                             f"shape {tuple(ids.shape)}")
+        emb = self.model.embedding
+        codes = emb.sdim_codes(emb.item_query_embeddings(ids.to(torch.int64)))  # (K, m)
+        return pack_codes(codes, self.cfg.sequence.sdim_bits)
+
+
+def make_inference(model: RankerModel) -> RankerInference:
+    """The right wrapper for the model (with behavior signatures when it has SDIM)."""
+    return SdimRankerInference(model) if model.cfg.sequence.long == "sdim" else RankerInference(model)

@@ -1,0 +1,284 @@
+"""The ranker's training loop: sharded embeddings, per-epoch evaluation, DCP checkpoints, export.
+
+`train_ranker(rank, world_size, cfg, data, out_dir)` is one rank's work; the
+same function runs at world size 1 in-process, on loopback workers
+(`features.train.launch.run_distributed`) and under torchrun
+(jobs/train_ranker.py). Per epoch: one pass over the training split (each
+rank its share), then AUC / GAUC / logloss on valid and test; the epoch with
+the best valid `train.select_metric` is the `best` checkpoint and its test
+metrics are the result (model selection on valid only). The best checkpoint
+is gathered into an unsharded export (ranking.export) at the end.
+
+Output directory::
+
+    OUT/checkpoints/best/, last/   DCP checkpoints (model + fused/dense optimizers + loop state)
+    OUT/metrics.json, curves.png   per-epoch loss, throughput and valid/test metrics (rank 0)
+    OUT/summary.json               best epoch, its valid and test metrics, timings, sharding plan
+    OUT/export/                    the unsharded inference export (config.json, weights.pt, manifest.json)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+from features.batch import Batch
+from features.config import to_dict
+from features.train.checkpoint import load_checkpoint, save_checkpoint
+from features.train.report import MetricsLog
+from features.train.sharding import describe_plan, make_optimizer, shard_model
+from ranking.config import ModelConfig, RankerConfig
+from ranking.export import export_from_checkpoint
+from ranking.model import RankerModel
+from ranking.task import RankerTrainTask, ranking_metrics
+
+log = logging.getLogger(__name__)
+
+PLOT_KEYS = ("loss", "contrastive", "valid_auc", "valid_gauc", "valid_logloss", "examples_per_s")
+
+
+class RankingData(Protocol):
+    """What the loop reads (ranking.data: the shared feature reader, or batches in memory)."""
+
+    user_dense_dim: int
+    candidate_dense_dim: int
+
+    def train_batches(self, epoch: int, rank: int, world_size: int) -> Iterator[Batch]:
+        """The training split once, shuffled by epoch; each rank its own share."""
+        ...
+
+    def num_train_batches(self, rank: int, world_size: int) -> int:
+        ...
+
+    def eval_batches(self, split: str, rank: int, world_size: int) -> Iterator[Batch]:
+        """`split` ("valid" | "test") once, in a fixed order; each rank its own share."""
+        ...
+
+
+@dataclass
+class TrainResult:
+    best_epoch: int
+    best_valid: dict[str, float]
+    test: dict[str, float]
+    epochs_run: int
+    stopped: str  # "epochs" | "time budget"
+    train_seconds: float  # training steps only
+    examples_per_s: float  # training examples per second over all ranks
+    wall_seconds: float
+    plan: dict[str, str]
+    model: dict[str, Any]
+    export_dir: str | None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_model_config(cfg: ModelConfig, data: RankingData) -> ModelConfig:
+    """Fills the dense widths from the data; a width set in the config must match it."""
+    out = cfg
+    for name, got in (("user_dense_dim", data.user_dense_dim), ("candidate_dense_dim", data.candidate_dense_dim)):
+        want = getattr(cfg, name)
+        if want >= 0 and want != got:
+            raise ValueError(f"model.{name}={want} but the data has {got} columns (use -1 to take it from the data)")
+        out = replace(out, **{name: got})
+    return out
+
+
+def _all_reduce(value: float, op: dist.ReduceOp) -> float:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t, op=op)
+    return float(t.item())
+
+
+def _aligned(batches: Iterable[Batch], steps: int) -> Iterator[tuple[Batch, bool]]:
+    """Exactly `steps` batches (sharded modules need every rank in every step): the rank's own, then
+    repeats of its last one flagged as padding (their outputs are dropped)."""
+    last = None
+    n = 0
+    for b in batches:
+        if n == steps:
+            return
+        last = b
+        n += 1
+        yield b, True
+    while n < steps:
+        if last is None:
+            raise ValueError("this rank has no batch at all for an evaluation split; use fewer ranks or more data")
+        n += 1
+        yield last, False
+
+
+def _gather(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return arrays
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, arrays)
+    return {k: np.concatenate([o[k] for o in out]) for k in arrays}
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, data: RankingData, split: str, rank: int, world_size: int) -> dict[str, float]:
+    """Main-task AUC / GAUC / logloss of `model` (the sharded train task) on a split, over all ranks."""
+    model.eval()
+    batches = list(data.eval_batches(split, rank, world_size))
+    steps = int(_all_reduce(float(len(batches)), dist.ReduceOp.MAX))
+    probs, labels, users = [], [], []
+    for batch, real in _aligned(batches, steps):
+        _, out = model(batch)
+        if not real:
+            continue
+        probs.append(torch.sigmoid(out.logits[:, 0].float()).numpy())
+        labels.append(batch.labels[:, 0].numpy())
+        users.append(batch.user_ids()[batch.candidate_user_index()].numpy())
+    cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
+    got = _gather({"p": cat(probs, np.float32), "y": cat(labels, np.float32), "u": cat(users, np.int64)})
+    if got["y"].size == 0:
+        raise ValueError(f"the {split} split is empty")
+    return ranking_metrics(got["p"], got["y"], got["u"])
+
+
+def _save(path: Path, dmp: Any, opt: Any, state: dict[str, Any], rank: int) -> None:
+    """Writes a checkpoint beside `path` and swaps it in, so a crash never leaves a half-written one."""
+    tmp = path.with_name(path.name + ".tmp")
+    if rank == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    if dist.is_initialized():
+        dist.barrier()
+    save_checkpoint(tmp, dmp, opt, state)
+    if rank == 0:
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _better(metric: str, new: float, old: float | None) -> bool:
+    if old is None or math.isnan(old):
+        return not math.isnan(new)
+    return new < old if metric == "logloss" else new > old
+
+
+def train_ranker(rank: int, world_size: int, cfg: RankerConfig, data: RankingData, out_dir: str | Path,
+                 *, resume: bool = False, export: bool = True, progress: bool = True) -> TrainResult:
+    """One rank's training run (see the module docstring). Collective: every rank calls it."""
+    t_wall = time.perf_counter()
+    out = Path(out_dir)
+    tc = cfg.train
+    if tc.threads > 0:
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed)
+    model_cfg = resolve_model_config(cfg.model, data)
+    device = torch.device("cpu")
+    task = RankerTrainTask(RankerModel(model_cfg, embedding_device="meta"), cfg.loss)
+    dmp = shard_model(task, tc.sharding, device)
+    opt = make_optimizer(dmp, tc.dense_lr, tc.weight_decay)
+    plan = describe_plan(dmp)
+    torch.manual_seed(tc.seed + 1000 * rank)  # per-rank streams for the contrastive masks
+    start_epoch, best_epoch, best_score = 0, -1, None
+    history: list[dict[str, Any]] = []
+    ckpt_best, ckpt_last = out / "checkpoints" / "best", out / "checkpoints" / "last"
+    if resume and (ckpt_last / ".metadata").exists():
+        state = load_checkpoint(ckpt_last, dmp, opt)
+        start_epoch, best_epoch = int(state["epoch"]) + 1, int(state["best_epoch"])
+        best_score = float(state["best_score"]) if best_epoch >= 0 else None
+        history = json.loads(state["history"])
+    metrics_log = MetricsLog(out, f"ranker: {model_cfg.sequence.long} long, {model_cfg.moe.num_experts} expert(s)",
+                             PLOT_KEYS) if rank == 0 else None
+    if metrics_log is not None:
+        for rec in history:
+            metrics_log.records.append(rec)
+        log.info("sharding plan: %s", plan)
+    steps = int(_all_reduce(float(data.num_train_batches(rank, world_size)), dist.ReduceOp.MIN))
+    if tc.max_steps_per_epoch:
+        steps = min(steps, tc.max_steps_per_epoch)
+    if steps <= 0:
+        raise ValueError("no training batches: the training split is empty (or smaller than one batch per rank)")
+    train_seconds, examples_total, stopped = 0.0, 0.0, "epochs"
+    deadline = t_wall + tc.max_minutes * 60 if tc.max_minutes else math.inf
+    epoch = start_epoch - 1
+    for epoch in range(start_epoch, tc.epochs):
+        dmp.train()
+        t0 = time.perf_counter()
+        loss_sum = cl_sum = 0.0
+        n_examples = 0
+        bar = tqdm(total=steps, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="batch", disable=not (progress and rank == 0),
+                   dynamic_ncols=True)
+        it = data.train_batches(epoch, rank, world_size)
+        for step in range(steps):
+            batch = next(it)
+            loss, o = dmp(batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            loss_sum += float(o.bce)
+            cl_sum += float(o.contrastive)
+            n_examples += batch.total_candidates
+            bar.update(1)
+            if (step + 1) % tc.log_every == 0:
+                el = time.perf_counter() - t0
+                bar.set_postfix(loss=f"{loss_sum / (step + 1):.4f}", ex_s=f"{n_examples * world_size / el:,.0f}")
+                if _all_reduce(float(time.perf_counter() > deadline), dist.ReduceOp.MAX) > 0:
+                    stopped = "time budget"
+                    break
+        bar.close()
+        done = step + 1
+        ep_seconds = time.perf_counter() - t0
+        train_seconds += ep_seconds
+        ex = _all_reduce(float(n_examples), dist.ReduceOp.SUM)
+        examples_total += ex
+        valid = evaluate(dmp, data, "valid", rank, world_size)
+        test = evaluate(dmp, data, "test", rank, world_size)
+        rec = {"epoch": epoch + 1, "steps": done, "loss": loss_sum / done, "contrastive": cl_sum / done,
+               "examples_per_s": ex / ep_seconds, "epoch_seconds": ep_seconds,
+               **{f"valid_{k}": v for k, v in valid.items()}, **{f"test_{k}": v for k, v in test.items()}}
+        history.append(rec)
+        improved = _better(tc.select_metric, valid[tc.select_metric], best_score)
+        if improved:
+            best_epoch, best_score = epoch, valid[tc.select_metric]
+        state = {"epoch": epoch, "best_epoch": best_epoch, "best_score": best_score if best_score is not None else 0.0,
+                 "history": json.dumps(history)}
+        _save(ckpt_last, dmp, opt, state, rank)
+        if improved:
+            _save(ckpt_best, dmp, opt, state, rank)
+        if metrics_log is not None:
+            metrics_log.append(rec)
+            log.info("epoch %d: loss %.4f  valid auc %.4f gauc %.4f logloss %.4f  test auc %.4f  %.0f ex/s%s",
+                     epoch + 1, rec["loss"], valid["auc"], valid["gauc"], valid["logloss"], test["auc"],
+                     rec["examples_per_s"], "  (best)" if improved else "")
+        if stopped != "epochs":
+            break
+    if best_epoch < 0:
+        raise RuntimeError("no epoch produced a finite valid metric")
+    best = next(r for r in history if r["epoch"] == best_epoch + 1)
+    export_dir = None
+    if export:
+        if rank == 0:
+            meta = {"best_epoch": best_epoch + 1, "valid": {k[6:]: v for k, v in best.items() if k.startswith("valid_")},
+                    "plan": plan}
+            export_dir = str(export_from_checkpoint(ckpt_best, model_cfg, out / "export", meta))
+        if dist.is_initialized():
+            dist.barrier()
+    result = TrainResult(
+        best_epoch=best_epoch + 1,
+        best_valid={k[6:]: v for k, v in best.items() if k.startswith("valid_")},
+        test={k[5:]: v for k, v in best.items() if k.startswith("test_")},
+        epochs_run=len(history), stopped=stopped, train_seconds=train_seconds,
+        examples_per_s=examples_total / train_seconds if train_seconds else 0.0,
+        wall_seconds=time.perf_counter() - t_wall, plan=plan, model=to_dict(model_cfg), export_dir=export_dir,
+        history=history,
+    )
+    if rank == 0:
+        (out / "summary.json").write_text(json.dumps(asdict(result), indent=2, default=float) + "\n")
+    return result
