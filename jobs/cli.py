@@ -14,8 +14,19 @@ import sys
 # Modules that register commands, in help order.
 COMMAND_MODULES = (
     "jobs.data",
+    "jobs.build_features",
+    "jobs.train_retriever",
+    "jobs.train_ranker",
     "jobs.services",
+    "jobs.serve",
 )
+
+
+class _DropImportNoise(logging.Filter):
+    """fbgemm_gpu logs one INFO line per shared library it loads, on the root logger."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == "root" and "fbgemm_gpu" in record.pathname)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -34,11 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.getLogger("kafka").setLevel(logging.WARNING)
+    # Libraries that log every call at INFO (kafka-python, TorchRec's planner, fbgemm's loader, py4j).
+    for name in ("kafka", "torchrec", "fbgemm_gpu", "root.fbgemm", "py4j", "torch.distributed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_DropImportNoise())
     func = getattr(args, "func", None)
     if func is None:
         parser.print_help()

@@ -1,0 +1,112 @@
+"""Online state -> the project's one `Batch` type (the serving side of `features/reader.py`).
+
+The request path builds a B = 1 batch from what one Redis round trip returned:
+the user's sequence as of the request time (behaviors strictly before it, the
+point-in-time rule of the offline samples), the user's counters turned into
+dense features by `features.transforms.DenseLayout` (the same transform the
+reader uses), the candidates' attributes from the in-memory catalog and their
+counters from the second round trip. Nothing here re-implements a feature.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import numpy as np
+
+from features.batch import (
+    HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, HIST_SDIM_SIG, HIST_TS, ITEM_CATEGORY, ITEM_ID, ITEM_TAG, USER_ID, Batch,
+    build_batch,
+)
+from features.sequence import SequenceState
+from features.transforms import DenseLayout
+from serving.catalog import Catalog
+from serving.state.base import ItemStats
+from serving.state.codec import CounterLog, UserRecord
+from serving.state.stats import window_counters
+
+
+@dataclass(frozen=True)
+class UserView:
+    """A user's state as of a time: what the user tower and the ranker see of it."""
+
+    user_id: int
+    seq: SequenceState  # behaviors with ts < as_of
+    sigs: np.ndarray | None  # parallel packed SDIM signatures, when present
+    user_dense: np.ndarray  # (1, Du) float32
+    attrs: dict[str, tuple[int, ...]]
+
+    @property
+    def history_length(self) -> int:
+        return len(self.seq)
+
+
+def user_view(user_id: int, rec: UserRecord | None, as_of_ms: int, layout: DenseLayout) -> UserView:
+    """The user's record (None = no state) as of `as_of_ms`."""
+    rec = rec if rec is not None else UserRecord.empty()
+    seq = rec.seq
+    cut = int(np.searchsorted(seq.ts_ms, as_of_ms, side="left"))  # behaviors strictly before as_of
+    sigs = rec.sigs
+    if cut < len(seq):
+        seq = SequenceState(seq.item_ids[:cut], seq.ts_ms[:cut], seq.actions[:cut], seq.categories[:cut])
+        sigs = None if sigs is None else sigs[:cut]
+    log: CounterLog = rec.log
+    counters = window_counters("user", layout.stats, as_of_ms, log.ts_ms, log.pos, np.zeros(len(log), np.int64),
+                               np.array([log.total_cnt]), np.array([log.total_pos]))
+    return UserView(user_id, seq, sigs, layout.user_dense(counters), dict(rec.attrs.sparse))
+
+
+def candidate_dense(catalog: Catalog, item_ids: np.ndarray, stats: ItemStats | None, as_of_ms: int,
+                    layout: DenseLayout) -> np.ndarray:
+    """(N, Dc) dense features of the candidates; `stats` None = no counters (zeros, the cold answer)."""
+    n = len(item_ids)
+    if stats is None:
+        z = np.zeros(0, np.int64)
+        stats = ItemStats(z, np.zeros(0, np.uint8), z, np.zeros(n, np.int64), np.zeros(n, np.int64))
+    counters = window_counters("item", layout.stats, as_of_ms, stats.ts_ms, stats.pos, stats.owner,
+                               stats.total_cnt, stats.total_pos)
+    numeric = catalog.numeric_of(catalog.rows(item_ids), layout.item_numeric_keys)
+    return layout.candidate_dense(counters, numeric)
+
+
+def _user_and_history(view: UserView, with_sigs: np.ndarray | None, user_keys: tuple[str, ...]):
+    s = view.seq
+    user = {USER_ID: (np.array([view.user_id], np.int64), np.ones(1, np.int64))}
+    for feat in sorted(set(view.attrs) | (set(user_keys) - {USER_ID})):
+        vals = np.asarray(view.attrs.get(feat, ()), np.int64)
+        user[feat] = (vals, np.array([len(vals)], np.int64))
+    history = {HIST_ITEM_ID: s.item_ids, HIST_TS: s.ts_ms, HIST_ACTION: s.actions, HIST_CATEGORY: s.categories}
+    if with_sigs is not None:
+        history[HIST_SDIM_SIG] = with_sigs
+    return user, history
+
+
+def build_request_batch(view: UserView, catalog: Catalog, item_ids: np.ndarray, cand_dense: np.ndarray | None,
+                        as_of_ms: int, with_sigs: np.ndarray | None = None, user_keys: tuple[str, ...] = (),
+                        reuse: Batch | None = None) -> Batch:
+    """A B = 1 batch: the user view plus candidates `item_ids` (may be empty, for the user tower).
+
+    `with_sigs`: the history's packed SDIM signatures to include as ``hist_sdim_sig`` (None: left out).
+    `user_keys`: user features the models read; one the user lacks is sent with no values.
+    `reuse`: a batch of the same view (the user-tower batch) whose user and history parts are taken
+    as they are instead of being built again.
+    """
+    n = len(item_ids)
+    candidates = {}
+    if n:  # a user-tower batch has no candidate keys at all (a keyed KJT with 0 rows trips validate_batch)
+        rows = catalog.rows(item_ids)
+        cat_v, cat_l = catalog.jagged(rows, "category")
+        tag_v, tag_l = catalog.jagged(rows, "tag")
+        candidates = {ITEM_ID: (item_ids, np.ones(n, np.int64)), ITEM_CATEGORY: (cat_v, cat_l), ITEM_TAG: (tag_v, tag_l)}
+    cand_dense = cand_dense if cand_dense is not None else np.zeros((n, 0), np.float32)
+    if reuse is not None:
+        part = build_batch(user={}, history={}, history_lengths=np.zeros(0, np.int64), candidates=candidates,
+                           num_candidates=np.array([n], np.int64), request_ts=np.array([as_of_ms], np.int64),
+                           candidate_dense=cand_dense)
+        return dataclasses.replace(part, user=reuse.user, history=reuse.history, user_dense=reuse.user_dense)
+    user, history = _user_and_history(view, with_sigs, user_keys)
+    return build_batch(
+        user=user, history=history, history_lengths=np.array([len(view.seq)], np.int64), candidates=candidates,
+        num_candidates=np.array([n], np.int64), request_ts=np.array([as_of_ms], np.int64),
+        user_dense=view.user_dense, candidate_dense=cand_dense,
+    )

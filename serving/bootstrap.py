@@ -1,0 +1,156 @@
+"""Bulk-load the online state from a canonical dataset (events + users), as of a time.
+
+What it writes equals what the `events` consumer would hold after applying
+every event before `as_of_ms` (a test checks user by user):
+
+* sequence: the last `long_cap` behaviors by (ts_ms, event_id) (= folding
+  `features.sequence.append_event`, the Spark path's `sort_array` + `slice`);
+* counter logs: the user's counted events within the retention of its newest
+  one, totals over all of them; items the same, with the retention relative to
+  the newest event of the dataset (the consumers' pruning cutoff) and older
+  events folded into summary records;
+* popularity: behaviors per item; attributes: ``user_attr_<key>`` hashed ids
+  (`features.layout`);
+* SDIM signatures of the sequences when a model with SDIM is given.
+
+Duplicate event ids keep their first occurrence in input order (as Spark and
+the consumers do).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from features.datasets.common import read_table
+from features.hashing import hash_string
+from features.layout import user_attr_feature
+from features.sequence import SequenceState, action_code
+from serving.catalog import Catalog
+from serving.config import StateConfig
+from serving.models import ModelBundle
+from serving.state.base import OnlineStore
+from serving.state.codec import CounterLog, UserAttrs, UserRecord, encode_item_log, summary_records
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BootstrapSummary:
+    events: int
+    duplicates: int
+    users: int
+    items_with_counters: int
+    behaviors_kept: int
+    as_of_ms: int
+    seconds: float
+
+
+def _user_attrs(dataset: Path) -> dict[int, UserAttrs]:
+    try:
+        t = read_table(dataset, "users")
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for row in t.to_pylist():
+        attrs = dict(row.get("attributes") or ())
+        sparse = {user_attr_feature(k): (hash_string(v, user_attr_feature(k)),) for k, v in sorted(attrs.items())}
+        out[int(row["user_id"])] = UserAttrs(sparse, {k: float(v) for k, v in dict(row.get("numeric") or ()).items()})
+    return out
+
+
+def build_records(dataset: Path, state: StateConfig, catalog: Catalog, as_of_ms: int | None = None,
+                  bundle: ModelBundle | None = None, user_ids: np.ndarray | None = None):
+    """-> (records {user: UserRecord}, item logs {item: bytes}, popularity {item: behaviors}, summary fields)."""
+    t = read_table(dataset, "events", ["event_id", "user_id", "item_id", "ts_ms", "event_type", "label"])
+    n_in = t.num_rows
+    dup = t.column("event_id").to_pandas().duplicated().to_numpy()
+    if dup.any():
+        t = t.filter(~dup)
+    if as_of_ms is not None:
+        t = t.filter(pc.less(t.column("ts_ms"), as_of_ms))
+    if user_ids is not None:
+        t = t.filter(pc.is_in(t.column("user_id"), value_set=pa.array(np.asarray(user_ids, np.int64))))
+    t = t.take(pc.sort_indices(t, sort_keys=[("user_id", "ascending"), ("ts_ms", "ascending"), ("event_id", "ascending")]))
+    user = t.column("user_id").to_numpy()
+    item = t.column("item_id").to_numpy()
+    ts = t.column("ts_ms").to_numpy()
+    et = t.column("event_type").to_numpy(zero_copy_only=False)
+    label = t.column("label").to_numpy()
+    if as_of_ms is None:
+        as_of_ms = int(ts.max()) + 1 if len(ts) else int(time.time() * 1000)
+    beh = np.isin(et, list(state.sequence.behavior_event_types))
+    cnt = np.isin(et, list(state.stats.counted_event_types()))
+    pos = (label >= 0.5).astype(np.uint8)
+    act = np.zeros(len(et), np.int64)
+    for name in np.unique(et):
+        m = et == name
+        act[m] = action_code(str(name), 0.0) + pos[m]
+    cat = catalog.primary_categories(item)
+    retention = state.retention_ms()
+    attrs = _user_attrs(dataset)
+
+    uniq, starts = np.unique(user, return_index=True)
+    ends = np.r_[starts[1:], len(user)]
+    records: dict[int, UserRecord] = {}
+    kept = 0
+    for u, s, e in zip(uniq.tolist(), starts.tolist(), ends.tolist()):
+        b = s + np.flatnonzero(beh[s:e])[-state.sequence.long_cap:]
+        seq = SequenceState(item[b].copy(), ts[b].copy(), act[b].copy(), cat[b].copy())
+        c = s + np.flatnonzero(cnt[s:e])
+        lts = ts[c]
+        keep = lts >= (int(lts.max()) - retention) if len(lts) else np.zeros(0, bool)
+        lg = CounterLog(lts[keep].copy(), pos[c][keep].copy(), int(len(c)), int(pos[c].sum()))
+        sigs = bundle.signatures(seq.item_ids) if bundle is not None and bundle.sig_spec else None
+        records[u] = UserRecord(seq, lg, attrs.get(u, UserAttrs()), sigs, bundle.sig_spec if sigs is not None else 0)
+        kept += len(b)
+    wanted = None if user_ids is None else set(np.asarray(user_ids).tolist())
+    for u, a in attrs.items():  # users with attributes but no events: attributes only
+        if (wanted is None or u in wanted) and u not in records:
+            records[u] = UserRecord(SequenceState.empty(), CounterLog.empty(), a)
+
+    # items: counter logs within the retention of the newest event, totals, popularity
+    ci = np.flatnonzero(cnt)
+    cutoff = (int(ts.max()) - retention) if len(ts) else 0
+    order = ci[np.argsort(item[ci], kind="stable")]
+    logs = {}
+    if len(order):
+        iu, istart = np.unique(item[order], return_index=True)
+        iend = np.r_[istart[1:], len(order)]
+        for i, s, e in zip(iu.tolist(), istart.tolist(), iend.tolist()):
+            rows = order[s:e]
+            rows = rows[np.argsort(ts[rows], kind="stable")]
+            old = ts[rows] < cutoff
+            w = rows[~old]
+            logs[i] = summary_records(int(old.sum()), int(pos[rows[old]].sum())) + encode_item_log(ts[w], pos[w])
+    bi, bc = np.unique(item[beh], return_counts=True)
+    popularity = dict(zip(bi.tolist(), bc.astype(float).tolist()))
+    summary = dict(events=int(len(user)), duplicates=int(dup.sum()), input_rows=n_in, behaviors_kept=kept,
+                   as_of_ms=int(as_of_ms))
+    return records, logs, popularity, summary
+
+
+def bootstrap_dataset(store: OnlineStore, dataset: Path, state: StateConfig, catalog: Catalog,
+                      as_of_ms: int | None = None, bundle: ModelBundle | None = None,
+                      progress: Callable[[str], None] | None = None) -> BootstrapSummary:
+    """Loads the state of every user and item of `dataset` (events before `as_of_ms`) into `store`."""
+    t0 = time.perf_counter()
+    say = progress or (lambda s: log.info("%s", s))
+    say(f"bootstrap: reading {dataset}")
+    records, logs, pop, s = build_records(Path(dataset), state, catalog, as_of_ms, bundle)
+    say(f"bootstrap: writing {len(records):,} users, {len(logs):,} items' counters")
+    store.put_users(records)
+    store.put_item_logs(logs)
+    store.add_popularity(pop)
+    summary = BootstrapSummary(events=s["events"], duplicates=s["duplicates"], users=len(records),
+                               items_with_counters=len(logs), behaviors_kept=s["behaviors_kept"], as_of_ms=s["as_of_ms"],
+                               seconds=time.perf_counter() - t0)
+    store.set_meta({"source": str(dataset), "as_of_ms": str(summary.as_of_ms), "events": str(summary.events),
+                    "users": str(summary.users), "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    return summary

@@ -1,0 +1,199 @@
+"""Typed configuration of the ranking server: one frozen dataclass tree with defaults.
+
+`serving/app.py` is the only place that builds it (YAML + ``--set key=value`` +
+a few environment variables, see `serving.app.load_serving_config`); every
+other module receives the part it needs. Everything binds 127.0.0.1 by default.
+
+    cfg = load_config(ServingConfig, "serving.yaml", ["limits.max_k=50", "grpc.max_workers=4"])
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from features.messages import KafkaTopics
+from features.sequence import SequenceConfig
+from features.transforms import StatsConfig, parse_window
+
+
+def _check_address(name: str, addr: str) -> None:
+    host, sep, port = addr.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise ValueError(f"{name} must look like HOST:PORT (e.g. 127.0.0.1:50051), got {addr!r}")
+
+
+@dataclass(frozen=True)
+class GrpcConfig:
+    address: str = "127.0.0.1:50051"  # port 0 = any free port (tests)
+    max_workers: int = 8  # handler threads
+    max_in_flight: int = 32  # requests being handled at once; beyond -> RESOURCE_EXHAUSTED (load shedding)
+    max_receive_message_bytes: int = 1 << 20
+    default_deadline_s: float = 1.0  # applied when the client sends none
+    shutdown_grace_s: float = 5.0  # SIGTERM: stop accepting, drain in-flight requests for up to this long
+    reflection: bool = True
+    # Identical server processes sharing the port (SO_REUSEPORT; the kernel spreads connections):
+    # Python handlers hold the GIL, so one process uses about one core. Each process has its own
+    # consumers (the events group splits the partitions) and its own /metrics port (metrics port + i).
+    processes: int = 1
+
+    def __post_init__(self) -> None:
+        _check_address("grpc.address", self.address)
+        if self.processes < 1:
+            raise ValueError(f"grpc.processes must be >= 1, got {self.processes}")
+        if self.processes > 1 and self.address.endswith(":0"):
+            raise ValueError("grpc.processes > 1 needs a fixed grpc.address port (the processes share it)")
+        if self.max_workers <= 0 or self.max_in_flight <= 0:
+            raise ValueError("grpc.max_workers and grpc.max_in_flight must be positive")
+        if self.max_receive_message_bytes < 1024:
+            raise ValueError(f"grpc.max_receive_message_bytes must be >= 1024, got {self.max_receive_message_bytes}")
+        if self.default_deadline_s <= 0 or self.shutdown_grace_s < 0:
+            raise ValueError("grpc.default_deadline_s must be > 0 and grpc.shutdown_grace_s >= 0")
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    """Request limits; a request outside them gets INVALID_ARGUMENT naming the field."""
+
+    max_k: int = 200
+    default_num_candidates: int = 500
+    max_num_candidates: int = 2000
+    max_context_entries: int = 32
+    max_context_chars: int = 256  # per key and per value
+    max_candidate_item_ids: int = 2000
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_k <= self.max_num_candidates:
+            raise ValueError(f"limits.max_k must be in [1, max_num_candidates], got {self.max_k}")
+        if not 0 < self.default_num_candidates <= self.max_num_candidates:
+            raise ValueError("limits.default_num_candidates must be in [1, limits.max_num_candidates]")
+        if self.max_context_entries < 0 or self.max_context_chars <= 0 or self.max_candidate_item_ids < 0:
+            raise ValueError("limits.max_context_entries/max_candidate_item_ids must be >= 0, max_context_chars > 0")
+
+
+@dataclass(frozen=True)
+class RedisConfig:
+    url: str = "redis://127.0.0.1:6379/0"
+    key_prefix: str = "cascade:v1"  # versioned keys: a new layout gets a new prefix
+    socket_timeout_s: float = 0.25  # request path: a slow Redis counts as down (degraded answer)
+    ingest_socket_timeout_s: float = 5.0  # consumers: big pipelines
+    max_connections: int = 64
+    user_ttl_s: int = 0  # 0: user state never expires; else expires this long after the user's last event
+    dedupe_ttl_s: int = 14 * 86_400  # event-id marks live this long (redeliveries older than this are re-applied)
+    item_log_prune_bytes: int = 64 * 1024  # an item's stats log is pruned to the retention when it grows past this
+    health_interval_s: float = 0.5  # how often health probes Redis (and recovery is noticed)
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"redis.url must start with redis://, rediss:// or unix://, got {self.url!r}")
+        if self.socket_timeout_s <= 0 or self.ingest_socket_timeout_s <= 0 or self.health_interval_s <= 0:
+            raise ValueError("redis timeouts and health_interval_s must be positive")
+        if self.user_ttl_s < 0 or self.dedupe_ttl_s <= 0:
+            raise ValueError("redis.user_ttl_s must be >= 0 and redis.dedupe_ttl_s > 0")
+
+
+@dataclass(frozen=True)
+class KafkaConfig:
+    bootstrap: str = "127.0.0.1:9092"
+    topics: KafkaTopics = KafkaTopics()
+    events_group: str = "cascade-serving-events"  # shared by all replicas: partitions are split between them
+    consume_events: bool = True
+    consume_items: bool = True  # every replica reads all of `items` and `models` (no group)
+    consume_models: bool = True
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 1_000
+    max_poll_records: int = 5_000
+    poll_timeout_ms: int = 100
+    # how long the broker may hold a fetch with no new data: the floor of event-to-visible latency
+    fetch_max_wait_ms: int = 20
+    fetch_max_bytes: int = 32 << 20
+    max_partition_fetch_bytes: int = 8 << 20
+    client_id: str = "cascade-serving"
+
+    def __post_init__(self) -> None:
+        if not self.bootstrap:
+            raise ValueError("kafka.bootstrap must name at least one broker (HOST:PORT[,HOST:PORT])")
+        for b in self.bootstrap.split(","):
+            _check_address("kafka.bootstrap", b.strip())
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            raise ValueError("kafka.heartbeat_interval_ms must be at most a third of kafka.session_timeout_ms")
+        if self.max_poll_records <= 0 or self.poll_timeout_ms <= 0:
+            raise ValueError("kafka.max_poll_records and kafka.poll_timeout_ms must be positive")
+
+
+@dataclass(frozen=True)
+class StateConfig:
+    """What the online state keeps; must match the features the models were trained on."""
+
+    sequence: SequenceConfig = SequenceConfig()
+    stats: StatsConfig = StatsConfig()
+    # How far back (event time) the per-entity counter logs are kept: at least the longest finite
+    # stats window of any model that will be served.
+    stats_retention: str = "31d"
+
+    def __post_init__(self) -> None:
+        ret = parse_window(self.stats_retention)
+        if ret is None:
+            raise ValueError("state.stats_retention must be a finite window such as 31d")
+        longest = max((ms for ms in self.stats.window_ms() if ms is not None), default=0)
+        if ret < longest:
+            raise ValueError(
+                f"state.stats_retention={self.stats_retention} is shorter than the longest stats window "
+                f"({max(w for w, ms in zip(self.stats.windows, self.stats.window_ms()) if ms == longest)})"
+            )
+
+    def retention_ms(self) -> int:
+        return int(parse_window(self.stats_retention))  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ModelsConfig:
+    # A model bundle version directory to load at start (before any `models` announcement arrives).
+    initial_bundle: Path | None = None
+    # Announced URIs must resolve under one of these directories (empty: any local path).
+    allowed_roots: tuple[Path, ...] = ()
+    smoke_candidates: int = 64  # candidates in the smoke inference that gates every swap
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    torch_threads: int = 1  # intra-op threads per request (requests already run in parallel)
+    popularity_size: int = 2000  # the in-memory fallback list
+    # Candidates' counters: "cached" = precomputed for the whole catalog every item_stats_refresh_s
+    # (serving/item_features.py; point-in-time requests still read Redis), "request" = one Redis MGET per
+    # request (exact "now"; for catalogs too big to refresh each second), "off" = no counters (zeros).
+    item_stats: Literal["cached", "request", "off"] = "cached"
+    item_stats_refresh_s: float = 1.0
+    item_stats_max_age_s: float = 5.0  # an older snapshot is not used (the request reads Redis)
+    validate_batches: bool = True  # features.batch.validate_batch on every request batch
+    popularity_refresh_s: float = 10.0  # how often the in-memory popularity list is re-read from Redis
+
+    def __post_init__(self) -> None:
+        if self.torch_threads <= 0 or self.popularity_size <= 0 or self.popularity_refresh_s <= 0:
+            raise ValueError("runtime.torch_threads, popularity_size and popularity_refresh_s must be positive")
+        if self.item_stats_refresh_s <= 0 or self.item_stats_max_age_s < self.item_stats_refresh_s:
+            raise ValueError("runtime.item_stats_refresh_s must be > 0 and <= runtime.item_stats_max_age_s")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    enabled: bool = True
+    address: str = "127.0.0.1:9464"  # /metrics; port 0 = any free port
+
+    def __post_init__(self) -> None:
+        _check_address("metrics.address", self.address)
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    grpc: GrpcConfig = GrpcConfig()
+    limits: LimitsConfig = LimitsConfig()
+    redis: RedisConfig = RedisConfig()
+    kafka: KafkaConfig = KafkaConfig()
+    state: StateConfig = StateConfig()
+    models: ModelsConfig = ModelsConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    # Catalog (items) to serve: a canonical dataset directory or a features directory (its items/).
+    catalog: Path | None = None
+    labels: dict[str, str] = field(default_factory=dict)  # free-form, shown by GetModelInfo

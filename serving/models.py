@@ -1,0 +1,327 @@
+"""The model-bundle boundary: what a servable model version is, how it is loaded, checked and swapped.
+
+A bundle is a version directory::
+
+    <root>/<version>/manifest.json     {"format": "cascade.model-bundle/1", "version", "created_at",
+                                        "schema_version", "hash_spec_version",
+                                        "features": {"config": {"stats": ...}, "dense": {...}},
+                                        "retriever": {"loader", "path"}, "ranker": {"loader", "path"},
+                                        "files": {relpath: sha256}}
+    <root>/<version>/retriever/...     the retriever's export (weights via torch.save(state_dict), .npy, faiss index)
+    <root>/<version>/ranker/...        the ranker's export
+
+The `models` topic announces ``{version, uri, checksum}`` where checksum is
+the sha256 of ``manifest.json``; the manifest pins every file's sha256, so the
+announcement pins the whole bundle. Loading = verify the manifest checksum,
+every file's checksum, the schema (hash spec, schema version, the dense
+feature layout against what the online state keeps), load with restricted
+loaders only (``torch.load(weights_only=True)``, ``np.load(allow_pickle=False)``,
+JSON, faiss), then a smoke inference through the full request path. Only a
+bundle that passed all of it replaces the served one (`ModelHolder.swap`, a
+single reference assignment: a request uses the bundle it started with).
+
+Loaders are looked up by name (``"loader"`` in the manifest): the stand-in
+models (`serving.standin`) now; ``retrieval.export`` / ``ranking.export``
+register theirs when they land.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import shutil
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol
+
+import numpy as np
+import torch
+
+from features.batch import Batch
+from features.hashing import HASH_SPEC_VERSION
+from features.schema import SCHEMA_VERSION
+from features.transforms import DenseLayout, StatsConfig
+from serving.errors import ArtifactError
+from serving.index import ItemIndex
+
+BUNDLE_FORMAT = "cascade.model-bundle/1"
+MANIFEST = "manifest.json"
+
+
+class RetrieverInference(Protocol):
+    """What serving needs from a retriever export (retrieval/export.py implements it)."""
+
+    item_ids: np.ndarray  # (N,) ids in its exported index
+    dim: int
+
+    def user_embedding(self, batch: Batch) -> torch.Tensor:
+        """(B, D) L2-normalized user vectors."""
+        ...
+
+    def item_embedding(self, candidates: Any) -> torch.Tensor:
+        """Item tower on a candidates KeyedJaggedTensor (item_id, item_category, ...) -> (N, D)."""
+        ...
+
+    def search(self, user_vecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(B, D) -> (ids (B, k) int64, scores (B, k) float32) over its exported index."""
+        ...
+
+
+class RankerInference(Protocol):
+    """What serving needs from a ranker export (ranking/export.py implements it)."""
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        """(N,) probabilities for the batch's candidates."""
+        ...
+
+    # Optional: `behavior_signatures(item_ids: np.ndarray) -> np.ndarray` (packed int64 SDIM codes)
+    # when the ranker has an SDIM module; computed at ingest and stored beside the sequence.
+
+
+Loader = Callable[[Path], Any]
+
+
+def _standin(kind: str) -> Loader:
+    def load(path: Path) -> Any:
+        from serving import standin
+
+        return standin.load_retriever(path) if kind == "retriever" else standin.load_ranker(path)
+
+    return load
+
+
+def _lazy(module: str, func: str) -> Loader:
+    def load(path: Path) -> Any:
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            raise ArtifactError("loader_unavailable", f"{module} cannot be imported ({e})") from None
+        return getattr(mod, func)(path)
+
+    return load
+
+
+RETRIEVER_LOADERS: dict[str, Loader] = {
+    "serving.standin": _standin("retriever"),
+    "retrieval.export": _lazy("retrieval.export", "load_retriever"),
+}
+RANKER_LOADERS: dict[str, Loader] = {
+    "serving.standin": _standin("ranker"),
+    "ranking.export": _lazy("ranking.export", "load_ranker"),
+}
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_bundle(out: Path, version: str, retriever: tuple[str, Path], ranker: tuple[str, Path],
+                 features: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> str:
+    """Assembles a bundle directory from two exports; returns the manifest checksum (for the announcement).
+
+    retriever / ranker: (loader name, export directory), copied to ``retriever/`` and ``ranker/``.
+    features: ``{"config": {"stats": ...}, "dense": {...}}`` as in the features manifest.
+    """
+    out = Path(out)
+    if (out / MANIFEST).exists():
+        raise FileExistsError(f"{out} already holds a bundle; versions are immutable, pick a new version")
+    out.mkdir(parents=True, exist_ok=True)
+    parts = {}
+    for name, (loader, src) in (("retriever", retriever), ("ranker", ranker)):
+        if loader not in (RETRIEVER_LOADERS if name == "retriever" else RANKER_LOADERS):
+            raise ValueError(f"unknown {name} loader {loader!r}")
+        shutil.copytree(src, out / name, dirs_exist_ok=False)
+        parts[name] = {"loader": loader, "path": name}
+    files = {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
+    DenseLayout.from_manifest(features)  # fails early on a malformed layout
+    manifest = {
+        "format": BUNDLE_FORMAT, "version": version,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "schema_version": SCHEMA_VERSION, "hash_spec_version": HASH_SPEC_VERSION,
+        "features": dict(features), **parts, "files": files, **dict(extra or {}),
+    }
+    data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
+    (out / MANIFEST).write_bytes(data)
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class ModelBundle:
+    version: str
+    path: Path
+    checksum: str
+    manifest: Mapping[str, Any]
+    retriever: Any  # RetrieverInference
+    ranker: Any  # RankerInference
+    index: ItemIndex
+    dense: DenseLayout
+    sig_spec: int  # 0: the ranker has no SDIM signatures
+    user_keys: tuple[str, ...] = ("user_id",)  # user features the two models read (absent ones sent empty)
+    loaded_at: float = field(default_factory=time.time)
+    # (sorted item ids, their signatures): one tuple, replaced by a single assignment (copy-on-write)
+    _sig: tuple[np.ndarray, np.ndarray] = field(
+        default_factory=lambda: (np.empty(0, np.int64), np.empty(0, np.int64)), repr=False)
+    _sig_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def signatures(self, item_ids: np.ndarray) -> np.ndarray:
+        """Packed SDIM signatures of items; cached per item (they depend on the item and the model only)."""
+        ids = np.asarray(item_ids, np.int64)
+        cids, cvals = self._sig
+        pos = np.searchsorted(cids, ids)
+        hit = pos < len(cids)
+        hit[hit] = cids[pos[hit]] == ids[hit]
+        if hit.all():
+            return cvals[pos]
+        missing = np.unique(ids[~hit])
+        sigs = np.asarray(self.ranker.behavior_signatures(missing), np.int64)
+        with self._sig_lock:
+            cids, cvals = self._sig
+            merged, vals = np.concatenate([cids, missing]), np.concatenate([cvals, sigs])
+            order = np.argsort(merged, kind="stable")
+            merged, vals = merged[order], vals[order]
+            keep = np.r_[True, merged[1:] != merged[:-1]]
+            self._sig = (merged[keep], vals[keep])
+        return self.signatures(ids)
+
+    def warm_signatures(self, item_ids: np.ndarray, chunk: int = 65536) -> None:
+        if not self.sig_spec:
+            return
+        for s in range(0, len(item_ids), chunk):
+            self.signatures(item_ids[s:s + chunk])
+
+
+def _read_manifest(root: Path) -> tuple[dict[str, Any], str]:
+    p = root / MANIFEST
+    if not p.is_file():
+        raise ArtifactError("missing_manifest", f"{p} does not exist")
+    data = p.read_bytes()
+    try:
+        manifest = json.loads(data)
+    except json.JSONDecodeError as e:
+        raise ArtifactError("bad_manifest", f"{p} is not JSON: {e}") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError("bad_manifest", f"{p} must hold a JSON object")
+    return manifest, hashlib.sha256(data).hexdigest()
+
+
+def resolve_uri(uri: str, allowed_roots: tuple[Path, ...] = ()) -> Path:
+    """An announcement URI (a local path or file://) -> the bundle directory; refuses paths outside the roots."""
+    if "://" in uri and not uri.startswith("file://"):
+        raise ArtifactError("unsupported_uri", f"{uri!r}: only local paths and file:// URIs are served")
+    path = Path(uri.removeprefix("file://")).resolve()
+    if allowed_roots and not any(path.is_relative_to(Path(r).resolve()) for r in allowed_roots):
+        raise ArtifactError("uri_not_allowed", f"{path} is not under an allowed model root {[str(r) for r in allowed_roots]}")
+    if not path.is_dir():
+        raise ArtifactError("missing_bundle", f"{path} is not a directory")
+    return path
+
+
+def verify_bundle(path: Path, expected_checksum: str | None, expected_version: str | None,
+                  stats: StatsConfig, retention_ms: int) -> tuple[dict[str, Any], str, DenseLayout]:
+    """Checksums + schema; returns (manifest, manifest checksum, dense layout). Raises ArtifactError."""
+    manifest, checksum = _read_manifest(path)
+    if expected_checksum is not None and checksum != expected_checksum:
+        raise ArtifactError("checksum_mismatch",
+                            f"{path / MANIFEST} has sha256 {checksum}, the announcement says {expected_checksum}")
+    if manifest.get("format") != BUNDLE_FORMAT:
+        raise ArtifactError("schema", f"manifest format {manifest.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+    version = manifest.get("version")
+    if not isinstance(version, str) or not version:
+        raise ArtifactError("schema", "manifest.version must be a non-empty string")
+    if expected_version is not None and version != expected_version:
+        raise ArtifactError("version_mismatch", f"manifest version {version!r}, the announcement says {expected_version!r}")
+    if manifest.get("hash_spec_version") != HASH_SPEC_VERSION:
+        raise ArtifactError("schema", f"hash_spec_version {manifest.get('hash_spec_version')} != {HASH_SPEC_VERSION}")
+    if str(manifest.get("schema_version")) != SCHEMA_VERSION:
+        raise ArtifactError("schema", f"schema_version {manifest.get('schema_version')} != {SCHEMA_VERSION}")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise ArtifactError("schema", "manifest.files must map relative paths to sha256")
+    root = path.resolve()
+    for rel, digest in files.items():
+        f = (root / rel).resolve()
+        if not f.is_relative_to(root):
+            raise ArtifactError("schema", f"manifest.files entry {rel!r} points outside the bundle")
+        if not f.is_file():
+            raise ArtifactError("missing_file", f"{f} is listed in the manifest but missing")
+        got = sha256_file(f)
+        if got != digest:
+            raise ArtifactError("checksum_mismatch", f"{f}: sha256 {got}, the manifest says {digest}")
+    try:
+        dense = DenseLayout.from_manifest(manifest.get("features", {}))
+    except (ValueError, TypeError) as e:
+        raise ArtifactError("schema", f"manifest.features: {e}") from None
+    if set(dense.stats.counted_event_types()) != set(stats.counted_event_types()):
+        raise ArtifactError("schema", f"the model counts event types {sorted(dense.stats.counted_event_types())}, "
+                                      f"the online state counts {sorted(stats.counted_event_types())}")
+    for w, ms in zip(dense.stats.windows, dense.stats.window_ms()):
+        if ms is not None and ms > retention_ms:
+            raise ArtifactError("schema", f"stats window {w} is longer than the online state's retention "
+                                          f"({retention_ms} ms)")
+    for part in ("retriever", "ranker"):
+        spec = manifest.get(part)
+        if not isinstance(spec, dict) or "loader" not in spec or "path" not in spec:
+            raise ArtifactError("schema", f"manifest.{part} must be {{loader, path}}")
+    return manifest, checksum, dense
+
+
+def load_bundle(path: Path, manifest: Mapping[str, Any], checksum: str, dense: DenseLayout) -> ModelBundle:
+    """Loads both models of a verified bundle (restricted loaders only). Raises ArtifactError."""
+    parts = {}
+    for part, loaders in (("retriever", RETRIEVER_LOADERS), ("ranker", RANKER_LOADERS)):
+        spec = manifest[part]
+        loader = loaders.get(spec["loader"])
+        if loader is None:
+            raise ArtifactError("unknown_loader", f"{part} loader {spec['loader']!r} is not one of {sorted(loaders)}")
+        try:
+            parts[part] = loader(path / spec["path"])
+        except ArtifactError:
+            raise
+        except Exception as e:  # a loader failing on a bad artifact is a rejection, not a crash
+            raise ArtifactError("load_failed", f"{part} ({spec['loader']}) from {path / spec['path']}: "
+                                               f"{type(e).__name__}: {e}") from e
+    retriever, ranker = parts["retriever"], parts["ranker"]
+    sig_spec = 0
+    if callable(getattr(ranker, "behavior_signatures", None)):
+        rdir = str(manifest["ranker"]["path"]).rstrip("/") + "/"
+        h = hashlib.sha256("".join(f"{k}={v}" for k, v in sorted(manifest["files"].items()) if k.startswith(rdir)).encode())
+        sig_spec = int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1) or 1
+    user_keys = list(getattr(retriever, "user_keys", ("user_id",)))
+    spec = getattr(ranker, "batch_spec", None)
+    if callable(spec):
+        user_keys += list(spec().user_keys)
+    return ModelBundle(
+        version=manifest["version"], path=path, checksum=checksum, manifest=manifest, retriever=retriever,
+        ranker=ranker, index=ItemIndex(retriever, int(retriever.dim)), dense=dense, sig_spec=sig_spec,
+        user_keys=tuple(dict.fromkeys(["user_id", *user_keys])),
+    )
+
+
+class ModelHolder:
+    """The served bundle: read with `.current` (no lock), replaced with `swap` (one assignment)."""
+
+    def __init__(self) -> None:
+        self._current: ModelBundle | None = None
+        self._lock = threading.Lock()  # serializes swaps, never taken by readers
+        self._listeners: list[Callable[[ModelBundle], None]] = []
+
+    @property
+    def current(self) -> ModelBundle | None:
+        return self._current
+
+    def on_swap(self, fn: Callable[[ModelBundle], None]) -> None:
+        self._listeners.append(fn)
+
+    def swap(self, bundle: ModelBundle) -> ModelBundle | None:
+        with self._lock:
+            old = self._current
+            self._current = bundle
+        for fn in self._listeners:
+            fn(bundle)
+        return old

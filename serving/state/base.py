@@ -1,0 +1,98 @@
+"""The online-store interface: what the request path and the consumers need from it.
+
+The request path reads one user (one round trip) and the counters of the
+ranked candidates (one more); the events consumer runs `ingest`: read the
+users of a batch and the batch's already-applied event ids, compute the new
+states in Python, write them together with the dedupe marks atomically (a
+transaction that fails and is retried if any of those users changed meanwhile).
+`RedisOnlineStore` is the implementation; another backend implements this.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+import numpy as np
+
+from serving.state.codec import UserRecord
+
+
+@dataclass(frozen=True)
+class ItemStats:
+    """Counter logs of n items, flattened: entry j belongs to item ``owner[j]``."""
+
+    ts_ms: np.ndarray  # (M,) int64
+    pos: np.ndarray  # (M,) uint8
+    owner: np.ndarray  # (M,) int64 in [0, n)
+    total_cnt: np.ndarray  # (n,) int64
+    total_pos: np.ndarray  # (n,) int64
+
+
+@dataclass
+class IngestWrite:
+    """Everything one ingest transaction writes."""
+
+    users: dict[int, UserRecord] = field(default_factory=dict)
+    marks: list[str] = field(default_factory=list)  # event ids now applied
+    item_logs: dict[int, bytes] = field(default_factory=dict)  # item -> counter-log records to append
+    popularity: dict[int, float] = field(default_factory=dict)  # item -> behaviors to add
+
+
+@dataclass(frozen=True)
+class IngestResult:
+    write: IngestWrite
+    conflicts: int  # transactions retried because a user changed between read and write
+    item_log_bytes: dict[int, int]  # item -> its log size after the append (to schedule pruning)
+
+
+# (current records of the batch's users (None: unknown), event ids already applied) -> the writes
+IngestFn = Callable[[Mapping[int, UserRecord | None], set[str]], IngestWrite]
+
+
+class OnlineStore(abc.ABC):
+    @abc.abstractmethod
+    def read_user(self, user_id: int) -> UserRecord | None:
+        """The user's record, or None for a user with no state (cold start). Raises StateUnavailable."""
+
+    @abc.abstractmethod
+    def read_item_stats(self, item_ids: np.ndarray) -> ItemStats:
+        """Counter logs of the given items (unknown items: empty). Raises StateUnavailable."""
+
+    @abc.abstractmethod
+    def ingest(self, user_ids: Iterable[int], event_ids: Iterable[str], fn: IngestFn, max_retries: int = 10) -> IngestResult:
+        """Atomically: read users + applied marks, call `fn`, write its result (retry on conflict)."""
+
+    @abc.abstractmethod
+    def prune_item_logs(self, item_ids: Iterable[int], cutoff_ms: int) -> int:
+        """Folds item log entries older than `cutoff_ms` into summary records; returns how many were folded."""
+
+    @abc.abstractmethod
+    def put_users(self, records: Mapping[int, UserRecord]) -> None:
+        """Bulk load (bootstrap): overwrites the users' records."""
+
+    @abc.abstractmethod
+    def put_item_logs(self, logs: Mapping[int, bytes]) -> None:
+        """Bulk load (bootstrap): overwrites the items' counter logs (summary records included)."""
+
+    @abc.abstractmethod
+    def add_popularity(self, counts: Mapping[int, float]) -> None:
+        """Bulk load (bootstrap): adds behavior counts to the popularity ranking."""
+
+    @abc.abstractmethod
+    def top_items(self, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The n most popular items (ids, counts), best first."""
+
+    @abc.abstractmethod
+    def set_meta(self, meta: Mapping[str, str]) -> None:
+        """Records what the state was bootstrapped from (source, as-of time, counts)."""
+
+    @abc.abstractmethod
+    def get_meta(self) -> dict[str, str]: ...
+
+    @abc.abstractmethod
+    def ping(self) -> bool:
+        """True when the store answers now (health)."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...

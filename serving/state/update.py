@@ -1,0 +1,136 @@
+"""How events change a user's online state (pure functions; the Kafka consumer calls them).
+
+* Sequence: `features.sequence.append_event` semantics, exactly. Events that
+  arrive in time order (the common case: each at or after the newest kept
+  behavior) are appended in one concatenation, which is what folding
+  `append_event` over them gives (``searchsorted(side="right")`` of a
+  timestamp >= every kept one is the end, and the cap drops from the front);
+  anything else is folded through `append_event` itself. A property test
+  checks the two paths against the fold on random arrival orders.
+* Counters: counted events (`StatsConfig.event_types`) add ``(ts, label >= 0.5)``
+  to the user's counter log and totals; the log keeps the retention window
+  (event time, relative to the newest counted event).
+* SDIM signatures: kept parallel to the sequence when the serving model has an
+  SDIM module; new behaviors get theirs from the model's signature table, and
+  a sequence whose stored signatures came from another model is re-signed
+  whole (backfill on write).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from features.schema import Event
+from features.sequence import SequenceConfig, SequenceState, action_code, append_event
+from features.transforms import StatsConfig
+from serving.state.codec import CounterLog, UserRecord
+
+SignatureLookup = Callable[[np.ndarray], np.ndarray]  # item ids (L,) -> packed signatures (L,) int64
+
+
+def extend_sequence(state: SequenceState, behaviors: Sequence[Event], categories: Sequence[int],
+                    cfg: SequenceConfig) -> tuple[SequenceState, bool]:
+    """Appends behaviors (in arrival order) -> (new state, whether the in-order fast path was taken)."""
+    if not behaviors:
+        return state, True
+    ts = np.fromiter((e.ts_ms for e in behaviors), np.int64, len(behaviors))
+    newest = int(state.ts_ms[-1]) if len(state) else None
+    if (newest is None or ts[0] >= newest) and bool((ts[1:] >= ts[:-1]).all()):
+        items = np.fromiter((e.item_id for e in behaviors), np.int64, len(behaviors))
+        acts = np.fromiter((action_code(e.event_type, e.label) for e in behaviors), np.int64, len(behaviors))
+        cats = np.asarray(categories, dtype=np.int64)
+        out = SequenceState(
+            np.concatenate([state.item_ids, items]), np.concatenate([state.ts_ms, ts]),
+            np.concatenate([state.actions, acts]), np.concatenate([state.categories, cats]),
+        )
+        return (out.tail(cfg.long_cap) if len(out) > cfg.long_cap else out), True
+    for e, c in zip(behaviors, categories):
+        state = append_event(state, e, int(c), cfg)
+    return state, False
+
+
+def extend_log(log: CounterLog, ts: np.ndarray, pos: np.ndarray, retention_ms: int) -> CounterLog:
+    """Adds counted events to a counter log and drops what fell out of the retention."""
+    if ts.size == 0:
+        return log
+    all_ts = np.concatenate([log.ts_ms, ts])
+    all_pos = np.concatenate([log.pos, pos.astype(np.uint8)])
+    keep = all_ts >= int(all_ts.max()) - retention_ms
+    if not keep.all():
+        all_ts, all_pos = all_ts[keep], all_pos[keep]
+    return CounterLog(all_ts, all_pos, log.total_cnt + int(ts.size), log.total_pos + int(pos.sum()))
+
+
+@dataclass(frozen=True)
+class UserBatch:
+    """One user's new events (deduplicated, arrival order) as arrays, computed for a whole poll batch at once."""
+
+    events: Sequence[Event]  # kept for the out-of-order path (append_event takes events)
+    beh_items: np.ndarray  # (B,) int64 behaviors only
+    beh_ts: np.ndarray
+    beh_actions: np.ndarray
+    beh_categories: np.ndarray
+    beh_index: np.ndarray  # (B,) positions of the behaviors in `events`
+    cnt_ts: np.ndarray  # (K,) counted events only
+    cnt_pos: np.ndarray  # (K,) uint8
+
+
+def apply_user_batch(rec: UserRecord, b: UserBatch, seq_cfg: SequenceConfig, retention_ms: int, sig_spec: int = 0,
+                     signatures: SignatureLookup | None = None) -> UserRecord:
+    """A user's record after the events of `b` (see the module docstring)."""
+    seq = rec.seq
+    n = len(b.beh_items)
+    fast = True
+    if n:
+        newest = int(seq.ts_ms[-1]) if len(seq) else None
+        if (newest is None or b.beh_ts[0] >= newest) and bool((b.beh_ts[1:] >= b.beh_ts[:-1]).all()):
+            seq = SequenceState(np.concatenate([seq.item_ids, b.beh_items]), np.concatenate([seq.ts_ms, b.beh_ts]),
+                                np.concatenate([seq.actions, b.beh_actions]),
+                                np.concatenate([seq.categories, b.beh_categories]))
+            if len(seq) > seq_cfg.long_cap:
+                seq = seq.tail(seq_cfg.long_cap)
+        else:
+            fast = False
+            for i, c in zip(b.beh_index.tolist(), b.beh_categories.tolist()):
+                seq = append_event(seq, b.events[i], c, seq_cfg)
+    log = extend_log(rec.log, b.cnt_ts, b.cnt_pos, retention_ms)
+    sigs = None
+    if sig_spec and signatures is not None:
+        if fast and rec.sig_spec == sig_spec and rec.sigs is not None:
+            new = signatures(seq.item_ids[len(seq) - min(n, len(seq)):]) if n else np.empty(0, np.int64)
+            sigs = np.concatenate([rec.sigs, new])[-len(seq):] if len(seq) else np.empty(0, np.int64)
+        else:
+            sigs = signatures(seq.item_ids)
+    return UserRecord(seq=seq, log=log, attrs=rec.attrs, sigs=sigs, sig_spec=sig_spec if sigs is not None else 0,
+                      attrs_raw=rec.attrs_raw)
+
+
+def user_batch(events: Sequence[Event], categories: Sequence[int], seq_cfg: SequenceConfig,
+               counted_types: frozenset[str]) -> UserBatch:
+    """The arrays of one user's events (the per-event reference; consumers build them for a whole batch)."""
+    beh = np.array([e.event_type in seq_cfg.behavior_event_types for e in events], bool)
+    cnt = np.array([e.event_type in counted_types for e in events], bool)
+    item = np.fromiter((e.item_id for e in events), np.int64, len(events))
+    ts = np.fromiter((e.ts_ms for e in events), np.int64, len(events))
+    act = np.fromiter((action_code(e.event_type, e.label) for e in events), np.int64, len(events))
+    pos = np.fromiter((e.label >= 0.5 for e in events), np.uint8, len(events))
+    cats = np.asarray(categories, np.int64)
+    idx = np.flatnonzero(beh)
+    return UserBatch(events, item[idx], ts[idx], act[idx], cats[idx], idx, ts[cnt], pos[cnt])
+
+
+def apply_user_events(
+    rec: UserRecord,
+    events: Sequence[Event],
+    categories: Sequence[int],
+    seq_cfg: SequenceConfig,
+    stats: StatsConfig,
+    retention_ms: int,
+    sig_spec: int = 0,
+    signatures: SignatureLookup | None = None,
+) -> UserRecord:
+    """A user's record after `events` (one user's, in arrival order, deduplicated); `categories` parallel."""
+    b = user_batch(events, categories, seq_cfg, frozenset(stats.counted_event_types()))
+    return apply_user_batch(rec, b, seq_cfg, retention_ms, sig_spec, signatures)

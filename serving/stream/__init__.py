@@ -1,0 +1,1 @@
+"""Kafka consumers: `events` (consumer group, into Redis), `items` and `models` (every replica reads all)."""

@@ -1,0 +1,160 @@
+"""Serving fixtures: stand-in model bundles trained on ML-100K once per session, real tansu + redis-server
+per module, and a real in-process gRPC server per test with its own topics, consumer group and key prefix."""
+from __future__ import annotations
+
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+from features.messages import KafkaTopics
+
+# Small stand-in: trains in seconds on 2 shared cores; the serving path does not depend on model quality.
+STANDIN_TEST_CONFIG = dict(dim=16, retriever_epochs=1, max_retriever_samples=30_000, max_ranker_samples=6_000,
+                           max_train_history=32, hidden=(32,))
+
+
+@pytest.fixture(scope="session")
+def standin_bundles(ml100k_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """{version: (bundle dir, manifest sha256)} for v1 and v2 (v2: the ranker retrained with another seed)."""
+    from serving.standin import StandinConfig, train_standin_bundle
+
+    root = tmp_path_factory.mktemp("models")
+    return train_standin_bundle(ml100k_dataset, root, ("v1", "v2"), StandinConfig(**STANDIN_TEST_CONFIG))
+
+
+@pytest.fixture(scope="session")
+def catalog(ml100k_dataset: Path):
+    from serving.catalog import load_catalog
+
+    return load_catalog(ml100k_dataset)
+
+
+@pytest.fixture(scope="module")
+def services(tmp_path_factory: pytest.TempPathFactory):
+    """Real tansu + redis-server on free loopback ports, shared by a module's tests (isolated by prefix/topics)."""
+    from jobs.services import LocalServices
+
+    with LocalServices(tmp_path_factory.mktemp("svc")) as svc:
+        yield svc
+
+
+def unique_topics() -> KafkaTopics:
+    u = uuid.uuid4().hex[:8]
+    return KafkaTopics(events=f"events-{u}", items=f"items-{u}", models=f"models-{u}", dead_letter=f"dlq-{u}")
+
+
+def serving_overrides(svc, topics: KafkaTopics, prefix: str, **extra: object) -> list[str]:
+    ov = {
+        "redis.url": svc.redis.address, "redis.key_prefix": prefix, "redis.health_interval_s": 0.2,
+        "kafka.bootstrap": svc.kafka.address, "kafka.topics.events": topics.events, "kafka.topics.items": topics.items,
+        "kafka.topics.models": topics.models, "kafka.topics.dead_letter": topics.dead_letter,
+        "kafka.events_group": f"g-{prefix}", "kafka.session_timeout_ms": 2000, "kafka.heartbeat_interval_ms": 200,
+        "kafka.poll_timeout_ms": 50, "grpc.address": "127.0.0.1:0", "metrics.address": "127.0.0.1:0",
+        "runtime.popularity_refresh_s": 0.5,
+    }
+    ov.update(extra)
+    return [f"{k}={v}" for k, v in ov.items()]
+
+
+class Harness:
+    """A started ServingApp plus a channel/stub to it and a producer to its topics."""
+
+    def __init__(self, app, topics: KafkaTopics, bootstrap: str) -> None:
+        import grpc
+
+        from serving.proto import ranking_pb2_grpc
+
+        self.app = app
+        self.topics = topics
+        self.bootstrap = bootstrap
+        self.channel = grpc.insecure_channel(app.addresses.grpc)
+        self.stub = ranking_pb2_grpc.RankingStub(self.channel)
+        self._producer = None
+
+    @property
+    def producer(self):
+        if self._producer is None:
+            from kafka import KafkaProducer
+
+            self._producer = KafkaProducer(bootstrap_servers=self.bootstrap, acks="all", linger_ms=1)
+        return self._producer
+
+    def rank(self, user_id: int, k: int = 10, **kw):
+        from serving.proto import ranking_pb2
+
+        return self.stub.Rank(ranking_pb2.RankRequest(user_id=user_id, k=k, **kw), timeout=10)
+
+    def send_events(self, events) -> None:
+        from features.messages import encode_event, event_key
+
+        for e in events:
+            self.producer.send(self.topics.events, key=event_key(e), value=encode_event(e))
+        self.producer.flush()
+
+    def send_raw(self, topic: str, value: bytes, key: bytes | None = None) -> None:
+        self.producer.send(topic, key=key, value=value)
+        self.producer.flush()
+
+    def metric(self, name: str, labels: dict | None = None) -> float:
+        v = self.app.metrics.registry.get_sample_value(name, labels or {})
+        return 0.0 if v is None else v
+
+    def close(self) -> None:
+        self.channel.close()
+        if self._producer is not None:
+            self._producer.close(timeout=5)
+        self.app.stop(grace_s=1.0)
+
+
+def _wait_until(pred, timeout_s: float = 20.0, interval_s: float = 0.05, what: str = "condition"):
+    """Polls `pred` until it returns a truthy value (returned) or fails the test after `timeout_s`.
+
+    A bound for eventually-consistent effects (Kafka -> Redis), not a timing assertion."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        v = pred()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout_s}s")
+        time.sleep(interval_s)
+
+
+@pytest.fixture()
+def wait_until():
+    """wait_until(pred, timeout_s=20, what=...): poll until pred() is truthy (returned) or fail the test."""
+    return _wait_until
+
+
+@pytest.fixture()
+def make_server(services, standin_bundles, catalog, ml100k_dataset):
+    """Factory: make_server(bootstrap=True, bundle="v1", **overrides) -> Harness (stopped at teardown)."""
+    from jobs.services import create_topics
+    from serving.app import ServingApp, load_serving_config
+    from serving.bootstrap import bootstrap_dataset
+
+    made: list[Harness] = []
+
+    def make(bootstrap: bool = True, bundle: str | None = "v1", consume: bool = True, **overrides: object) -> Harness:
+        topics = unique_topics()
+        create_topics(services.kafka.address, {topics.events: 2, topics.items: 1, topics.models: 1, topics.dead_letter: 1})
+        prefix = f"t{uuid.uuid4().hex[:10]}"
+        extra = dict(overrides)
+        if bundle is not None:
+            extra["models.initial_bundle"] = str(standin_bundles[bundle][0])
+        if not consume:
+            extra.update({"kafka.consume_events": False, "kafka.consume_items": False, "kafka.consume_models": False})
+        cfg = load_serving_config(None, serving_overrides(services, topics, prefix, **extra), env={})
+        app = ServingApp(cfg, catalog)
+        if bootstrap:
+            bootstrap_dataset(app.store, ml100k_dataset, cfg.state, catalog)
+        app.start(wait_for_partitions_s=15.0)
+        h = Harness(app, topics, services.kafka.address)
+        made.append(h)
+        return h
+
+    yield make
+    for h in made:
+        h.close()
