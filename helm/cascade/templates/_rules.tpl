@@ -1,0 +1,175 @@
+{{/*
+The alert rule groups of the PrometheusRule (a Prometheus rule-file `groups:` list, so tests run promtool
+on exactly this). Series are selected by cascade.rules.selector; every aggregation keeps namespace and
+service so one Prometheus can watch several releases. Metric names: serving/metrics.py METRIC_NAMES.
+*/}}
+{{- define "cascade.rules.groups" -}}
+{{- range $group := list "serving" "streaming" }}
+{{- $rules := include (printf "cascade.rules.%s" $group) $ | trim }}
+{{- if $rules }}
+- name: cascade-{{ $group }}
+  rules:
+    {{- $rules | nindent 4 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The rules of the cascade-serving group (request path and model/Redis state). */}}
+{{- define "cascade.rules.serving" -}}
+{{- $a := .Values.prometheusRule.alerts }}
+{{- $sel := include "cascade.rules.selector" . }}
+{{- $by := "namespace, service" -}}
+{{- with $a.latency }}
+{{- if .enabled }}
+- alert: CascadeRankLatencyHigh
+  expr: |-
+    histogram_quantile(0.99, sum by ({{ $by }}, le) (rate(cascade_rank_stage_seconds_bucket{ {{- $sel }},stage="total"}[5m])))
+      > {{ .p99Seconds }}
+  for: {{ .for }}
+  labels:
+    {{- include "cascade.rules.labels" (list $ .severity) | nindent 4 }}
+  annotations:
+    summary: Cascade Rank p99 latency is over its budget of {{ .p99Seconds }} s
+    description: {{ `p99 of the whole Rank handler in {{ $labels.namespace }}/{{ $labels.service }} is {{ $value | humanizeDuration }}.` | quote }}
+    {{- with $.Values.prometheusRule.additionalAlertAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
+{{- end }}
+{{- with $a.errorRate }}
+{{- if .enabled }}
+- alert: CascadeRankErrorRateHigh
+  expr: |-
+    sum by ({{ $by }}) (rate(cascade_rank_requests_total{ {{- $sel }},status=~"{{ join "|" .codes }}"}[5m]))
+      / sum by ({{ $by }}) (rate(cascade_rank_requests_total{ {{- $sel }}}[5m]))
+      > {{ .ratio }}
+  for: {{ .for }}
+  labels:
+    {{- include "cascade.rules.labels" (list $ .severity) | nindent 4 }}
+  annotations:
+    summary: Cascade requests are failing (status {{ join ", " .codes }})
+    description: {{ `{{ $value | humanizePercentage }} of the requests to {{ $labels.namespace }}/{{ $labels.service }} fail with a server-side status.` | quote }}
+    {{- with $.Values.prometheusRule.additionalAlertAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
+{{- end }}
+{{- with $a.shedRate }}
+{{- if .enabled }}
+- alert: CascadeRequestsShed
+  expr: |-
+    sum by ({{ $by }}) (rate(cascade_requests_shed_total{ {{- $sel }}}[5m]))
+      / sum by ({{ $by }}) (rate(cascade_rank_requests_total{ {{- $sel }},method="Rank"}[5m]))
+      > {{ .ratio }}
+  for: {{ .for }}
+  labels:
+    {{- include "cascade.rules.labels" (list $ .severity) | nindent 4 }}
+  annotations:
+    summary: Cascade is shedding load (RESOURCE_EXHAUSTED)
+    description: {{ `{{ $value | humanizePercentage }} of Rank requests to {{ $labels.namespace }}/{{ $labels.service }} are rejected because grpc.max_in_flight requests are already running: add replicas or processes.` | quote }}
+    {{- with $.Values.prometheusRule.additionalAlertAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
+{{- end }}
+{{- with $a.degradedAnswers }}
+{{- if .enabled }}
+- alert: CascadeDegradedAnswers
+  expr: |-
+    sum by ({{ $by }}) (rate(cascade_degraded_answers_total{ {{- $sel }}{{ with .ignoreReasons }},reason!~"{{ join "|" . }}"{{ end }}}[5m]))
+      / sum by ({{ $by }}) (rate(cascade_rank_requests_total{ {{- $sel }},method="Rank",status="OK"}[5m]))
+      > {{ .ratio }}
+  for: {{ .for }}
+  labels:
+    {{- include "cascade.rules.labels" (list $ .severity) | nindent 4 }}
+  annotations:
+    summary: Many Cascade answers are fallbacks
+    description: {{ `{{ $value | humanizePercentage }} of Rank answers from {{ $labels.namespace }}/{{ $labels.service }} are degraded (popularity or retrieval fallbacks); see cascade_degraded_answers_total by reason.` | quote }}
+    {{- with $.Values.prometheusRule.additionalAlertAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
+{{- end }}
+{{- with $a.modelAge }}
+{{- if .enabled }}
+- alert: CascadeModelStale
+  expr: |-
+    time() - cascade_model_loaded_timestamp_seconds{ {{- $sel }}} > {{ .maxAgeSeconds }}
+  for: {{ .for }}
+  labels:
+    {{- include "cascade.rules.labels" (list $ .severity) | nindent 4 }}
+  annotations:
+    summary: A Cascade server has served the same model for too long (or has none)
+    description: {{ `{{ $labels.pod }} swapped in its model {{ $value | humanizeDuration }} ago (a server with no model reports the Unix epoch): check the pipeline CronJob and the models topic.` | quote }}
+    {{- with $.Values.prometheusRule.additionalAlertAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
+{{- end }}
+{{- with $a.redisDown }}
+{{- if .enabled }}
+- alert: CascadeRedisDown
+  expr: |-
+    min by ({{ $by }}, pod) (cascade_redis_up{ {{- $sel }}}) == 0
+  for: {{ .for }}
+  labels:
+    {{- include "cascade.rules.labels" (list $ .severity) | nindent 4 }}
+  annotations:
+    summary: A Cascade server cannot reach Redis
+    description: {{ `{{ $labels.pod }} fails its Redis health probe: it answers from the in-memory popularity list and reports NOT_SERVING.` | quote }}
+    {{- with $.Values.prometheusRule.additionalAlertAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The rules of the cascade-streaming group (Kafka consumers -> Redis). */}}
+{{- define "cascade.rules.streaming" -}}
+{{- $a := .Values.prometheusRule.alerts }}
+{{- $sel := include "cascade.rules.selector" . }}
+{{- $by := "namespace, service" -}}
+{{- with $a.consumerLag }}
+{{- if .enabled }}
+- alert: CascadeConsumerLagHigh
+  expr: |-
+    sum by ({{ $by }}, topic) (max by ({{ $by }}, topic, partition) (cascade_consumer_lag{ {{- $sel }}}))
+      > {{ .messages }}
+  for: {{ .for }}
+  labels:
+    {{- include "cascade.rules.labels" (list $ .severity) | nindent 4 }}
+  annotations:
+    summary: {{ `Cascade consumers are falling behind on {{ $labels.topic }}` | quote }}
+    description: {{ `The servers of {{ $labels.namespace }}/{{ $labels.service }} are {{ $value | humanize }} messages behind on {{ $labels.topic }}.` | quote }}
+    {{- with $.Values.prometheusRule.additionalAlertAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
+{{- end }}
+{{- with $a.eventFreshness }}
+{{- if .enabled }}
+- alert: CascadeEventsStale
+  expr: |-
+    histogram_quantile(0.99, sum by ({{ $by }}, le) (rate(cascade_event_freshness_seconds_bucket{ {{- $sel }}}[5m])))
+      > {{ .p99Seconds }}
+  for: {{ .for }}
+  labels:
+    {{- include "cascade.rules.labels" (list $ .severity) | nindent 4 }}
+  annotations:
+    summary: Events take too long to reach the online state
+    description: {{ `p99 from event produced to visible in Redis is {{ $value | humanizeDuration }} in {{ $labels.namespace }}/{{ $labels.service }}.` | quote }}
+    {{- with $.Values.prometheusRule.additionalAlertAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Labels of every alert: (list $ severity). */}}
+{{- define "cascade.rules.labels" -}}
+{{- $root := index . 0 -}}
+severity: {{ index . 1 }}
+{{- with $root.Values.prometheusRule.additionalAlertLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
