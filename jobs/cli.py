@@ -19,6 +19,8 @@ COMMAND_MODULES = (
     "jobs.train_ranker",
     "jobs.services",
     "jobs.serve",
+    "jobs.pipeline",
+    "jobs.demo",
 )
 
 
@@ -42,11 +44,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Library deprecation chatter (torch's ShardedTensor/DTensor notices, DDP stride hints, DCP's
+# "single process" notice) that says nothing actionable to a user of the CLI; `-v` shows it.
+# PYTHONWARNINGS also reaches the spawned training workers.
+_QUIET_WARNINGS = ("ignore::FutureWarning", "ignore::DeprecationWarning", "ignore:Grad strides do not match",
+                   "ignore:torch.distributed is disabled")
+
+
+def _quiet_warnings() -> None:
+    import os
+    import warnings
+
+    for spec in _QUIET_WARNINGS:
+        action, message, category = (spec.split(":") + ["", ""])[:3]
+        warnings.filterwarnings(action, message=message,
+                                category={"FutureWarning": FutureWarning, "DeprecationWarning": DeprecationWarning}
+                                .get(category, Warning))
+    if "PYTHONWARNINGS" not in os.environ:
+        os.environ["PYTHONWARNINGS"] = ",".join(_QUIET_WARNINGS)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.verbose:
+        _quiet_warnings()
     # Libraries that log every call at INFO (kafka-python, TorchRec's planner, fbgemm's loader, py4j).
-    for name in ("kafka", "torchrec", "fbgemm_gpu", "root.fbgemm", "py4j", "torch.distributed"):
+    for name in ("kafka", "torchrec", "fbgemm_gpu", "root.fbgemm", "py4j", "torch.distributed", "faiss.loader",
+                 "torch.fx"):
         logging.getLogger(name).setLevel(logging.WARNING)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,

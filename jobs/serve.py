@@ -191,19 +191,10 @@ def run_standin(args: argparse.Namespace) -> int:
 
 
 def run_announce(args: argparse.Namespace) -> int:
-    from kafka import KafkaProducer
+    from features.messages import KafkaTopics
+    from serving.models import announce_bundle
 
-    from features.messages import KafkaTopics, ModelAnnouncement
-    from serving.models import MANIFEST, sha256_file
-
-    manifest = args.bundle / MANIFEST
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest} does not exist: is {args.bundle} a model bundle directory?")
-    version = json.loads(manifest.read_text())["version"]
-    ann = ModelAnnouncement(version=version, uri=str(args.bundle.resolve()), checksum=sha256_file(manifest))
     topic = args.topic or KafkaTopics().models
-    prod = KafkaProducer(bootstrap_servers=_kafka(args.kafka), acks="all")
-    prod.send(topic, key=version.encode(), value=ann.encode()).get(timeout=30)
-    prod.close()
-    print(f"announced    {version} ({ann.uri}, sha256 {ann.checksum}) on {topic}")
+    ann = announce_bundle(args.bundle, _kafka(args.kafka), topic)
+    print(f"announced    {ann.version} ({ann.uri}, sha256 {ann.checksum}) on {topic}")
     return 0

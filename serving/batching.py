@@ -94,10 +94,7 @@ def build_request_batch(view: UserView, catalog: Catalog, item_ids: np.ndarray, 
     n = len(item_ids)
     candidates = {}
     if n:  # a user-tower batch has no candidate keys at all (a keyed KJT with 0 rows trips validate_batch)
-        rows = catalog.rows(item_ids)
-        cat_v, cat_l = catalog.jagged(rows, "category")
-        tag_v, tag_l = catalog.jagged(rows, "tag")
-        candidates = {ITEM_ID: (item_ids, np.ones(n, np.int64)), ITEM_CATEGORY: (cat_v, cat_l), ITEM_TAG: (tag_v, tag_l)}
+        candidates = {ITEM_ID: (item_ids, np.ones(n, np.int64)), **catalog.candidate_features(catalog.rows(item_ids))}
     cand_dense = cand_dense if cand_dense is not None else np.zeros((n, 0), np.float32)
     if reuse is not None:
         part = build_batch(user={}, history={}, history_lengths=np.zeros(0, np.int64), candidates=candidates,

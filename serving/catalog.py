@@ -14,7 +14,7 @@ Hashed ids follow `features.layout`: ``category`` and ``tag`` features of
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -22,7 +22,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from features.hashing import hash_string
-from features.layout import CATEGORY_FEATURE, TAG_FEATURE
+from features.batch import ITEM_CATEGORY, ITEM_TAG
+from features.layout import CATEGORY_FEATURE, TAG_FEATURE, item_attr_feature
 from features.schema import Item
 
 
@@ -40,6 +41,9 @@ class Catalog:
     tag_lengths: np.ndarray
     numeric: Mapping[str, np.ndarray]  # key -> (N,) float64, NaN = missing
     titles: tuple[str, ...]
+    # feature (``item_attr_<key>``, features.layout) -> (N,) int64 hashed attribute id, 0 = missing
+    # (the reader's NULL: the candidate gets no value for that feature)
+    attrs: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.item_ids.shape[0])
@@ -121,11 +125,32 @@ class Catalog:
             old = self.numeric.get(k, np.full(len(self), np.nan))[old_rows]
             numeric[k] = np.concatenate([old, np.array([float(new[i].numeric.get(k, np.nan)) for i in new_ids])])
         titles = tuple(self.titles[r] for r in old_rows) + tuple(new[i].title or "" for i in new_ids)
+        akeys = sorted(set(self.attrs) | {item_attr_feature(k) for it in new.values() for k in it.attributes})
+        attrs = {}
+        for f in akeys:
+            old = self.attrs.get(f, np.zeros(len(self), np.int64))[old_rows]
+            vals = []
+            for i in new_ids:
+                raw = {item_attr_feature(k): v for k, v in new[i].attributes.items()}.get(f)
+                vals.append(hash_string(raw, f) if raw is not None else 0)
+            attrs[f] = np.concatenate([old, np.array(vals, np.int64)])
         order = np.argsort(ids, kind="stable")
         cat_values, cat_lengths = _reorder(cat_values, cat_lengths, order)
         tag_values, tag_lengths = _reorder(tag_values, tag_lengths, order)
         return Catalog(ids[order], category[order], cat_values, cat_lengths, tag_values, tag_lengths,
-                       {k: v[order] for k, v in numeric.items()}, tuple(titles[i] for i in order))
+                       {k: v[order] for k, v in numeric.items()}, tuple(titles[i] for i in order),
+                       {k: v[order] for k, v in attrs.items()})
+
+    def candidate_features(self, rows: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The item features of catalog `rows` as jagged (values, lengths), keyed like the reader's candidates KJT
+        (``item_category``, ``item_tag``, ``item_attr_<key>``); -1 rows and missing attributes get no values."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = {ITEM_CATEGORY: self.jagged(rows, "category"), ITEM_TAG: self.jagged(rows, "tag")}
+        for f, ids in self.attrs.items():
+            v = np.where(rows >= 0, ids[np.maximum(rows, 0)], 0)
+            present = v != 0
+            out[f] = (v[present], present.astype(np.int64))
+        return out
 
 
 def _reorder(values: np.ndarray, lengths: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -150,8 +175,8 @@ def load_catalog(path: Path) -> Catalog:
     cols = t.to_pydict()
     items = [
         Item(item_id=int(i), title=title, categories=tuple(c or ()), tags=tuple(g or ()),
-             numeric=dict(n or ()))
-        for i, title, c, g, n in zip(cols["item_id"], cols.get("title", [None] * t.num_rows), cols["categories"],
-                                     cols["tags"], cols["numeric"])
+             attributes=dict(a or ()), numeric=dict(n or ()))
+        for i, title, c, g, a, n in zip(cols["item_id"], cols.get("title", [None] * t.num_rows), cols["categories"],
+                                        cols["tags"], cols.get("attributes", [None] * t.num_rows), cols["numeric"])
     ]
     return Catalog.from_items(items)

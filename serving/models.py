@@ -151,6 +151,25 @@ def write_bundle(out: Path, version: str, retriever: tuple[str, Path], ranker: t
     return hashlib.sha256(data).hexdigest()
 
 
+def announce_bundle(bundle: Path, bootstrap: str, topic: str, timeout_s: float = 30.0) -> "ModelAnnouncement":
+    """Sends a bundle directory's version, URI and manifest checksum on the models topic (acks=all)."""
+    from kafka import KafkaProducer
+
+    from features.messages import ModelAnnouncement
+
+    manifest = Path(bundle) / MANIFEST
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{manifest} does not exist: is {bundle} a model bundle directory?")
+    version = json.loads(manifest.read_text())["version"]
+    ann = ModelAnnouncement(version=version, uri=str(Path(bundle).resolve()), checksum=sha256_file(manifest))
+    prod = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    try:
+        prod.send(topic, key=version.encode(), value=ann.encode()).get(timeout=timeout_s)
+    finally:
+        prod.close()
+    return ann
+
+
 @dataclass
 class ModelBundle:
     version: str

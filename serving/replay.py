@@ -28,6 +28,7 @@ class ReplayConfig:
     rate: float = 1000.0  # events/s; 0 = as fast as possible
     users: tuple[int, ...] = ()  # () = all
     limit: int = 0  # 0 = all
+    since_ms: int = 0  # only events at or after this Unix ms (e.g. after a bootstrap's as-of time)
     fresh_ts: bool = False
     id_prefix: str = ""
     topic: str = "cascade.events"
@@ -45,9 +46,12 @@ class ReplayResult:
     seconds: float
 
 
-def load_events(dataset: Path, users: tuple[int, ...] = (), limit: int = 0) -> pa.Table:
-    """The dataset's events for `users` (all if empty), sorted by (ts_ms, event_id), at most `limit`."""
+def load_events(dataset: Path, users: tuple[int, ...] = (), limit: int = 0, since_ms: int = 0) -> pa.Table:
+    """The dataset's events for `users` (all if empty) at or after `since_ms`, sorted by (ts_ms, event_id),
+    at most `limit`."""
     t = read_table(dataset, "events")
+    if since_ms:
+        t = t.filter(pc.greater_equal(t.column("ts_ms"), since_ms))
     if users:
         t = t.filter(pc.is_in(t.column("user_id"), value_set=pa.array(np.asarray(users, np.int64))))
     t = t.take(pc.sort_indices(t, sort_keys=[("ts_ms", "ascending"), ("event_id", "ascending")]))
@@ -58,7 +62,7 @@ def replay_events(dataset: Path, bootstrap: str, cfg: ReplayConfig,
                   progress: Callable[[int, int], None] | None = None) -> ReplayResult:
     from kafka import KafkaProducer
 
-    t = load_events(dataset, cfg.users, cfg.limit)
+    t = load_events(dataset, cfg.users, cfg.limit, cfg.since_ms)
     total = t.num_rows
     producer = KafkaProducer(bootstrap_servers=bootstrap, acks=1, linger_ms=5, batch_size=256 * 1024,
                              client_id="cascade-replay")

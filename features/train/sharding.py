@@ -17,6 +17,8 @@ code builds plain TorchRec modules (`EmbeddingCollection` for sequences,
 """
 from __future__ import annotations
 
+import logging
+
 from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
@@ -118,6 +120,10 @@ def plan_sharding(
         name: ParameterConstraints(sharding_types=list(types), compute_kernels=["fused"])
         for name, types in cfg.constraints.items()
     }
+    # The planner warns on every plan that the topology was built directly and that dry-run dense sizes are
+    # estimates; both are expected on CPU (we size nothing from dense tensors), so only its errors are shown.
+    for name in ("torchrec.distributed.planner.types", "torchrec.distributed.planner.storage_reservations"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     topology = Topology(world_size=world_size, compute_device=device.type, local_world_size=world_size)
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     try:

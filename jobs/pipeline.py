@@ -1,0 +1,587 @@
+"""`cascade pipeline`: the scheduled unit — features -> retriever -> ranker -> evaluation gate -> publish.
+
+    cascade pipeline run --config jobs/configs/pipeline.ml-100k.yaml --date 2026-11-22
+    cascade pipeline run --config pipeline.yaml --version 2026-11-22.hotfix ranker.overrides='[train.epochs=5]'
+    cascade pipeline status --artifacts var/artifacts
+    cascade pipeline backfill --config pipeline.yaml --start 2026-11-01 --end 2026-11-22
+
+(the Helm chart's CronJob runs the same `cascade pipeline run`; on a cluster set
+``features.spark_master`` and point ``artifacts`` at a shared volume.)
+
+Artifacts (`ARTIFACTS` = ``artifacts`` of the config)::
+
+    ARTIFACTS/versions/<version>/
+        features/        `cascade build-features` output (skipped when ``features.dir`` names a prebuilt one)
+        retriever/       the retriever run (checkpoints, metrics, export/)
+        ranker/          the ranker run (checkpoints, metrics, export/)
+        evaluation.json  candidate vs published, metric by metric, and the decision
+        bundle/          the serving bundle (`serving.models.write_bundle`), only when the gate passed
+        manifest.json    version, data snapshot, metrics, checksums, code version, stage records
+    ARTIFACTS/published.json   the current version (written atomically) + ARTIFACTS/history.jsonl
+
+Idempotent: a version's stages record their inputs' digest in the manifest; a re-run
+with the same inputs skips finished stages (a crashed run resumes at the stage that
+failed) and re-announces an already published version (servers ignore a version they
+already serve). Changed inputs for an existing version are refused: pick a new version.
+
+The gate evaluates the candidate *and* the published models on the candidate's
+held-out test split (the same rows for both, so data drift cannot pass a regression)
+and refuses to publish when any gated metric is worse than the published one by more
+than its tolerance; the reasons are printed and stored in evaluation.json.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+log = logging.getLogger("cascade.pipeline")
+
+MANIFEST = "manifest.json"
+PUBLISHED = "published.json"
+HISTORY = "history.jsonl"
+STAGES = ("features", "retriever", "ranker", "evaluate", "publish")
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class FeaturesStage:
+    # A prebuilt `cascade build-features` directory to use as is (empty: build into the version directory).
+    dir: str = ""
+    # YAML of features.spark.config.FeatureBuildConfig (empty: its defaults).
+    config: str = ""
+    overrides: tuple[str, ...] = ()
+    spark_master: str = ""  # overrides the build config's spark.master (e.g. "local[2]", "yarn")
+
+
+@dataclass(frozen=True)
+class TrainStage:
+    # YAML files layered in order (dataset config, then an ablation), then `key=value` overrides.
+    configs: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()
+    world_size: int = 1  # local loopback ranks (gloo)
+
+
+@dataclass(frozen=True)
+class GateRule:
+    model: str  # "retriever" | "ranker"
+    metric: str  # a metric the evaluation computes: ranker auc/gauc/logloss, retriever hr@K/ndcg@K/recall@K
+    tolerance: float = 0.0  # largest allowed regression (absolute) vs the published model
+
+    def __post_init__(self) -> None:
+        if self.model not in ("retriever", "ranker"):
+            raise ValueError(f"gate rule model must be 'retriever' or 'ranker', got {self.model!r}")
+        if self.tolerance < 0:
+            raise ValueError(f"gate rule {self.model}.{self.metric}: tolerance must be >= 0, got {self.tolerance}")
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.metric == "logloss"
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    rules: tuple[GateRule, ...] = (
+        GateRule("ranker", "auc", 0.002),
+        GateRule("ranker", "logloss", 0.005),
+        GateRule("retriever", "ndcg@10", 0.002),
+        GateRule("retriever", "recall@100", 0.005),
+    )
+    # With nothing published yet the first version is published when its ranker AUC reaches this.
+    min_auc: float = 0.55
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    announce: bool = True  # send the version on the models topic (servers validate and hot-swap)
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    models_topic: str = "cascade.models"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    dataset: str = ""  # canonical dataset directory (`cascade data import|synth`)
+    artifacts: str = "var/artifacts"
+    features: FeaturesStage = FeaturesStage()
+    retriever: TrainStage = TrainStage(configs=("retrieval/configs/ml-100k.yaml",))
+    ranker: TrainStage = TrainStage(configs=("ranking/configs/ml-100k.yaml",))
+    gate: GateConfig = GateConfig()
+    publish: PublishConfig = PublishConfig()
+
+
+def load_pipeline_config(path: Path | None, overrides: list[str]) -> PipelineConfig:
+    from features.config import load_config
+
+    cfg = load_config(PipelineConfig, path, overrides)
+    if not cfg.dataset and not cfg.features.dir:
+        raise ValueError("dataset is not set: pass dataset=PATH (a canonical dataset directory) or features.dir=PATH")
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16] if path.is_file() else "missing"
+
+
+def code_version() -> str:
+    """The git commit of the running code (with ``-dirty`` for local edits), or the package version."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "-C", str(root), "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return rev + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        from importlib.metadata import version
+
+        return f"cascade {version('cascade')}"
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_published(artifacts: Path) -> dict[str, Any] | None:
+    p = Path(artifacts) / PUBLISHED
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _metrics_line(m: dict[str, float], keys: tuple[str, ...]) -> str:
+    return "  ".join(f"{k} {m[k]:.4f}" for k in keys if k in m)
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+
+class Run:
+    """One pipeline run of one version (see the module docstring)."""
+
+    def __init__(self, cfg: PipelineConfig, version: str, say: Callable[[str], None] = print) -> None:
+        if not version or "/" in version or version.startswith("."):
+            raise ValueError(f"version {version!r} is not a valid directory name")
+        self.cfg = cfg
+        self.version = version
+        self.root = Path(cfg.artifacts)
+        self.dir = self.root / "versions" / version
+        self.say = say
+        self.dir.mkdir(parents=True, exist_ok=True)
+        mpath = self.dir / MANIFEST
+        self.manifest: dict[str, Any] = json.loads(mpath.read_text()) if mpath.is_file() else {
+            "version": version, "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "stages": {},
+        }
+        self.manifest["code_version"] = code_version()
+        self.manifest["config"] = _config_dict(cfg)
+
+    # -- bookkeeping
+    def _save(self) -> None:
+        _write_json_atomic(self.dir / MANIFEST, self.manifest)
+
+    def _done(self, stage: str, inputs: str) -> dict[str, Any] | None:
+        rec = self.manifest["stages"].get(stage)
+        if rec and rec.get("status") == "done":
+            if rec.get("inputs") != inputs:
+                raise ValueError(
+                    f"version {self.version}: stage {stage} already ran with other inputs ({rec.get('inputs')} != "
+                    f"{inputs}); versions are immutable — run with a new --version")
+            return rec
+        return None
+
+    def _stage(self, stage: str, inputs: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        i = STAGES.index(stage) + 1
+        rec = self._done(stage, inputs)
+        if rec is not None:
+            self.say(f"[{i}/{len(STAGES)}] {stage:<10} done earlier ({rec['seconds']:.0f}s), skipped")
+            return rec
+        self.say(f"[{i}/{len(STAGES)}] {stage:<10} ...")
+        t0 = time.perf_counter()
+        self.manifest["stages"][stage] = {"status": "running", "inputs": inputs}
+        self._save()
+        try:
+            out = fn()
+        except BaseException as e:
+            self.manifest["stages"][stage] = {"status": "failed", "inputs": inputs, "error": f"{type(e).__name__}: {e}"}
+            self._save()
+            raise
+        rec = {"status": "done", "inputs": inputs, "seconds": round(time.perf_counter() - t0, 1), **out}
+        self.manifest["stages"][stage] = rec
+        self._save()
+        self.say(f"[{i}/{len(STAGES)}] {stage:<10} done in {rec['seconds']:.0f}s")
+        return rec
+
+    # -- stages
+    def features(self) -> dict[str, Any]:
+        fc = self.cfg.features
+        if fc.dir:
+            fdir = Path(fc.dir)
+            inputs = _digest({"dir": str(fdir.resolve()), "manifest": _file_digest(fdir / "manifest.json")})
+            return self._stage("features", inputs, lambda: self._prebuilt(fdir))
+        dataset = Path(self.cfg.dataset)
+        inputs = _digest({"dataset": _file_digest(dataset / "manifest.json"), "config": fc.config,
+                          "config_file": _file_digest(config_path(fc.config)) if fc.config else "",
+                          "overrides": fc.overrides})
+        return self._stage("features", inputs, lambda: self._build_features(dataset))
+
+    def _prebuilt(self, fdir: Path) -> dict[str, Any]:
+        if not (fdir / "manifest.json").is_file():
+            raise FileNotFoundError(f"features.dir {fdir} has no manifest.json: is it a `cascade build-features` output?")
+        return {"dir": str(fdir), **_snapshot(fdir)}
+
+    def _build_features(self, dataset: Path) -> dict[str, Any]:
+        from features.config import load_config
+        from features.spark.config import FeatureBuildConfig
+        from features.spark.pipeline import build_features
+        from features.spark.session import build_session
+
+        fc = self.cfg.features
+        bcfg = load_config(FeatureBuildConfig, config_path(fc.config) if fc.config else None, list(fc.overrides))
+        out = self.dir / "features"
+        scfg = bcfg.spark if not fc.spark_master else dataclasses.replace(bcfg.spark, master=fc.spark_master)
+        session = build_session(scfg)
+        try:
+            build_features(session.spark, dataset, out, bcfg, overwrite=True,
+                           progress=lambda name, i, n, what, secs, rows: self.say(
+                               f"    features {i}/{n} {name:<18} {what}" + (f" {secs:.1f}s" if what == "done" else "")))
+        finally:
+            session.stop()
+        return {"dir": str(out), **_snapshot(out)}
+
+    def retriever(self, fdir: Path) -> dict[str, Any]:
+        tc = self.cfg.retriever
+        inputs = _digest({"features": _file_digest(fdir / "manifest.json"), "configs": tc.configs,
+                          "files": [_file_digest(config_path(c)) for c in tc.configs], "overrides": tc.overrides,
+                          "world": tc.world_size})
+        return self._stage("retriever", inputs, lambda: train_retriever_stage(tc, fdir, self.dir / "retriever"))
+
+    def ranker(self, fdir: Path) -> dict[str, Any]:
+        tc = self.cfg.ranker
+        inputs = _digest({"features": _file_digest(fdir / "manifest.json"), "configs": tc.configs,
+                          "files": [_file_digest(config_path(c)) for c in tc.configs], "overrides": tc.overrides,
+                          "world": tc.world_size})
+        return self._stage("ranker", inputs, lambda: train_ranker_stage(tc, fdir, self.dir / "ranker"))
+
+    def evaluate(self, fdir: Path, retr: dict[str, Any], rank: dict[str, Any]) -> dict[str, Any]:
+        published = read_published(self.root)
+        base = published if published and published["version"] != self.version else None
+        inputs = _digest({"retriever": retr["inputs"], "ranker": rank["inputs"],
+                          "published": base["checksum"] if base else None, "gate": _config_dict(self.cfg.gate)})
+        return self._stage("evaluate", inputs, lambda: self._gate(fdir, retr, rank, base))
+
+    def _gate(self, fdir: Path, retr: dict[str, Any], rank: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
+        from jobs.gate import evaluate_bundle_parts, gate_decision
+
+        self.say("    evaluating the candidate on its test split ...")
+        cand = evaluate_bundle_parts(Path(retr["export"]), Path(rank["export"]), fdir)
+        old = None
+        if base is not None:
+            bdir = Path(base["bundle"])
+            self.say(f"    evaluating the published {base['version']} on the same split ...")
+            old = evaluate_bundle_parts(bdir / "retriever", bdir / "ranker", fdir)
+        decision = gate_decision(self.cfg.gate, cand, old, base["version"] if base else None)
+        report = {"candidate": cand, "published": old, "published_version": base["version"] if base else None,
+                  **decision}
+        _write_json_atomic(self.dir / "evaluation.json", report)
+        for model in ("retriever", "ranker"):
+            c = cand[model]
+            o = old[model] if old else {}
+            keys = tuple(k for k in c if k != "n")
+            self.say(f"    {model:<9} candidate  {_metrics_line(c, keys)}")
+            if o:
+                self.say(f"    {model:<9} published  {_metrics_line(o, keys)}")
+        verdict = "PASS" if decision["passed"] else "FAIL"
+        self.say(f"    gate {verdict}: " + "; ".join(decision["reasons"]))
+        return {"passed": decision["passed"], "reasons": decision["reasons"], "metrics": cand,
+                "published_metrics": old, "published_version": report["published_version"]}
+
+    def publish(self, fdir: Path, retr: dict[str, Any], rank: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
+        if not ev["passed"]:
+            return {"published": False}
+        inputs = _digest({"evaluate": ev["inputs"]})
+        return self._stage("publish", inputs, lambda: self._publish(fdir, retr, rank, ev))
+
+    def _publish(self, fdir: Path, retr: dict[str, Any], rank: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
+        from serving.models import write_bundle
+
+        fman = json.loads((fdir / "manifest.json").read_text())
+        bundle = self.dir / "bundle"
+        if bundle.exists():  # a crash between write_bundle and the pointer update: rebuild it
+            shutil.rmtree(bundle)
+        checksum = write_bundle(
+            bundle, self.version, ("retrieval.export", Path(retr["export"])), ("ranking.export", Path(rank["export"])),
+            {"config": fman["config"], "dense": fman["dense"]},
+            extra={"metrics": ev["metrics"], "data": self.manifest["stages"]["features"].get("snapshot"),
+                   "code_version": self.manifest["code_version"]})
+        pointer = {"version": self.version, "bundle": str(bundle.resolve()), "checksum": checksum,
+                   "published_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                   "metrics": ev["metrics"]}
+        _write_json_atomic(self.root / PUBLISHED, pointer)
+        with open(self.root / HISTORY, "a") as f:
+            f.write(json.dumps(pointer, sort_keys=True) + "\n")
+        return {"published": True, "bundle": str(bundle.resolve()), "checksum": checksum}
+
+    def announce(self, pub: dict[str, Any]) -> None:
+        pc = self.cfg.publish
+        if not pc.announce:
+            self.say("    announce: off (publish.announce=false)")
+            return
+        from serving.models import announce_bundle
+
+        ann = announce_bundle(Path(pub["bundle"]), pc.kafka_bootstrap, pc.models_topic)
+        self.say(f"    announced {ann.version} on {pc.models_topic} ({pc.kafka_bootstrap})")
+
+
+def _snapshot(fdir: Path) -> dict[str, Any]:
+    m = json.loads((fdir / "manifest.json").read_text())
+    inp = m.get("input", {})
+    return {"snapshot": {"features_manifest_sha256": _file_digest(fdir / "manifest.json"),
+                         "dataset": inp.get("dataset"), "time_range": inp.get("time_range"),
+                         "tables": inp.get("tables"), "feature_set_version": m.get("feature_set_version")}}
+
+
+def config_path(p: str) -> Path:
+    """A config file path as given, or relative to the repository/package root (CronJobs run from anywhere)."""
+    path = Path(p)
+    if path.is_absolute() or path.exists():
+        return path
+    alt = Path(__file__).resolve().parent.parent / p
+    if alt.exists():
+        return alt
+    raise FileNotFoundError(f"config file {p} does not exist (relative to {Path.cwd()} or the cascade source)")
+
+
+def _config_dict(cfg: Any) -> Any:
+    from features.config import to_dict
+
+    return to_dict(cfg)
+
+
+def train_retriever_stage(tc: TrainStage, fdir: Path, out: Path) -> dict[str, Any]:
+    from features.config import dump_config, load_config
+    from features.train.launch import run_distributed
+    from jobs.train_retriever import _worker, export_run
+    from retrieval.config import RetrieverConfig
+
+    cfg = None
+    for c in tc.configs:
+        cfg = load_config(RetrieverConfig, config_path(c), base=cfg)
+    cfg = load_config(RetrieverConfig, None, list(tc.overrides), base=cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    res = run_distributed(_worker, tc.world_size, cfg, fdir, out, False, True,
+                          threads_per_rank=max(1, (os.cpu_count() or 1) // tc.world_size))[0]
+    manifest = export_run(cfg, fdir, out)
+    return {"export": str(out / "export"), "test": res.test, "valid": res.best_valid, "best_epoch": res.best_epoch,
+            "ann": {k: v for k, v in manifest["ann"].items() if k.startswith("recall")}}
+
+
+def train_ranker_stage(tc: TrainStage, fdir: Path, out: Path) -> dict[str, Any]:
+    from features.config import dump_config
+    from features.train.launch import run_distributed
+    from jobs.train_ranker import _worker, load_ranker_config
+
+    cfg = load_ranker_config([config_path(c) for c in tc.configs], [*tc.overrides, f"data.features_dir={fdir}"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.yaml").write_text(dump_config(cfg))
+    res = run_distributed(_worker, tc.world_size, cfg, str(out), False, True)[0]
+    if not res["export_dir"]:
+        raise RuntimeError(f"the ranker run in {out} did not export a model")
+    return {"export": str(res["export_dir"]), "test": res["test"], "valid": res["best_valid"],
+            "best_epoch": res["best_epoch"]}
+
+
+@dataclass
+class PipelineResult:
+    version: str
+    passed: bool
+    published: bool
+    reasons: list[str] = field(default_factory=list)
+    bundle: str | None = None
+    seconds: float = 0.0
+
+
+def run_pipeline(cfg: PipelineConfig, version: str, say: Callable[[str], None] = print) -> PipelineResult:
+    """Runs (or resumes) every stage of `version`; see the module docstring."""
+    t0 = time.perf_counter()
+    run = Run(cfg, version, say)
+    say(f"pipeline     version {version} -> {run.dir}   (code {run.manifest['code_version']})")
+    feat = run.features()
+    fdir = Path(feat["dir"])
+    retr = run.retriever(fdir)
+    rank = run.ranker(fdir)
+    ev = run.evaluate(fdir, retr, rank)
+    pub = run.publish(fdir, retr, rank, ev)
+    if pub.get("published"):
+        run.announce(pub)
+    else:
+        say(f"[5/5] publish    refused: version {version} is not published (see {run.dir / 'evaluation.json'})")
+    return PipelineResult(version, ev["passed"], bool(pub.get("published")), list(ev["reasons"]), pub.get("bundle"),
+                          time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------- backfill
+
+
+@dataclass(frozen=True)
+class BackfillSummary:
+    users: int
+    events: int
+    signatures: bool
+    as_of_ms: int
+    seconds: float
+
+
+def _day_ms(day: str, where: str) -> int:
+    try:
+        d = dt.date.fromisoformat(day)
+    except ValueError:
+        raise ValueError(f"{where}: {day!r} is not a date (YYYY-MM-DD)") from None
+    return int(dt.datetime(d.year, d.month, d.day, tzinfo=dt.timezone.utc).timestamp() * 1000)
+
+
+def backfill(dataset: Path, bundle_dir: Path | None, redis_url: str, start: str, end: str,
+             serving_overrides: tuple[str, ...] = (), say: Callable[[str], None] = print) -> BackfillSummary:
+    """Rebuilds the online state of every user with events in [start, end) as of `end`.
+
+    After a schema change (sequence layout, hashing) or a model change (SDIM
+    hyperplanes) the users' Redis records — sequences, counters, SDIM signatures
+    — are recomputed from the canonical events with the *current* code and the
+    given bundle, through the same `serving.bootstrap` fold the server uses.
+    Users without events in the range keep their records.
+    """
+    import numpy as np
+    import pyarrow.compute as pc
+
+    from features.datasets.common import read_table
+    from serving.app import load_serving_config
+    from serving.bootstrap import build_records
+    from serving.catalog import load_catalog
+    from serving.lifecycle import ModelManager
+    from serving.metrics import ServingMetrics
+    from serving.models import MANIFEST, ModelHolder, sha256_file
+    from serving.runtime import CatalogRef
+    from serving.state.redis_store import RedisOnlineStore
+
+    t0 = time.perf_counter()
+    lo, hi = _day_ms(start, "--start"), _day_ms(end, "--end")
+    if hi <= lo:
+        raise ValueError(f"--end {end} must be after --start {start}")
+    cfg = load_serving_config(None, [f"redis.url={redis_url}", *serving_overrides])
+    catalog = load_catalog(dataset)
+    bundle = None
+    if bundle_dir is not None:
+        version = json.loads((bundle_dir / MANIFEST).read_text())["version"]
+        bundle = ModelManager(ModelHolder(), CatalogRef(catalog), cfg.state, cfg.models, ServingMetrics()).load(
+            bundle_dir, version, sha256_file(bundle_dir / MANIFEST))
+    ev = read_table(dataset, "events", ["user_id", "ts_ms"])
+    ts = ev.column("ts_ms")
+    in_range = pc.and_(pc.greater_equal(ts, lo), pc.less(ts, hi))
+    users = np.unique(ev.column("user_id").filter(in_range).to_numpy())
+    say(f"backfill     {len(users):,} users with events in [{start}, {end}) -> {redis_url} "
+        f"({'with SDIM signatures of ' + bundle.version if bundle is not None and bundle.sig_spec else 'no signatures'})")
+    if len(users) == 0:
+        return BackfillSummary(0, 0, False, hi, time.perf_counter() - t0)
+    records, _, _, s = build_records(dataset, cfg.state, catalog, hi, bundle, user_ids=users)
+    store = RedisOnlineStore(cfg.redis)
+    try:
+        store.put_users(records)
+    finally:
+        store.close()
+    return BackfillSummary(len(records), int(s["events"]), bool(bundle is not None and bundle.sig_spec), hi,
+                           time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pipeline", help="the scheduled pipeline: features -> train -> evaluate/gate -> publish")
+    psub = p.add_subparsers(dest="pipeline_command", metavar="SUBCOMMAND", required=True)
+    r = psub.add_parser("run", help="run (or resume) one version of the pipeline")
+    r.add_argument("--config", type=Path, default=None, help="YAML of jobs.pipeline.PipelineConfig")
+    r.add_argument("--date", default=None, help="the day this run is for (YYYY-MM-DD, default today, UTC)")
+    r.add_argument("--version", default=None, help="version name (default: the date)")
+    r.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. ranker.world_size=2")
+    r.set_defaults(func=_run)
+    s = psub.add_parser("status", help="published version and the versions under an artifacts directory")
+    s.add_argument("--artifacts", type=Path, default=Path("var/artifacts"))
+    s.set_defaults(func=_status)
+    b = psub.add_parser("backfill", help="rebuild users' online state (sequences, SDIM signatures) for a date range")
+    b.add_argument("--dataset", type=Path, required=True, help="canonical dataset directory (events/)")
+    b.add_argument("--start", required=True, help="first day (YYYY-MM-DD, UTC)")
+    b.add_argument("--end", required=True, help="day after the last (YYYY-MM-DD, UTC)")
+    b.add_argument("--bundle", type=Path, default=None,
+                   help="model bundle for SDIM signatures (default: the published one under --artifacts)")
+    b.add_argument("--artifacts", type=Path, default=Path("var/artifacts"))
+    b.add_argument("--redis", default=os.environ.get("CASCADE_REDIS_URL", "redis://127.0.0.1:6379/0"))
+    b.set_defaults(func=_backfill)
+
+
+def _run(args: argparse.Namespace) -> int:
+    cfg = load_pipeline_config(args.config, args.overrides)
+    day = args.date or dt.datetime.now(dt.timezone.utc).date().isoformat()
+    _day_ms(day, "--date")
+    res = run_pipeline(cfg, args.version or day)
+    print()
+    print(f"version      {res.version}   gate {'passed' if res.passed else 'FAILED'}   "
+          f"published {'yes' if res.published else 'no'}   {res.seconds:.0f}s")
+    for reason in res.reasons:
+        print(f"  - {reason}")
+    if res.bundle:
+        print(f"bundle       {res.bundle}")
+    return 0 if res.passed else 3
+
+
+def _status(args: argparse.Namespace) -> int:
+    pub = read_published(args.artifacts)
+    print(f"published    {pub['version'] + '  ' + pub['bundle'] if pub else '(none)'}")
+    vdir = args.artifacts / "versions"
+    for d in sorted(vdir.iterdir()) if vdir.is_dir() else []:
+        m = json.loads((d / MANIFEST).read_text()) if (d / MANIFEST).is_file() else {"stages": {}}
+        st = " ".join(f"{k}:{v.get('status')}" for k, v in m["stages"].items())
+        ev = m["stages"].get("evaluate", {})
+        gate = "" if "passed" not in ev else ("  gate passed" if ev["passed"] else "  gate FAILED")
+        print(f"  {d.name:<24} {st}{gate}")
+    return 0
+
+
+def _backfill(args: argparse.Namespace) -> int:
+    bundle = args.bundle
+    if bundle is None:
+        pub = read_published(args.artifacts)
+        bundle = Path(pub["bundle"]) if pub else None
+    s = backfill(args.dataset, bundle, args.redis, args.start, args.end)
+    print(f"backfill     {s.users:,} users rebuilt from {s.events:,} events as of {s.as_of_ms} "
+          f"(signatures {'recomputed' if s.signatures else 'not stored'}) in {s.seconds:.1f}s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from jobs.cli import main as cli_main
+
+    return cli_main(["pipeline", *(argv if argv is not None else sys.argv[1:])])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
