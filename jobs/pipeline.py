@@ -268,19 +268,14 @@ class Run:
             session.stop()
         return {"dir": str(out), **_snapshot(out)}
 
-    def retriever(self, fdir: Path) -> dict[str, Any]:
-        tc = self.cfg.retriever
+    def train(self, model: str, fdir: Path) -> dict[str, Any]:
+        """The "retriever" or "ranker" stage: train on `fdir` into VERSION/<model>/ and export."""
+        tc: TrainStage = getattr(self.cfg, model)
         inputs = _digest({"features": _file_digest(fdir / "manifest.json"), "configs": tc.configs,
                           "files": [_file_digest(config_path(c)) for c in tc.configs], "overrides": tc.overrides,
                           "world": tc.world_size})
-        return self._stage("retriever", inputs, lambda: train_retriever_stage(tc, fdir, self.dir / "retriever"))
-
-    def ranker(self, fdir: Path) -> dict[str, Any]:
-        tc = self.cfg.ranker
-        inputs = _digest({"features": _file_digest(fdir / "manifest.json"), "configs": tc.configs,
-                          "files": [_file_digest(config_path(c)) for c in tc.configs], "overrides": tc.overrides,
-                          "world": tc.world_size})
-        return self._stage("ranker", inputs, lambda: train_ranker_stage(tc, fdir, self.dir / "ranker"))
+        fn = train_retriever_stage if model == "retriever" else train_ranker_stage
+        return self._stage(model, inputs, lambda: fn(tc, fdir, self.dir / model))
 
     def evaluate(self, fdir: Path, retr: dict[str, Any], rank: dict[str, Any]) -> dict[str, Any]:
         published = read_published(self.root)
@@ -428,8 +423,8 @@ def run_pipeline(cfg: PipelineConfig, version: str, say: Callable[[str], None] =
     say(f"pipeline     version {version} -> {run.dir}   (code {run.manifest['code_version']})")
     feat = run.features()
     fdir = Path(feat["dir"])
-    retr = run.retriever(fdir)
-    rank = run.ranker(fdir)
+    retr = run.train("retriever", fdir)
+    rank = run.train("ranker", fdir)
     ev = run.evaluate(fdir, retr, rank)
     pub = run.publish(fdir, retr, rank, ev)
     if pub.get("published"):

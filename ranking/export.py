@@ -14,7 +14,6 @@ one process (`export_from_checkpoint`; DCP reshards any world size to 1).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -23,6 +22,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from features.config import ConfigError, from_mapping, to_dict
+from features.datasets.common import sha256_file
 from ranking.config import LossConfig, ModelConfig
 from ranking.inference import RankerInference, make_inference
 from ranking.model import RankerModel
@@ -37,13 +37,6 @@ MANIFEST = "manifest.json"
 class RankerExportError(ValueError):
     """An export directory is missing a file, fails its checksum or does not match the code."""
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def export_ranker(model: RankerModel, out_dir: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
@@ -65,7 +58,7 @@ def export_ranker(model: RankerModel, out_dir: str | Path, metadata: Mapping[str
     (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     torch.save(state, out / WEIGHTS)
-    manifest = {"format": FORMAT, "files": {name: _sha256(out / name) for name in (CONFIG, WEIGHTS)}}
+    manifest = {"format": FORMAT, "files": {name: sha256_file(out / name) for name in (CONFIG, WEIGHTS)}}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return out
 
@@ -102,7 +95,7 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
         f = root / name
         if not f.is_file():
             raise RankerExportError(f"{f} is listed in the manifest but missing")
-        got = _sha256(f)
+        got = sha256_file(f)
         if got != files[name]:
             raise RankerExportError(f"{f}: sha256 {got}, the manifest says {files[name]}")
     return json.loads((root / CONFIG).read_text())

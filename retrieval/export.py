@@ -20,7 +20,6 @@ unsharded model at world size 1 (`load_unsharded`), whatever world size wrote it
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 
 from features.config import from_mapping, to_dict
+from features.datasets.common import sha256_file
 from features.hashing import HASH_SPEC_VERSION
 from features.schema import SCHEMA_VERSION
 from features.train.checkpoint import load_checkpoint
@@ -58,13 +58,6 @@ def load_unsharded(checkpoint: Path, cfg: RetrieverConfig) -> TwoTowerRetriever:
     load_checkpoint(Path(checkpoint), task, None, restore_rng=False)
     return task.model.eval()
 
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _feature_tables(model: TwoTowerRetriever) -> dict[str, str]:
@@ -135,7 +128,7 @@ def export_retriever(
     manifest = {
         "format": EXPORT_FORMAT, "loader": LOADER,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "files": {name: _sha256(out / name) for name in FILES},
+        "files": {name: sha256_file(out / name) for name in FILES},
         "ann": ann, **dict(extra or {}),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -159,7 +152,7 @@ def load_retriever(path: Path | str) -> RetrieverInference:
         f = path / name
         if want is None or not f.is_file():
             raise ExportError(f"{path}: {name} is missing from the export or its manifest")
-        if _sha256(f) != want:
+        if sha256_file(f) != want:
             raise ExportError(f"{f}: sha256 does not match the manifest (corrupted or modified)")
     config = json.loads((path / "config.json").read_text())
     mcfg = from_mapping(ModelConfig, config["model"], "model")

@@ -40,6 +40,7 @@ import numpy as np
 import torch
 
 from features.batch import Batch
+from features.datasets.common import sha256_file
 from features.hashing import HASH_SPEC_VERSION
 from features.schema import SCHEMA_VERSION
 from features.transforms import DenseLayout, StatsConfig
@@ -111,14 +112,6 @@ RANKER_LOADERS: dict[str, Loader] = {
     "serving.standin": _standin("ranker"),
     "ranking.export": _lazy("ranking.export", "load_ranker"),
 }
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def write_bundle(out: Path, version: str, retriever: tuple[str, Path], ranker: tuple[str, Path],

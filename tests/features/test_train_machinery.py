@@ -101,3 +101,34 @@ def test_unknown_table_in_constraints_is_named(tmp_path):
 def test_bad_sharding_type_is_rejected():
     with pytest.raises(ValueError, match="allowed"):
         ShardingConfig(constraints={"item": ("diagonal",)})
+
+
+def _abort_once(rank: int, world_size: int, marker: str) -> int:
+    """Rank 1 dies by SIGABRT the first time (as a crashed C++ thread would), then succeeds."""
+    import os
+    from pathlib import Path
+
+    if rank == 1 and not Path(marker).exists():
+        Path(marker).touch()
+        os.abort()
+    return rank * 10
+
+
+def _raise(rank: int, world_size: int) -> int:
+    raise RuntimeError(f"rank {rank} failed")
+
+
+def test_a_group_with_a_signal_killed_rank_is_restarted_once(tmp_path):
+    from features.train.launch import run_distributed
+
+    assert run_distributed(_abort_once, 2, str(tmp_path / "aborted")) == [0, 10]
+    assert (tmp_path / "aborted").exists()
+
+
+def test_a_python_exception_in_a_rank_is_not_retried():
+    import torch.multiprocessing as mp
+
+    from features.train.launch import run_distributed
+
+    with pytest.raises(mp.ProcessRaisedException, match="failed"):
+        run_distributed(_raise, 2, max_restarts=3)
