@@ -21,8 +21,9 @@ Artifacts (`ARTIFACTS` = ``artifacts`` of the config)::
 
 Idempotent: a version's stages record their inputs' digest in the manifest; a re-run
 with the same inputs skips finished stages (a crashed run resumes at the stage that
-failed) and re-announces an already published version (servers ignore a version they
-already serve). Changed inputs for an existing version are refused: pick a new version.
+failed); a published version is announced once (a run whose announcement failed, e.g.
+Kafka was down, announces on the re-run). Changed inputs for an existing version are
+refused: pick a new version.
 
 The gate evaluates the candidate *and* the published models on the candidate's
 held-out test split (the same rows for both, so data drift cannot pass a regression)
@@ -344,6 +345,9 @@ class Run:
         from serving.models import announce_bundle
 
         ann = announce_bundle(Path(pub["bundle"]), pc.kafka_bootstrap, pc.models_topic)
+        self.manifest["stages"]["publish"]["announced"] = {"topic": pc.models_topic, "bootstrap": pc.kafka_bootstrap,
+                                                           "checksum": ann.checksum}
+        self._save()
         self.say(f"    announced {ann.version} on {pc.models_topic} ({pc.kafka_bootstrap})")
 
 
@@ -427,8 +431,10 @@ def run_pipeline(cfg: PipelineConfig, version: str, say: Callable[[str], None] =
     rank = run.train("ranker", fdir)
     ev = run.evaluate(fdir, retr, rank)
     pub = run.publish(fdir, retr, rank, ev)
-    if pub.get("published"):
+    if pub.get("published") and not pub.get("announced"):
         run.announce(pub)
+    elif pub.get("published"):
+        say(f"    announced earlier on {pub['announced']['topic']}")
     else:
         say(f"[5/5] publish    refused: version {version} is not published (see {run.dir / 'evaluation.json'})")
     return PipelineResult(version, ev["passed"], bool(pub.get("published")), list(ev["reasons"]), pub.get("bundle"),
