@@ -52,11 +52,11 @@ class EventType(enum.IntEnum):
 
     @classmethod
     def parse(cls, name: str) -> "EventType":
-        try:
-            return cls[name.upper()]
-        except KeyError:
+        """The type named exactly (lower case, as stored and as Spark matches it): "click", never "CLICK"."""
+        if not isinstance(name, str) or name != name.lower() or name.upper() not in cls.__members__:
             known = ", ".join(e.name.lower() for e in cls)
-            raise ValueError(f"event_type {name!r} is not one of: {known}") from None
+            raise ValueError(f"event_type {name!r} is not one of: {known}")
+        return cls[name.upper()]
 
 
 EVENT_TYPE_NAMES: tuple[str, ...] = tuple(e.name.lower() for e in EventType)
@@ -204,9 +204,9 @@ def validate_event(e: Event) -> Event:
     for name in ("label", "value"):
         v = getattr(e, name)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise SchemaError(f"event.{name} must be a number, got {type(v).__name__} {v!r}")
-    if math.isnan(e.label) or math.isinf(e.label):
-        raise SchemaError(f"event.label must be finite, got {e.label}")
+            raise SchemaError(f"event.{name} must be a number, got {type(v).__name__} {str(v)[:40]}")
+    if isinstance(e.label, int) and not -1e308 < e.label < 1e308 or math.isnan(e.label) or math.isinf(e.label):
+        raise SchemaError(f"event.label must be finite, got {str(e.label)[:40]}")
     _require_str_map("event", "context", e.context)
     return e
 

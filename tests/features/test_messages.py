@@ -29,7 +29,9 @@ def test_bad_event_messages_carry_a_reason(raw, reason):
 def test_item_and_model_messages():
     it = Item(5, "t", ("c",), (), {}, {})
     assert decode_item(encode_item(it)).categories == ("c",)
-    m = ModelAnnouncement("v1", "file:///x", "abc")
+    m = ModelAnnouncement("v1", "file:///x", "ab" * 32)
     assert ModelAnnouncement.decode(m.encode()) == m
     with pytest.raises(MessageError, match="model.checksum"):
         ModelAnnouncement.decode(b'{"version":"v","uri":"u","checksum":""}')
+    with pytest.raises(MessageError, match="model.checksum must be the manifest's sha256"):
+        ModelAnnouncement.decode(b'{"version":"v","uri":"u","checksum":"abc"}')
