@@ -166,7 +166,15 @@ class HeadsConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The whole model. user_dense_dim / candidate_dense_dim: -1 = take them from the data."""
+    """The whole model. user_dense_dim / candidate_dense_dim: -1 = take them from the data.
+
+    residual_column: the second-stage mode. When >= 0, column `residual_column` of
+        `candidate_dense` holds the first stage's logit for the candidate (the
+        retriever's score over its temperature) and the main task's logit is
+        that value plus the model's output, whose last layer starts at zero: an
+        untrained ranker reproduces the retriever's order and its softmax, and
+        training learns only the correction. -1: a plain CTR ranker.
+    """
 
     embedding: EmbeddingArchConfig = EmbeddingArchConfig()
     sequence: SequenceArchConfig = SequenceArchConfig()
@@ -175,11 +183,17 @@ class ModelConfig:
     user_dense_dim: int = -1
     candidate_dense_dim: int = -1
     bf16_mlp: bool = True  # experts and heads under bf16 autocast (about 2x on AVX-512 BF16 CPUs)
+    residual_column: int = -1
 
     def __post_init__(self) -> None:
         if self.sequence.short_len == 0 and self.moe.num_experts > 1:
             raise ValueError("moe.num_experts > 1 needs the short-term sequence (sequence.short_len > 0): "
                              "the AW-MoE gate attends over it")
+        if self.residual_column < -1:
+            raise ValueError(f"residual_column must be -1 (off) or a candidate_dense column, got {self.residual_column}")
+        if self.resolved and self.residual_column >= self.candidate_dense_dim:
+            raise ValueError(f"residual_column {self.residual_column} is not a candidate_dense column "
+                             f"(the data has {self.candidate_dense_dim})")
 
     @property
     def resolved(self) -> bool:
@@ -190,6 +204,11 @@ class ModelConfig:
 class LossConfig:
     """BCE per task (weighted by the samples' weights) + the AW-MoE contrastive gate loss.
 
+    kind: "pointwise" = BCE on every task; "listwise" = the main task is trained
+        with a softmax cross-entropy over each request's candidate list (the
+        retriever's top-N; the labels of a list are the target distribution,
+        lists without a positive are left out), the other tasks keep BCE.
+
     contrastive_weight: lambda of the InfoNCE loss between the gate outputs of two
         randomly masked views of the short-term sequence (each behavior dropped
         with `mask_prob`); 0 turns it off. Needs moe.num_experts > 1.
@@ -198,6 +217,7 @@ class LossConfig:
     """
 
     task_weights: tuple[float, ...] = ()  # () = 1 for every task
+    kind: Literal["pointwise", "listwise"] = "pointwise"
     contrastive_weight: float = 0.0
     contrastive_temperature: float = 0.2
     mask_prob: float = 0.3
@@ -214,6 +234,8 @@ class LossConfig:
             raise ValueError(f"loss.mask_prob must be in (0, 1), got {self.mask_prob}")
         if any(w < 0 for w in self.task_weights):
             raise ValueError(f"loss.task_weights must be >= 0, got {list(self.task_weights)}")
+        if self.kind not in ("pointwise", "listwise"):
+            raise ValueError(f"loss.kind must be pointwise or listwise, got {self.kind!r}")
 
 
 @dataclass(frozen=True)
@@ -243,7 +265,10 @@ class DataConfig:
 class TrainConfig:
     """The loop: epochs, optimizers (fused row-wise Adagrad for tables, AdamW dense), checkpoints.
 
-    select_metric: the valid metric that picks the best epoch (its test metrics are reported).
+    select_metric: the valid metric that picks the best epoch (its test metrics are reported);
+        "hr@10" / "ndcg@10" rank each request's list (listwise second stage: the
+        target's position among the retrieved candidates, a miss when the
+        retriever did not retrieve it).
     max_steps_per_epoch: 0 = a full pass over the training split.
     """
 
@@ -252,7 +277,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     sharding: ShardingConfig = field(default_factory=lambda: ShardingConfig(embedding_lr=0.05))
     seed: int = 0
-    select_metric: Literal["auc", "gauc", "logloss"] = "auc"
+    select_metric: Literal["auc", "gauc", "logloss", "hr@10", "ndcg@10"] = "auc"
     max_steps_per_epoch: int = 0
     max_minutes: float = 0.0  # 0 = no time budget
     log_every: int = 50

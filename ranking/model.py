@@ -6,6 +6,8 @@
     x        = [user, candidate, candidate attrs, short, short*c, long, long*c, user dense, candidate dense, log1p(len)]
     gate     = attention-pooled gate unit + W_b [c, user]    (AW-MoE; none with one expert)
     logits   = heads(mixture of experts(x))                  (N, T)
+    logits[:, 0] += candidate_dense[:, residual_column]     second stage only: the retriever's logit, the
+                                                             heads starting at zero (an untrained ranker = the retriever)
 
 Plain TorchRec modules only; `features.train.sharding.shard_model` wraps the
 train task (ranking.task) from outside. `forward(batch)` always returns a
@@ -46,6 +48,7 @@ class RankerFeatures(NamedTuple):
     gate_attended: torch.Tensor  # (N, T*E) the attention-pooled gate unit logits; (N, 0) without a gate
     short: JaggedSequence | None  # the short-term sequence (for masked gate views)
     gate_values: torch.Tensor | None  # (S, T*E) per-behavior gate unit logits of the short-term sequence
+    base: torch.Tensor | None = None  # (N,) the first stage's logit (second-stage mode), else None
 
 
 class RankerModel(nn.Module):
@@ -73,6 +76,8 @@ class RankerModel(nn.Module):
         base_dim = d + self.embedding.user_pooled_dim + cfg.user_dense_dim
         self.moe = AWMoEArch(cfg.moe, in_dim, d, base_dim, len(cfg.heads.tasks), cfg.bf16_mlp)
         self.heads = TaskHeads(cfg.heads, self.moe.out_dim)
+        if cfg.residual_column >= 0:
+            self.heads.zero_()  # the correction starts at exactly zero
 
     def encode(self, batch: Batch) -> RankerFeatures:
         s = self.cfg.sequence
@@ -104,7 +109,8 @@ class RankerModel(nn.Module):
             gate_base = self.moe.gate_base(torch.cat([c, user_pooled, user_dense], dim=1))
         else:
             gate_base = c.new_zeros(n, 0)
-        return RankerFeatures(x, gate_base, gate_attended, short, gate_values)
+        base = batch.candidate_dense[:, self.cfg.residual_column] if self.cfg.residual_column >= 0 else None
+        return RankerFeatures(x, gate_base, gate_attended, short, gate_values, base)
 
     def gate_logits(self, f: RankerFeatures, keep: torch.Tensor | None = None) -> torch.Tensor:
         """(N, T*E) gate logits; with `keep` (S,) bool, on the short-term sequence without the dropped behaviors."""
@@ -116,6 +122,8 @@ class RankerModel(nn.Module):
     def score(self, f: RankerFeatures) -> RankerOutput:
         gate = self.gate_logits(f)
         logits = self.heads(self.moe(f.x, gate))  # (N, T)
+        if f.base is not None:
+            logits = torch.cat([logits[:, :1] + f.base[:, None], logits[:, 1:]], dim=1)
         return RankerOutput(logits, gate)
 
     def forward(self, batch: Batch) -> RankerOutput:

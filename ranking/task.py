@@ -2,6 +2,12 @@
 
     loss = sum_t w_t * BCE(logits_t, labels_t; sample weights)  +  lambda * InfoNCE(gate view 1, gate view 2)
 
+or, with `loss.kind = listwise` (the second stage over the retriever's lists), the main task's term is
+
+    - mean over requests r with a positive of  sum_{c in r} y_c / sum(y_r) * log softmax_{c' in r}(logit_c')_c
+
+(softmax cross-entropy over each request's candidates; the other tasks keep BCE).
+
 The contrastive term is AW-MoE's auxiliary loss (Gong et al. 2023): each
 behavior of the short-term sequence is dropped with probability p, twice
 independently, and the two views' gate outputs of the same sample are pulled
@@ -32,7 +38,7 @@ from ranking.model import RankerModel
 
 class TrainOutput(NamedTuple):
     logits: torch.Tensor  # (N, T), detached
-    bce: torch.Tensor  # scalar, detached
+    bce: torch.Tensor  # scalar, detached: the supervised term (BCE, or the listwise CE + other tasks' BCE)
     contrastive: torch.Tensor  # scalar, detached (0 when off)
 
 
@@ -42,6 +48,32 @@ def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
     per = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")  # (N, T)
     per_task = (per * weights[:, None]).sum(0) / weights.sum().clamp_min(1e-12)  # (T,)
     return (per_task * task_weights).sum()
+
+
+def listwise_softmax_ce(logits: torch.Tensor, labels: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy of each request's list: logits, labels (N,) grouped by `counts` (B,) in order.
+
+    The labels of a request, normalised to sum 1, are its target distribution; requests without a positive
+    carry no signal and are left out. Returns the mean over the requests that count (an exact,
+    differentiable zero when none does).
+    """
+    b = counts.numel()
+    zero = 0.0 * logits.sum()
+    if b == 0 or logits.numel() == 0:
+        return zero
+    width = int(counts.max())
+    req = torch.repeat_interleave(torch.arange(b, device=logits.device), counts)  # (N,)
+    pos = torch.arange(logits.numel(), device=logits.device) - torch.repeat_interleave(
+        torch.cumsum(counts, 0) - counts, counts)  # (N,) position within the request
+    padded = logits.new_full((b, width), float("-inf")).index_put((req, pos), logits.float())  # (B, C)
+    target = labels.new_zeros(b, width).index_put((req, pos), labels.float().clamp_min(0))  # (B, C)
+    mass = target.sum(1)  # (B,)
+    ok = mass > 0
+    if not bool(ok.any()):
+        return zero
+    logp = torch.log_softmax(padded[ok], dim=1)
+    t = target[ok] / mass[ok, None]
+    return -(torch.where(t > 0, t * logp, torch.zeros_like(logp))).sum(1).mean() + zero
 
 
 def contrastive_gate_loss(z1: torch.Tensor, z2: torch.Tensor, valid: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -84,7 +116,13 @@ class RankerTrainTask(nn.Module):
         if batch.labels.shape[1] < t:
             raise ValueError(f"the batch has {batch.labels.shape[1]} label column(s), the model has {t} task(s) "
                              f"{list(self.model.cfg.heads.tasks)}")
-        bce = weighted_bce(out.logits, batch.labels[:, :t], batch.weights, self.task_weights)
+        if self.cfg.kind == "listwise":
+            tw = self.task_weights
+            bce = tw[0] * listwise_softmax_ce(out.logits[:, 0], batch.labels[:, 0], batch.num_candidates)
+            if t > 1:
+                bce = bce + weighted_bce(out.logits[:, 1:], batch.labels[:, 1:t], batch.weights, tw[1:])
+        else:
+            bce = weighted_bce(out.logits, batch.labels[:, :t], batch.weights, self.task_weights)
         loss = bce
         cl = torch.zeros((), device=bce.device)
         if self.contrastive and self.training and f.short is not None:

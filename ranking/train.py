@@ -35,6 +35,7 @@ from tqdm import tqdm
 from features.batch import Batch
 from features.config import to_dict
 from features.train.checkpoint import load_checkpoint, save_checkpoint
+from features.train.metrics import topk_metrics
 from features.train.report import MetricsLog
 from features.train.sharding import describe_plan, make_optimizer, shard_model
 from ranking.config import ModelConfig, RankerConfig
@@ -132,7 +133,7 @@ def evaluate(model: torch.nn.Module, data: RankingData, split: str, rank: int, w
     model.eval()
     batches = list(data.eval_batches(split, rank, world_size))
     steps = int(_all_reduce(float(len(batches)), dist.ReduceOp.MAX))
-    probs, labels, users = [], [], []
+    probs, labels, users, ranks = [], [], [], []
     for batch, real in _aligned(batches, steps):
         _, out = model(batch)
         if not real:
@@ -140,11 +141,38 @@ def evaluate(model: torch.nn.Module, data: RankingData, split: str, rank: int, w
         probs.append(torch.sigmoid(out.logits[:, 0].float()).numpy())
         labels.append(batch.labels[:, 0].numpy())
         users.append(batch.user_ids()[batch.candidate_user_index()].numpy())
+        ranks.append(list_ranks(out.logits[:, 0].float().numpy(), labels[-1], batch.num_candidates.numpy()))
     cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
-    got = _gather({"p": cat(probs, np.float32), "y": cat(labels, np.float32), "u": cat(users, np.int64)})
+    got = _gather({"p": cat(probs, np.float32), "y": cat(labels, np.float32), "u": cat(users, np.int64),
+                   "r": cat(ranks, np.float64)})
     if got["y"].size == 0:
         raise ValueError(f"the {split} split is empty")
-    return ranking_metrics(got["p"], got["y"], got["u"])
+    out = ranking_metrics(got["p"], got["y"], got["u"])
+    lm = topk_metrics(got["r"], ks=(10, 50), recall_ks=())
+    out.update({"hr@10": lm["hr@10"], "ndcg@10": lm["ndcg@10"], "hr@50": lm["hr@50"], "ndcg@50": lm["ndcg@50"]})
+    return out
+
+
+def list_ranks(scores: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(B,) 0-based rank of each request's best-scored positive within its list; inf when it has none.
+
+    scores, labels: (N,) grouped by request, `counts` (B,) candidates per request. A list without a positive
+    is a request whose target the first stage did not retrieve: a miss at every cutoff. Ties count against
+    the positive (a constant scorer ranks it last among equals, never first).
+    """
+    counts = np.asarray(counts, np.int64)
+    out = np.full(len(counts), np.inf)
+    nz = np.flatnonzero(counts > 0)
+    if nz.size == 0:
+        return out
+    starts = (np.cumsum(counts) - counts)[nz]
+    pos = labels > 0
+    best = np.maximum.reduceat(np.where(pos, scores, -np.inf), starts)  # (B',) best positive per request
+    req = np.repeat(np.arange(nz.size), counts[nz])
+    above = np.add.reduceat((~pos & (scores >= best[req])).astype(np.int64), starts)
+    has = np.logical_or.reduceat(pos, starts)
+    out[nz] = np.where(has, above, np.inf)
+    return out
 
 
 def _save(path: Path, dmp: Any, opt: Any, state: dict[str, Any], rank: int) -> None:

@@ -20,5 +20,11 @@ class TaskHeads(nn.Module):
         self.weight = nn.Parameter(torch.empty(t, in_dim).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.zeros(t))
 
+    @torch.no_grad()
+    def zero_(self) -> None:
+        """Zero weights and biases: the heads output 0 until trained (a residual on a first-stage logit)."""
+        self.weight.zero_()
+        self.bias.zero_()
+
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return (h * self.weight).sum(-1) + self.bias  # (N, T)
