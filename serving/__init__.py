@@ -9,7 +9,7 @@ Split by responsibility (DESIGN.md, STYLE.md practice 12):
     batching.py     online state -> the project's one `Batch` (the serving side of the reader)
     interceptors.py load shedding, metrics, domain error -> gRPC status (once)
     errors.py       domain errors carrying their gRPC status
-    health.py       grpc.health.v1: SERVING iff a model is loaded and Redis answers
+    health.py       grpc.health.v1: live / ready (can answer, maybe degraded) / full (all dependencies)
     metrics.py      every Prometheus metric, declared once (`METRIC_NAMES`)
     models.py       the model-bundle boundary: manifest, checksums, restricted loaders, `ModelHolder`
     lifecycle.py    validate + smoke-test + swap a bundle; new items into the catalog and index

@@ -43,6 +43,7 @@ ENV_OVERRIDES: dict[str, str] = {
     "CASCADE_REDIS_URL": "redis.url",
     "CASCADE_KAFKA_BOOTSTRAP": "kafka.bootstrap",
     "CASCADE_GRPC_ADDRESS": "grpc.address",
+    "CASCADE_PROBE_ADDRESS": "grpc.probe_address",
     "CASCADE_METRICS_ADDRESS": "metrics.address",
     "CASCADE_MODEL_BUNDLE": "models.initial_bundle",
 }
@@ -62,6 +63,7 @@ def load_serving_config(path: str | Path | None = None, overrides: Sequence[str]
 class Addresses:
     grpc: str
     metrics: str | None
+    probe: str | None = None  # the health-only probe server (grpc.probe_address)
 
 
 class ServingApp:
@@ -82,6 +84,7 @@ class ServingApp:
         self.runtime = Runtime(cfg.limits, cfg.runtime, self.store, self.models, self.catalog, self.popularity,
                                self.availability, self.metrics, self.item_dense)
         self.server = None
+        self._probe_server = None
         self.health = None
         self.consumers: list = []
         self.dead_letters = None
@@ -98,7 +101,7 @@ class ServingApp:
         from grpc_reflection.v1alpha import reflection
 
         from serving.health import HealthMonitor
-        from serving.interceptors import ServingInterceptor
+        from serving.interceptors import bounded_server
         from serving.proto import ranking_pb2_grpc
         from serving.servicer import SERVICE_NAME, RankingServicer
 
@@ -120,12 +123,11 @@ class ServingApp:
             t.start()
             self._threads.append(t)
 
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=cfg.grpc.max_workers, thread_name_prefix="grpc"),
-            interceptors=[ServingInterceptor(self.metrics, cfg.grpc.max_in_flight)],
+        reuseport = ("grpc.so_reuseport", 1 if cfg.grpc.processes > 1 else 0)
+        self.server = bounded_server(  # load shedding: at most max_in_flight calls accepted (serving/interceptors.py)
+            self.metrics, cfg.grpc.max_workers, cfg.grpc.max_in_flight,
             options=[("grpc.max_receive_message_length", cfg.grpc.max_receive_message_bytes),
-                     ("grpc.max_send_message_length", 16 << 20),
-                     ("grpc.so_reuseport", 1 if cfg.grpc.processes > 1 else 0)],
+                     ("grpc.max_send_message_length", 16 << 20), reuseport],
         )
         ranking_pb2_grpc.add_RankingServicer_to_server(
             RankingServicer(self.runtime, self.models, self.catalog, cfg.grpc.default_deadline_s), self.server)
@@ -137,6 +139,15 @@ class ServingApp:
         if port == 0:
             raise RuntimeError(f"gRPC could not bind {cfg.grpc.address} (in use?)")
         host = cfg.grpc.address.rpartition(":")[0]
+        probe_addr = None
+        if cfg.grpc.probe_address:  # health only, its own threads and no bound: probes are never shed
+            self._probe_server = grpc.server(futures.ThreadPoolExecutor(2, thread_name_prefix="probe"),
+                                             options=[reuseport])
+            health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self._probe_server)
+            pport = self._probe_server.add_insecure_port(cfg.grpc.probe_address)
+            if pport == 0:
+                raise RuntimeError(f"gRPC could not bind grpc.probe_address {cfg.grpc.probe_address} (in use?)")
+            probe_addr = f"{cfg.grpc.probe_address.rpartition(':')[0]}:{pport}"
         self.health = HealthMonitor(health_servicer, SERVICE_NAME, self.store, self.models, self.availability,
                                     self.metrics, cfg.redis.health_interval_s)
         self.health.start()
@@ -150,7 +161,9 @@ class ServingApp:
             metrics_addr = f"{mhost}:{httpd.server_port}"
         self._start_consumers(wait_for_partitions_s)
         self.server.start()
-        self.addresses = Addresses(f"{host}:{port}", metrics_addr)
+        if self._probe_server is not None:
+            self._probe_server.start()
+        self.addresses = Addresses(f"{host}:{port}", metrics_addr, probe_addr)
         log.info("serving cascade.v1.Ranking on %s (metrics %s), model %s", self.addresses.grpc,
                  metrics_addr or "off", self.models.current.version if self.models.current else "none yet")
         return self
@@ -213,6 +226,8 @@ class ServingApp:
             self.health.shutdown()
         if self.server is not None:
             self.server.stop(grace).wait(grace + 1.0)  # stop accepting, let in-flight requests finish
+        if self._probe_server is not None:
+            self._probe_server.stop(0)
         for c in self.consumers:
             c.stop()
         for c in self.consumers:

@@ -26,8 +26,14 @@ def _check_address(name: str, addr: str) -> None:
 @dataclass(frozen=True)
 class GrpcConfig:
     address: str = "127.0.0.1:50051"  # port 0 = any free port (tests)
-    max_workers: int = 8  # handler threads
-    max_in_flight: int = 32  # requests being handled at once; beyond -> RESOURCE_EXHAUSTED (load shedding)
+    max_workers: int = 4  # handler threads (Python handlers share the GIL: more threads add queueing, not speed)
+    # Calls accepted at once, running (max_workers) or queued for a thread; one more is answered
+    # RESOURCE_EXHAUSTED at once by gRPC (maximum_concurrent_rpcs): load shedding. Counts every method
+    # of this port; Kubernetes probes use probe_address so they are never shed.
+    max_in_flight: int = 6
+    # A second, unbounded gRPC server with only grpc.health.v1 for the Kubernetes probes
+    # ("" = none: health is served on `address` only, where it can be shed under overload).
+    probe_address: str = ""
     max_receive_message_bytes: int = 1 << 20
     default_deadline_s: float = 1.0  # applied when the client sends none
     shutdown_grace_s: float = 5.0  # SIGTERM: stop accepting, drain in-flight requests for up to this long
@@ -43,8 +49,13 @@ class GrpcConfig:
             raise ValueError(f"grpc.processes must be >= 1, got {self.processes}")
         if self.processes > 1 and self.address.endswith(":0"):
             raise ValueError("grpc.processes > 1 needs a fixed grpc.address port (the processes share it)")
-        if self.max_workers <= 0 or self.max_in_flight <= 0:
-            raise ValueError("grpc.max_workers and grpc.max_in_flight must be positive")
+        if not 0 < self.max_workers <= self.max_in_flight:
+            raise ValueError(f"grpc.max_workers ({self.max_workers}) must be positive and at most grpc.max_in_flight "
+                             f"({self.max_in_flight}): max_in_flight counts the running calls and the queued ones")
+        if self.probe_address:
+            _check_address("grpc.probe_address", self.probe_address)
+            if self.probe_address == self.address and not self.address.endswith(":0"):
+                raise ValueError("grpc.probe_address must differ from grpc.address")
         if self.max_receive_message_bytes < 1024:
             raise ValueError(f"grpc.max_receive_message_bytes must be >= 1024, got {self.max_receive_message_bytes}")
         if self.default_deadline_s <= 0 or self.shutdown_grace_s < 0:

@@ -40,6 +40,8 @@ MODEL_LOADED_TIMESTAMP_SECONDS = "cascade_model_loaded_timestamp_seconds"
 MODEL_SWAPS_TOTAL = "cascade_model_swaps_total"
 MODEL_REJECTIONS_TOTAL = "cascade_model_rejections_total"
 SDIM_SIGNATURE_RECOMPUTES_TOTAL = "cascade_sdim_signature_recomputes_total"
+DEADLINE_DROPPED_TOTAL = "cascade_deadline_dropped_total"
+HEALTH_SERVING = "cascade_health_serving"
 
 METRIC_NAMES: tuple[str, ...] = (
     RANK_REQUESTS_TOTAL, RANK_STAGE_SECONDS, RANK_CANDIDATES, RANKING_SCORE, REQUESTS_IN_FLIGHT,
@@ -47,6 +49,7 @@ METRIC_NAMES: tuple[str, ...] = (
     EVENT_FRESHNESS_SECONDS, EVENTS_APPLIED_TOTAL, EVENTS_DEDUPLICATED_TOTAL, EVENTS_DEAD_LETTERED_TOTAL,
     INGEST_CONFLICTS_TOTAL, ITEMS_ADDED_TOTAL, ITEMS_REJECTED_TOTAL, INDEX_ITEMS, MODEL_INFO,
     MODEL_LOADED_TIMESTAMP_SECONDS, MODEL_SWAPS_TOTAL, MODEL_REJECTIONS_TOTAL, SDIM_SIGNATURE_RECOMPUTES_TOTAL,
+    DEADLINE_DROPPED_TOTAL, HEALTH_SERVING,
 )
 
 # Stage names of `cascade_rank_stage_seconds` (and of the debug timings in RankResponse).
@@ -79,7 +82,8 @@ class ServingMetrics:
                                     buckets=(0, 10, 50, 100, 200, 500, 1000, 2000, 5000), registry=r)
         self.score = Histogram(RANKING_SCORE, "Ranker scores of the returned items",
                                buckets=tuple(i / 10 for i in range(1, 11)), registry=r)
-        self.in_flight = Gauge(REQUESTS_IN_FLIGHT, "Requests being handled now", registry=r)
+        self.in_flight = Gauge(REQUESTS_IN_FLIGHT, "Requests accepted and not finished (queued for a handler or running)",
+                               registry=r)
         self.shed = Counter(_counter_base(REQUESTS_SHED_TOTAL), "Requests rejected with RESOURCE_EXHAUSTED (load shedding)",
                             registry=r)
         self.degraded = Counter(_counter_base(DEGRADED_ANSWERS_TOTAL),
@@ -116,6 +120,12 @@ class ServingMetrics:
         self.sdim_recomputes = Counter(_counter_base(SDIM_SIGNATURE_RECOMPUTES_TOTAL),
                                        "Requests whose stored SDIM signatures were from another model and were recomputed",
                                        registry=r)
+        self.deadline_dropped = Counter(_counter_base(DEADLINE_DROPPED_TOTAL),
+                                        "Requests dropped because their deadline passed before a stage (that stage "
+                                        "and the later ones were not computed), by stage", ["stage"], registry=r)
+        self.health_serving = Gauge(HEALTH_SERVING, "1 while the gRPC health check is SERVING: live (process), ready "
+                                    "(can answer, maybe degraded), full (every dependency healthy)", ["check"],
+                                    registry=r)
         self._version: str | None = None
 
     def set_model(self, version: str) -> None:

@@ -1,7 +1,9 @@
 """A ranking request -> scored items. No grpc here: `serving.servicer` translates proto <-> these types.
 
-Stages (each timed into ``cascade_rank_stage_seconds{stage}``; the deadline is
-checked between them):
+Stages (each timed into ``cascade_rank_stage_seconds{stage}``). The deadline is
+checked before every stage: a request whose deadline has passed (say, while it
+queued for a handler thread) is answered DEADLINE_EXCEEDED instead of computed,
+and counted in ``cascade_deadline_dropped_total{stage}`` by the stage it skipped:
 
     state_read   one Redis GET: sequence + SDIM signatures + counters + attributes
     user_tower   the retriever's user embedding of the user as of the request time
@@ -79,8 +81,11 @@ class Deadline:
     def after(cls, seconds: float | None) -> "Deadline":
         return cls(None if seconds is None else time.monotonic() + seconds)
 
+    def expired(self) -> bool:
+        return self.expires_at is not None and time.monotonic() >= self.expires_at
+
     def check(self, stage: str) -> None:
-        if self.expires_at is not None and time.monotonic() >= self.expires_at:
+        if self.expired():
             raise DeadlineExceeded(f"deadline exceeded before stage {stage!r}")
 
 
@@ -194,6 +199,8 @@ class Runtime:
         if bundle is None:
             raise NoModelLoaded("no model version is loaded yet (health is NOT_SERVING); retry later")
         clock = _Clock(self.metrics)
+        due = self._due
+        due(deadline, "state_read")
         as_of = q.as_of_ms or int(time.time() * 1000)
         n_cand = q.num_candidates or self.limits.default_num_candidates
         catalog = self.catalog.current
@@ -206,7 +213,7 @@ class Runtime:
             self.availability.down(str(e))
             return self._popular(bundle, q, clock, "redis_unavailable")
         clock.lap("state_read")
-        deadline.check("user_tower")
+        due(deadline, "user_tower")
 
         view = user_view(q.user_id, rec, as_of, bundle.dense)
         cold = view.history_length == 0  # no behaviors before as_of: nothing for the user tower to read
@@ -227,7 +234,7 @@ class Runtime:
             ubatch = build_request_batch(view, catalog, np.empty(0, np.int64), None, as_of, sigs, bundle.user_keys)
             uvec = bundle.retriever.user_embedding(ubatch).detach().float().numpy()  # (1, D)
             clock.lap("user_tower")
-            deadline.check("ann")
+            due(deadline, "ann")
             want = min(len(bundle.index), n_cand + min(len(seen), 4 * n_cand))
             try:
                 ids, sc = bundle.index.search(uvec, want)
@@ -239,7 +246,7 @@ class Runtime:
                 fallback = "index_unavailable"
                 cands = self.popularity.snapshot(bundle.retriever.item_ids)[0][: n_cand + len(seen)]
             clock.lap("ann")
-        deadline.check("filter_seen")
+        due(deadline, "filter_seen")
 
         if len(seen):
             keep = ~np.isin(cands, seen)
@@ -251,32 +258,31 @@ class Runtime:
         if retrieval is None:
             retrieval = np.zeros(len(cands), np.float32)
         clock.lap("filter_seen")
-        deadline.check("item_stats")
+        due(deadline, "item_stats")
 
-        dense = None
+        dense, stats = None, None
         if self.cfg.item_stats == "cached" and not q.as_of_ms and self.item_dense is not None:
             dense = self.item_dense.lookup(catalog, bundle.dense, cands, as_of, self._max_age_ms)
         if dense is None:
-            stats = None
             if self.cfg.item_stats != "off" and len(cands):
                 try:
                     stats = self.store.read_item_stats(cands)
                 except StateUnavailable as e:
                     self.availability.down(str(e))
                     return self._popular(bundle, q, clock, "redis_unavailable")
-            clock.lap("item_stats")
-            deadline.check("features")
+        clock.lap("item_stats")
+        due(deadline, "features")
+        if dense is None:
             dense = candidate_dense(catalog, cands, stats, as_of, bundle.dense)
-        else:
-            clock.lap("item_stats")
         batch = build_request_batch(view, catalog, cands, dense, as_of, sigs, bundle.user_keys, reuse=ubatch)
         if self.cfg.validate_batches:
             validate_batch(batch, BatchSpec(user_keys=bundle.user_keys, candidate_dense_dim=dense.shape[1]))
         clock.lap("features")
-        deadline.check("ranker")
+        due(deadline, "ranker")
 
         probs = bundle.ranker.forward(batch).float() if len(cands) else torch.empty(0)
         clock.lap("ranker")
+        due(deadline, "topk")
         k = min(q.k, len(cands))
         top = torch.topk(probs, k).indices.numpy() if k else np.empty(0, np.int64)
         clock.lap("topk")
@@ -288,6 +294,12 @@ class Runtime:
         return self._finish(result, clock)
 
     # ------------------------------------------------------------------ internals
+    def _due(self, deadline: Deadline, stage: str) -> None:
+        """Raises DeadlineExceeded (counted by the skipped stage) when the deadline has passed."""
+        if deadline.expired():
+            self.metrics.deadline_dropped.labels(stage=stage).inc()
+            deadline.check(stage)
+
     def _signatures(self, bundle: ModelBundle, rec, view) -> np.ndarray | None:
         """The history's SDIM signatures for this model: stored ones when they match, else recomputed."""
         if not bundle.sig_spec:

@@ -266,7 +266,8 @@ def test_new_items_from_the_items_topic_become_rankable(make_server, wait_until)
 
 
 def test_redis_outage_gives_degraded_answers_and_recovers(make_server, wait_until, tmp_path):
-    """Redis killed -> popularity answers flagged redis_unavailable + NOT_SERVING; restarted -> full answers."""
+    """Redis killed -> popularity answers flagged redis_unavailable, full health NOT_SERVING (readiness stays
+    SERVING: tests/serving/test_health_semantics.py); restarted -> full answers."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from jobs.services import start_redis, stop_pid
@@ -278,15 +279,16 @@ def test_redis_outage_gives_degraded_answers_and_recovers(make_server, wait_unti
     stop_pid(info.pid)
     r = h.rank(1, k=5)
     assert r.fallback_reason == "redis_unavailable" and len(r.items) == 5 and r.model_version == "v1"
-    wait_until(lambda: hs.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.NOT_SERVING,
-               what="health NOT_SERVING")
+    full = health_pb2.HealthCheckRequest(service="cascade.v1.Ranking/full")
+    wait_until(lambda: hs.Check(full).status == health_pb2.HealthCheckResponse.NOT_SERVING,
+               what="full health NOT_SERVING")
     assert h.metric("cascade_degraded_answers_total", {"reason": "redis_unavailable"}) >= 1
     assert h.metric("cascade_redis_up") == 0
 
     info2 = start_redis(tmp_path / "redis", port=info.port, detach=False)  # empty: state lost, server recovers
     try:
-        wait_until(lambda: hs.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING,
-                   what="health SERVING again")
+        wait_until(lambda: hs.Check(full).status == health_pb2.HealthCheckResponse.SERVING,
+                   what="full health SERVING again")
         r = h.rank(1, k=5)
         assert r.fallback_reason == "cold_start"  # answered through Redis again (which lost user 1's state)
         assert h.metric("cascade_redis_up") == 1
