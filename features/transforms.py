@@ -153,6 +153,8 @@ class DenseLayout:
 
     `prior_rate` and `item_numeric_keys` come from the features manifest
     (`DenseLayout.from_manifest`), so the server reproduces the reader exactly.
+    A model bundle carries the same block (`to_manifest`, the one writer; `from_manifest`,
+    the one reader, of both the features manifest and a bundle's ``features`` entry).
     """
 
     stats: StatsConfig
@@ -169,6 +171,13 @@ class DenseLayout:
             return cls(stats, float(manifest["dense"]["prior_rate"]), tuple(manifest["dense"]["item_numeric_keys"]))
         except KeyError as e:
             raise ValueError(f"features manifest lacks {e}: was it written by `cascade build-features`?") from None
+
+    def to_manifest(self) -> dict[str, Any]:
+        """The ``{"config": {"stats"}, "dense"}`` block `from_manifest` reads (a bundle's ``features`` entry)."""
+        s = self.stats
+        return {"config": {"stats": {"windows": list(s.windows), "event_types": list(s.event_types),
+                                     "prior_weight": s.prior_weight}},
+                "dense": {"prior_rate": self.prior_rate, "item_numeric_keys": list(self.item_numeric_keys)}}
 
     def user_names(self) -> tuple[str, ...]:
         return stats_dense_names("user", self.stats)

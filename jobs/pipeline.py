@@ -318,15 +318,16 @@ class Run:
         return self._stage("publish", inputs, lambda: self._publish(fdir, retr, rank, ev))
 
     def _publish(self, fdir: Path, retr: dict[str, Any], rank: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
+        from features.transforms import DenseLayout
         from serving.models import write_bundle
 
-        fman = json.loads((fdir / "manifest.json").read_text())
+        layout = DenseLayout.from_manifest(json.loads((fdir / "manifest.json").read_text()))
         bundle = self.dir / "bundle"
         if bundle.exists():  # a crash between write_bundle and the pointer update: rebuild it
             shutil.rmtree(bundle)
         checksum = write_bundle(
             bundle, self.version, ("retrieval.export", Path(retr["export"])), ("ranking.export", Path(rank["export"])),
-            {"config": fman["config"], "dense": fman["dense"]},
+            layout,
             extra={"metrics": ev["metrics"], "data": self.manifest["stages"]["features"].get("snapshot"),
                    "code_version": self.manifest["code_version"]})
         pointer = {"version": self.version, "bundle": str(bundle.resolve()), "checksum": checksum,

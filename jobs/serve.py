@@ -1,7 +1,7 @@
 """`cascade serve | query | events replay | serving ...`: the ranking server, its client, load and demo tools.
 
     cascade services up                                   # local Kafka + Redis (prints their addresses)
-    cascade serving standin --dataset data/ml-100k --out artifacts/models --versions v1 v2
+    cascade pipeline run dataset=data/ml-100k artifacts=artifacts/models   # -> artifacts/models/versions/<date>/bundle
     cascade serve --set redis.url=redis://127.0.0.1:6390/0 --set kafka.bootstrap=127.0.0.1:9093 \\
         --model-bundle artifacts/models/v1 --catalog data/ml-100k --bootstrap data/ml-100k
     cascade query --user 1 --k 10 --debug
@@ -66,11 +66,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     s = sub.add_parser("serving", help="serving utilities: stand-in models, model announcements")
     ssub = s.add_subparsers(dest="serving_command", metavar="SUBCOMMAND", required=True)
-    st = ssub.add_parser("standin", help="train the stand-in retriever + ranker on a dataset into model bundles")
-    st.add_argument("--dataset", type=Path, required=True)
-    st.add_argument("--out", type=Path, required=True, help="model root; bundles go to OUT/<version>")
-    st.add_argument("--versions", nargs="+", default=["v1"])
-    st.set_defaults(func=run_standin)
     an = ssub.add_parser("announce", help="announce a model bundle on the models topic (servers validate and swap)")
     an.add_argument("--bundle", type=Path, required=True)
     an.add_argument("--kafka", default="127.0.0.1:9092")
@@ -176,17 +171,6 @@ def run_replay(args: argparse.Namespace) -> int:
     bar.close()
     print(f"replayed     {res.sent:,} events for {res.users:,} users to {cfg.topic} in {res.seconds:.1f}s "
           f"({res.sent / max(res.seconds, 1e-9):,.0f} events/s, target {args.rate:g}/s)")
-    return 0
-
-
-def run_standin(args: argparse.Namespace) -> int:
-    from serving.standin import train_standin_bundle
-
-    t0 = time.perf_counter()
-    out = train_standin_bundle(args.dataset, args.out, tuple(args.versions), progress=True)
-    for v, (path, checksum) in out.items():
-        print(f"bundle       {v}  {path}  sha256(manifest) {checksum}")
-    print(f"took         {time.perf_counter() - t0:.1f}s (stand-in models: see serving/standin.py)")
     return 0
 
 

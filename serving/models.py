@@ -20,9 +20,9 @@ JSON, faiss), then a smoke inference through the full request path. Only a
 bundle that passed all of it replaces the served one (`ModelHolder.swap`, a
 single reference assignment: a request uses the bundle it started with).
 
-Loaders are looked up by name (``"loader"`` in the manifest): the stand-in
-models (`serving.standin`) now; ``retrieval.export`` / ``ranking.export``
-register theirs when they land.
+Loaders are looked up by name (``"loader"`` in the manifest) and are the
+exporters' own: ``retrieval.export`` and ``ranking.export``. No model code lives
+in serving/.
 """
 from __future__ import annotations
 
@@ -84,15 +84,6 @@ class RankerInference(Protocol):
 Loader = Callable[[Path], Any]
 
 
-def _standin(kind: str) -> Loader:
-    def load(path: Path) -> Any:
-        from serving import standin
-
-        return standin.load_retriever(path) if kind == "retriever" else standin.load_ranker(path)
-
-    return load
-
-
 def _lazy(module: str, func: str) -> Loader:
     def load(path: Path) -> Any:
         try:
@@ -105,25 +96,27 @@ def _lazy(module: str, func: str) -> Loader:
 
 
 RETRIEVER_LOADERS: dict[str, Loader] = {
-    "serving.standin": _standin("retriever"),
     "retrieval.export": _lazy("retrieval.export", "load_retriever"),
 }
 RANKER_LOADERS: dict[str, Loader] = {
-    "serving.standin": _standin("ranker"),
     "ranking.export": _lazy("ranking.export", "load_ranker"),
 }
 
 
 def write_bundle(out: Path, version: str, retriever: tuple[str, Path], ranker: tuple[str, Path],
-                 features: Mapping[str, Any], extra: Mapping[str, Any] | None = None) -> str:
+                 features: DenseLayout, extra: Mapping[str, Any] | None = None) -> str:
     """Assembles a bundle directory from two exports; returns the manifest checksum (for the announcement).
 
     retriever / ranker: (loader name, export directory), copied to ``retriever/`` and ``ranker/``.
-    features: ``{"config": {"stats": ...}, "dense": {...}}`` as in the features manifest.
+    features: the dense layout the ranker was trained with (``DenseLayout.from_manifest`` of the
+    features manifest); written as the bundle's ``features`` entry by `DenseLayout.to_manifest`.
     """
     out = Path(out)
     if (out / MANIFEST).exists():
         raise FileExistsError(f"{out} already holds a bundle; versions are immutable, pick a new version")
+    if not isinstance(features, DenseLayout):
+        raise TypeError(f"features must be a DenseLayout (DenseLayout.from_manifest of the features manifest), "
+                        f"got {type(features).__name__}")
     out.mkdir(parents=True, exist_ok=True)
     parts = {}
     for name, (loader, src) in (("retriever", retriever), ("ranker", ranker)):
@@ -132,12 +125,11 @@ def write_bundle(out: Path, version: str, retriever: tuple[str, Path], ranker: t
         shutil.copytree(src, out / name, dirs_exist_ok=False)
         parts[name] = {"loader": loader, "path": name}
     files = {str(p.relative_to(out)): sha256_file(p) for p in sorted(out.rglob("*")) if p.is_file()}
-    DenseLayout.from_manifest(features)  # fails early on a malformed layout
     manifest = {
         "format": BUNDLE_FORMAT, "version": version,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "schema_version": SCHEMA_VERSION, "hash_spec_version": HASH_SPEC_VERSION,
-        "features": dict(features), **parts, "files": files, **dict(extra or {}),
+        "features": features.to_manifest(), **parts, "files": files, **dict(extra or {}),
     }
     data = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode()
     (out / MANIFEST).write_bytes(data)

@@ -1,5 +1,5 @@
-"""Serving fixtures: stand-in model bundles trained on ML-100K once per session, real tansu + redis-server
-per module, and a real in-process gRPC server per test with its own topics, consumer group and key prefix."""
+"""Serving fixtures: model bundles from the real exporters (once per session), real tansu + redis-server per
+module, and a real in-process gRPC server per test with its own topics, consumer group and key prefix."""
 from __future__ import annotations
 
 import time
@@ -10,18 +10,73 @@ import pytest
 
 from features.messages import KafkaTopics
 
-# Small stand-in: trains in seconds on 2 shared cores; the serving path does not depend on model quality.
-STANDIN_TEST_CONFIG = dict(dim=16, retriever_epochs=1, max_retriever_samples=30_000, max_ranker_samples=6_000,
-                           max_train_history=32, hidden=(32,))
+REPO = Path(__file__).resolve().parents[2]
+# The ML-100K configurations the pipeline trains, made small: the serving tests check plumbing, not quality.
+RETRIEVER_SMALL = ["model.dim=16", "model.user.max_len=20", "model.user.num_heads=2", "model.user.num_layers=1",
+                   "index.kind=flat"]
+# The full ranker (DARE's decoupled attention/representation tables, SDIM long-term interest, a 4-expert
+# AW-MoE): SDIM so that the server's signatures-at-ingest path runs.
+RANKER_SMALL = ["model.embedding.dim=16", "model.embedding.attention_dim=8", "model.sequence.long=sdim",
+                "model.sequence.long_len=200", "model.moe.expert_hidden=[32]", "model.moe.gate_hidden=16"]
+
+
+def write_real_bundle(catalog, out: Path, version: str, seed: int) -> tuple[Path, str]:
+    """A bundle of `retrieval.export` + `ranking.export` exports over randomly initialised real models.
+
+    Different seeds give different weights: a history-dependent user tower and ranker, different top-k lists.
+    Returns (bundle dir, manifest sha256)."""
+    import dataclasses
+
+    import numpy as np
+    import torch
+
+    from features.batch import ITEM_ID, make_kjt
+    from features.config import load_config
+    from features.transforms import DenseLayout, StatsConfig
+    from jobs.train_ranker import load_ranker_config
+    from ranking.export import export_ranker
+    from ranking.model import RankerModel
+    from retrieval.catalog import Catalog as RetrievalCatalog
+    from retrieval.config import RetrieverConfig
+    from retrieval.export import export_retriever
+    from retrieval.model import TwoTowerRetriever
+    from retrieval.task import item_keys
+    from serving.models import write_bundle
+
+    rcfg = load_config(RetrieverConfig, REPO / "retrieval/configs/ml-100k.yaml", RETRIEVER_SMALL)
+    rows = np.arange(len(catalog))
+    feats = catalog.candidate_features(rows)
+    kjt = make_kjt({ITEM_ID: (catalog.item_ids, np.ones(len(catalog), np.int64)),
+                    **{k: feats[k] for k in item_keys(rcfg.model) if k != ITEM_ID}})
+    rcat = RetrievalCatalog(catalog.item_ids.copy(), kjt, torch.zeros(len(catalog)))
+    torch.manual_seed(seed)
+    export_retriever(TwoTowerRetriever(rcfg.model, "cpu"), rcfg, rcat, out / f"retriever-{version}")
+
+    layout = DenseLayout(StatsConfig(), 0.55, ("year",))
+    kcfg = load_ranker_config([REPO / "ranking/configs/ml-100k.yaml", REPO / "ranking/configs/ablations/full.yaml"],
+                              RANKER_SMALL)
+    mc = dataclasses.replace(kcfg.model, user_dense_dim=len(layout.user_names()),
+                             candidate_dense_dim=len(layout.candidate_names()))
+    torch.manual_seed(seed)
+    export_ranker(RankerModel(mc, embedding_device="cpu"), out / f"ranker-{version}")
+    path = out / version
+    checksum = write_bundle(path, version, ("retrieval.export", out / f"retriever-{version}"),
+                            ("ranking.export", out / f"ranker-{version}"), layout)
+    return path, checksum
 
 
 @pytest.fixture(scope="session")
-def standin_bundles(ml100k_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """{version: (bundle dir, manifest sha256)} for v1 and v2 (v2: the ranker retrained with another seed)."""
-    from serving.standin import StandinConfig, train_standin_bundle
-
+def model_bundles(catalog, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """{version: (bundle dir, manifest sha256)} for v1 and v2: real exports of randomly initialised real models
+    (v2 another seed, so other weights and other answers)."""
     root = tmp_path_factory.mktemp("models")
-    return train_standin_bundle(ml100k_dataset, root, ("v1", "v2"), StandinConfig(**STANDIN_TEST_CONFIG))
+    return {v: write_real_bundle(catalog, root, v, seed) for seed, v in enumerate(("v1", "v2"))}
+
+
+@pytest.fixture(scope="session")
+def standin_bundles(model_bundles) -> dict:
+    """Temporary alias of `model_bundles` (the old name), removed once no test uses it."""
+    return model_bundles
 
 
 @pytest.fixture(scope="session")
@@ -129,7 +184,7 @@ def wait_until():
 
 
 @pytest.fixture()
-def make_server(services, standin_bundles, catalog, ml100k_dataset):
+def make_server(services, model_bundles, catalog, ml100k_dataset):
     """Factory: make_server(bootstrap=True, bundle="v1", **overrides) -> Harness (stopped at teardown)."""
     from jobs.services import create_topics
     from serving.app import ServingApp, load_serving_config
@@ -143,7 +198,7 @@ def make_server(services, standin_bundles, catalog, ml100k_dataset):
         prefix = f"t{uuid.uuid4().hex[:10]}"
         extra = dict(overrides)
         if bundle is not None:
-            extra["models.initial_bundle"] = str(standin_bundles[bundle][0])
+            extra["models.initial_bundle"] = str(model_bundles[bundle][0])
         if not consume:
             extra.update({"kafka.consume_events": False, "kafka.consume_items": False, "kafka.consume_models": False})
         cfg = load_serving_config(None, serving_overrides(services, topics, prefix, **extra), env={})

@@ -138,13 +138,13 @@ def test_events_replay_produces_each_users_events_in_order(services, ml100k_data
         assert all(e.event_id.startswith("r1/") for e in evs)
 
 
-def test_serving_announce_publishes_the_bundle_checksum(services, standin_bundles, capsys):
+def test_serving_announce_publishes_the_bundle_checksum(services, model_bundles, capsys):
     from kafka import KafkaConsumer
 
     from features.messages import ModelAnnouncement
 
     topic = f"models-{uuid.uuid4().hex[:8]}"
-    path, checksum = standin_bundles["v2"]
+    path, checksum = model_bundles["v2"]
     assert main(["serving", "announce", "--bundle", str(path), "--kafka", services.kafka.address, "--topic", topic]) == 0
     c = KafkaConsumer(topic, bootstrap_servers=services.kafka.address, auto_offset_reset="earliest",
                       consumer_timeout_ms=10_000)
