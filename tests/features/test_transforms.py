@@ -80,3 +80,12 @@ def test_dense_layout_from_manifest_matches_direct_calls():
         lay.candidate_dense(items, {})
     with pytest.raises(ValueError, match="lacks 'dense'"):
         DenseLayout.from_manifest({"config": manifest["config"]})
+
+
+def test_dense_layout_manifest_block_round_trips_through_json():
+    """A bundle's ``features`` entry: written by `to_manifest`, read back by `from_manifest`, nothing lost."""
+    import json
+
+    lay = DenseLayout(StatsConfig(windows=("1d", "all"), event_types=("click", "rating"), prior_weight=3.0), 0.37,
+                      ("year", "price"))
+    assert DenseLayout.from_manifest(json.loads(json.dumps(lay.to_manifest()))) == lay
