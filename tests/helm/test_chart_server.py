@@ -35,7 +35,7 @@ def test_rendered_serving_config_loads_through_the_servers_loader(scenarios, sce
     cfg = load_serving_config(config, env=env)
 
     assert {k for k in env if k.startswith("CASCADE_")} <= set(ENV_OVERRIDES)
-    assert cfg.grpc.address == "0.0.0.0:50051"
+    assert cfg.grpc.address == "0.0.0.0:50051" and cfg.grpc.probe_address == "0.0.0.0:50052"
     assert cfg.metrics.address == "0.0.0.0:9464"
     assert cfg.redis.url == "redis://:secret@redis-master:6379/0"
     assert cfg.kafka.bootstrap == env["CASCADE_KAFKA_BOOTSTRAP"]
@@ -88,24 +88,27 @@ def test_redis_url_comes_from_the_referenced_secret_only(render_files) -> None:
 def test_ports_and_service(scenarios) -> None:
     docs = scenarios["full"]  # two server processes per pod
     ports = {p["name"]: p["containerPort"] for p in _container(docs)["ports"]}
-    assert ports == {"grpc": 50051, "metrics": 9464, "metrics-1": 9465}
+    assert ports == {"grpc": 50051, "probe": 50052, "metrics": 9464, "metrics-1": 9465}
     svc = {p["name"]: (p["port"], p["targetPort"]) for p in docs.one("Service")["spec"]["ports"]}
     assert svc == {"grpc": (50051, "grpc"), "metrics": (9464, "metrics"), "metrics-1": (9465, "metrics-1")}
 
 
-def test_probes_use_grpc_health_on_the_grpc_port(scenarios, scenario: str) -> None:
+def test_probes_use_the_health_names_of_the_server_on_the_probe_port(scenarios, scenario: str) -> None:
+    from serving.health import live_service
+    from serving.servicer import SERVICE_NAME
+
     container = _container(scenarios[scenario])
     for probe in ("startupProbe", "readinessProbe"):
-        # serving/health.py sets both "" and "cascade.v1.Ranking"
-        assert container[probe]["grpc"] == {"port": 50051, "service": ""}
-    # NOT_SERVING means Redis is down or no model yet: restarting fixes neither, so liveness is the open port
-    assert container["livenessProbe"]["tcpSocket"] == {"port": "grpc"}
+        # readiness: "" (= cascade.v1.Ranking), SERVING while the server can answer, degraded or not
+        assert container[probe]["grpc"] == {"port": 50052, "service": ""}
+    assert container["livenessProbe"]["grpc"] == {"port": 50052, "service": live_service(SERVICE_NAME)}
 
 
-def test_probe_port_follows_the_grpc_port(render) -> None:
-    container = _container(render({"server": {"ports": {"grpc": 6000}}}))
-    assert container["readinessProbe"]["grpc"]["port"] == 6000
+def test_probe_port_follows_server_ports_probe(render) -> None:
+    container = _container(render({"server": {"ports": {"grpc": 6000, "probe": 6001}}}))
+    assert container["readinessProbe"]["grpc"]["port"] == 6001
     assert _plain_env(container)["CASCADE_GRPC_ADDRESS"] == "0.0.0.0:6000"
+    assert _plain_env(container)["CASCADE_PROBE_ADDRESS"] == "0.0.0.0:6001"
 
 
 def test_grace_period_outlasts_the_servers_drain(scenarios, scenario: str) -> None:

@@ -82,7 +82,7 @@ def serving_dashboard() -> dash.Dashboard:
                                         "INVALID_ARGUMENT = bad requests, UNAVAILABLE = no model or Redis)."))
          .with_panel(series("Shed requests", "reqps",
                             q(f"sum(rate(cascade_requests_shed_total{{{SEL}}}[{RATE}]))", "shed"),
-                            description="Rejected at once because grpc.max_in_flight requests were running.",
+                            description="Rejected at once because grpc.max_in_flight calls were already accepted (running or queued).",
                             width=8))
          .with_panel(series("Requests in flight", "short",
                             q(f"sum by (pod) (cascade_requests_in_flight{{{SEL}}})", "{{pod}}"), width=8))

@@ -294,15 +294,15 @@ namespace and service labels (the Prometheus Operator sets them), so rules need 
 {{- if hasPrefix "k8s://" .Values.pipeline.spark.master }}true{{ end }}
 {{- end }}
 
-{{/* A server probe from values with the gRPC port filled in: (list $ probe). grpc probes need the number. */}}
+{{/* A server probe from values with the probe port filled in: (list $ probe). grpc probes need the number. */}}
 {{- define "cascade.server.probe" -}}
 {{- $root := index . 0 }}
 {{- $probe := deepCopy (index . 1) }}
 {{- if hasKey $probe "grpc" }}
-{{- $_ := set (get $probe "grpc") "port" (int $root.Values.server.ports.grpc) }}
+{{- $_ := set (get $probe "grpc") "port" (int $root.Values.server.ports.probe) }}
 {{- end }}
 {{- if hasKey $probe "tcpSocket" }}
-{{- $_ := set (get $probe "tcpSocket") "port" "grpc" }}
+{{- $_ := set (get $probe "tcpSocket") "port" "probe" }}
 {{- end }}
 {{- toYaml $probe }}
 {{- end }}

@@ -66,7 +66,7 @@ service so one Prometheus can watch several releases. Metric names: serving/metr
     {{- include "cascade.rules.labels" (list $ .severity) | nindent 4 }}
   annotations:
     summary: Cascade is shedding load (RESOURCE_EXHAUSTED)
-    description: {{ `{{ $value | humanizePercentage }} of Rank requests to {{ $labels.namespace }}/{{ $labels.service }} are rejected because grpc.max_in_flight requests are already running: add replicas or processes.` | quote }}
+    description: {{ `{{ $value | humanizePercentage }} of Rank requests to {{ $labels.namespace }}/{{ $labels.service }} are rejected because grpc.max_in_flight calls are already accepted (running or queued): add replicas or processes.` | quote }}
     {{- with $.Values.prometheusRule.additionalAlertAnnotations }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
