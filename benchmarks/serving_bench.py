@@ -2,8 +2,10 @@
 
 What runs (all on 127.0.0.1, real tansu + redis-server + the `cascade serve` process):
 
-1. ML-1M (canonical import of ../shared/data/ml-1m, or --dataset) -> model bundle (--bundle, or the
-   stand-in retriever + ranker of `serving/standin.py` trained on ML-1M here) -> online state
+1. ML-1M (canonical import of ../shared/data/ml-1m, or --dataset) -> model bundle (--bundle, or by default
+   the product's own: `cascade pipeline run` on ML-1M, Spark features -> retriever -> full ranker (DARE
+   tables + SDIM + 4-expert AW-MoE) -> gate -> bundle, with short training since only speed is measured
+   here; built once and cached under var/serving_bench/, see `pipeline_config`) -> online state
    bootstrapped into Redis (sequences with SDIM signatures, counter logs, popularity).
 2. Query sets: "L=1000" real ML-1M users with >= 1000 behaviors, their last 1000 kept; "L=10000"
    synthetic users with 10,000 behaviors drawn by item popularity over the last 60 days.
@@ -24,6 +26,17 @@ consumer process; freshness p99 <= 500 ms. Results are reported as measured, mis
 
     python benchmarks/serving_bench.py --wait-quiet --json reports/serving_bench.json
     python benchmarks/serving_bench.py --quick            # shorter runs (~3 min after setup)
+    python benchmarks/serving_bench.py --build-bundle-only  # just build (or find) the default bundle
+
+The default bundle is what this command line builds (the first run of the benchmark runs it through
+`jobs.pipeline.run_pipeline`; about 15-25 min on 2 quiet cores: import 0.5, features 2-3, retriever
+2 epochs ~3, ranker 1 epoch <= 10 (time budget), gate evaluation ~2)::
+
+    cascade pipeline run --version ml1m-serving-bench dataset=var/serving_bench/ml-1m \
+        artifacts=var/serving_bench/artifacts features.spark_master='local[2]' publish.announce=false \
+        'retriever.configs=[retrieval/configs/ml-1m.yaml]' 'retriever.overrides=[train.epochs=2]' \
+        'ranker.configs=[ranking/configs/ml-1m.yaml,ranking/configs/ablations/full.yaml]' \
+        'ranker.overrides=[model.sequence.long=sdim,train.epochs=1,train.max_minutes=10]'
 """
 from __future__ import annotations
 
@@ -46,6 +59,8 @@ import numpy as np
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+BENCH_VAR = REPO / "var" / "serving_bench"
+BUNDLE_VERSION = "ml1m-serving-bench"
 TARGETS = {"p99_ms_at_c1": 15.0, "qps": 150.0, "p99_ms_at_qps": 50.0, "events_per_s": 20_000.0,
            "freshness_p99_ms": 500.0}
 
@@ -96,26 +111,45 @@ def wait_quiet(max_s: float, threshold: float = 2.5) -> float:
 
 
 # ----------------------------------------------------------------------------- setup
+def pipeline_config(dataset: Path, artifacts: Path):
+    """The pipeline that builds the default bundle: the product's models and serving sizes, short training."""
+    from jobs.pipeline import FeaturesStage, PipelineConfig, PublishConfig, TrainStage
+
+    return PipelineConfig(
+        dataset=str(dataset), artifacts=str(artifacts), features=FeaturesStage(spark_master="local[2]"),
+        retriever=TrainStage(configs=("retrieval/configs/ml-1m.yaml",), overrides=("train.epochs=2",)),
+        ranker=TrainStage(configs=("ranking/configs/ml-1m.yaml", "ranking/configs/ablations/full.yaml"),
+                          overrides=("model.sequence.long=sdim", "train.epochs=1", "train.max_minutes=10")),
+        publish=PublishConfig(announce=False))
+
+
+def default_bundle(dataset: Path, artifacts: Path) -> Path:
+    """The published bundle under `artifacts`, built by `jobs.pipeline.run_pipeline` the first time."""
+    from jobs.pipeline import read_published, run_pipeline
+
+    pub = read_published(artifacts)
+    if pub is not None:
+        return Path(pub["bundle"])
+    print(f"building the default bundle: the pipeline on ML-1M into {artifacts} (once; 15-25 min)", flush=True)
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    res = run_pipeline(pipeline_config(dataset, artifacts), BUNDLE_VERSION, lambda m: print(m, flush=True))
+    if not res.published:
+        raise SystemExit(f"the pipeline did not publish {BUNDLE_VERSION} ({'; '.join(res.reasons)}); "
+                         f"see {artifacts}/versions/{BUNDLE_VERSION}/evaluation.json, or pass --bundle DIR")
+    print(f"  built in {res.seconds / 60:.1f} min: {res.bundle}", flush=True)
+    return Path(res.bundle)
+
+
 def prepare(args, work: Path):
     from features.datasets import import_dataset
 
     dataset = args.dataset
     if dataset is None:
-        dataset = work / "ml-1m"
+        dataset = BENCH_VAR / "ml-1m"
         if not (dataset / "manifest.json").exists():
             print(f"importing ML-1M into {dataset}", flush=True)
             import_dataset(REPO.parent / "shared" / "data" / "ml-1m", dataset, overwrite=True)
-    bundle = args.bundle
-    if bundle is None:
-        from serving.standin import train_standin_bundle
-
-        root = work / "models"
-        bundle = root / "ml1m-v1"
-        if not (bundle / "manifest.json").exists():
-            print("training the stand-in retriever + ranker on ML-1M", flush=True)
-            t0 = time.perf_counter()
-            train_standin_bundle(dataset, root, ("ml1m-v1",))
-            print(f"  trained in {time.perf_counter() - t0:.0f}s", flush=True)
+    bundle = args.bundle if args.bundle is not None else default_bundle(Path(dataset), args.artifacts)
     return Path(dataset), Path(bundle)
 
 
@@ -389,9 +423,14 @@ def consumer_phase(services, cfg, store, catalog, models, n_events: int, fresh_r
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--work", type=Path, default=Path("/tmp/cascade-serving-bench"), help="dataset/models/state dir")
-    p.add_argument("--dataset", type=Path, default=None, help="canonical ML-1M dir (default: import into --work)")
-    p.add_argument("--bundle", type=Path, default=None, help="model bundle (default: stand-in trained on ML-1M)")
+    p.add_argument("--work", type=Path, default=Path("/tmp/cascade-serving-bench"), help="online state/logs dir")
+    p.add_argument("--dataset", type=Path, default=None,
+                   help=f"canonical ML-1M dir (default: imported into {BENCH_VAR.relative_to(REPO)}/ml-1m)")
+    p.add_argument("--bundle", type=Path, default=None,
+                   help="model bundle (default: the one `cascade pipeline run` builds on ML-1M, see the docstring)")
+    p.add_argument("--artifacts", type=Path, default=BENCH_VAR / "artifacts",
+                   help="pipeline artifacts of the default bundle (its published version is reused)")
+    p.add_argument("--build-bundle-only", action="store_true", help="build (or find) the default bundle and exit")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--candidates", type=int, default=500)
     p.add_argument("--users-per-set", type=int, default=64)
@@ -429,9 +468,17 @@ def main(argv: list[str] | None = None) -> int:
     report: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "load_at_start": os.getloadavg(),
                                 "waited_for_quiet_s": round(waited, 1)}, "targets": TARGETS}
     dataset, bundle_dir = prepare(args, work)
+    if args.build_bundle_only:
+        print(f"bundle       {bundle_dir}")
+        return 0
     report["setup"] = {"dataset": str(dataset), "bundle": str(bundle_dir), "server_processes": args.processes,
                        "server_workers": args.server_workers, "torch_threads": args.torch_threads,
                        "validate_batches": args.validate_batches}
+    if args.bundle is None:
+        from features.config import to_dict
+
+        report["setup"]["bundle_built_by"] = {"pipeline": to_dict(pipeline_config(dataset, args.artifacts)),
+                                              "version": BUNDLE_VERSION}
     with LocalServices(work / "services") as svc:
         prefix = f"bench{uuid.uuid4().hex[:6]}"
         from features.config import load_config
