@@ -210,7 +210,7 @@ def start_server(work: Path, services, bundle: Path, dataset: Path, prefix: str,
         f"runtime:\n  torch_threads: {args.torch_threads}\n  validate_batches: {str(args.validate_batches).lower()}\n")
     log = work / "serve.log"
     lf = open(log, "w")
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--config", str(cfg), "--model-bundle", str(bundle),
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--dev", "--config", str(cfg), "--model-bundle", str(bundle),
                              "--catalog", str(dataset)], stdout=lf, stderr=subprocess.STDOUT, cwd=REPO)
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc

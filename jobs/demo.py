@@ -5,8 +5,8 @@
     cascade demo --synthetic 300000              # a synthetic log of that many events
 
 Steps: import the dataset -> start local Kafka (tansu) + Redis on loopback ports
--> `cascade pipeline run` v1 (Spark features, both models trained sharded, gate,
-publish) -> a gRPC ranking server on v1 with the online state bootstrapped as of
+-> `cascade pipeline run` v1 (Spark features, both models trained sharded: the
+retriever and the full ranker, `RANKER_FULL`; gate, publish) -> a gRPC ranking server on v1 with the online state bootstrapped as of
 a cutoff -> a few users' recommendations -> their later events replayed live on
 Kafka -> their recommendations again -> pipeline v2 (more ranker training), gated,
 announced, hot-swapped by the running server -> latency sample over gRPC -> an
@@ -26,6 +26,11 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
+# The full ranker, small (one epoch on the dataset's sizes) but complete: DARE's decoupled attention and
+# representation tables, SDIM long-term interest (signatures computed at ingest by the server), and a
+# 4-expert AW-MoE with the contrastive gate loss. Layered on the dataset's ranking config.
+RANKER_FULL = ("ranking/configs/ablations/full.yaml",)
+RANKER_FULL_OVERRIDES = ("model.sequence.long=sdim",)
 
 
 @dataclass(frozen=True)
@@ -173,7 +178,7 @@ def run_demo(cfg: DemoConfig) -> int:
             dataset=str(dataset), artifacts=str(art),
             features=FeaturesStage(spark_master="local[2]", overrides=("spark.shuffle_partitions=4",)),
             retriever=TrainStage(configs=(rconf,), overrides=("train.epochs=3",)),
-            ranker=TrainStage(configs=(kconf,), overrides=("train.epochs=1",)),
+            ranker=TrainStage(configs=(kconf, *RANKER_FULL), overrides=(*RANKER_FULL_OVERRIDES, "train.epochs=1")),
             publish=PublishConfig(kafka_bootstrap=svc.kafka.address, models_topic=models_topic))
 
         _banner(3, total, "pipeline v1: Spark features -> retriever -> ranker -> gate -> publish")
@@ -189,7 +194,8 @@ def run_demo(cfg: DemoConfig) -> int:
         scfg = load_serving_config(None, [
             f"redis.url={svc.redis.address}", f"kafka.bootstrap={svc.kafka.address}",
             "grpc.address=127.0.0.1:0", "metrics.address=127.0.0.1:0",
-            f"models.initial_bundle={read_published(art)['bundle']}"], env={})
+            f"models.initial_bundle={read_published(art)['bundle']}",
+            f"models.allowed_roots={json.dumps([str(art)])}"], env={})  # bundles only from what the pipeline published
         app = ServingApp(scfg, catalog)
         s = bootstrap_dataset(app.store, dataset, scfg.state, catalog, as_of_ms=cutoff, progress=lambda m: None)
         _say(f"bootstrap    {s.users:,} users' sequences and counters as of {time.strftime('%Y-%m-%d', time.gmtime(cutoff / 1000))} "
@@ -197,6 +203,9 @@ def run_demo(cfg: DemoConfig) -> int:
         app.start(wait_for_partitions_s=15.0)
         a = app.addresses
         _say(f"serving      cascade.v1.Ranking on {a.grpc}   metrics http://{a.metrics}/metrics")
+        ranker_line = _ranker_summary(Path(read_published(art)["bundle"]))
+        _say(f"ranker       {ranker_line}")
+        report.section("Served ranker (v1)", text=ranker_line)
         channel = grpc.insecure_channel(a.grpc)
         stub = ranking_pb2_grpc.RankingStub(channel)
         try:
@@ -241,8 +250,8 @@ def run_demo(cfg: DemoConfig) -> int:
             _say(f"server       now serves {now['model']} "
                  f"({'hot-swapped without a restart' if now['model'] == 'v2' else 'kept v1: the gate refused v2'})")
             _say("\n--- v3: a deliberately worse ranker (2 training steps); the gate must refuse it")
-            v3cfg = dataclasses.replace(v2cfg, ranker=TrainStage(configs=(kconf,), overrides=(
-                "train.epochs=1", "train.max_steps_per_epoch=2")))
+            v3cfg = dataclasses.replace(v2cfg, ranker=TrainStage(configs=(kconf, *RANKER_FULL), overrides=(
+                *RANKER_FULL_OVERRIDES, "train.epochs=1", "train.max_steps_per_epoch=2")))
             v3 = run_pipeline(v3cfg, "v3", _say)
             _say(f"server       still serves {_recs(stub, users[0], 1, titles)['model']} "
                  f"(v3 {'published?!' if v3.published else 'refused, never announced'})")
@@ -292,6 +301,15 @@ def run_demo(cfg: DemoConfig) -> int:
           "`cascade serve` exposes them on metrics.address")
     print("services     stopped (Kafka, Redis); `cascade services up` starts long-lived ones")
     return 0
+
+
+def _ranker_summary(bundle: Path) -> str:
+    """What the served ranker is made of, from its export's config.json."""
+    m = json.loads((bundle / "ranker" / "config.json").read_text())["model"]
+    e, s, moe = m["embedding"], m["sequence"], m["moe"]
+    return (f"{'DARE decoupled attention/representation tables' if e['decoupled'] else 'coupled tables'}; "
+            f"short-term target attention over {s['short_len']}; long-term {s['long']} over {s['long_len']}; "
+            f"AW-MoE with {moe['num_experts']} expert(s) {list(moe['expert_hidden'])}")
 
 
 def _scrape(address: str) -> str:

@@ -3,7 +3,8 @@
     cascade services up                                   # local Kafka + Redis (prints their addresses)
     cascade pipeline run dataset=data/ml-100k artifacts=artifacts/models   # -> artifacts/models/versions/<date>/bundle
     cascade serve --set redis.url=redis://127.0.0.1:6390/0 --set kafka.bootstrap=127.0.0.1:9093 \\
-        --model-bundle artifacts/models/v1 --catalog data/ml-100k --bootstrap data/ml-100k
+        --set 'models.allowed_roots=[artifacts/models]' --model-bundle artifacts/models/v1 \\
+        --catalog data/ml-100k --bootstrap data/ml-100k        # or --dev: bundles from any directory
     cascade query --user 1 --k 10 --debug
     cascade events replay --dataset data/ml-100k --rate 2000 --users 1,2,3 --fresh-ts
     cascade serving announce --bundle artifacts/models/v2        # hot swap through the models topic
@@ -11,7 +12,8 @@
 `cascade serve --config serving.yaml` reads a YAML `serving.config.ServingConfig`;
 ``--set key.sub=value`` and the environment (CASCADE_REDIS_URL,
 CASCADE_KAFKA_BOOTSTRAP, CASCADE_GRPC_ADDRESS, CASCADE_METRICS_ADDRESS,
-CASCADE_MODEL_BUNDLE) override it. SIGTERM drains in-flight requests and stops
+CASCADE_MODEL_BUNDLE; secrets: CASCADE_REDIS_PASSWORD, CASCADE_REDIS_USERNAME,
+CASCADE_KAFKA_SASL_USERNAME, CASCADE_KAFKA_SASL_PASSWORD) override it. SIGTERM drains in-flight requests and stops
 the consumers after their last commit.
 """
 from __future__ import annotations
@@ -34,7 +36,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="load the online state (sequences, counters, popularity) from this canonical dataset first")
     p.add_argument("--as-of", type=int, default=None, help="bootstrap: only events before this Unix ms")
     p.add_argument("--fresh", action="store_true", help="bootstrap: delete the key prefix's existing state first")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config (secrets masked) and exit")
+    p.add_argument("--dev", action="store_true",
+                   help="local development: accept model bundles from any directory (models.allow_any_root=true) "
+                        "instead of only under models.allowed_roots")
     p.set_defaults(func=run_serve)
 
     q = sub.add_parser("query", help="ask a running server for a user's top-k (prints a table)")
@@ -88,9 +93,13 @@ def run_serve(args: argparse.Namespace) -> int:
         overrides.append(f"models.initial_bundle={args.model_bundle}")
     if args.catalog:
         overrides.append(f"catalog={args.catalog}")
+    if args.dev:
+        overrides.append("models.allow_any_root=true")
     cfg = load_serving_config(args.config, overrides)
     if args.print_config:
-        print(dump_config(cfg), end="")
+        from serving.security import redacted
+
+        print(dump_config(redacted(cfg)), end="")
         return 0
     app = ServingApp(cfg)
     if args.bootstrap:

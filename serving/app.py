@@ -15,6 +15,7 @@ close the metrics endpoint and Redis.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -32,8 +33,9 @@ from serving.errors import StateUnavailable
 from serving.item_features import ItemDenseCache
 from serving.lifecycle import ItemUpdater, ModelManager
 from serving.metrics import ServingMetrics
-from serving.models import ModelHolder
+from serving.models import ModelHolder, check_model_roots
 from serving.runtime import Availability, CatalogRef, Popularity, Runtime
+from serving.security import add_server_port, redacted
 from serving.state.redis_store import RedisOnlineStore
 
 log = logging.getLogger(__name__)
@@ -47,6 +49,13 @@ ENV_OVERRIDES: dict[str, str] = {
     "CASCADE_METRICS_ADDRESS": "metrics.address",
     "CASCADE_MODEL_BUNDLE": "models.initial_bundle",
 }
+# Secrets (from Kubernetes Secrets): taken verbatim as strings, never parsed as YAML, never logged.
+SECRET_ENV: dict[str, str] = {
+    "CASCADE_REDIS_USERNAME": "redis.username",
+    "CASCADE_REDIS_PASSWORD": "redis.password",
+    "CASCADE_KAFKA_SASL_USERNAME": "kafka.sasl.username",
+    "CASCADE_KAFKA_SASL_PASSWORD": "kafka.sasl.password",
+}
 
 
 def load_serving_config(path: str | Path | None = None, overrides: Sequence[str] = (),
@@ -54,6 +63,7 @@ def load_serving_config(path: str | Path | None = None, overrides: Sequence[str]
     """defaults <- YAML file <- environment variables <- key=value overrides (the last wins)."""
     env = os.environ if env is None else env
     from_env = [f"{key}={env[var]}" for var, key in ENV_OVERRIDES.items() if env.get(var)]
+    from_env += [f"{key}={json.dumps(env[var], ensure_ascii=False)}" for var, key in SECRET_ENV.items() if env.get(var)]
     for ov in overrides:
         parse_overrides([ov])  # a malformed override fails here with its text
     return load_config(ServingConfig, path, [*from_env, *overrides])
@@ -70,6 +80,7 @@ class ServingApp:
     """Everything of one server process. `start()` returns once it listens; `stop()` is graceful."""
 
     def __init__(self, cfg: ServingConfig, catalog: Catalog | None = None) -> None:
+        check_model_roots(cfg.models)  # no announced bundle from just any directory
         self.cfg = cfg
         self.metrics = ServingMetrics()
         self.store = RedisOnlineStore(cfg.redis)
@@ -110,7 +121,7 @@ class ServingApp:
         from prometheus_client import disable_created_metrics
 
         disable_created_metrics()  # no *_created series: they double the scrape for nothing we alert on
-        log.info("serving config:\n%s", dump_config(cfg))
+        log.info("serving config:\n%s", dump_config(redacted(cfg)))
         if cfg.models.initial_bundle is not None:
             self.manager.load(cfg.models.initial_bundle)
         self.refresh_popularity()
@@ -135,7 +146,7 @@ class ServingApp:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, self.server)
         if cfg.grpc.reflection:
             reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        port = self.server.add_insecure_port(cfg.grpc.address)
+        port = add_server_port(self.server, cfg.grpc.address, cfg.grpc.tls)  # TLS / mutual TLS when configured
         if port == 0:
             raise RuntimeError(f"gRPC could not bind {cfg.grpc.address} (in use?)")
         host = cfg.grpc.address.rpartition(":")[0]

@@ -24,6 +24,43 @@ def _check_address(name: str, addr: str) -> None:
 
 
 @dataclass(frozen=True)
+class TlsFiles:
+    """PEM files of a TLS client (Redis, Kafka): the CA that signed the server, and an optional client pair."""
+
+    ca_file: Path | None = None  # None: the system trust store
+    cert_file: Path | None = None  # client certificate (mutual TLS), with key_file
+    key_file: Path | None = None
+    check_hostname: bool = True
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("tls.cert_file and tls.key_file go together (a client certificate and its key)")
+
+    @property
+    def configured(self) -> bool:
+        return any(f is not None for f in (self.ca_file, self.cert_file, self.key_file))
+
+
+@dataclass(frozen=True)
+class GrpcTlsConfig:
+    """gRPC over TLS; no cert_file: plaintext (loopback/dev, or TLS terminated by a mesh)."""
+
+    cert_file: Path | None = None  # server certificate chain (PEM)
+    key_file: Path | None = None  # its private key (PEM)
+    client_ca_file: Path | None = None  # set: clients must present a certificate this CA signed (mutual TLS)
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("grpc.tls.cert_file and grpc.tls.key_file go together")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("grpc.tls.client_ca_file (mutual TLS) needs grpc.tls.cert_file and key_file")
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+@dataclass(frozen=True)
 class GrpcConfig:
     address: str = "127.0.0.1:50051"  # port 0 = any free port (tests)
     max_workers: int = 4  # handler threads (Python handlers share the GIL: more threads add queueing, not speed)
@@ -38,6 +75,7 @@ class GrpcConfig:
     default_deadline_s: float = 1.0  # applied when the client sends none
     shutdown_grace_s: float = 5.0  # SIGTERM: stop accepting, drain in-flight requests for up to this long
     reflection: bool = True
+    tls: GrpcTlsConfig = GrpcTlsConfig()
     # Identical server processes sharing the port (SO_REUSEPORT; the kernel spreads connections):
     # Python handlers hold the GIL, so one process uses about one core. Each process has its own
     # consumers (the events group splits the partitions) and its own /metrics port (metrics port + i).
@@ -93,14 +131,30 @@ class RedisConfig:
     dedupe_ttl_s: int = 14 * 86_400  # event-id marks live this long (redeliveries older than this are re-applied)
     item_log_prune_bytes: int = 64 * 1024  # an item's stats log is pruned to the retention when it grows past this
     health_interval_s: float = 0.5  # how often health probes Redis (and recovery is noticed)
+    # AUTH (ACL user + password; "" = none or whatever the URL holds). Set the password from a Secret
+    # (CASCADE_REDIS_PASSWORD), not in YAML: it is redacted from logged configs either way.
+    username: str = ""
+    password: str = ""
+    tls: TlsFiles = TlsFiles()  # with a rediss:// url: CA / client certificate files
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"redis.url must start with redis://, rediss:// or unix://, got {self.url!r}")
+        if self.tls.configured and not self.url.startswith("rediss://"):
+            raise ValueError("redis.tls files are set but redis.url is not rediss://: use rediss:// for TLS")
         if self.socket_timeout_s <= 0 or self.ingest_socket_timeout_s <= 0 or self.health_interval_s <= 0:
             raise ValueError("redis timeouts and health_interval_s must be positive")
         if self.user_ttl_s < 0 or self.dedupe_ttl_s <= 0:
             raise ValueError("redis.user_ttl_s must be >= 0 and redis.dedupe_ttl_s > 0")
+
+
+@dataclass(frozen=True)
+class SaslConfig:
+    """Kafka SASL credentials; set the password from a Secret (CASCADE_KAFKA_SASL_PASSWORD)."""
+
+    mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
+    username: str = ""
+    password: str = ""
 
 
 @dataclass(frozen=True)
@@ -120,8 +174,17 @@ class KafkaConfig:
     fetch_max_bytes: int = 32 << 20
     max_partition_fetch_bytes: int = 8 << 20
     client_id: str = "cascade-serving"
+    # Broker security (kafka-python's security_protocol): PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl: SaslConfig = SaslConfig()  # used with SASL_*
+    tls: TlsFiles = TlsFiles()  # used with SSL / SASL_SSL
 
     def __post_init__(self) -> None:
+        if self.security_protocol.startswith("SASL_") and not (self.sasl.username and self.sasl.password):
+            raise ValueError(f"kafka.security_protocol={self.security_protocol} needs kafka.sasl.username and "
+                             "kafka.sasl.password (CASCADE_KAFKA_SASL_USERNAME / CASCADE_KAFKA_SASL_PASSWORD)")
+        if self.tls.configured and not self.security_protocol.endswith("SSL"):
+            raise ValueError("kafka.tls files are set but kafka.security_protocol is not SSL or SASL_SSL")
         if not self.bootstrap:
             raise ValueError("kafka.bootstrap must name at least one broker (HOST:PORT[,HOST:PORT])")
         for b in self.bootstrap.split(","):
@@ -161,8 +224,10 @@ class StateConfig:
 class ModelsConfig:
     # A model bundle version directory to load at start (before any `models` announcement arrives).
     initial_bundle: Path | None = None
-    # Announced URIs must resolve under one of these directories (empty: any local path).
+    # Announced URIs (and the initial bundle) must resolve under one of these directories. The server
+    # refuses to start with none unless allow_any_root (local development only) is set.
     allowed_roots: tuple[Path, ...] = ()
+    allow_any_root: bool = False
     smoke_candidates: int = 64  # candidates in the smoke inference that gates every swap
 
 

@@ -10,10 +10,11 @@ a swap lands in the new bundle's index too.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from serving.catalog import Catalog
 from serving.config import ModelsConfig, StateConfig
 from serving.errors import ArtifactError
 from serving.metrics import ServingMetrics
-from serving.models import ModelBundle, ModelHolder, load_bundle, resolve_uri, verify_bundle
+from serving.models import ModelBundle, ModelHolder, describe_error, load_bundle, resolve_uri, verify_bundle
 from serving.runtime import CatalogRef
 from serving.state.codec import CounterLog, UserRecord
 
@@ -70,7 +71,7 @@ def smoke_test(bundle: ModelBundle, catalog: Catalog, num_candidates: int) -> No
     except ArtifactError:
         raise
     except Exception as e:
-        raise ArtifactError("smoke_failed", f"inference raised {type(e).__name__}: {e}") from e
+        raise ArtifactError("smoke_failed", f"inference raised {describe_error(e)}") from e
     if tuple(probs.shape) != (len(cands),):
         raise ArtifactError("smoke_failed", f"ranker returned shape {tuple(probs.shape)}, expected ({len(cands)},)")
     if not bool(torch.isfinite(probs).all()) or float(probs.min()) < 0 or float(probs.max()) > 1:
@@ -79,6 +80,18 @@ def smoke_test(bundle: ModelBundle, catalog: Catalog, num_candidates: int) -> No
         s = bundle.ranker.behavior_signatures(hist)
         if np.asarray(s).shape != hist.shape:
             raise ArtifactError("smoke_failed", f"behavior_signatures returned shape {np.asarray(s).shape}")
+
+
+@contextlib.contextmanager
+def _rejected_as(reason: str) -> Iterator[None]:
+    """Any exception of a hostile or broken artifact (ValueError, KeyError, pickle/torch/faiss errors, MemoryError,
+    RecursionError...) becomes a rejection with a reason; only ArtifactError and non-Exceptions pass unchanged."""
+    try:
+        yield
+    except ArtifactError:
+        raise
+    except Exception as e:
+        raise ArtifactError(reason, describe_error(e)) from e
 
 
 class ModelManager:
@@ -94,19 +107,25 @@ class ModelManager:
         """Validates and swaps in a bundle; raises ArtifactError (the served bundle is unchanged)."""
         t0 = time.perf_counter()
         try:
-            path = resolve_uri(str(uri), self.cfg.allowed_roots)
+            with _rejected_as("unsupported_uri"):
+                path = resolve_uri(str(uri), self.cfg.allowed_roots)
             cur = self.holder.current
             if cur is not None and version is not None and cur.version == version and cur.checksum == checksum:
                 return cur  # a redelivered announcement of what is served
-            manifest, digest, dense = verify_bundle(path, checksum, version, self.state.stats, self.state.retention_ms())
-            bundle = load_bundle(path, manifest, digest, dense)
-            smoke_test(bundle, self.catalog.current, self.cfg.smoke_candidates)
-            bundle.warm_signatures(self.catalog.current.item_ids)
+            with _rejected_as("invalid_bundle"):
+                manifest, digest, dense = verify_bundle(path, checksum, version, self.state.stats,
+                                                        self.state.retention_ms())
+            with _rejected_as("load_failed"):
+                bundle = load_bundle(path, manifest, digest, dense)
+            with _rejected_as("smoke_failed"):
+                smoke_test(bundle, self.catalog.current, self.cfg.smoke_candidates)
+                bundle.warm_signatures(self.catalog.current.item_ids)
             with self.catalog.lock:
                 catalog = self.catalog.current
-                missing = catalog.item_ids[~bundle.index.contains(catalog.item_ids)]
-                if len(missing):
-                    bundle.index.add(missing, _embed_items(bundle, catalog, missing))
+                with _rejected_as("smoke_failed"):
+                    missing = catalog.item_ids[~bundle.index.contains(catalog.item_ids)]
+                    if len(missing):
+                        bundle.index.add(missing, _embed_items(bundle, catalog, missing))
                 old = self.holder.swap(bundle)
         except ArtifactError as e:
             self.metrics.model_rejections.labels(reason=e.reason).inc()

@@ -29,7 +29,10 @@ from __future__ import annotations
 import hashlib
 import importlib
 import json
+import os
+import re
 import shutil
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -200,67 +203,139 @@ class ModelBundle:
             self.signatures(item_ids[s:s + chunk])
 
 
+MAX_MANIFEST_BYTES = 16 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _real(path: Path | str) -> Path:
+    return Path(os.path.realpath(path))
+
+
+def _inside(root: Path, rel: object, what: str) -> Path:
+    """`root / rel` after every symlink, refused unless it stays inside `root` (already a realpath)."""
+    if not isinstance(rel, str) or not rel or "\x00" in rel:
+        raise ArtifactError("unsafe_path", f"{what}: {rel!r} is not a non-empty relative path")
+    if os.path.isabs(rel):
+        raise ArtifactError("unsafe_path", f"{what}: {rel!r} is absolute; bundle paths are relative to the bundle")
+    real = _real(root / rel)
+    if real != root and not real.is_relative_to(root):
+        raise ArtifactError("unsafe_path", f"{what}: {rel!r} resolves to {real}, outside the bundle {root}")
+    return real
+
+
 def _read_manifest(root: Path) -> tuple[dict[str, Any], str]:
-    p = root / MANIFEST
+    p = _inside(root, MANIFEST, "manifest")
     if not p.is_file():
-        raise ArtifactError("missing_manifest", f"{p} does not exist")
+        raise ArtifactError("missing_manifest", f"{root / MANIFEST} does not exist or is not a regular file")
+    if p.stat().st_size > MAX_MANIFEST_BYTES:
+        raise ArtifactError("bad_manifest", f"{p} is {p.stat().st_size} bytes, more than {MAX_MANIFEST_BYTES}")
     data = p.read_bytes()
     try:
         manifest = json.loads(data)
-    except json.JSONDecodeError as e:
-        raise ArtifactError("bad_manifest", f"{p} is not JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, nesting deeper than the stack
+        raise ArtifactError("bad_manifest", f"{p} is not JSON: {type(e).__name__}: {str(e)[:200]}") from None
     if not isinstance(manifest, dict):
         raise ArtifactError("bad_manifest", f"{p} must hold a JSON object")
     return manifest, hashlib.sha256(data).hexdigest()
 
 
+def check_model_roots(cfg: Any) -> None:
+    """Refuses a server config that would load announced bundles from any directory (`ModelsConfig`)."""
+    if not cfg.allowed_roots and not cfg.allow_any_root:
+        raise ValueError("models.allowed_roots is empty: announced model bundles could be loaded from any local "
+                         "directory. Set models.allowed_roots=[DIR, ...] (the publisher's bundle directory), or "
+                         "models.allow_any_root=true for local development only (cascade serve --dev)")
+
+
 def resolve_uri(uri: str, allowed_roots: tuple[Path, ...] = ()) -> Path:
-    """An announcement URI (a local path or file://) -> the bundle directory; refuses paths outside the roots."""
+    """An announcement URI (a local path or file://) -> the bundle directory; refuses paths outside the roots.
+
+    The path and the roots are compared after every symlink (a link under a root pointing elsewhere is
+    outside). Empty roots accept any directory: servers refuse that config at start (`check_model_roots`)."""
+    if not isinstance(uri, str) or not uri.strip() or "\x00" in uri:
+        raise ArtifactError("unsupported_uri", f"{uri!r} is not a bundle path")
     if "://" in uri and not uri.startswith("file://"):
         raise ArtifactError("unsupported_uri", f"{uri!r}: only local paths and file:// URIs are served")
-    path = Path(uri.removeprefix("file://")).resolve()
-    if allowed_roots and not any(path.is_relative_to(Path(r).resolve()) for r in allowed_roots):
+    path = _real(uri.removeprefix("file://"))
+    if allowed_roots and not any(path.is_relative_to(_real(r)) for r in allowed_roots):
         raise ArtifactError("uri_not_allowed", f"{path} is not under an allowed model root {[str(r) for r in allowed_roots]}")
     if not path.is_dir():
         raise ArtifactError("missing_bundle", f"{path} is not a directory")
     return path
 
 
+def _part_dir(root: Path, manifest: Mapping[str, Any], part: str) -> Path:
+    spec = manifest.get(part)
+    if not isinstance(spec, dict) or not isinstance(spec.get("loader"), str) or "path" not in spec:
+        raise ArtifactError("schema", f"manifest.{part} must be {{loader: string, path: string}}")
+    d = _inside(root, spec["path"], f"manifest.{part}.path")
+    if not d.is_dir():
+        raise ArtifactError("missing_file", f"manifest.{part}.path {spec['path']!r} is not a directory in the bundle")
+    return d
+
+
+def _check_part_tree(root: Path, part: str, d: Path, verified: set[Path]) -> None:
+    """Everything a loader could open under a part directory is a checksummed file of this bundle."""
+    for dirpath, dirnames, filenames in os.walk(d, followlinks=False):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            st = os.lstat(p)
+            rel = p.relative_to(root)
+            if stat.S_ISLNK(st.st_mode):
+                real = _real(p)
+                if not real.is_relative_to(root):
+                    raise ArtifactError("unsafe_path", f"{part}: {rel} is a symlink to {real}, outside the bundle")
+                if real.is_dir():
+                    raise ArtifactError("unsafe_path", f"{part}: {rel} is a symlinked directory")
+                if real not in verified:
+                    raise ArtifactError("unlisted_file", f"{part}: {rel} links to {real}, not a checksummed file")
+            elif stat.S_ISREG(st.st_mode):
+                if p not in verified:
+                    raise ArtifactError("unlisted_file", f"{part}: {rel} is not in manifest.files (not checksummed)")
+            elif not stat.S_ISDIR(st.st_mode):
+                raise ArtifactError("unsafe_path", f"{part}: {rel} is not a regular file or directory")
+
+
 def verify_bundle(path: Path, expected_checksum: str | None, expected_version: str | None,
                   stats: StatsConfig, retention_ms: int) -> tuple[dict[str, Any], str, DenseLayout]:
-    """Checksums + schema; returns (manifest, manifest checksum, dense layout). Raises ArtifactError."""
-    manifest, checksum = _read_manifest(path)
+    """Checksums + schema; returns (manifest, manifest checksum, dense layout). Raises ArtifactError.
+
+    Every path the manifest names resolves (after symlinks) inside the bundle directory; every file under
+    the parts' directories is listed in ``files`` with its sha256, so the loaders open checksummed files only."""
+    root = _real(path)
+    manifest, checksum = _read_manifest(root)
     if expected_checksum is not None and checksum != expected_checksum:
         raise ArtifactError("checksum_mismatch",
-                            f"{path / MANIFEST} has sha256 {checksum}, the announcement says {expected_checksum}")
+                            f"{root / MANIFEST} has sha256 {checksum}, the announcement says {expected_checksum}")
     if manifest.get("format") != BUNDLE_FORMAT:
-        raise ArtifactError("schema", f"manifest format {manifest.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+        raise ArtifactError("schema", f"manifest format {str(manifest.get('format'))[:100]!r}, expected {BUNDLE_FORMAT!r}")
     version = manifest.get("version")
     if not isinstance(version, str) or not version:
         raise ArtifactError("schema", "manifest.version must be a non-empty string")
     if expected_version is not None and version != expected_version:
-        raise ArtifactError("version_mismatch", f"manifest version {version!r}, the announcement says {expected_version!r}")
+        raise ArtifactError("version_mismatch", f"manifest version {version[:100]!r}, the announcement says {expected_version!r}")
     if manifest.get("hash_spec_version") != HASH_SPEC_VERSION:
-        raise ArtifactError("schema", f"hash_spec_version {manifest.get('hash_spec_version')} != {HASH_SPEC_VERSION}")
-    if str(manifest.get("schema_version")) != SCHEMA_VERSION:
-        raise ArtifactError("schema", f"schema_version {manifest.get('schema_version')} != {SCHEMA_VERSION}")
+        raise ArtifactError("schema", f"hash_spec_version {str(manifest.get('hash_spec_version'))[:100]} != {HASH_SPEC_VERSION}")
+    if str(manifest.get("schema_version"))[:100] != SCHEMA_VERSION:
+        raise ArtifactError("schema", f"schema_version {str(manifest.get('schema_version'))[:100]} != {SCHEMA_VERSION}")
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise ArtifactError("schema", "manifest.files must map relative paths to sha256")
-    root = path.resolve()
+    verified: set[Path] = set()
     for rel, digest in files.items():
-        f = (root / rel).resolve()
-        if not f.is_relative_to(root):
-            raise ArtifactError("schema", f"manifest.files entry {rel!r} points outside the bundle")
+        f = _inside(root, rel, "manifest.files entry")
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise ArtifactError("schema", f"manifest.files[{rel!r}] must be a lowercase hex sha256")
         if not f.is_file():
-            raise ArtifactError("missing_file", f"{f} is listed in the manifest but missing")
+            raise ArtifactError("missing_file", f"{f} is listed in the manifest but missing (or not a regular file)")
         got = sha256_file(f)
         if got != digest:
             raise ArtifactError("checksum_mismatch", f"{f}: sha256 {got}, the manifest says {digest}")
+        verified.add(f)
     try:
         dense = DenseLayout.from_manifest(manifest.get("features", {}))
-    except (ValueError, TypeError) as e:
-        raise ArtifactError("schema", f"manifest.features: {e}") from None
+    except Exception as e:  # any malformed features block is a schema rejection
+        raise ArtifactError("schema", f"manifest.features: {type(e).__name__}: {str(e)[:300]}") from None
     if set(dense.stats.counted_event_types()) != set(stats.counted_event_types()):
         raise ArtifactError("schema", f"the model counts event types {sorted(dense.stats.counted_event_types())}, "
                                       f"the online state counts {sorted(stats.counted_event_types())}")
@@ -269,27 +344,36 @@ def verify_bundle(path: Path, expected_checksum: str | None, expected_version: s
             raise ArtifactError("schema", f"stats window {w} is longer than the online state's retention "
                                           f"({retention_ms} ms)")
     for part in ("retriever", "ranker"):
-        spec = manifest.get(part)
-        if not isinstance(spec, dict) or "loader" not in spec or "path" not in spec:
-            raise ArtifactError("schema", f"manifest.{part} must be {{loader, path}}")
+        _check_part_tree(root, part, _part_dir(root, manifest, part), verified)
     return manifest, checksum, dense
+
+
+def describe_error(e: BaseException, limit: int = 500) -> str:
+    """``Type: message`` of any exception, bounded, even when its __str__ itself fails."""
+    try:
+        msg = str(e)
+    except Exception:
+        msg = "<unprintable>"
+    return f"{type(e).__name__}: {msg[:limit]}"
 
 
 def load_bundle(path: Path, manifest: Mapping[str, Any], checksum: str, dense: DenseLayout) -> ModelBundle:
     """Loads both models of a verified bundle (restricted loaders only). Raises ArtifactError."""
     parts = {}
+    root = _real(path)
     for part, loaders in (("retriever", RETRIEVER_LOADERS), ("ranker", RANKER_LOADERS)):
         spec = manifest[part]
-        loader = loaders.get(spec["loader"])
+        loader = loaders.get(spec["loader"]) if isinstance(spec.get("loader"), str) else None
         if loader is None:
-            raise ArtifactError("unknown_loader", f"{part} loader {spec['loader']!r} is not one of {sorted(loaders)}")
+            raise ArtifactError("unknown_loader", f"{part} loader {str(spec.get('loader'))[:100]!r} is not one of "
+                                                  f"{sorted(loaders)}")
+        part_dir = _part_dir(root, manifest, part)
         try:
-            parts[part] = loader(path / spec["path"])
+            parts[part] = loader(part_dir)
         except ArtifactError:
             raise
         except Exception as e:  # a loader failing on a bad artifact is a rejection, not a crash
-            raise ArtifactError("load_failed", f"{part} ({spec['loader']}) from {path / spec['path']}: "
-                                               f"{type(e).__name__}: {e}") from e
+            raise ArtifactError("load_failed", f"{part} ({spec['loader']}) from {part_dir}: {describe_error(e)}") from e
     retriever, ranker = parts["retriever"], parts["ranker"]
     sig_spec = 0
     if callable(getattr(ranker, "behavior_signatures", None)):

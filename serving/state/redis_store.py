@@ -33,6 +33,7 @@ from redis.exceptions import RedisError, WatchError
 
 from serving.config import RedisConfig
 from serving.errors import StateUnavailable
+from serving.security import redis_connection_kwargs
 from serving.state.base import IngestFn, IngestResult, ItemStats, OnlineStore
 from serving.state.codec import UserRecord, decode_item_logs, decode_user, encode_user, prune_item_log
 
@@ -90,7 +91,7 @@ class RedisOnlineStore(OnlineStore):
     def __init__(self, cfg: RedisConfig) -> None:
         self.cfg = cfg
         self.keys = Keys(cfg.key_prefix)
-        common = dict(max_connections=cfg.max_connections, health_check_interval=0)
+        common = dict(max_connections=cfg.max_connections, health_check_interval=0, **redis_connection_kwargs(cfg))
         # Request path: short timeouts (a slow Redis is a down Redis: degrade, don't queue).
         self._fast = redis.Redis.from_url(cfg.url, socket_timeout=cfg.socket_timeout_s,
                                           socket_connect_timeout=cfg.socket_timeout_s, **common)

@@ -108,6 +108,7 @@ def serving_overrides(svc, topics: KafkaTopics, prefix: str, **extra: object) ->
         "kafka.events_group": f"g-{prefix}", "kafka.session_timeout_ms": 2000, "kafka.heartbeat_interval_ms": 200,
         "kafka.poll_timeout_ms": 50, "grpc.address": "127.0.0.1:0", "metrics.address": "127.0.0.1:0",
         "runtime.popularity_refresh_s": 0.5,
+        "models.allow_any_root": "true",  # tests load bundles from tmp dirs; a test of the roots sets its own
     }
     ov.update(extra)
     return [f"{k}={v}" for k, v in ov.items()]

@@ -59,7 +59,7 @@ def test_serve_processes_answer_queries_and_drain_on_sigterm(services, standin_b
     log = tmp_path / "serve.log"
     with open(log, "w") as lf:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "jobs.cli", "serve", "--config", str(cfg), "--model-bundle",
+            [sys.executable, "-m", "jobs.cli", "serve", "--dev", "--config", str(cfg), "--model-bundle",
              str(standin_bundles["v1"][0]), "--catalog", str(ml100k_dataset), "--bootstrap", str(ml100k_dataset)],
             stdout=lf, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[2])
     try:
