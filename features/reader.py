@@ -287,6 +287,18 @@ class FeatureStore:
         return np.where(found, self._logq_values[rows], self.unseen_logq)
 
     # ------------------------------------------------------------ batch parts
+    def history(self, user_ids: np.ndarray, end: np.ndarray, cap: int | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """timeline[max(0, end - cap) : end] of every user -> ({history key: values}, lengths)."""
+        return self._history(np.asarray(user_ids, np.int64), end, cap, "FeatureStore.history")
+
+    def user_features(self, user_ids: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The user KJT's {key: (values, lengths)}: user_id plus every user attribute."""
+        return self._user_kjt(np.asarray(user_ids, np.int64))
+
+    def candidate_features(self, item_ids: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The candidates KJT's {key: (values, lengths)}: item_id, categories, tags, item attributes."""
+        return self._candidate_kjt(np.asarray(item_ids, np.int64))[0]
+
     def _user_kjt(self, user_ids: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         out = {USER_ID: (user_ids, np.ones(len(user_ids), dtype=np.int64))}
         rows, found = self.users.rows(user_ids)
