@@ -34,6 +34,7 @@ from serving.item_features import ItemDenseCache
 from serving.lifecycle import ItemUpdater, ModelManager
 from serving.metrics import ServingMetrics
 from serving.models import ModelHolder, check_model_roots
+from serving.rebuild import EpochPositions, StateRebuilder
 from serving.runtime import Availability, CatalogRef, Popularity, Runtime
 from serving.security import add_server_port, redacted
 from serving.state.redis_store import RedisOnlineStore
@@ -91,6 +92,9 @@ class ServingApp:
         self.popularity = Popularity()
         self.manager = ModelManager(self.models, self.catalog, cfg.state, cfg.models, self.metrics)
         self.items = ItemUpdater(self.models, self.catalog, self.metrics)
+        # notices an empty Redis and rebuilds the state; `rebuilder.rebuilding` is True meanwhile
+        self.rebuilder = (StateRebuilder(cfg.rebuild, self.store, cfg.state, self.catalog, self.models, self.metrics)
+                          if cfg.rebuild.enabled else None)
         self.item_dense = ItemDenseCache(self.store)
         self.runtime = Runtime(cfg.limits, cfg.runtime, self.store, self.models, self.catalog, self.popularity,
                                self.availability, self.metrics, self.item_dense)
@@ -124,6 +128,9 @@ class ServingApp:
         log.info("serving config:\n%s", dump_config(redacted(cfg)))
         if cfg.models.initial_bundle is not None:
             self.manager.load(cfg.models.initial_bundle)
+        if self.rebuilder is not None:  # an empty Redis is rebuilt before anything reads or writes it
+            self.rebuilder.check(first=True)
+            self.rebuilder.start()
         self.refresh_popularity()
         t = threading.Thread(target=self._popularity_loop, name="popularity", daemon=True)
         t.start()
@@ -195,7 +202,10 @@ class ServingApp:
         if k.consume_events:
             applier = EventApplier(self.cfg.state, self.store, self.catalog, self.models, self.metrics,
                                    self.dead_letters, self.cfg.redis.item_log_prune_bytes)
-            self.consumers.append(EventsConsumer(k, applier, self.metrics, self.dead_letters))
+            events = EventsConsumer(k, applier, self.metrics, self.dead_letters)
+            if self.rebuilder is not None:
+                events.positions = EpochPositions(self.rebuilder, applier, self.metrics)
+            self.consumers.append(events)
         for c in self.consumers:
             c.start()
         deadline = time.monotonic() + wait_s
@@ -233,6 +243,8 @@ class ServingApp:
     def stop(self, grace_s: float | None = None) -> None:
         grace = self.cfg.grpc.shutdown_grace_s if grace_s is None else grace_s
         self._stop_evt.set()
+        if self.rebuilder is not None:
+            self.rebuilder.stop()
         if self.health is not None:
             self.health.shutdown()
         if self.server is not None:

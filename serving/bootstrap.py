@@ -15,11 +15,17 @@ every event before `as_of_ms` (a test checks user by user):
 
 Duplicate event ids keep their first occurrence in input order (as Spark and
 the consumers do).
+
+With ``marks=True`` every loaded event's id is also marked applied (the
+consumers' dedupe marks), so an event of the dataset that the events topic
+delivers again is a no-op. The first bootstrap of an empty store sets its
+state epoch (`serving.rebuild`), which tells the server the state exists.
 """
 from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -68,7 +74,7 @@ def _user_attrs(dataset: Path) -> dict[int, UserAttrs]:
 def build_records(dataset: Path, state: StateConfig, catalog: Catalog, as_of_ms: int | None = None,
                   bundle: ModelBundle | None = None, user_ids: np.ndarray | None = None):
     """-> (records {user: UserRecord}, item logs {item: bytes}, popularity {item: behaviors}, summary fields)."""
-    t = read_table(dataset, "events", ["event_id", "user_id", "item_id", "ts_ms", "event_type", "label"])
+    t = read_table(Path(dataset), "events", ["event_id", "user_id", "item_id", "ts_ms", "event_type", "label"])
     n_in = t.num_rows
     dup = t.column("event_id").to_pandas().duplicated().to_numpy()
     if dup.any():
@@ -132,14 +138,16 @@ def build_records(dataset: Path, state: StateConfig, catalog: Catalog, as_of_ms:
     bi, bc = np.unique(item[beh], return_counts=True)
     popularity = dict(zip(bi.tolist(), bc.astype(float).tolist()))
     summary = dict(events=int(len(user)), duplicates=int(dup.sum()), input_rows=n_in, behaviors_kept=kept,
-                   as_of_ms=int(as_of_ms))
+                   as_of_ms=int(as_of_ms), event_ids=t.column("event_id"))
     return records, logs, popularity, summary
 
 
 def bootstrap_dataset(store: OnlineStore, dataset: Path, state: StateConfig, catalog: Catalog,
                       as_of_ms: int | None = None, bundle: ModelBundle | None = None,
-                      progress: Callable[[str], None] | None = None) -> BootstrapSummary:
-    """Loads the state of every user and item of `dataset` (events before `as_of_ms`) into `store`."""
+                      progress: Callable[[str], None] | None = None, marks: bool = False,
+                      set_epoch: bool = True) -> BootstrapSummary:
+    """Loads the state of every user and item of `dataset` (events before `as_of_ms`) into `store`
+    (`marks`: and marks those events applied)."""
     t0 = time.perf_counter()
     say = progress or (lambda s: log.info("%s", s))
     say(f"bootstrap: reading {dataset}")
@@ -148,9 +156,22 @@ def bootstrap_dataset(store: OnlineStore, dataset: Path, state: StateConfig, cat
     store.put_users(records)
     store.put_item_logs(logs)
     store.add_popularity(pop)
+    if marks:
+        say(f"bootstrap: marking {s['events']:,} events applied")
+        store.put_marks(s["event_ids"].to_pylist())
     summary = BootstrapSummary(events=s["events"], duplicates=s["duplicates"], users=len(records),
                                items_with_counters=len(logs), behaviors_kept=s["behaviors_kept"], as_of_ms=s["as_of_ms"],
                                seconds=time.perf_counter() - t0)
     store.set_meta({"source": str(dataset), "as_of_ms": str(summary.as_of_ms), "events": str(summary.events),
                     "users": str(summary.users), "loaded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    if not set_epoch:  # the caller (a rebuild) installs its own epoch
+        return summary
+    try:  # an empty store now holds a state: give it an epoch (positions stay the consumers' committed ones)
+        store.create_epoch(new_epoch_id(), {"epoch_rewind": "none"}, replace=False)
+    except NotImplementedError:
+        pass
     return summary
+
+
+def new_epoch_id() -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{uuid.uuid4().hex[:12]}"

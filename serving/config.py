@@ -221,6 +221,30 @@ class StateConfig:
 
 
 @dataclass(frozen=True)
+class RebuildConfig:
+    """Noticing an empty Redis (restart without persistence, failover to an empty replica) and rebuilding it.
+
+    Bootstrap writes an epoch key; a watcher checks it every `check_interval_s`. When it is gone the
+    state is rebuilt from `snapshot` (bootstrap + dedupe marks of every loaded event) and the events
+    consumers rewind to the snapshot's Kafka offsets (or the earliest retained offset), so every event
+    ends up applied exactly once. See serving/rebuild.py.
+    """
+
+    enabled: bool = True
+    # Where the state is rebuilt from: a pipeline artifacts directory (its published version's features
+    # snapshot), a `cascade build-features` output (its input dataset) or a canonical dataset directory;
+    # None: no snapshot, the state is rebuilt from the events topic alone (what Kafka still retains).
+    snapshot: Path | None = None
+    check_interval_s: float = 1.0
+    lock_ttl_s: float = 900.0  # one replica rebuilds under this lock; another takes over if it dies
+    dedupe_marks: bool = True  # mark every snapshot event applied, so its redelivery is a no-op
+
+    def __post_init__(self) -> None:
+        if self.check_interval_s <= 0 or self.lock_ttl_s <= 0:
+            raise ValueError("rebuild.check_interval_s and rebuild.lock_ttl_s must be positive")
+
+
+@dataclass(frozen=True)
 class ModelsConfig:
     # A model bundle version directory to load at start (before any `models` announcement arrives).
     initial_bundle: Path | None = None
@@ -270,6 +294,7 @@ class ServingConfig:
     models: ModelsConfig = ModelsConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     metrics: MetricsConfig = MetricsConfig()
+    rebuild: RebuildConfig = RebuildConfig()
     # Catalog (items) to serve: a canonical dataset directory or a features directory (its items/).
     catalog: Path | None = None
     labels: dict[str, str] = field(default_factory=dict)  # free-form, shown by GetModelInfo

@@ -42,6 +42,10 @@ MODEL_REJECTIONS_TOTAL = "cascade_model_rejections_total"
 SDIM_SIGNATURE_RECOMPUTES_TOTAL = "cascade_sdim_signature_recomputes_total"
 DEADLINE_DROPPED_TOTAL = "cascade_deadline_dropped_total"
 HEALTH_SERVING = "cascade_health_serving"
+STATE_REBUILDS_TOTAL = "cascade_state_rebuilds_total"
+STATE_REBUILD_SECONDS = "cascade_state_rebuild_seconds"
+STATE_REBUILDING = "cascade_state_rebuilding"
+CONSUMER_REWINDS_TOTAL = "cascade_consumer_rewinds_total"
 
 METRIC_NAMES: tuple[str, ...] = (
     RANK_REQUESTS_TOTAL, RANK_STAGE_SECONDS, RANK_CANDIDATES, RANKING_SCORE, REQUESTS_IN_FLIGHT,
@@ -50,6 +54,7 @@ METRIC_NAMES: tuple[str, ...] = (
     INGEST_CONFLICTS_TOTAL, ITEMS_ADDED_TOTAL, ITEMS_REJECTED_TOTAL, INDEX_ITEMS, MODEL_INFO,
     MODEL_LOADED_TIMESTAMP_SECONDS, MODEL_SWAPS_TOTAL, MODEL_REJECTIONS_TOTAL, SDIM_SIGNATURE_RECOMPUTES_TOTAL,
     DEADLINE_DROPPED_TOTAL, HEALTH_SERVING,
+    STATE_REBUILDS_TOTAL, STATE_REBUILD_SECONDS, STATE_REBUILDING, CONSUMER_REWINDS_TOTAL,
 )
 
 # Stage names of `cascade_rank_stage_seconds` (and of the debug timings in RankResponse).
@@ -126,6 +131,14 @@ class ServingMetrics:
         self.health_serving = Gauge(HEALTH_SERVING, "1 while the gRPC health check is SERVING: live (process), ready "
                                     "(can answer, maybe degraded), full (every dependency healthy)", ["check"],
                                     registry=r)
+        self.state_rebuilds = Counter(_counter_base(STATE_REBUILDS_TOTAL),
+                                      "Online state rebuilds after Redis came back empty (snapshot + stream), by outcome",
+                                      ["outcome"], registry=r)
+        self.state_rebuild_seconds = Gauge(STATE_REBUILD_SECONDS, "How long the last rebuild by this server took",
+                                           registry=r)
+        self.state_rebuilding = Gauge(STATE_REBUILDING, "1 while Redis holds no state epoch (being rebuilt)", registry=r)
+        self.consumer_rewinds = Counter(_counter_base(CONSUMER_REWINDS_TOTAL),
+                                        "Event partitions rewound to a new state epoch's snapshot offsets", registry=r)
         self._version: str | None = None
 
     def set_model(self, version: str) -> None:

@@ -15,7 +15,13 @@ from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
+from serving.errors import StateUnavailable
 from serving.state.codec import UserRecord
+
+
+class EpochChanged(StateUnavailable):
+    """The store no longer holds the state epoch a writer was positioned for (it came back empty, or was
+    rebuilt): nothing was written; the writer waits for the rebuild and re-positions (serving.rebuild)."""
 
 
 @dataclass(frozen=True)
@@ -60,8 +66,11 @@ class OnlineStore(abc.ABC):
         """Counter logs of the given items (unknown items: empty). Raises StateUnavailable."""
 
     @abc.abstractmethod
-    def ingest(self, user_ids: Iterable[int], event_ids: Iterable[str], fn: IngestFn, max_retries: int = 10) -> IngestResult:
-        """Atomically: read users + applied marks, call `fn`, write its result (retry on conflict)."""
+    def ingest(self, user_ids: Iterable[int], event_ids: Iterable[str], fn: IngestFn, max_retries: int = 10,
+               epoch: str | None = None) -> IngestResult:
+        """Atomically: read users + applied marks, call `fn`, write its result (retry on conflict).
+
+        With `epoch`, the write happens only while the store's epoch is that one (else EpochChanged)."""
 
     @abc.abstractmethod
     def prune_item_logs(self, item_ids: Iterable[int], cutoff_ms: int) -> int:
@@ -89,6 +98,37 @@ class OnlineStore(abc.ABC):
 
     @abc.abstractmethod
     def get_meta(self) -> dict[str, str]: ...
+
+    # ------------------------------------------------------------------ state epoch (serving.rebuild)
+    # Optional: a store without them runs with `rebuild.enabled=false`.
+    def get_epoch(self) -> str | None:
+        """The id of the state's epoch; None when the store holds no epoch (empty). Raises StateUnavailable."""
+        raise NotImplementedError
+
+    def create_epoch(self, epoch_id: str, info: Mapping[str, str], replace: bool) -> bool:
+        """Sets the epoch (with `info` into the meta) atomically; replace=False: only if none is set."""
+        raise NotImplementedError
+
+    def acquire_rebuild_lock(self, token: str, ttl_s: float) -> bool:
+        raise NotImplementedError
+
+    def release_rebuild_lock(self, token: str) -> None:
+        raise NotImplementedError
+
+    def put_marks(self, event_ids: Iterable[str]) -> int:
+        """Bulk load (rebuild): marks these events applied. Returns how many."""
+        raise NotImplementedError
+
+    def partition_epochs(self, partitions: list[str]) -> dict[str, str]:
+        """partition ("topic:n") -> the epoch its committed Kafka offset belongs to (absent: unknown)."""
+        raise NotImplementedError
+
+    def set_partition_epochs(self, epochs: Mapping[str, str]) -> None:
+        raise NotImplementedError
+
+    def flush_prefix(self, keep: Iterable[str] = ()) -> int:
+        """Deletes the whole state but the keys named in `keep` (e.g. "rebuild_lock"). Returns how many keys."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def ping(self) -> bool:

@@ -9,7 +9,11 @@ layout gets a new prefix, so old and new servers can share a Redis)::
     {p}:i:{item_id}          the item's counter log: 9-byte records appended with APPEND, old ones
                              folded into summary records (serving.state.codec)
     {p}:popularity           ZSET item -> behaviors (the cold-start and fallback ranking)
-    {p}:meta                 HASH: what the state was bootstrapped from
+    {p}:meta                 HASH: what the state was bootstrapped from, its epoch's snapshot offsets
+    {p}:epoch                the state epoch id (serving.rebuild): written by bootstrap, gone when
+                             Redis came back empty; ingest with an epoch writes only while it matches
+    {p}:rebuild_lock         held by the replica rebuilding the state
+    {p}:positions            HASH "topic:partition" -> the epoch that partition's committed offset belongs to
 
 Request path: one GET for the user, one MGET for the candidates' counters.
 Ingest: WATCH the batch's users, one MGET (users + marks), then MULTI, one
@@ -34,7 +38,7 @@ from redis.exceptions import RedisError, WatchError
 from serving.config import RedisConfig
 from serving.errors import StateUnavailable
 from serving.security import redis_connection_kwargs
-from serving.state.base import IngestFn, IngestResult, ItemStats, OnlineStore
+from serving.state.base import EpochChanged, IngestFn, IngestResult, ItemStats, OnlineStore
 from serving.state.codec import UserRecord, decode_item_logs, decode_user, encode_user, prune_item_log
 
 
@@ -86,6 +90,18 @@ class Keys:
     def meta(self) -> str:
         return f"{self.p}:meta"
 
+    @property
+    def epoch(self) -> str:
+        return f"{self.p}:epoch"
+
+    @property
+    def rebuild_lock(self) -> str:
+        return f"{self.p}:rebuild_lock"
+
+    @property
+    def positions(self) -> str:
+        return f"{self.p}:positions"
+
 
 class RedisOnlineStore(OnlineStore):
     def __init__(self, cfg: RedisConfig) -> None:
@@ -124,18 +140,23 @@ class RedisOnlineStore(OnlineStore):
             return False
 
     # ------------------------------------------------------------------ ingest
-    def ingest(self, user_ids: Iterable[int], event_ids: Iterable[str], fn: IngestFn, max_retries: int = 10) -> IngestResult:
+    def ingest(self, user_ids: Iterable[int], event_ids: Iterable[str], fn: IngestFn, max_retries: int = 10,
+               epoch: str | None = None) -> IngestResult:
         uids = list(dict.fromkeys(user_ids))
         eids = list(dict.fromkeys(event_ids))
         ukeys = [self.keys.user(u) for u in uids]
         mkeys = [self.keys.mark(e) for e in eids]
+        fence = [self.keys.epoch] if epoch is not None else []  # watched: a flush/rebuild aborts the EXEC
         conflicts = 0
         ttl_ms = self.cfg.user_ttl_s * 1000
         with self._slow.pipeline(transaction=True) as pipe:
             while True:
                 try:
-                    pipe.watch(*ukeys)
-                    vals = pipe.mget(ukeys + mkeys)  # immediate mode after WATCH
+                    pipe.watch(*ukeys, *fence)
+                    vals = pipe.mget(ukeys + mkeys + fence)  # immediate mode after WATCH
+                    if fence and (vals[-1] or b"").decode() != epoch:
+                        raise EpochChanged(f"redis holds state epoch {vals[-1]!r}, not {epoch!r}: "
+                                           "not writing until the state is rebuilt")
                     states = {u: (None if v is None else decode_user(v, where=k, decode_attrs=False))
                               for u, k, v in zip(uids, ukeys, vals[:len(uids)])}
                     seen = {e for e, v in zip(eids, vals[len(uids):]) if v is not None}
@@ -243,15 +264,86 @@ class RedisOnlineStore(OnlineStore):
         except RedisError as e:
             raise StateUnavailable(f"redis HGETALL {self.keys.meta}: {e}") from e
 
-    def flush_prefix(self) -> int:
-        """Deletes every key under the prefix (tests, `--bootstrap --fresh`). Returns the number deleted."""
+    def flush_prefix(self, keep: Iterable[str] = ()) -> int:
+        """Deletes every key under the prefix but `keep` (key names after the prefix, e.g. "rebuild_lock")
+        (tests, `--bootstrap --fresh`, rebuilds). Returns the number deleted."""
         n = 0
+        kept = {f"{self.keys.p}:{k}".encode() for k in keep}
         try:
             for batch in _chunks(self._slow.scan_iter(match=f"{self.keys.p}:*", count=1000), 1000):
-                n += self._slow.delete(*batch)
+                batch = [k for k in batch if k not in kept]
+                n += self._slow.delete(*batch) if batch else 0
         except RedisError as e:
             raise StateUnavailable(f"redis delete of {self.keys.p}:*: {e}") from e
         return n
+
+    # ------------------------------------------------------------------ state epoch (serving.rebuild)
+    def get_epoch(self) -> str | None:
+        try:
+            v = self._slow.get(self.keys.epoch)
+        except RedisError as e:
+            raise StateUnavailable(f"redis GET {self.keys.epoch}: {e}") from e
+        return None if v is None else v.decode()
+
+    def create_epoch(self, epoch_id: str, info: Mapping[str, str], replace: bool) -> bool:
+        with self._slow.pipeline(transaction=True) as pipe:
+            try:
+                pipe.watch(self.keys.epoch)
+                if not replace and pipe.exists(self.keys.epoch):
+                    return False
+                pipe.multi()
+                if info:
+                    pipe.hset(self.keys.meta, mapping=dict(info))
+                pipe.set(self.keys.epoch, epoch_id)
+                pipe.execute()
+                return True
+            except WatchError:
+                return False  # another writer set one meanwhile
+            except RedisError as e:
+                raise StateUnavailable(f"redis epoch write {self.keys.epoch}: {e}") from e
+
+    def acquire_rebuild_lock(self, token: str, ttl_s: float) -> bool:
+        try:
+            return bool(self._slow.set(self.keys.rebuild_lock, token, nx=True, px=int(ttl_s * 1000)))
+        except RedisError as e:
+            raise StateUnavailable(f"redis SET {self.keys.rebuild_lock} NX: {e}") from e
+
+    def release_rebuild_lock(self, token: str) -> None:
+        try:  # only our own lock (it may have expired and been taken over)
+            self._slow.eval("if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end "
+                            "return 0", 1, self.keys.rebuild_lock, token)
+        except RedisError as e:
+            raise StateUnavailable(f"redis release of {self.keys.rebuild_lock}: {e}") from e
+
+    def put_marks(self, event_ids: Iterable[str], chunk: int = 2000) -> int:
+        n = 0
+        try:
+            for batch in _chunks(event_ids, chunk):
+                pipe = self._slow.pipeline(transaction=False)
+                for e in batch:
+                    pipe.set(self.keys.mark(e), b"1", ex=self.cfg.dedupe_ttl_s)
+                pipe.execute()
+                n += len(batch)
+        except RedisError as e:
+            raise StateUnavailable(f"redis bulk load of dedupe marks ({n} written): {e}") from e
+        return n
+
+    def partition_epochs(self, partitions: list[str]) -> dict[str, str]:
+        if not partitions:
+            return {}
+        try:
+            vals = self._slow.hmget(self.keys.positions, partitions)
+        except RedisError as e:
+            raise StateUnavailable(f"redis HMGET {self.keys.positions}: {e}") from e
+        return {p: v.decode() for p, v in zip(partitions, vals) if v is not None}
+
+    def set_partition_epochs(self, epochs: Mapping[str, str]) -> None:
+        if not epochs:
+            return
+        try:
+            self._slow.hset(self.keys.positions, mapping=dict(epochs))
+        except RedisError as e:
+            raise StateUnavailable(f"redis HSET {self.keys.positions}: {e}") from e
 
     def close(self) -> None:
         self._fast.close()

@@ -72,6 +72,7 @@ class EventApplier:
         self.counted_types = frozenset(state.stats.counted_event_types())
         self.behavior_types = frozenset(state.sequence.behavior_event_types)
         self.newest_ts = 0
+        self.epoch: str | None = None  # write only while Redis holds this state epoch (serving.rebuild)
         self.recent_freshness_s: deque[float] = deque(maxlen=100_000)  # exact values, for benchmarks and debugging
         self._codes = {t: action_code(t, 0.0) for t in EVENT_TYPE_NAMES}  # + (label >= 0.5): the action code
 
@@ -157,7 +158,7 @@ class EventApplier:
             return w
 
         users = list(by_user)
-        res = self.store.ingest(users, [e.event_id for evs in by_user.values() for e in evs], fn)
+        res = self.store.ingest(users, [e.event_id for evs in by_user.values() for e in evs], fn, epoch=self.epoch)
         done_ms = time.time() * 1000.0
         out.conflicts = res.conflicts
         out.deduplicated += skipped[0]
@@ -189,6 +190,7 @@ class EventsConsumer(threading.Thread):
         self.ready = threading.Event()  # set once partitions are assigned
         self.error: BaseException | None = None
         self.totals = BatchOutcome()
+        self.positions = None  # serving.rebuild.EpochPositions: rewinds after a state rebuild (None: off)
 
     def stop(self) -> None:
         self._stop_evt.set()
@@ -219,6 +221,8 @@ class EventsConsumer(threading.Thread):
         try:
             while not self._stop_evt.is_set():
                 polled = consumer.poll(timeout_ms=self.cfg.poll_timeout_ms)
+                if self.positions is not None:  # keep: after a state rebuild, seeks partitions to the snapshot offsets
+                    polled = self.positions.after_poll(consumer, polled)
                 if consumer.assignment():
                     self.ready.set()
                 if time.monotonic() - last_lag > 1.0:
@@ -242,6 +246,8 @@ class EventsConsumer(threading.Thread):
                     continue
                 backoff = 0.1
                 consumer.commit({tp: OffsetAndMetadata(part[-1].offset + 1, "", -1) for tp, part in polled.items()})
+                if self.positions is not None:  # keep: records which partitions' commits belong to the state epoch
+                    self.positions.after_commit(polled)
                 self.metrics.consumer_batch_seconds.labels(topic=self.cfg.topics.events).observe(time.perf_counter() - t0)
                 self.metrics.events_applied.inc(out.applied)
                 self.metrics.events_deduplicated.inc(out.deduplicated)

@@ -1,0 +1,296 @@
+"""Noticing that Redis came back empty and rebuilding the online state, with every event applied once.
+
+Redis restarted without persistence, or a failover to an empty replica, leaves
+the server with no state while the consumer group's committed offsets say
+everything was applied. Three pieces fix that:
+
+* **The state epoch.** A key (`OnlineStore.get_epoch`) that bootstrap writes
+  and an empty Redis lacks. `StateRebuilder` checks it at start and every
+  `rebuild.check_interval_s`.
+* **The rebuild.** One replica (under a lock in Redis) deletes what is left
+  under the prefix, bootstraps the snapshot (`rebuild.snapshot`, see
+  `resolve_snapshot`) with a dedupe mark per loaded event, then installs a new
+  epoch that names the snapshot's Kafka offsets (none: the earliest retained
+  offset). The epoch key is written last, in one transaction with its offsets.
+* **Positions and the fence.** `EpochPositions` is the events consumer's hook:
+  ingest writes only while Redis holds the epoch the consumer positioned
+  itself for (`OnlineStore.ingest(epoch=...)`, else `EpochChanged` and the
+  batch is retried), and on a new epoch every partition is rewound to the
+  snapshot offset unless Redis records that its committed offset already
+  belongs to this epoch (recorded after the partition's first commit in it).
+  So a partition that moves to another replica, or a server killed before it
+  rewound, still restarts at the snapshot offset.
+
+Exactly once in effect: an event before the snapshot's offsets is in the
+snapshot and is not consumed again; one after them is consumed at least once
+and deduplicated by its mark; one in both (a snapshot newer than its offsets,
+or no offsets at all) was marked by the rebuild, so its delivery is a no-op.
+
+A snapshot is a canonical dataset directory (events/, users/) and may carry
+``kafka_offsets.json``: ``{"topic": "cascade.events", "offsets": {"0": 1234,
+...}}``, per partition the first offset whose event is *not* in the dataset
+(whatever archives the events topic into the dataset writes it).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from serving.bootstrap import bootstrap_dataset, new_epoch_id
+from serving.config import RebuildConfig, StateConfig
+from serving.errors import StateUnavailable
+from serving.metrics import ServingMetrics
+from serving.models import ModelHolder
+from serving.runtime import CatalogRef
+from serving.state.base import OnlineStore
+
+log = logging.getLogger(__name__)
+
+OFFSETS_FILE = "kafka_offsets.json"
+LOCK = "rebuild_lock"  # key name under the prefix (kept when the rest is deleted)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    dataset: Path  # canonical dataset directory
+    as_of_ms: int | None  # only events before this (None: all)
+    topic: str | None  # the events topic the offsets are of
+    offsets: dict[int, int] = field(default_factory=dict)  # partition -> first offset not in the snapshot
+    described: str = ""
+
+
+def _offsets(dataset: Path) -> tuple[str | None, dict[int, int]]:
+    f = dataset / OFFSETS_FILE
+    if not f.is_file():
+        return None, {}
+    try:
+        d = json.loads(f.read_text())
+        return str(d["topic"]), {int(p): int(o) for p, o in dict(d["offsets"]).items()}
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{f}: expected {{\"topic\": NAME, \"offsets\": {{PARTITION: OFFSET}}}}: {e}") from e
+
+
+def _from_dataset(dataset: Path, as_of_ms: int | None, described: str) -> Snapshot:
+    if not (dataset / "events").is_dir():
+        raise FileNotFoundError(f"snapshot dataset {dataset} has no events/ directory ({described})")
+    topic, offsets = _offsets(dataset)
+    return Snapshot(dataset, as_of_ms, topic, offsets, described)
+
+
+def _from_features(fdir: Path, described: str) -> Snapshot:
+    m = json.loads((fdir / "manifest.json").read_text())
+    path = (m.get("input") or {}).get("path")
+    if not path or "://" in str(path):
+        raise ValueError(f"features snapshot {fdir}: its manifest's input.path {path!r} is not a local dataset directory")
+    end = (m.get("time_range") or {}).get("snapshot_end_ms")
+    return _from_dataset(Path(path), int(end) if end is not None else None, f"{described}features {fdir}, dataset {path}")
+
+
+def resolve_snapshot(path: Path) -> Snapshot:
+    """The dataset to rebuild from: `path` is a pipeline artifacts directory (its published version's
+    features snapshot), a `cascade build-features` output (its input dataset, up to its snapshot end) or
+    a canonical dataset directory. Raises FileNotFoundError / ValueError naming what is missing."""
+    path = Path(path)
+    if (path / "published.json").is_file():
+        version = json.loads((path / "published.json").read_text())["version"]
+        man = path / "versions" / version / "manifest.json"
+        if not man.is_file():
+            raise FileNotFoundError(f"published version {version} has no {man}")
+        fdir = (json.loads(man.read_text()).get("stages", {}).get("features") or {}).get("dir")
+        if not fdir:
+            raise ValueError(f"{man} records no features directory (stages.features.dir)")
+        return _from_features(Path(fdir), f"published version {version}: ")
+    if (path / "events").is_dir():
+        return _from_dataset(path, None, f"dataset {path}")
+    if (path / "manifest.json").is_file():
+        return _from_features(path, "")
+    raise FileNotFoundError(f"rebuild.snapshot {path} is neither a pipeline artifacts directory (published.json), "
+                            "a features directory (manifest.json) nor a canonical dataset (events/)")
+
+
+@dataclass(frozen=True)
+class Epoch:
+    id: str
+    rewind: bool  # False: an adopted/bootstrapped state, the consumers keep their committed offsets
+    topic: str | None = None
+    offsets: dict[int, int] = field(default_factory=dict)
+
+    def start(self, topic: str, partition: int) -> int | None:
+        """Where a partition starts in this epoch (None: the earliest retained offset)."""
+        return self.offsets.get(partition) if topic == self.topic else None
+
+
+class StateRebuilder(threading.Thread):
+    """Watches the state epoch; rebuilds the state when Redis lost it. `rebuilding` is True meanwhile."""
+
+    def __init__(self, cfg: RebuildConfig, store: OnlineStore, state: StateConfig, catalog: CatalogRef,
+                 models: ModelHolder, metrics: ServingMetrics) -> None:
+        super().__init__(name="state-rebuild", daemon=True)
+        self.cfg = cfg
+        self.store = store
+        self.state = state
+        self.catalog = catalog
+        self.models = models
+        self.metrics = metrics
+        self.current: Epoch | None = None  # the epoch Redis holds, as last read (None: not known yet)
+        self.rebuilding = False
+        self._stop_evt = threading.Event()
+
+    def check(self, first: bool = False) -> Epoch | None:
+        """One probe: read the epoch, rebuild when it is gone. Returns the current epoch (None: unknown)."""
+        try:
+            eid = self.store.get_epoch()
+            if eid is None:
+                if first and self._holds_state():
+                    # a state written before epochs existed (an upgrade): keep it and its positions
+                    self.store.create_epoch(new_epoch_id(), {"epoch_rewind": "none"}, replace=False)
+                    log.warning("online state under the prefix has no epoch: adopted as it is")
+                else:
+                    self.rebuild()
+                eid = self.store.get_epoch()
+            if eid is not None and (self.current is None or eid != self.current.id):
+                self.current = self._read(eid)
+                log.info("online state epoch %s (%s)", eid, "consumers rewind to its snapshot offsets"
+                         if self.current.rewind else "consumers keep their committed offsets")
+            self.rebuilding = eid is None
+        except StateUnavailable as e:  # Redis down (degraded mode) or gone mid-rebuild: the next check retries
+            (log.warning if self.rebuilding else log.debug)("state epoch not checked: %s", e)
+        self.metrics.state_rebuilding.set(1 if self.rebuilding else 0)
+        return self.current
+
+    def _holds_state(self) -> bool:
+        meta = self.store.get_meta()
+        return bool(meta) and not meta.get("rebuilding")
+
+    def _read(self, eid: str) -> Epoch:
+        meta = self.store.get_meta()
+        if meta.get("epoch_id") != eid:  # an epoch without its record: treat as a fresh state
+            return Epoch(eid, rewind=True)
+        offsets = {int(p): int(o) for p, o in json.loads(meta.get("epoch_offsets") or "{}").items()}
+        return Epoch(eid, meta.get("epoch_rewind") == "snapshot", meta.get("epoch_topic") or None, offsets)
+
+    def rebuild(self) -> bool:
+        """Rebuilds the state unless another replica is doing it (then returns False and waits for its epoch)."""
+        token = uuid.uuid4().hex
+        self.rebuilding = True
+        self.metrics.state_rebuilding.set(1)
+        if not self.store.acquire_rebuild_lock(token, self.cfg.lock_ttl_s):
+            log.info("the online state is being rebuilt by another replica")
+            return False
+        t0 = time.perf_counter()
+        log.warning("the online state is empty (no epoch in Redis): rebuilding it from %s",
+                    self.cfg.snapshot or "the events topic alone (no rebuild.snapshot)")
+        try:
+            snap = resolve_snapshot(self.cfg.snapshot) if self.cfg.snapshot is not None else None
+            self.store.flush_prefix(keep=(LOCK,))  # a partial state is worse than none
+            eid = new_epoch_id()
+            self.store.set_meta({"rebuilding": token})
+            info: dict[str, Any] = {"epoch_id": eid, "epoch_rewind": "snapshot", "rebuilding": "",
+                                    "epoch_topic": "", "epoch_offsets": "{}", "epoch_source": "events topic"}
+            if snap is not None:
+                bundle = self.models.current
+                s = bootstrap_dataset(self.store, snap.dataset, self.state, self.catalog.current, snap.as_of_ms,
+                                      bundle=bundle if bundle is not None and bundle.sig_spec else None,
+                                      marks=self.cfg.dedupe_marks, set_epoch=False)
+                info.update(epoch_topic=snap.topic or "", epoch_offsets=json.dumps(snap.offsets),
+                            epoch_source=snap.described)
+                log.info("rebuild: %d users, %d events from %s (as of %s); consumers resume at %s", s.users,
+                         s.events, snap.described, s.as_of_ms, snap.offsets or "the earliest retained offsets")
+            self.store.create_epoch(eid, {k: str(v) for k, v in info.items()}, replace=True)
+        except BaseException:
+            self.metrics.state_rebuilds.labels(outcome="failed").inc()
+            raise
+        finally:
+            try:
+                self.store.release_rebuild_lock(token)
+            except StateUnavailable:
+                pass  # expires by itself
+        secs = time.perf_counter() - t0
+        self.metrics.state_rebuilds.labels(outcome="done").inc()
+        self.metrics.state_rebuild_seconds.set(secs)
+        log.warning("online state rebuilt in %.1fs: epoch %s", secs, eid)
+        return True
+
+    def run(self) -> None:
+        while not self._stop_evt.wait(self.cfg.check_interval_s):
+            try:
+                self.check()
+            except Exception:  # a failed rebuild (bad snapshot, Redis gone mid-way) is retried next check
+                log.exception("state rebuild failed; retrying in %.1fs", self.cfg.check_interval_s)
+
+    def stop(self) -> None:
+        self._stop_evt.set()
+
+
+def _key(tp: Any) -> str:
+    return f"{tp.topic}:{tp.partition}"
+
+
+class EpochPositions:
+    """The events consumer's hook (`EventsConsumer.positions`): positions its partitions for the current
+    epoch before anything of theirs is applied, and fences the applier's writes to that epoch."""
+
+    def __init__(self, rebuilder: StateRebuilder, applier: Any, metrics: ServingMetrics) -> None:
+        self.rebuilder = rebuilder
+        self.store = rebuilder.store
+        self.applier = applier
+        self.metrics = metrics
+        self._epoch: str | None = None
+        self._checked: set = set()  # partitions positioned for self._epoch
+        self._pending: set = set()  # rewound, their first commit in the epoch not recorded yet
+
+    @staticmethod
+    def _unread(consumer: Any, polled: dict) -> dict:
+        for tp, part in polled.items():  # nothing of it applied: fetch it again later
+            consumer.seek(tp, part[0].offset)
+        return {}
+
+    def after_poll(self, consumer: Any, polled: dict) -> dict:
+        """Called right after each poll (records or none); returns the records that may be applied now."""
+        cur = self.rebuilder.current
+        if cur is None or self.rebuilder.rebuilding:
+            return self._unread(consumer, polled)
+        if cur.id != self._epoch:
+            self._epoch, self._checked, self._pending = cur.id, set(), set()
+        assigned = consumer.assignment()
+        self._checked &= assigned
+        self._pending &= assigned
+        new = [tp for tp in assigned if tp not in self._checked]
+        if new and cur.rewind:
+            try:
+                done = self.store.partition_epochs([_key(tp) for tp in new])
+            except StateUnavailable:
+                return self._unread(consumer, polled)
+            for tp in new:
+                if done.get(_key(tp)) == cur.id:
+                    continue  # its committed offset is of this epoch already
+                start = cur.start(tp.topic, tp.partition)
+                if start is None:
+                    consumer.seek_to_beginning(tp)
+                else:
+                    consumer.seek(tp, start)
+                polled.pop(tp, None)
+                self._pending.add(tp)
+                self.metrics.consumer_rewinds.inc()
+                log.info("%s rewound to %s for state epoch %s", _key(tp), "the beginning" if start is None else start,
+                         cur.id)
+        self._checked.update(new)
+        self.applier.epoch = cur.id
+        return polled
+
+    def after_commit(self, polled: dict) -> None:
+        """Called after the offsets of `polled` were committed."""
+        done = [tp for tp in polled if tp in self._pending]
+        if not done or self._epoch is None:
+            return
+        try:
+            self.store.set_partition_epochs({_key(tp): self._epoch for tp in done})
+        except StateUnavailable:
+            return  # recorded after a later commit; until then a new owner rewinds again (marks dedupe)
+        self._pending.difference_update(done)
