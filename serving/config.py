@@ -8,11 +8,12 @@ other module receives the part it needs. Everything binds 127.0.0.1 by default.
 """
 from __future__ import annotations
 
+import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from features.messages import KafkaTopics
+from features.messages import EventBounds, KafkaTopics
 from features.sequence import SequenceConfig
 from features.transforms import StatsConfig, parse_window
 
@@ -174,6 +175,12 @@ class KafkaConfig:
     fetch_max_bytes: int = 32 << 20
     max_partition_fetch_bytes: int = 8 << 20
     client_id: str = "cascade-serving"
+    # Supervision of the consumers (serving/stream/supervise.py): an unexpected error is retried after
+    # retry_backoff_s, doubling up to retry_backoff_max_s; a record that fails max_record_failures times
+    # in a row is dead-lettered (reason consumer_error) and skipped. Redis being down is never a record's fault.
+    max_record_failures: int = 3
+    retry_backoff_s: float = 0.1
+    retry_backoff_max_s: float = 5.0
     # Broker security (kafka-python's security_protocol): PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL.
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl: SaslConfig = SaslConfig()  # used with SASL_*
@@ -193,6 +200,8 @@ class KafkaConfig:
             raise ValueError("kafka.heartbeat_interval_ms must be at most a third of kafka.session_timeout_ms")
         if self.max_poll_records <= 0 or self.poll_timeout_ms <= 0:
             raise ValueError("kafka.max_poll_records and kafka.poll_timeout_ms must be positive")
+        if self.max_record_failures < 1 or not 0 < self.retry_backoff_s <= self.retry_backoff_max_s:
+            raise ValueError("kafka.max_record_failures must be >= 1 and 0 < kafka.retry_backoff_s <= retry_backoff_max_s")
 
 
 @dataclass(frozen=True)
@@ -204,8 +213,14 @@ class StateConfig:
     # How far back (event time) the per-entity counter logs are kept: at least the longest finite
     # stats window of any model that will be served.
     stats_retention: str = "31d"
+    # Events stamped before this UTC date, or later than the consumer's clock + event_max_future, are
+    # dead-lettered (ts_too_old / ts_in_future): a far-future timestamp would become a user's newest
+    # event; an ancient one is usually seconds written as milliseconds.
+    event_ts_floor: str = "1990-01-01"
+    event_max_future: str = "5m"
 
     def __post_init__(self) -> None:
+        self.event_bounds()  # raises on a malformed floor or skew
         ret = parse_window(self.stats_retention)
         if ret is None:
             raise ValueError("state.stats_retention must be a finite window such as 31d")
@@ -218,6 +233,17 @@ class StateConfig:
 
     def retention_ms(self) -> int:
         return int(parse_window(self.stats_retention))  # type: ignore[arg-type]
+
+    def event_bounds(self) -> EventBounds:
+        try:
+            floor = datetime.date.fromisoformat(self.event_ts_floor)
+        except ValueError:
+            raise ValueError(f"state.event_ts_floor must be a date like 1990-01-01, got {self.event_ts_floor!r}") from None
+        skew = parse_window(self.event_max_future)
+        if skew is None:
+            raise ValueError("state.event_max_future must be a finite window such as 5m")
+        epoch = datetime.datetime.combine(floor, datetime.time(), datetime.timezone.utc).timestamp()
+        return EventBounds(min_ts_ms=int(epoch * 1000), max_future_ms=skew)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,9 @@ DEGRADED_ANSWERS_TOTAL = "cascade_degraded_answers_total"
 REDIS_UP = "cascade_redis_up"
 CONSUMER_LAG = "cascade_consumer_lag"
 CONSUMER_BATCH_SECONDS = "cascade_consumer_batch_seconds"
+CONSUMER_RESTARTS_TOTAL = "cascade_consumer_restarts_total"
+CONSUMER_SKIPPED_RECORDS_TOTAL = "cascade_consumer_skipped_records_total"
+CONSUMER_COMMIT_FAILURES_TOTAL = "cascade_consumer_commit_failures_total"
 EVENT_FRESHNESS_SECONDS = "cascade_event_freshness_seconds"
 EVENTS_APPLIED_TOTAL = "cascade_events_applied_total"
 EVENTS_DEDUPLICATED_TOTAL = "cascade_events_deduplicated_total"
@@ -50,6 +53,7 @@ CONSUMER_REWINDS_TOTAL = "cascade_consumer_rewinds_total"
 METRIC_NAMES: tuple[str, ...] = (
     RANK_REQUESTS_TOTAL, RANK_STAGE_SECONDS, RANK_CANDIDATES, RANKING_SCORE, REQUESTS_IN_FLIGHT,
     REQUESTS_SHED_TOTAL, DEGRADED_ANSWERS_TOTAL, REDIS_UP, CONSUMER_LAG, CONSUMER_BATCH_SECONDS,
+    CONSUMER_RESTARTS_TOTAL, CONSUMER_SKIPPED_RECORDS_TOTAL, CONSUMER_COMMIT_FAILURES_TOTAL,
     EVENT_FRESHNESS_SECONDS, EVENTS_APPLIED_TOTAL, EVENTS_DEDUPLICATED_TOTAL, EVENTS_DEAD_LETTERED_TOTAL,
     INGEST_CONFLICTS_TOTAL, ITEMS_ADDED_TOTAL, ITEMS_REJECTED_TOTAL, INDEX_ITEMS, MODEL_INFO,
     MODEL_LOADED_TIMESTAMP_SECONDS, MODEL_SWAPS_TOTAL, MODEL_REJECTIONS_TOTAL, SDIM_SIGNATURE_RECOMPUTES_TOTAL,
@@ -98,6 +102,16 @@ class ServingMetrics:
                                   ["topic", "partition"], registry=r)
         self.consumer_batch_seconds = Histogram(CONSUMER_BATCH_SECONDS, "Time to apply one polled batch (decode to commit)",
                                                 ["topic"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.consumer_restarts = Counter(_counter_base(CONSUMER_RESTARTS_TOTAL),
+                                         "Unexpected errors in a consumer (events, items, models) retried after a "
+                                         "backoff", ["consumer"], registry=r)
+        self.consumer_skipped = Counter(_counter_base(CONSUMER_SKIPPED_RECORDS_TOTAL),
+                                        "Records that kept failing at the same offset, dead-lettered and skipped",
+                                        ["topic"], registry=r)
+        self.consumer_commit_failures = Counter(_counter_base(CONSUMER_COMMIT_FAILURES_TOTAL),
+                                                "Offset commits refused (a rebalance moved the partitions; the new "
+                                                "owner re-reads them and the dedupe marks make that a no-op)",
+                                                ["consumer"], registry=r)
         self.freshness = Histogram(EVENT_FRESHNESS_SECONDS,
                                    "Event produced (Kafka timestamp) to visible in Redis (up to 256 evenly spaced "
                                    "events per applied batch)", buckets=_FRESHNESS_BUCKETS, registry=r)

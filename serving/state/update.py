@@ -9,7 +9,10 @@
   checks the two paths against the fold on random arrival orders.
 * Counters: counted events (`StatsConfig.event_types`) add ``(ts, label >= 0.5)``
   to the user's counter log and totals; the log keeps the retention window
-  (event time, relative to the newest counted event).
+  (event time) counted back from min(newest counted event, now): the wall
+  clock bounds it, so one event stamped in the future cannot push the user's
+  real history out of the log (the consumer also dead-letters such events,
+  `features.messages.EventBounds`). Pruning never changes the totals.
 * SDIM signatures: kept parallel to the sequence when the serving model has an
   SDIM module; new behaviors get theirs from the model's signature table, and
   a sequence whose stored signatures came from another model is re-signed
@@ -17,6 +20,7 @@
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -51,13 +55,22 @@ def extend_sequence(state: SequenceState, behaviors: Sequence[Event], categories
     return state, False
 
 
-def extend_log(log: CounterLog, ts: np.ndarray, pos: np.ndarray, retention_ms: int) -> CounterLog:
-    """Adds counted events to a counter log and drops what fell out of the retention."""
+def prune_cutoff(newest_ms: int, retention_ms: int, now_ms: int | None = None) -> int:
+    """Log entries before this are outside the retention: counted back from the newest event, but never
+    from later than the wall clock `now_ms` (default: now), whatever timestamp an event carried."""
+    if now_ms is None:
+        now_ms = int(time.time() * 1000)
+    return min(newest_ms, now_ms) - retention_ms
+
+
+def extend_log(log: CounterLog, ts: np.ndarray, pos: np.ndarray, retention_ms: int,
+               now_ms: int | None = None) -> CounterLog:
+    """Adds counted events to a counter log and drops what fell out of the retention (`prune_cutoff`)."""
     if ts.size == 0:
         return log
     all_ts = np.concatenate([log.ts_ms, ts])
     all_pos = np.concatenate([log.pos, pos.astype(np.uint8)])
-    keep = all_ts >= int(all_ts.max()) - retention_ms
+    keep = all_ts >= prune_cutoff(int(all_ts.max()), retention_ms, now_ms)
     if not keep.all():
         all_ts, all_pos = all_ts[keep], all_pos[keep]
     return CounterLog(all_ts, all_pos, log.total_cnt + int(ts.size), log.total_pos + int(pos.sum()))
@@ -78,7 +91,7 @@ class UserBatch:
 
 
 def apply_user_batch(rec: UserRecord, b: UserBatch, seq_cfg: SequenceConfig, retention_ms: int, sig_spec: int = 0,
-                     signatures: SignatureLookup | None = None) -> UserRecord:
+                     signatures: SignatureLookup | None = None, now_ms: int | None = None) -> UserRecord:
     """A user's record after the events of `b` (see the module docstring)."""
     seq = rec.seq
     n = len(b.beh_items)
@@ -95,7 +108,7 @@ def apply_user_batch(rec: UserRecord, b: UserBatch, seq_cfg: SequenceConfig, ret
             fast = False
             for i, c in zip(b.beh_index.tolist(), b.beh_categories.tolist()):
                 seq = append_event(seq, b.events[i], c, seq_cfg)
-    log = extend_log(rec.log, b.cnt_ts, b.cnt_pos, retention_ms)
+    log = extend_log(rec.log, b.cnt_ts, b.cnt_pos, retention_ms, now_ms)
     sigs = None
     if sig_spec and signatures is not None:
         if fast and rec.sig_spec == sig_spec and rec.sigs is not None:
@@ -130,7 +143,8 @@ def apply_user_events(
     retention_ms: int,
     sig_spec: int = 0,
     signatures: SignatureLookup | None = None,
+    now_ms: int | None = None,
 ) -> UserRecord:
     """A user's record after `events` (one user's, in arrival order, deduplicated); `categories` parallel."""
     b = user_batch(events, categories, seq_cfg, frozenset(stats.counted_event_types()))
-    return apply_user_batch(rec, b, seq_cfg, retention_ms, sig_spec, signatures)
+    return apply_user_batch(rec, b, seq_cfg, retention_ms, sig_spec, signatures, now_ms)

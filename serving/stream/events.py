@@ -18,6 +18,22 @@ the same transaction as the state) make the replay a no-op for what was
 already applied: nothing lost, nothing counted twice. If Redis is down, the
 batch is retried (seeking back) until it answers; offsets never move past
 unapplied events.
+
+Hostile input (serving/stream/supervise.py has the rules): decoding is total
+(`features.messages.parse_event`, with `StateConfig.event_bounds` against
+this process's clock), so a malformed message is a dead letter, never an
+exception. Any other error while applying a batch is retried record by
+record, so the batch's good records are applied and committed and only the
+failing record waits; after `KafkaConfig.max_record_failures` failures at the
+same offset it is dead-lettered and skipped. A refused commit (a rebalance
+moved the partitions) is counted and the loop goes on: the next poll rejoins
+the group and whoever owns the partitions re-reads from the last commit. An
+error outside a batch (the client itself) closes the consumer and opens a new
+one after a backoff; the thread never ends before `stop`.
+
+Counter-log pruning is bounded by the wall clock: the retention is counted
+back from min(newest event seen, now), so no accepted timestamp (at most
+`event_max_future` ahead) can push other events out of a log early.
 """
 from __future__ import annotations
 
@@ -30,7 +46,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from features.messages import MessageError, decode_event
+from features.messages import Rejection, parse_event
 from features.schema import EVENT_TYPE_NAMES, Event
 from features.sequence import action_code
 from serving.config import KafkaConfig, StateConfig
@@ -40,8 +56,9 @@ from serving.models import ModelHolder
 from serving.runtime import CatalogRef
 from serving.state.base import IngestWrite, OnlineStore
 from serving.state.codec import UserRecord, encode_item_log
-from serving.state.update import UserBatch, apply_user_batch
-from serving.stream.deadletter import DeadLetters
+from serving.state.update import UserBatch, apply_user_batch, prune_cutoff
+from serving.stream.deadletter import DeadLetters, DeadLetterUnavailable
+from serving.stream.supervise import Backoff, RecordFailures, describe
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +86,7 @@ class EventApplier:
         self.metrics = metrics
         self.dead_letters = dead_letters
         self.prune_bytes = prune_bytes
+        self.bounds = state.event_bounds()
         self.counted_types = frozenset(state.stats.counted_event_types())
         self.behavior_types = frozenset(state.sequence.behavior_event_types)
         self.newest_ts = 0
@@ -91,15 +109,15 @@ class EventApplier:
         out = BatchOutcome(messages=len(msgs))
         by_user: dict[int, list[Event]] = defaultdict(list)
         produced_ms: dict[str, int] = {}
+        now_ms = int(time.time() * 1000)
         for m in msgs:
-            try:
-                e = decode_event(m.value)
-            except MessageError as err:
+            e = parse_event(m.value, self.bounds, now_ms)
+            if isinstance(e, Rejection):
                 out.dead_lettered += 1
                 if self.dead_letters is not None:
-                    self.dead_letters.send(m, err.reason, err.detail)
+                    self.dead_letters.send(m, e.reason, e.detail)
                 else:
-                    self.metrics.events_dead_lettered.labels(topic=m.topic, reason=err.reason).inc()
+                    self.metrics.events_dead_lettered.labels(topic=m.topic, reason=e.reason).inc()
                 continue
             if e.event_id in produced_ms:
                 out.deduplicated += 1  # a duplicate inside the batch: the first occurrence wins
@@ -142,7 +160,7 @@ class EventApplier:
                 ub = UserBatch(evs, item_a[bi], ts_a[bi], act_a[bi], cat_a[bi], np.flatnonzero(beh_a[sel]),
                                ts_a[ci], pos_a[ci])
                 rec = states.get(uid) or UserRecord.empty()
-                w.users[uid] = apply_user_batch(rec, ub, st.sequence, retention, sig_spec, signatures)
+                w.users[uid] = apply_user_batch(rec, ub, st.sequence, retention, sig_spec, signatures, now_ms)
                 w.marks.extend(e.event_id for e in evs)
                 applied_beh.append(bi)
                 applied_cnt.append(ci)
@@ -171,8 +189,8 @@ class EventApplier:
         newest = max((e.ts_ms for evs in by_user.values() for e in evs), default=0)
         self.newest_ts = max(self.newest_ts, newest)
         big = [i for i, n in res.item_log_bytes.items() if n > self.prune_bytes]
-        if big:
-            self.store.prune_item_logs(big, self.newest_ts - retention)
+        if big:  # the retention counted back from the newest event seen, never from past the wall clock
+            self.store.prune_item_logs(big, prune_cutoff(self.newest_ts, retention, now_ms))
         return out
 
 
@@ -188,8 +206,11 @@ class EventsConsumer(threading.Thread):
         self.dead_letters = dead_letters
         self._stop_evt = threading.Event()
         self.ready = threading.Event()  # set once partitions are assigned
-        self.error: BaseException | None = None
+        self.error: BaseException | None = None  # the last unexpected error (the thread goes on)
+        self.restarts = 0
         self.totals = BatchOutcome()
+        self.failures = RecordFailures(cfg.max_record_failures)
+        self._record_backoff = Backoff(cfg.retry_backoff_s, cfg.retry_backoff_max_s)
         self.positions = None  # serving.rebuild.EpochPositions: rewinds after a state rebuild (None: off)
 
     def stop(self) -> None:
@@ -198,9 +219,12 @@ class EventsConsumer(threading.Thread):
     def _consumer(self):
         from kafka import KafkaConsumer
 
+        from serving.security import kafka_client_kwargs
+
         c = self.cfg
         return KafkaConsumer(
             c.topics.events, bootstrap_servers=c.bootstrap, group_id=c.events_group, client_id=f"{c.client_id}-events",
+            **kafka_client_kwargs(c),  # SASL / SSL
             enable_auto_commit=False, auto_offset_reset="earliest", max_poll_records=c.max_poll_records,
             session_timeout_ms=c.session_timeout_ms, heartbeat_interval_ms=c.heartbeat_interval_ms,
             fetch_max_bytes=c.fetch_max_bytes, max_partition_fetch_bytes=c.max_partition_fetch_bytes,
@@ -208,69 +232,175 @@ class EventsConsumer(threading.Thread):
         )
 
     def run(self) -> None:
-        from kafka.structs import OffsetAndMetadata
+        """Supervises `_consume`: a failure of the client closes it and opens a new one after a backoff."""
+        backoff = Backoff(self.cfg.retry_backoff_s, self.cfg.retry_backoff_max_s)
+        while not self._stop_evt.is_set():
+            consumer = None
+            try:
+                consumer = self._consumer()
+                self._consume(consumer, backoff)
+            except Exception as e:
+                self.error = e
+                self.restarts += 1
+                self.metrics.consumer_restarts.labels(consumer="events").inc()
+                delay = backoff.next()
+                log.exception("events consumer failed (%s); reconnecting in %.1fs", describe(e), delay)
+                self._stop_evt.wait(delay)
+            finally:
+                if consumer is not None:
+                    try:
+                        consumer.close(autocommit=False)
+                    except Exception as e:
+                        log.warning("events consumer close: %s", describe(e))
 
+    def _consume(self, consumer: Any, backoff: Backoff) -> None:
+        last_lag = 0.0
+        while not self._stop_evt.is_set():
+            polled = consumer.poll(timeout_ms=self.cfg.poll_timeout_ms)
+            if self.positions is not None:  # keep: after a state rebuild, seeks partitions to the snapshot offsets
+                polled = self.positions.after_poll(consumer, polled)
+            if consumer.assignment():
+                self.ready.set()
+            if time.monotonic() - last_lag > 1.0:
+                self._report_lag(consumer)
+                last_lag = time.monotonic()
+            if not polled:
+                continue
+            t0 = time.perf_counter()
+            try:
+                done = self._apply_batch(consumer, polled)
+            except (StateUnavailable, DeadLetterUnavailable) as e:
+                # nothing of the batch committed: rewind and retry when Redis / the dead-letter topic answers
+                n = sum(len(p) for p in polled.values())
+                delay = backoff.next()
+                log.warning("events batch of %d not applied (%s); retrying in %.1fs", n, e, delay)
+                self._rewind(consumer, {tp: part[0].offset for tp, part in polled.items()})
+                self._stop_evt.wait(delay)
+                continue
+            if done:
+                backoff.reset()
+            self.metrics.consumer_batch_seconds.labels(topic=self.cfg.topics.events).observe(time.perf_counter() - t0)
+
+    def _apply_batch(self, consumer: Any, polled: dict) -> bool:
+        """Applies and commits a polled batch; False when a record failed and waits for a retry."""
+        msgs = [m for part in polled.values() for m in part]
         try:
-            consumer = self._consumer()
+            out = self.applier.apply(msgs)
+            if self.dead_letters is not None:
+                self.dead_letters.flush()
+        except (StateUnavailable, DeadLetterUnavailable):
+            raise
         except Exception as e:
             self.error = e
-            log.error("events consumer could not start: %s", e)
-            return
-        last_lag = 0.0
-        backoff = 0.1
-        try:
-            while not self._stop_evt.is_set():
-                polled = consumer.poll(timeout_ms=self.cfg.poll_timeout_ms)
-                if self.positions is not None:  # keep: after a state rebuild, seeks partitions to the snapshot offsets
-                    polled = self.positions.after_poll(consumer, polled)
-                if consumer.assignment():
-                    self.ready.set()
-                if time.monotonic() - last_lag > 1.0:
-                    self._report_lag(consumer)
-                    last_lag = time.monotonic()
-                if not polled:
-                    continue
-                msgs = [m for part in polled.values() for m in part]
-                t0 = time.perf_counter()
+            self.restarts += 1
+            self.metrics.consumer_restarts.labels(consumer="events").inc()
+            log.warning("events batch of %d failed (%s); applying it record by record", len(msgs), describe(e))
+            return self._apply_one_by_one(consumer, polled)
+        if self.failures:
+            for m in msgs:
+                self.failures.succeeded(m)
+        self._record(out)
+        self._commit(consumer, {tp: part[-1].offset + 1 for tp, part in polled.items()})
+        return True
+
+    def _apply_one_by_one(self, consumer: Any, polled: dict) -> bool:
+        """Each record alone, in partition order; a partition stops at its first failing record (rewound
+        to it), unless that record has failed `max_record_failures` times: then it is dead-lettered and
+        skipped. Commits what was applied; False when something waits for a retry (after a backoff)."""
+        commit: dict[Any, int] = {}
+        rewind: dict[Any, int] = {}
+        unavailable: BaseException | None = None
+        for tp, part in polled.items():
+            if unavailable is not None:
+                rewind[tp] = part[0].offset
+                continue
+            for m in part:
                 try:
-                    out = self.applier.apply(msgs)
-                    if self.dead_letters is not None:
-                        self.dead_letters.flush()
-                except StateUnavailable as e:
-                    # nothing committed: rewind to the batch's first offsets and retry when Redis answers
-                    log.warning("events batch of %d not applied (%s); retrying in %.1fs", len(msgs), e, backoff)
-                    for tp, part in polled.items():
-                        consumer.seek(tp, part[0].offset)
-                    self._stop_evt.wait(backoff)
-                    backoff = min(backoff * 2, 5.0)
-                    continue
-                backoff = 0.1
-                consumer.commit({tp: OffsetAndMetadata(part[-1].offset + 1, "", -1) for tp, part in polled.items()})
-                if self.positions is not None:  # keep: records which partitions' commits belong to the state epoch
-                    self.positions.after_commit(polled)
-                self.metrics.consumer_batch_seconds.labels(topic=self.cfg.topics.events).observe(time.perf_counter() - t0)
-                self.metrics.events_applied.inc(out.applied)
-                self.metrics.events_deduplicated.inc(out.deduplicated)
-                self.metrics.ingest_conflicts.inc(out.conflicts)
-                for f in ("messages", "applied", "deduplicated", "dead_lettered", "conflicts"):
-                    setattr(self.totals, f, getattr(self.totals, f) + getattr(out, f))
-        except Exception as e:  # surfaced through health/logs; the app decides what to do
-            self.error = e
-            log.exception("events consumer stopped on an error")
-        finally:
-            try:
-                consumer.close(autocommit=False)
-            except Exception:
-                pass
+                    try:
+                        out = self.applier.apply([m])
+                        if self.dead_letters is not None:
+                            self.dead_letters.flush()
+                    except (StateUnavailable, DeadLetterUnavailable):
+                        raise
+                    except Exception as e:
+                        n = self.failures.failed(m)
+                        if n < self.cfg.max_record_failures:
+                            log.warning("events %s[%d]@%d failed (%d of %d): %s", m.topic, m.partition, m.offset, n,
+                                        self.cfg.max_record_failures, describe(e))
+                            rewind[tp] = m.offset
+                            break
+                        self._skip(m, e, n)  # raises DeadLetterUnavailable: not skipped without its letter
+                        commit[tp] = m.offset + 1
+                        continue
+                except (StateUnavailable, DeadLetterUnavailable) as e:
+                    unavailable = e
+                    rewind[tp] = m.offset
+                    break
+                self.failures.succeeded(m)
+                self._record(out)
+                commit[tp] = m.offset + 1
+        # what was applied is committed; each partition is read again from its first record not applied
+        self._commit(consumer, commit)
+        self._rewind(consumer, rewind)
+        if unavailable is not None:
+            log.warning("events records not applied (%s); retrying", describe(unavailable))
+        if rewind:
+            self._stop_evt.wait(self._record_backoff.next())
+            return False
+        self._record_backoff.reset()
+        return True
+
+    def _skip(self, m: Any, e: BaseException, n: int) -> None:
+        detail = f"failed {n} times at this offset: {describe(e)}"
+        log.error("events %s[%d]@%d skipped: %s", m.topic, m.partition, m.offset, detail)
+        if self.dead_letters is not None:
+            self.dead_letters.send(m, "consumer_error", detail)
+            self.dead_letters.flush()  # raises DeadLetterUnavailable: the record is not skipped without its letter
+        else:
+            self.metrics.events_dead_lettered.labels(topic=m.topic, reason="consumer_error").inc()
+        self.metrics.consumer_skipped.labels(topic=m.topic).inc()
+        self.failures.succeeded(m)
+        self.totals.dead_lettered += 1
+        self.totals.messages += 1
+
+    def _record(self, out: BatchOutcome) -> None:
+        self.metrics.events_applied.inc(out.applied)
+        self.metrics.events_deduplicated.inc(out.deduplicated)
+        self.metrics.ingest_conflicts.inc(out.conflicts)
+        for f in ("messages", "applied", "deduplicated", "dead_lettered", "conflicts"):
+            setattr(self.totals, f, getattr(self.totals, f) + getattr(out, f))
+
+    def _commit(self, consumer: Any, offsets: dict[Any, int]) -> None:
+        """Commits; a refused commit (rebalance) is counted and tolerated: the partitions' new owner
+        re-reads from the last committed offset and the dedupe marks make that a no-op."""
+        from kafka.errors import KafkaError
+        from kafka.structs import OffsetAndMetadata
+
+        if not offsets:
+            return
+        try:
+            consumer.commit({tp: OffsetAndMetadata(off, "", -1) for tp, off in offsets.items()})
+            if self.positions is not None:  # keep: records which partitions' commits belong to the state epoch
+                self.positions.after_commit(offsets)
+        except KafkaError as e:  # CommitFailedError (rebalance), coordinator moves, ...
+            self.metrics.consumer_commit_failures.labels(consumer="events").inc()
+            log.warning("events offsets not committed (%s): they will be read again, harmlessly", describe(e))
+
+    def _rewind(self, consumer: Any, offsets: dict[Any, int]) -> None:
+        owned = consumer.assignment()
+        for tp, off in offsets.items():
+            if tp in owned:  # a partition revoked meanwhile is re-read by its new owner from the commit
+                try:
+                    consumer.seek(tp, off)
+                except Exception as e:
+                    log.warning("events could not rewind %s to %d: %s", tp, off, describe(e))
 
     def _report_lag(self, consumer: Any) -> None:
         for tp in consumer.assignment():
-            hw = consumer.highwater(tp)
-            if hw is None:
-                continue
             try:
-                pos = consumer.position(tp, timeout_ms=100)
-            except Exception:
+                hw = consumer.highwater(tp)
+                pos = consumer.position(tp, timeout_ms=100) if hw is not None else None
+            except Exception:  # the partition was revoked meanwhile, or the broker is away: next time
                 continue
             if pos is not None:
                 self.metrics.consumer_lag.labels(topic=tp.topic, partition=str(tp.partition)).set(max(0, hw - pos))

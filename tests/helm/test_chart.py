@@ -81,7 +81,7 @@ def test_prometheus_rule_is_well_formed(scenarios) -> None:
 
 
 def test_disabled_alerts_are_left_out(render) -> None:
-    streaming = {"consumerLag", "eventFreshness"}
+    streaming = {"consumerLag", "eventFreshness", "consumerRestarts", "skippedRecords"}
     names = ("latency", "errorRate", "shedRate", "degradedAnswers", "modelAge", "redisDown", *streaming)
     off = {name: {"enabled": False} for name in names if name not in streaming}
     rule = render({"prometheusRule": {"enabled": True, "alerts": off}}).one("PrometheusRule")

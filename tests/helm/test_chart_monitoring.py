@@ -160,7 +160,7 @@ def test_promtool_accepts_the_rules(scenarios, default_rules, which: str, promto
     path.write_text(yaml.safe_dump({"groups": groups}))
     run = _promtool(promtool, "check", "rules", str(path))
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "SUCCESS: 8 rules found" in run.stdout
+    assert "SUCCESS: 10 rules found" in run.stdout
 
 
 def test_promtool_parses_every_dashboard_query(chart_dir: Path, promtool: str, tmp_path: Path) -> None:
@@ -229,6 +229,18 @@ def _alert_tests() -> list[dict[str, Any]]:
             alert("CascadeRankErrorRateHigh", "20m", release | {"severity": "critical"}),
             alert("CascadeRequestsShed", "20m", release | {"severity": "warning"}),
             alert("CascadeDegradedAnswers", "20m", None),
+        ]},
+        {"interval": "1m", "input_series": [
+            # the events consumer fails 3 times a minute for 30 minutes; one record of the items topic is skipped
+            {"series": f'cascade_consumer_restarts_total{{{SERIES},consumer="events"}}', "values": "0+3x30"},
+            {"series": f'cascade_consumer_restarts_total{{{SERIES},consumer="items"}}', "values": "0x30"},
+            {"series": f'cascade_consumer_skipped_records_total{{{SERIES},topic="cascade.items"}}',
+             "values": "0 0 0 0 0 1 1 1 1 1"},
+        ], "alert_rule_test": [
+            alert("CascadeConsumerRestarting", "5m", None),  # not yet: `for: 10m`
+            alert("CascadeConsumerRestarting", "20m", release | {"severity": "warning", "consumer": "events"}),
+            alert("CascadeRecordsSkipped", "3m", None),
+            alert("CascadeRecordsSkipped", "7m", release | {"severity": "warning", "topic": "cascade.items"}),
         ]},
         {"interval": "1m", "input_series": [
             {"series": f"cascade_redis_up{{{SERIES}}}", "values": "1 1 1 0 0 0 0 0 0 0"},

@@ -153,7 +153,7 @@ def test_malformed_events_go_to_the_dead_letter_topic_with_the_reason(make_serve
         if len(got) == 2:
             break
     c.close()
-    assert [g["reason"] for g in got] == ["not_json", "invalid_field"]
+    assert [g["reason"] for g in got] == ["not_json", "unknown_event_type"]
     assert "teleport" in got[1]["detail"] and got[1]["source_topic"] == h.topics.events
     assert {g["source_partition"] for g in got} <= {"0", "1"} and all(g["source_offset"].isdigit() for g in got)
     assert got[0]["value"] == b"{not json"
@@ -232,7 +232,7 @@ def test_bad_model_artifacts_are_rejected_and_never_replace_the_served_one(make_
     h.send_raw(h.topics.models, b'{"version": "v5"}')
 
     wait_until(lambda: h.metric("cascade_model_rejections_total", {"reason": "smoke_failed"}) == 1
-               and h.metric("cascade_model_rejections_total", {"reason": "invalid_field"}) == 1,
+               and h.metric("cascade_model_rejections_total", {"reason": "missing_field"}) == 1,
                what="all four bad announcements handled")
     assert h.metric("cascade_model_rejections_total", {"reason": "checksum_mismatch"}) == 2
     assert h.rank(1, k=5).model_version == "v1" and h.app.models.current.version == "v1"
@@ -245,7 +245,7 @@ def test_bad_model_artifacts_are_rejected_and_never_replace_the_served_one(make_
             break
     c.close()
     assert reasons == ["rejected_artifact:checksum_mismatch", "rejected_artifact:checksum_mismatch",
-                       "rejected_artifact:smoke_failed", "invalid_field"]
+                       "rejected_artifact:smoke_failed", "missing_field"]
 
 
 def test_new_items_from_the_items_topic_become_rankable(make_server, wait_until):

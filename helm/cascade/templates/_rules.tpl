@@ -163,6 +163,39 @@ service so one Prometheus can watch several releases. Metric names: serving/metr
     {{- end }}
 {{- end }}
 {{- end }}
+{{- with $a.consumerRestarts }}
+{{- if .enabled }}
+- alert: CascadeConsumerRestarting
+  expr: |-
+    sum by ({{ $by }}, consumer) (rate(cascade_consumer_restarts_total{ {{- $sel }}}[5m])) * 60
+      > {{ .perMinute }}
+  for: {{ .for }}
+  labels:
+    {{- include "cascade.rules.labels" (list $ .severity) | nindent 4 }}
+  annotations:
+    summary: {{ `The Cascade {{ $labels.consumer }} consumer keeps failing and retrying` | quote }}
+    description: {{ `The {{ $labels.consumer }} consumers of {{ $labels.namespace }}/{{ $labels.service }} hit {{ $value | humanize }} unexpected errors a minute; each is retried with backoff and a record that keeps failing is skipped: see the server logs.` | quote }}
+    {{- with $.Values.prometheusRule.additionalAlertAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
+{{- end }}
+{{- with $a.skippedRecords }}
+{{- if .enabled }}
+- alert: CascadeRecordsSkipped
+  expr: |-
+    sum by ({{ $by }}, topic) (increase(cascade_consumer_skipped_records_total{ {{- $sel }}}[{{ .window }}])) > 0
+  for: {{ .for }}
+  labels:
+    {{- include "cascade.rules.labels" (list $ .severity) | nindent 4 }}
+  annotations:
+    summary: {{ `Cascade skipped records of {{ $labels.topic }} that kept failing` | quote }}
+    description: {{ `{{ $value | humanize }} records of {{ $labels.topic }} were dead-lettered (reason consumer_error) and skipped by {{ $labels.namespace }}/{{ $labels.service }}: their effect is missing from the state until they are fixed and re-sent.` | quote }}
+    {{- with $.Values.prometheusRule.additionalAlertAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* Labels of every alert: (list $ severity). */}}
