@@ -36,7 +36,7 @@ from serving.metrics import ServingMetrics
 from serving.models import ModelHolder, check_model_roots
 from serving.rebuild import EpochPositions, StateRebuilder
 from serving.runtime import Availability, CatalogRef, Popularity, Runtime
-from serving.security import add_server_port, redacted
+from serving.security import add_server_port, kafka_client_kwargs, redacted
 from serving.state.redis_store import RedisOnlineStore
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,8 @@ class ServingApp:
         from serving.stream.deadletter import DeadLetters
         from serving.stream.events import EventApplier, EventsConsumer
 
-        self.dead_letters = DeadLetters(k.bootstrap, k.topics.dead_letter, self.metrics, k.client_id)
+        self.dead_letters = DeadLetters(k.bootstrap, k.topics.dead_letter, self.metrics, k.client_id,
+                                        **kafka_client_kwargs(k))  # SASL / SSL
         if k.consume_models:
             self.consumers.append(ModelsReader(k, self.manager, self.dead_letters))
         if k.consume_items:

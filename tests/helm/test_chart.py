@@ -57,7 +57,9 @@ def test_optional_objects_follow_their_enabled_flags(scenarios) -> None:
 
 def test_service_monitor_scrapes_every_metrics_port(scenarios) -> None:
     docs = scenarios["full"]  # two server processes per pod: two metrics ports
-    sm, svc = docs.one("ServiceMonitor"), docs.one("Service")
+    sm, svc = docs.one("ServiceMonitor"), docs.one("Service", "-metrics")
+    public = docs.one("Service", "cascade")
+    assert not sm["spec"]["selector"]["matchLabels"].items() <= public["metadata"]["labels"].items()
     assert sm["apiVersion"] == "monitoring.coreos.com/v1"
     assert sm["spec"]["selector"]["matchLabels"].items() <= svc["metadata"]["labels"].items()
     assert sm["spec"]["namespaceSelector"]["matchNames"] == ["recsys"]

@@ -179,7 +179,7 @@ def test_promtool_check_catches_a_broken_query(promtool: str, tmp_path: Path) ->
     assert _promtool(promtool, "check", "rules", str(path)).returncode != 0
 
 
-SERIES = 'namespace="recsys",service="cascade",pod="cascade-0"'
+SERIES = 'namespace="recsys",service="cascade-metrics",pod="cascade-0"'  # scraped through the metrics Service
 
 
 def _alert_tests() -> list[dict[str, Any]]:
@@ -188,7 +188,7 @@ def _alert_tests() -> list[dict[str, Any]]:
         expected = {"exp_labels": labels} | ({"exp_annotations": annotations} if annotations else {})
         return {"eval_time": at, "alertname": name, "exp_alerts": [expected] if labels is not None else []}
 
-    release = {"namespace": "recsys", "service": "cascade"}
+    release = {"namespace": "recsys", "service": "cascade-metrics"}
     return [
         {"interval": "1m", "input_series": [
             # events: 150k behind on one partition, 10 on the other, for 30 minutes (threshold 100k for 10m)
@@ -200,7 +200,7 @@ def _alert_tests() -> list[dict[str, Any]]:
             alert("CascadeConsumerLagHigh", "5m", None),  # not yet: `for: 10m`
             alert("CascadeConsumerLagHigh", "15m", release | {"severity": "warning", "topic": "cascade.events"}, {
                 "summary": "Cascade consumers are falling behind on cascade.events",
-                "description": "The servers of recsys/cascade are 150k messages behind on cascade.events."}),
+                "description": "The servers of recsys/cascade-metrics are 150k messages behind on cascade.events."}),
         ]},
         {"interval": "1m", "input_series": [
             # 100 Rank calls a minute; 90% take 50-100 ms: p99 ~ 99 ms > the 50 ms budget

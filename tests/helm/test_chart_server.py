@@ -21,7 +21,7 @@ def _plain_env(container: dict[str, Any]) -> dict[str, str]:
 
 def test_rendered_serving_config_loads_through_the_servers_loader(scenarios, scenario: str, tmp_path: Path) -> None:
     """The ConfigMap plus the container's environment is what `cascade serve` will read: it must load."""
-    from serving.app import ENV_OVERRIDES, load_serving_config
+    from serving.app import ENV_OVERRIDES, SECRET_ENV, load_serving_config
 
     docs = scenarios[scenario]
     config = tmp_path / "serving.yaml"
@@ -29,15 +29,18 @@ def test_rendered_serving_config_loads_through_the_servers_loader(scenarios, sce
     container = _container(docs)
     env = _plain_env(container)
     secret_env = {e["name"] for e in container["env"] if "valueFrom" in e}
-    assert secret_env == {"CASCADE_REDIS_URL"}
+    assert "CASCADE_REDIS_URL" in secret_env and secret_env <= {"CASCADE_REDIS_URL", *SECRET_ENV}
     env["CASCADE_REDIS_URL"] = "redis://:secret@redis-master:6379/0"  # what the Secret would hold
+    if scenario == "secure":
+        env["CASCADE_REDIS_URL"] = "rediss://redis-master:6379/0"
+    env.update({name: "from-a-secret" for name in secret_env & set(SECRET_ENV)})
 
     cfg = load_serving_config(config, env=env)
 
-    assert {k for k in env if k.startswith("CASCADE_")} <= set(ENV_OVERRIDES)
+    assert {k for k in env if k.startswith("CASCADE_")} <= set(ENV_OVERRIDES) | set(SECRET_ENV)
     assert cfg.grpc.address == "0.0.0.0:50051" and cfg.grpc.probe_address == "0.0.0.0:50052"
     assert cfg.metrics.address == "0.0.0.0:9464"
-    assert cfg.redis.url == "redis://:secret@redis-master:6379/0"
+    assert cfg.redis.url == env["CASCADE_REDIS_URL"]
     assert cfg.kafka.bootstrap == env["CASCADE_KAFKA_BOOTSTRAP"]
     mount = next(m["mountPath"] for m in container["volumeMounts"] if m["name"] == "artifacts")
     assert cfg.models.allowed_roots == (Path(mount),)
@@ -89,8 +92,12 @@ def test_ports_and_service(scenarios) -> None:
     docs = scenarios["full"]  # two server processes per pod
     ports = {p["name"]: p["containerPort"] for p in _container(docs)["ports"]}
     assert ports == {"grpc": 50051, "probe": 50052, "metrics": 9464, "metrics-1": 9465}
-    svc = {p["name"]: (p["port"], p["targetPort"]) for p in docs.one("Service")["spec"]["ports"]}
-    assert svc == {"grpc": (50051, "grpc"), "metrics": (9464, "metrics"), "metrics-1": (9465, "metrics-1")}
+    svc = {p["name"]: (p["port"], p["targetPort"]) for p in docs.one("Service", "cascade")["spec"]["ports"]}
+    assert svc == {"grpc": (50051, "grpc")}  # the public Service: no /metrics
+    metrics = docs.one("Service", "-metrics")["spec"]
+    assert metrics["clusterIP"] == "None"
+    assert {p["name"]: (p["port"], p["targetPort"]) for p in metrics["ports"]} == {
+        "metrics": (9464, "metrics"), "metrics-1": (9465, "metrics-1")}
 
 
 def test_probes_use_the_health_names_of_the_server_on_the_probe_port(scenarios, scenario: str) -> None:

@@ -98,7 +98,130 @@ models.allowed_roots = [artifacts.mountPath] unless given. Connection settings c
 {{- $_ := set $models "allowed_roots" (list .Values.artifacts.mountPath) }}
 {{- end }}
 {{- $_ := set $cfg "models" $models }}
+{{- include "cascade.server.securityConfig" (list . $cfg) }}
 {{- toYaml $cfg }}
+{{- end }}
+
+{{/*
+TLS and SASL settings of the server's three connections, set into its config (list $ $cfg): the files come
+from the mounted Secrets (cascade.server.tlsVolumes); credentials come from the environment, never here.
+*/}}
+{{- define "cascade.server.securityConfig" -}}
+{{- $root := index . 0 }}
+{{- $cfg := index . 1 }}
+{{- $v := $root.Values }}
+{{- $grpc := deepCopy (get $cfg "grpc" | default dict) }}
+{{- if $v.server.tls.existingSecret }}
+{{- $tls := dict "cert_file" "/etc/cascade-tls/grpc/tls.crt" "key_file" "/etc/cascade-tls/grpc/tls.key" }}
+{{- if $v.server.tls.clientAuth }}
+{{- $_ := set $tls "client_ca_file" "/etc/cascade-tls/grpc/ca.crt" }}
+{{- end }}
+{{- $_ := set $grpc "tls" $tls }}
+{{- else if $v.server.tls.clientAuth }}
+{{- fail "server.tls.clientAuth needs server.tls.existingSecret (a Secret with tls.crt, tls.key and ca.crt)" }}
+{{- end }}
+{{- if $grpc }}
+{{- $_ := set $cfg "grpc" $grpc }}
+{{- end }}
+{{- $redis := deepCopy (get $cfg "redis" | default dict) }}
+{{- $rtls := include "cascade.tlsFiles" (list "redis" $v.redis.tls) | fromYaml }}
+{{- if $rtls }}
+{{- $_ := set $redis "tls" $rtls }}
+{{- $_ := set $cfg "redis" $redis }}
+{{- end }}
+{{- $kafka := deepCopy (get $cfg "kafka" | default dict) }}
+{{- $proto := $v.kafka.securityProtocol }}
+{{- if ne $proto "PLAINTEXT" }}
+{{- $_ := set $kafka "security_protocol" $proto }}
+{{- end }}
+{{- if hasPrefix "SASL_" $proto }}
+{{- if not $v.kafka.sasl.existingSecret }}
+{{- fail (printf "kafka.securityProtocol=%s needs kafka.sasl.existingSecret (a Secret with the SASL username and password)" $proto) }}
+{{- end }}
+{{- $_ := set $kafka "sasl" (dict "mechanism" $v.kafka.sasl.mechanism) }}
+{{- end }}
+{{- $ktls := include "cascade.tlsFiles" (list "kafka" $v.kafka.tls) | fromYaml }}
+{{- if $ktls }}
+{{- if not (hasSuffix "SSL" $proto) }}
+{{- fail "kafka.tls is set: kafka.securityProtocol must be SSL or SASL_SSL" }}
+{{- end }}
+{{- $_ := set $kafka "tls" $ktls }}
+{{- end }}
+{{- if $kafka }}
+{{- $_ := set $cfg "kafka" $kafka }}
+{{- end }}
+{{- end }}
+
+{{/* A client's TLS files (serving.config.TlsFiles) from its tls values: (list name .tls); "" when not set. */}}
+{{- define "cascade.tlsFiles" -}}
+{{- $name := index . 0 }}
+{{- $t := index . 1 }}
+{{- if $t.existingSecret }}
+ca_file: {{ printf "/etc/cascade-tls/%s/ca.crt" $name }}
+{{- if $t.clientCertificate }}
+cert_file: {{ printf "/etc/cascade-tls/%s/tls.crt" $name }}
+key_file: {{ printf "/etc/cascade-tls/%s/tls.key" $name }}
+{{- end }}
+check_hostname: {{ $t.checkHostname }}
+{{- else if $t.clientCertificate }}
+{{- fail (printf "%s.tls.clientCertificate needs %s.tls.existingSecret (a Secret with tls.crt and tls.key)" $name $name) }}
+{{- else if not $t.checkHostname }}
+check_hostname: false
+{{- end }}
+{{- end }}
+
+{{/* The server's TLS Secrets as volumes (read-only, group-readable for the non-root user). */}}
+{{- define "cascade.server.tlsVolumes" -}}
+{{- range $name, $secret := dict "grpc" .Values.server.tls.existingSecret "redis" .Values.redis.tls.existingSecret "kafka" .Values.kafka.tls.existingSecret }}
+{{- if $secret }}
+- name: {{ printf "tls-%s" $name }}
+  secret:
+    secretName: {{ $secret }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "cascade.server.tlsVolumeMounts" -}}
+{{- range $name, $secret := dict "grpc" .Values.server.tls.existingSecret "redis" .Values.redis.tls.existingSecret "kafka" .Values.kafka.tls.existingSecret }}
+{{- if $secret }}
+- name: {{ printf "tls-%s" $name }}
+  mountPath: {{ printf "/etc/cascade-tls/%s" $name }}
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Credentials of the server's connections, from the referenced Secrets (never from values). */}}
+{{- define "cascade.env.serverSecrets" -}}
+{{- $r := .Values.redis }}
+{{- range $var, $key := dict "CASCADE_REDIS_PASSWORD" $r.passwordKey "CASCADE_REDIS_USERNAME" $r.usernameKey }}
+{{- if $key }}
+- name: {{ $var }}
+  valueFrom:
+    secretKeyRef:
+      name: {{ $r.existingSecret }}
+      key: {{ $key }}
+{{- end }}
+{{- end }}
+{{- $k := .Values.kafka }}
+{{- if hasPrefix "SASL_" $k.securityProtocol }}
+- name: CASCADE_KAFKA_SASL_USERNAME
+  valueFrom:
+    secretKeyRef:
+      name: {{ $k.sasl.existingSecret }}
+      key: {{ $k.sasl.usernameKey }}
+- name: CASCADE_KAFKA_SASL_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ $k.sasl.existingSecret }}
+      key: {{ $k.sasl.passwordKey }}
+{{- end }}
+{{- end }}
+
+{{/* Name of the headless Service exposing only the metrics ports (the ServiceMonitor's target). */}}
+{{- define "cascade.server.metricsServiceName" -}}
+{{- printf "%s-metrics" (include "cascade.fullname" .) | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
 {{/* The Redis URL, read from the referenced Secret (never from values). */}}
@@ -286,7 +409,7 @@ PromQL label matchers selecting this release's server series. The ServiceMonitor
 namespace and service labels (the Prometheus Operator sets them), so rules need no job name.
 */}}
 {{- define "cascade.rules.selector" -}}
-{{- default (printf "namespace=\"%s\",service=\"%s\"" .Release.Namespace (include "cascade.fullname" .)) .Values.prometheusRule.seriesSelector }}
+{{- default (printf "namespace=\"%s\",service=\"%s\"" .Release.Namespace (include "cascade.server.metricsServiceName" .)) .Values.prometheusRule.seriesSelector }}
 {{- end }}
 
 {{/* Whether Spark runs executors on Kubernetes (the features job then needs its token and, optionally, RBAC). */}}
