@@ -168,6 +168,9 @@ class ServingApp:
             probe_addr = f"{cfg.grpc.probe_address.rpartition(':')[0]}:{pport}"
         self.health = HealthMonitor(health_servicer, SERVICE_NAME, self.store, self.models, self.availability,
                                     self.metrics, cfg.redis.health_interval_s)
+        if self.rebuilder is not None:  # full health (not readiness) while Redis holds no state epoch
+            rb = self.rebuilder
+            self.health.add_check("state", lambda: "being rebuilt after Redis came back empty" if rb.rebuilding else None)
         self.health.start()
         metrics_addr = None
         if cfg.metrics.enabled:

@@ -271,3 +271,73 @@ def test_kill_9_mid_stream_then_restart_applies_every_event_once(
                 p.kill()
                 p.wait()
         store.close()
+
+
+def test_while_another_replica_rebuilds_nothing_is_written_and_full_health_says_so(
+        services, model_bundles, catalog, ml100k_dataset, tmp_path, wait_until):
+    from serving.app import ServingApp
+
+    ev = _events(ml100k_dataset, n_users=4)
+    a, b = _split(ev, 0.5)
+    topics = _topics(services)
+    _produce(services.kafka.address, topics.events, a)
+    prefix = f"f{uuid.uuid4().hex[:10]}"
+    cfg = _config(services, topics, prefix, model_bundles["v1"][0])  # no snapshot: rebuilt from the topic alone
+    h = Harness(ServingApp(cfg, catalog).start(wait_for_partitions_s=15.0), topics, services.kafka.address)
+    try:
+        store = h.app.store
+        wait_until(lambda: _marked(store, a) == a.num_rows, timeout_s=60, what="the topic applied")
+        assert store.acquire_rebuild_lock("another-replica", 120)
+        store.flush_prefix(keep=("rebuild_lock",))  # Redis lost the state; another replica is rebuilding it
+        wait_until(lambda: h.metric("cascade_state_rebuilding") == 1, timeout_s=30, what="the loss noticed")
+        _produce(services.kafka.address, topics.events, b)
+        assert "state: being rebuilt after Redis came back empty" in (h.app.health.check_now() and h.app.health.problems)
+        assert _marked(store, ev) == 0 and store.read_user(int(a.column("user_id")[0].as_py())) is None
+
+        store.release_rebuild_lock("another-replica")  # that replica died: this one takes over
+        wait_until(lambda: _marked(store, ev) == ev.num_rows, timeout_s=60, what="every event applied after the rebuild")
+        _assert_exactly_once(store, ev, cfg.state, catalog, tmp_path)
+        wait_until(lambda: h.app.health.check_now() and h.app.health.problems == [], timeout_s=10, what="full health")
+    finally:
+        h.close()
+
+
+def _features_dir(root: Path, dataset: Path | str, end_ms: int) -> Path:
+    root.mkdir(parents=True)
+    (root / "manifest.json").write_text(json.dumps({"input": {"path": str(dataset)},
+                                                    "time_range": {"snapshot_end_ms": end_ms}}))
+    return root
+
+
+def test_the_snapshot_is_the_published_versions_features_dataset(tmp_path):
+    from serving.rebuild import resolve_snapshot
+
+    t = pa.table({"event_id": ["e1"], "user_id": [1], "item_id": [2], "ts_ms": [3]})
+    data = _write_dataset(t, tmp_path / "data", {0: 7, 1: 9}, "events-x")
+    fdir = _features_dir(tmp_path / "art" / "versions" / "v2" / "features", data, 1234)
+    (tmp_path / "art" / "versions" / "v2" / "manifest.json").write_text(
+        json.dumps({"stages": {"features": {"dir": str(fdir)}}}))
+    (tmp_path / "art" / "published.json").write_text(json.dumps({"version": "v2"}))
+
+    s = resolve_snapshot(tmp_path / "art")
+    assert (s.dataset, s.as_of_ms, s.topic, s.offsets) == (data, 1234, "events-x", {0: 7, 1: 9})
+    assert "published version v2" in s.described
+    assert resolve_snapshot(fdir).dataset == data
+    plain = resolve_snapshot(data)
+    assert (plain.as_of_ms, plain.offsets) == (None, {0: 7, 1: 9})
+
+
+def test_a_bad_snapshot_is_refused_naming_what_is_wrong(tmp_path):
+    from serving.rebuild import resolve_snapshot
+
+    with pytest.raises(FileNotFoundError, match="neither a pipeline artifacts directory"):
+        resolve_snapshot(tmp_path)
+    (tmp_path / "published.json").write_text(json.dumps({"version": "v9"}))
+    with pytest.raises(FileNotFoundError, match="published version v9 has no"):
+        resolve_snapshot(tmp_path)
+    data = _write_dataset(pa.table({"event_id": ["e1"]}), tmp_path / "data")
+    (data / "kafka_offsets.json").write_text('{"offsets": [1, 2]}')
+    with pytest.raises(ValueError, match="kafka_offsets.json: expected"):
+        resolve_snapshot(data)
+    with pytest.raises(ValueError, match="not a local dataset directory"):
+        resolve_snapshot(_features_dir(tmp_path / "f", "s3://bucket/data", 1))
