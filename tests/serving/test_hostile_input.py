@@ -307,3 +307,142 @@ def test_pruning_is_bounded_by_the_wall_clock_not_by_the_newest_timestamp():
                             retention, now_ms=now)
     rec = apply_user_events(rec, [ev(9, now + 365 * DAY)], [0], cfg, stats, retention, now_ms=now)
     assert rec.log.ts_ms.tolist()[:3] == real.tolist()
+
+
+class _ScriptedConsumer:
+    """Stands in for KafkaConsumer in a unit test of the loop around it: polls return scripted batches;
+    commits can be refused as a rebalance refuses them; partitions can be revoked."""
+
+    def __init__(self, batches, refuse_commits: int = 0, revoked=()):
+        self.batches = list(batches)
+        self.refuse = refuse_commits
+        self.revoked = set(revoked)
+        self.committed: dict = {}
+        self.seeks: list = []
+
+    def poll(self, timeout_ms=0):
+        if not self.batches:
+            time.sleep(timeout_ms / 1000)
+            return {}
+        return self.batches.pop(0)
+
+    def assignment(self):
+        return {("t", 0), ("t", 1)} - self.revoked
+
+    def commit(self, offsets):
+        from kafka.errors import CommitFailedError
+
+        if self.refuse:
+            self.refuse -= 1
+            raise CommitFailedError("the group rebalanced")
+        self.committed.update({tp: o.offset for tp, o in offsets.items()})
+
+    def seek(self, tp, off):
+        if tp in self.revoked:
+            raise AssertionError("seek of a revoked partition")
+        self.seeks.append((tp, off))
+
+    def highwater(self, tp):
+        return None
+
+    def close(self, autocommit=False):
+        pass
+
+
+def _rec(part: int, off: int, value: bytes = b"{}"):
+    return SimpleNamespace(topic="t", partition=part, offset=off, key=None, value=value, timestamp=0)
+
+
+def _run_scripted(consumer, apply, cfg_over=None, until=lambda c: False):
+    from dataclasses import replace
+
+    from serving.config import KafkaConfig
+    from serving.metrics import ServingMetrics
+    from serving.stream.events import BatchOutcome, EventsConsumer
+
+    class Applier:
+        def apply(self, msgs):
+            apply(msgs)
+            return BatchOutcome(messages=len(msgs), applied=len(msgs))
+
+    cfg = replace(KafkaConfig(), retry_backoff_s=0.001, retry_backoff_max_s=0.002, poll_timeout_ms=1,
+                  **(cfg_over or {}))
+    metrics = ServingMetrics()
+    c = EventsConsumer(cfg, Applier(), metrics, None)
+    c._consumer = lambda: consumer
+    c.start()
+    deadline = time.monotonic() + 20
+    while not until(c) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    c.stop()
+    c.join(5)
+    return c, metrics
+
+
+def test_a_refused_commit_after_a_rebalance_does_not_end_the_consumer():
+    applied = []
+    batches = [{("t", 0): [_rec(0, 0), _rec(0, 1)]}, {("t", 0): [_rec(0, 2)]}]
+    sc = _ScriptedConsumer(batches, refuse_commits=1)
+    c, metrics = _run_scripted(sc, lambda msgs: applied.extend(m.offset for m in msgs),
+                               until=lambda c: c.totals.messages == 3)
+    assert applied == [0, 1, 2] and sc.committed == {("t", 0): 3}
+    assert metrics.registry.get_sample_value("cascade_consumer_commit_failures_total", {"consumer": "events"}) == 1
+    assert c.restarts == 0 and not c.is_alive()  # ended by stop(), not by the refused commit
+
+
+def test_a_failing_record_is_retried_then_skipped_and_revoked_partitions_are_not_rewound():
+    applied = []
+
+    def apply(msgs):
+        if any(m.offset == 1 and m.partition == 0 for m in msgs):
+            raise RuntimeError("boom")
+        applied.extend((m.partition, m.offset) for m in msgs)
+
+    first = {("t", 0): [_rec(0, 0), _rec(0, 1), _rec(0, 2)], ("t", 1): [_rec(1, 0)]}
+    again = {("t", 0): [_rec(0, 1), _rec(0, 2)]}
+    sc = _ScriptedConsumer([first, again, again])
+    c, metrics = _run_scripted(sc, apply, {"max_record_failures": 3}, until=lambda c: (0, 2) in applied)
+    assert applied == [(0, 0), (1, 0), (0, 2)]  # record (0, 1) skipped on its third failure
+    assert sc.committed == {("t", 0): 3, ("t", 1): 1}
+    assert sc.seeks == [(("t", 0), 1), (("t", 0), 1)]  # rewound to the failing record twice, then past it
+    assert metrics.registry.get_sample_value("cascade_consumer_skipped_records_total", {"topic": "t"}) == 1
+    # the partition is revoked between the poll and the rewind: nothing is sought (its new owner re-reads it)
+    sc2 = _ScriptedConsumer([{("t", 1): [_rec(1, 5)]}], revoked={("t", 1)})
+    _run_scripted(sc2, lambda msgs: (_ for _ in ()).throw(RuntimeError("boom")),
+                  until=lambda c: c.failures.failures(_rec(1, 5)) >= 1)
+    assert sc2.seeks == []
+
+
+def test_an_error_of_the_client_itself_reopens_it():
+    class Broken(_ScriptedConsumer):
+        def poll(self, timeout_ms=0):
+            raise OSError("connection reset")
+
+    made = []
+
+    def factory():
+        made.append(1)
+        return Broken([]) if len(made) < 3 else _ScriptedConsumer([{("t", 0): [_rec(0, 0)]}])
+
+    from dataclasses import replace
+
+    from serving.config import KafkaConfig
+    from serving.metrics import ServingMetrics
+    from serving.stream.events import BatchOutcome, EventsConsumer
+
+    class Applier:
+        def apply(self, msgs):
+            return BatchOutcome(messages=len(msgs), applied=len(msgs))
+
+    metrics = ServingMetrics()
+    c = EventsConsumer(replace(KafkaConfig(), retry_backoff_s=0.001, retry_backoff_max_s=0.002, poll_timeout_ms=1),
+                       Applier(), metrics, None)
+    c._consumer = factory
+    c.start()
+    deadline = time.monotonic() + 20
+    while c.totals.applied < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    c.stop()
+    c.join(5)
+    assert c.totals.applied == 1 and len(made) == 3
+    assert metrics.registry.get_sample_value("cascade_consumer_restarts_total", {"consumer": "events"}) == 2
