@@ -74,12 +74,6 @@ def model_bundles(catalog, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.fixture(scope="session")
-def standin_bundles(model_bundles) -> dict:
-    """Temporary alias of `model_bundles` (the old name), removed once no test uses it."""
-    return model_bundles
-
-
-@pytest.fixture(scope="session")
 def catalog(ml100k_dataset: Path):
     from serving.catalog import load_catalog
 
