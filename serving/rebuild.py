@@ -17,9 +17,9 @@ everything was applied. Three pieces fix that:
   itself for (`OnlineStore.ingest(epoch=...)`, else `EpochChanged` and the
   batch is retried), and on a new epoch every partition is rewound to the
   snapshot offset unless Redis records that its committed offset already
-  belongs to this epoch (recorded after the partition's first commit in it).
-  So a partition that moves to another replica, or a server killed before it
-  rewound, still restarts at the snapshot offset.
+  belongs to this epoch (a rewind commits the snapshot offset, then records
+  that). So a partition that moves to another replica, or a server killed
+  before it rewound, still restarts at the snapshot offset.
 
 Exactly once in effect: an event before the snapshot's offsets is in the
 snapshot and is not consumed again; one after them is consumed at least once
@@ -234,7 +234,13 @@ def _key(tp: Any) -> str:
 
 class EpochPositions:
     """The events consumer's hook (`EventsConsumer.positions`): positions its partitions for the current
-    epoch before anything of theirs is applied, and fences the applier's writes to that epoch."""
+    epoch before anything of theirs is applied, and fences the applier's writes to that epoch.
+
+    A partition is rewound by seeking to its start in the epoch and committing that offset at once, then
+    recording in Redis that its committed offset belongs to the epoch. Until both succeeded it stays
+    unchecked (its records are not applied, the next poll tries again), so whoever holds it next, this
+    consumer after a rebalance included, restarts at the epoch's start or at a commit made in the epoch.
+    """
 
     def __init__(self, rebuilder: StateRebuilder, applier: Any, metrics: ServingMetrics) -> None:
         self.rebuilder = rebuilder
@@ -243,7 +249,6 @@ class EpochPositions:
         self.metrics = metrics
         self._epoch: str | None = None
         self._checked: set = set()  # partitions positioned for self._epoch
-        self._pending: set = set()  # rewound, their first commit in the epoch not recorded yet
 
     @staticmethod
     def _unread(consumer: Any, polled: dict) -> dict:
@@ -257,10 +262,9 @@ class EpochPositions:
         if cur is None or self.rebuilder.rebuilding:
             return self._unread(consumer, polled)
         if cur.id != self._epoch:
-            self._epoch, self._checked, self._pending = cur.id, set(), set()
+            self._epoch, self._checked = cur.id, set()
         assigned = consumer.assignment()
         self._checked &= assigned
-        self._pending &= assigned
         new = [tp for tp in assigned if tp not in self._checked]
         if new and cur.rewind:
             try:
@@ -269,28 +273,34 @@ class EpochPositions:
                 return self._unread(consumer, polled)
             for tp in new:
                 if done.get(_key(tp)) == cur.id:
-                    continue  # its committed offset is of this epoch already
-                start = cur.start(tp.topic, tp.partition)
-                if start is None:
-                    consumer.seek_to_beginning(tp)
-                else:
-                    consumer.seek(tp, start)
-                polled.pop(tp, None)
-                self._pending.add(tp)
-                self.metrics.consumer_rewinds.inc()
-                log.info("%s rewound to %s for state epoch %s", _key(tp), "the beginning" if start is None else start,
-                         cur.id)
-        self._checked.update(new)
+                    self._checked.add(tp)  # its committed offset is of this epoch already
+                    continue
+                if tp in polled:
+                    polled.pop(tp)
+                if self._rewind(consumer, tp, cur):
+                    self._checked.add(tp)
+        else:
+            self._checked.update(new)
         self.applier.epoch = cur.id
         return polled
 
-    def after_commit(self, polled: dict) -> None:
-        """Called after the offsets of `polled` were committed."""
-        done = [tp for tp in polled if tp in self._pending]
-        if not done or self._epoch is None:
-            return
+    def _rewind(self, consumer: Any, tp: Any, cur: Epoch) -> bool:
+        from kafka.errors import KafkaError
+        from kafka.structs import OffsetAndMetadata
+
+        start = cur.start(tp.topic, tp.partition)
         try:
-            self.store.set_partition_epochs({_key(tp): self._epoch for tp in done})
-        except StateUnavailable:
-            return  # recorded after a later commit; until then a new owner rewinds again (marks dedupe)
-        self._pending.difference_update(done)
+            if start is None:
+                start = int(consumer.beginning_offsets([tp])[tp])
+            consumer.seek(tp, start)
+            consumer.commit({tp: OffsetAndMetadata(start, "", -1)})
+            self.store.set_partition_epochs({_key(tp): cur.id})
+        except (KafkaError, StateUnavailable) as e:  # a rebalance, the broker or Redis away: next poll
+            log.warning("%s not rewound for state epoch %s yet (%s)", _key(tp), cur.id, e)
+            return False
+        self.metrics.consumer_rewinds.inc()
+        log.info("%s rewound to offset %d for state epoch %s", _key(tp), start, cur.id)
+        return True
+
+    def after_commit(self, offsets: dict) -> None:
+        """Called after offsets were committed (nothing to do: a rewind commits and records at once)."""
