@@ -72,10 +72,15 @@ class ReaderConfig:
     long_cap: int | None = None  # ranking history cap; None: the build's sequence.long_cap
     shuffle_buffer_rows: int = 65_536  # ranking: rows shuffled together (whole row groups are read)
     validate: bool = True  # validate_batch on every batch (the reader is where data enters training)
+    # retrieval training: leave each user's last `holdout_tail` training items out, so a retriever trained on the
+    # rest produces honest candidate lists at those positions for the second stage (0: the whole training prefix)
+    holdout_tail: int = 0
 
     def __post_init__(self) -> None:
         if self.batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {self.batch_size}")
+        if self.holdout_tail < 0:
+            raise ValueError(f"holdout_tail must be >= 0, got {self.holdout_tail}")
         if self.long_cap is not None and self.long_cap <= 0:
             raise ValueError(f"long_cap must be positive, got {self.long_cap}")
 
@@ -276,6 +281,10 @@ class FeatureStore:
         end = self.retrieval_train_len[rows] + (1 if split == "test" else 0)
         return self.items_before(user_ids, np.where(found, end, 0))
 
+    def retrieval_train_ends(self, holdout_tail: int = 0) -> np.ndarray:
+        """(U,) exclusive end of each timeline's retrieval-training prefix, less `holdout_tail` items (>= 0)."""
+        return np.maximum(self.retrieval_train_len - holdout_tail, 0)
+
     def train_items(self, user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(item values, lengths): each user's retrieval-train items (its leave-one-out training prefix)."""
         rows, found = self.timeline_users.rows(user_ids)
@@ -464,7 +473,8 @@ class FeatureStore:
     def _retrieval_train(self, cfg: ReaderConfig, max_len: int, epoch: int, rank: int, world_size: int) -> Iterator[Batch]:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
-        eligible = np.flatnonzero(self.retrieval_train_len >= 2)  # a history and a next item
+        ends = self.retrieval_train_ends(cfg.holdout_tail)
+        eligible = np.flatnonzero(ends >= 2)  # a history and a next item
         if cfg.shuffle:
             eligible = eligible[np.random.default_rng([cfg.seed, epoch]).permutation(len(eligible))]
         shares = [eligible[r::world_size] for r in range(world_size)]
@@ -477,7 +487,7 @@ class FeatureStore:
             rows = mine[i * cfg.batch_size:(i + 1) * cfg.batch_size]
             if full_only and len(rows) < cfg.batch_size:
                 break
-            end = self.retrieval_train_len[rows]  # (B,) exclusive end of the training prefix
+            end = ends[rows]  # (B,) exclusive end of the training prefix
             start = np.maximum(end - (max_len + 1), 0)
             n = end - start - 1  # (B,) history length == number of candidates
             base = self.timeline_offsets[rows] + start

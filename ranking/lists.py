@@ -7,9 +7,13 @@ as `candidate_dense`, and label 1 on the target. The ranker trains listwise
 (`loss.kind = listwise`) with `model.residual_column = 0`.
 
 Training keeps the lists that hold their target (a list without it carries no
-signal for a softmax over the list); evaluation keeps every request, so the list
-HR/NDCG it reports is the two-stage system's (a target the retriever missed is a
-miss).
+signal for a softmax over the list) and, with `train_width` > 0, samples that
+many of a list's candidates per step: the target plus uniformly drawn others, in
+list order, their features computed on the whole list (a sampled softmax over
+the list: cheaper steps, the same expected gradient direction up to the
+uniform sampling constant). Evaluation keeps every request and every candidate,
+so the list HR/NDCG it reports is the two-stage system's (a target the retriever
+missed is a miss).
 
     data = ListRankingData(store, {"train": train_lists, "valid": valid_lists, "test": test_lists},
                            history_cap=200, lists_per_batch=16)
@@ -31,7 +35,7 @@ class ListRankingData:
     candidate_dense_dim = len(LIST_FEATURE_NAMES)
 
     def __init__(self, store: Any, splits: Mapping[str, CandidateLists], history_cap: int, lists_per_batch: int,
-                 seed: int = 0) -> None:
+                 seed: int = 0, train_width: int = 0) -> None:
         missing = {"train", "valid", "test"} - set(splits)
         if missing:
             raise ValueError(f"ListRankingData needs train/valid/test lists, missing {sorted(missing)}")
@@ -42,28 +46,48 @@ class ListRankingData:
                        "test": splits["test"]}
         if len(self.splits["train"]) == 0:
             raise ValueError("ListRankingData: no training list holds its target")
+        if not 0 <= train_width <= self.splits["train"].width:
+            raise ValueError(f"train_width must be in [0, {self.splits['train'].width}], got {train_width}")
         self.store, self.cap, self.per_batch, self.seed = store, history_cap, lists_per_batch, seed
+        self.train_width = train_width
 
-    def batch(self, lists: CandidateLists) -> Batch:
+    def batch(self, lists: CandidateLists, columns: np.ndarray | None = None) -> Batch:
+        """One batch of whole lists, or of the given (R, W) list positions of each (features from whole lists)."""
         hist, lens = self.store.history(lists.user_ids, lists.hist_len, self.cap)
         r, n = lists.items.shape
+        feats = list_features(lists.logits)
+        items, labels = lists.items, lists.labels()
+        if columns is not None:
+            flat = (np.arange(r)[:, None] * n + columns).ravel()
+            feats, n = feats[flat], columns.shape[1]
+            items, labels = np.take_along_axis(items, columns, 1), np.take_along_axis(labels, columns, 1)
         ts = self.store.timeline_values["ts_ms"]
         rows, _ = self.store.timeline_users.rows(lists.user_ids)
         last = self.store.timeline_offsets[rows] + np.maximum(lists.hist_len - 1, 0)
         return build_batch(user=self.store.user_features(lists.user_ids), history=hist, history_lengths=lens,
-                           candidates=self.store.candidate_features(lists.items.ravel()),
+                           candidates=self.store.candidate_features(items.ravel()),
                            num_candidates=np.full(r, n, np.int64),
                            request_ts=ts[last] + 1,  # just after the last behavior the request sees
-                           user_dense=np.zeros((r, 0), np.float32), candidate_dense=list_features(lists.logits),
-                           labels=lists.labels().reshape(r * n, 1))
+                           user_dense=np.zeros((r, 0), np.float32), candidate_dense=feats,
+                           labels=labels.reshape(r * n, 1))
+
+    def _sampled_columns(self, lists: CandidateLists, rng: np.random.Generator) -> np.ndarray:
+        """(R, W) sorted positions per list: the target's and W - 1 uniformly drawn others."""
+        r, n, w = len(lists), lists.width, self.train_width
+        target_col = (lists.items == lists.target[:, None]).argmax(1)  # training lists all hold their target
+        keys = rng.random((r, n))
+        keys[np.arange(r), target_col] = -1.0  # always kept
+        return np.sort(np.argpartition(keys, w - 1, axis=1)[:, :w], axis=1)
 
     def num_train_batches(self, rank: int, world_size: int) -> int:
         return len(self.splits["train"]) // self.per_batch // world_size
 
     def train_batches(self, epoch: int, rank: int, world_size: int) -> Iterator[Batch]:
         order = np.random.default_rng([self.seed, epoch]).permutation(len(self.splits["train"]))[rank::world_size]
+        rng = np.random.default_rng([self.seed, epoch, rank, 7])
         for i in range(self.num_train_batches(rank, world_size)):
-            yield self.batch(self.splits["train"].take(order[i * self.per_batch:(i + 1) * self.per_batch]))
+            lists = self.splits["train"].take(order[i * self.per_batch:(i + 1) * self.per_batch])
+            yield self.batch(lists, self._sampled_columns(lists, rng) if self.train_width else None)
 
     def eval_batches(self, split: str, rank: int, world_size: int) -> Iterator[Batch]:
         if split not in ("valid", "test"):

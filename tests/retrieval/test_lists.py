@@ -122,3 +122,17 @@ def _train(rank, world, cfg, data, out):
     from ranking.train import train_ranker
 
     return train_ranker(rank, world, cfg, data, out, progress=False)
+
+
+def test_sampled_training_lists_keep_the_target_and_the_whole_lists_features(lists, retrieval_features):
+    from ranking.lists import ListRankingData
+
+    data = ListRankingData(FeatureStore(retrieval_features), lists, history_cap=100, lists_per_batch=8,
+                           train_width=10)
+    b = next(iter(data.train_batches(0, 0, 1)))
+    assert b.num_candidates.tolist() == [10] * 8
+    y = b.labels[:, 0].view(8, 10)
+    assert torch.equal(y.sum(1), torch.ones(8))  # exactly the target per list
+    feats = b.candidate_dense.view(8, 10, -1)
+    assert torch.all(feats[:, 1:, 1] > feats[:, :-1, 1])  # list order kept: log1p(rank) increasing
+    assert torch.all(feats[:, :, 2] <= 0)  # gaps to the whole list's top
