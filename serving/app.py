@@ -129,7 +129,7 @@ class ServingApp:
         if cfg.models.initial_bundle is not None:
             self.manager.load(cfg.models.initial_bundle)
         if self.rebuilder is not None:  # an empty Redis is rebuilt before anything reads or writes it
-            self.rebuilder.check(first=True)
+            self.rebuilder.check()
             self.rebuilder.start()
         self.refresh_popularity()
         t = threading.Thread(target=self._popularity_loop, name="popularity", daemon=True)

@@ -140,12 +140,14 @@ class StateRebuilder(threading.Thread):
         self.metrics = metrics
         self.current: Epoch | None = None  # the epoch Redis holds, as last read (None: not known yet)
         self.rebuilding = False
+        self._read_once = False  # whether an epoch check has reached Redis yet
         self._stop_evt = threading.Event()
 
-    def check(self, first: bool = False) -> Epoch | None:
+    def check(self) -> Epoch | None:
         """One probe: read the epoch, rebuild when it is gone. Returns the current epoch (None: unknown)."""
         try:
             eid = self.store.get_epoch()
+            first, self._read_once = not self._read_once, True
             if eid is None:
                 if first and self._holds_state():
                     # a state written before epochs existed (an upgrade): keep it and its positions

@@ -341,3 +341,27 @@ def test_a_bad_snapshot_is_refused_naming_what_is_wrong(tmp_path):
         resolve_snapshot(data)
     with pytest.raises(ValueError, match="not a local dataset directory"):
         resolve_snapshot(_features_dir(tmp_path / "f", "s3://bucket/data", 1))
+
+
+def test_a_state_written_before_epochs_existed_is_adopted_not_rebuilt(
+        services, model_bundles, catalog, ml100k_dataset, tmp_path, wait_until):
+    from serving.app import ServingApp
+    from serving.bootstrap import bootstrap_dataset
+    from serving.state.redis_store import RedisOnlineStore
+
+    ev = _events(ml100k_dataset, n_users=3)
+    a, b = _split(ev, 0.5)
+    topics = _topics(services)
+    cfg = _config(services, topics, f"f{uuid.uuid4().hex[:10]}", model_bundles["v1"][0])
+    old = RedisOnlineStore(cfg.redis)  # an upgrade: the state is there, its epoch key is not
+    bootstrap_dataset(old, _write_dataset(a, tmp_path / "a"), cfg.state, catalog, marks=True, set_epoch=False)
+    old.close()
+    _produce(services.kafka.address, topics.events, ev)  # A again (deduped by its marks) and B
+    h = Harness(ServingApp(cfg, catalog).start(wait_for_partitions_s=15.0), topics, services.kafka.address)
+    try:
+        assert h.app.store.get_epoch() is not None and h.metric("cascade_state_rebuilds_total", {"outcome": "done"}) == 0
+        wait_until(lambda: _marked(h.app.store, b) == b.num_rows, timeout_s=60, what="B applied")
+        assert h.metric("cascade_events_deduplicated_total") == a.num_rows
+        _assert_exactly_once(h.app.store, ev, cfg.state, catalog, tmp_path)
+    finally:
+        h.close()
