@@ -202,6 +202,29 @@ def test_any_escaping_path_in_the_manifest_is_a_rejection(manager, model_bundles
     shutil.rmtree(b)
 
 
+@HYPO
+@given(victim=st.sampled_from(["retriever/model.pt", "retriever/index.faiss", "ranker/weights.pt", "ranker/config.json"]),
+       target=st.sampled_from(["outside_file", "outside_dir", "manifest", "dev_zero", "dangling", "root", "parent"]),
+       listed=st.booleans())
+def test_any_symlink_swapped_into_a_part_is_a_rejection(manager, model_bundles, hostile_root, victim, target, listed):
+    """A file of a part replaced by a symlink to anywhere (listed in the manifest with the target's checksum, or
+    not listed): out of the bundle, a directory, an unlisted file, a device, nothing -> a rejection."""
+    b = hostile_root / f"s-{uuid.uuid4().hex[:10]}"
+    shutil.copytree(model_bundles["v1"][0], b)
+    f = b / victim
+    outside = hostile_root / f"o-{uuid.uuid4().hex[:6]}"
+    shutil.copy(f, outside)
+    dest = {"outside_file": outside, "outside_dir": hostile_root, "manifest": b / "manifest.json",
+            "dev_zero": Path("/dev/zero"), "dangling": b / "nothing-here", "root": b, "parent": b.parent}[target]
+    f.unlink()
+    f.symlink_to(dest)
+    digest = _sha(outside) if dest.is_file() and target != "dev_zero" else "0" * 64
+    sha = resign(b, (lambda m: m["files"].update({victim: digest})) if listed else None)
+    assert rejected(manager, b, sha).reason in {"unsafe_path", "unlisted_file", "missing_file", "checksum_mismatch"}
+    shutil.rmtree(b)
+    outside.unlink()
+
+
 # ------------------------------------------------------------------------------------------ contents
 
 

@@ -260,3 +260,31 @@ def test_kafka_security_config_is_validated() -> None:
         load_serving_config(None, ["kafka.tls.ca_file=/ca.crt"], env={})
     with pytest.raises(ConfigError, match="security_protocol"):
         load_serving_config(None, ["kafka.security_protocol=SASL"], env={})
+
+
+def test_the_servers_kafka_consumers_are_built_with_the_security_options(monkeypatch) -> None:
+    """The events consumer and the broadcast readers hand kafka_client_kwargs to kafka-python (recorded by a
+    stand-in client class: no SASL broker is assumed here)."""
+    import kafka
+
+    from serving.app import load_serving_config
+    from serving.metrics import ServingMetrics
+    from serving.stream.broadcast import _BroadcastReader
+    from serving.stream.events import EventsConsumer
+
+    made: list[dict] = []
+
+    class Recorder:
+        def __init__(self, *topics: str, **kw: object) -> None:
+            made.append(kw)
+
+    monkeypatch.setattr(kafka, "KafkaConsumer", Recorder)
+    cfg = load_serving_config(None, ["kafka.security_protocol=SASL_SSL", "kafka.sasl.mechanism=SCRAM-SHA-256",
+                                     "kafka.tls.ca_file=/ca.crt"],
+                              env={"CASCADE_KAFKA_SASL_USERNAME": "u", "CASCADE_KAFKA_SASL_PASSWORD": PASSWORD})
+    EventsConsumer(cfg.kafka, None, ServingMetrics(), None)._consumer()
+    _BroadcastReader(cfg.kafka, cfg.kafka.topics.items, None, "items-reader", ServingMetrics())._client()
+    assert len(made) == 2
+    for kw in made:
+        assert (kw["security_protocol"], kw["sasl_mechanism"], kw["sasl_plain_username"], kw["sasl_plain_password"],
+                kw["ssl_cafile"]) == ("SASL_SSL", "SCRAM-SHA-256", "u", PASSWORD, "/ca.crt")
