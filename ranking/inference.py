@@ -91,6 +91,13 @@ class RankerInference:
         """(N,) probabilities of the main task."""
         return self.predict(batch)[:, 0]
 
+    @torch.inference_mode()
+    def logits(self, batch: Batch) -> torch.Tensor:
+        """(N,) main-task logits: what to sort by. A second-stage ranker's logits sit on the retriever's scale
+        (cosine / temperature, about +-20), where float32 probabilities saturate to ties."""
+        self._check(batch)
+        return self.model(batch).logits[:, 0].float()
+
     __call__ = forward
 
 
