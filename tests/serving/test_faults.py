@@ -365,3 +365,31 @@ def test_a_state_written_before_epochs_existed_is_adopted_not_rebuilt(
         _assert_exactly_once(h.app.store, ev, cfg.state, catalog, tmp_path)
     finally:
         h.close()
+
+
+def test_a_server_starting_on_an_emptied_redis_rebuilds_and_rewinds_past_its_groups_commits(
+        services, model_bundles, catalog, ml100k_dataset, tmp_path, wait_until):
+    from jobs.services import start_redis, stop_pid
+    from serving.app import ServingApp
+
+    ev = _events(ml100k_dataset, n_users=4)
+    a, b1, b2 = _split(ev, 0.4, 0.7)
+    topics = _topics(services)
+    snap = _write_dataset(a, tmp_path / "snapshot", _produce(services.kafka.address, topics.events, a), topics.events)
+    cfg = _config(services, topics, f"f{uuid.uuid4().hex[:10]}", model_bundles["v1"][0],
+                  **{"rebuild.snapshot": str(snap)})
+    h = Harness(ServingApp(cfg, catalog).start(wait_for_partitions_s=15.0), topics, services.kafka.address)
+    _produce(services.kafka.address, topics.events, b1)
+    wait_until(lambda: _marked(h.app.store, b1) == b1.num_rows, timeout_s=60, what="B1 applied and committed")
+    h.close()  # the group's commits are now past B1; then Redis loses everything while no server runs
+    port = services.redis.port
+    stop_pid(services.redis.pid)
+    services.redis = start_redis(Path(services.redis.log).parent, port=port, detach=False)
+    _produce(services.kafka.address, topics.events, b2)
+    h = Harness(ServingApp(cfg, catalog).start(wait_for_partitions_s=15.0), topics, services.kafka.address)
+    try:
+        assert h.metric("cascade_state_rebuilds_total", {"outcome": "done"}) == 1
+        wait_until(lambda: _marked(h.app.store, ev) == ev.num_rows, timeout_s=60, what="B1 again and B2 applied")
+        _assert_exactly_once(h.app.store, ev, cfg.state, catalog, tmp_path)
+    finally:
+        h.close()
