@@ -1,5 +1,8 @@
 """Runs every benchmark in turn, each writing its JSON under --out (default reports/), and prints where.
 
+The committed figures are the results files each benchmark writes itself under benchmarks/results/
+(results_file.write_results); the --out documents are this run's raw output.
+
     python benchmarks/run_all.py                 # the full set: hours on a 2-core machine
     python benchmarks/run_all.py --quick         # smoke-sized runs where a benchmark has one (minutes)
     python benchmarks/run_all.py --only kernels serving
@@ -21,7 +24,9 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "kernels": ("kernels_bench.py", ["--quick"]),
     "features": ("features_bench.py", ["--cases", "ml-1m"]),
     "retrieval": ("retrieval_bench.py", ["--datasets", "ml-1m", "--seeds", "0"]),
-    "ranking": ("ranking_bench.py", ["--quick"]),
+    "ranking_ctr": ("ranking_ctr_bench.py", ["--quick", "--seeds", "0"]),
+    "ranking_long": ("ranking_long_bench.py", ["--quick"]),
+    "two_stage": ("two_stage_bench.py", ["--quick"]),
     "serving": ("serving_bench.py", ["--quick"]),
 }
 
