@@ -64,11 +64,13 @@ class GrpcTlsConfig:
 @dataclass(frozen=True)
 class GrpcConfig:
     address: str = "127.0.0.1:50051"  # port 0 = any free port (tests)
-    max_workers: int = 4  # handler threads (Python handlers share the GIL: more threads add queueing, not speed)
+    max_workers: int = 2  # handler threads (Python handlers share the GIL: more threads add queueing, not speed)
     # Calls accepted at once, running (max_workers) or queued for a thread; one more is answered
     # RESOURCE_EXHAUSTED at once by gRPC (maximum_concurrent_rpcs): load shedding. Counts every method
-    # of this port; Kubernetes probes use probe_address so they are never shed.
-    max_in_flight: int = 6
+    # of this port; Kubernetes probes use probe_address so they are never shed. Under overload an accepted
+    # call waits for about max_in_flight others: larger absorbs bursts, smaller keeps latency
+    # (benchmarks/flood_bench.py measures both).
+    max_in_flight: int = 3
     # A second, unbounded gRPC server with only grpc.health.v1 for the Kubernetes probes
     # ("" = none: health is served on `address` only, where it can be shed under overload).
     probe_address: str = ""
