@@ -278,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shared-data", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--data-dir", type=Path, default=REPO / "data" / "bench")
     p.add_argument("--work-dir", type=Path, default=REPO / "var" / "two_stage_bench")
+    p.add_argument("--json", type=Path, default=None, help="also write the raw results document here")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 2-epoch retrievers, 1 ranker epoch of 20 steps, 300 users; results under quick/")
     args = p.parse_args(argv)
@@ -290,6 +291,9 @@ def main(argv: list[str] | None = None) -> int:
     name = f"two_stage/{'quick/' if args.quick else ''}{args.dataset}"
     path = write_results(f"{name}/seed{args.seed}", res, benchmark="two_stage")
     print(f"\nwrote {path}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(res, indent=2, default=float) + "\n")
     summary = summarize(args.dataset, RESULTS_DIR / name)
     if summary is not None:
         print(f"wrote {write_results(f'{name}/summary', summary, benchmark='two_stage')}")

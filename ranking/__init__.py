@@ -13,5 +13,6 @@
     data.py              data sources: the shared feature reader, or batches in memory
 
 Command line: `cascade train-ranker` (jobs/train_ranker.py). Benchmark:
-benchmarks/ranking_bench.py. Ablations are configs (configs/ablations/*.yaml).
+benchmarks/ranking_ctr_bench.py, ranking_long_bench.py, two_stage_bench.py. Ablations are configs
+(configs/ablations/*.yaml); the second stage is configs/two-stage.yaml (ranking.lists, loss.kind=listwise).
 """
