@@ -163,7 +163,8 @@ def test_malformed_events_go_to_the_dead_letter_topic_with_the_reason(make_serve
 def test_hot_swap_under_concurrent_queries_has_zero_failed_requests(make_server, wait_until, standin_bundles):
     from features.messages import ModelAnnouncement
 
-    h = make_server()
+    # 4 clients with no think time: room for all of them, so every failure would be the swap's
+    h = make_server(**{"grpc.max_workers": 4, "grpc.max_in_flight": 8})
     stop = threading.Event()
     results: list[str] = []
     failures: list[BaseException] = []
