@@ -446,3 +446,99 @@ def test_an_error_of_the_client_itself_reopens_it():
     c.join(5)
     assert c.totals.applied == 1 and len(made) == 3
     assert metrics.registry.get_sample_value("cascade_consumer_restarts_total", {"consumer": "events"}) == 2
+
+
+def _random_json(rnd, depth: int = 0):
+    kinds = ["null", "bool", "int", "bigint", "float", "str", "weird_str"] + (["list", "dict"] if depth < 12 else [])
+    k = rnd.choice(kinds)
+    if k == "null":
+        return None
+    if k == "bool":
+        return rnd.random() < 0.5
+    if k == "int":
+        return rnd.randint(-(2**70), 2**70)
+    if k == "bigint":
+        return int("9" * rnd.randint(20, 400))
+    if k == "float":
+        return rnd.choice([0.5, -1e308, 1e-320, 3.14, 1.7976931348623157e308])
+    if k == "str":
+        return "".join(chr(rnd.randint(32, 0x2FFF)) for _ in range(rnd.randint(0, 20)))
+    if k == "weird_str":
+        return rnd.choice(["\ud800", "\x00", "CLICK", "Click", "click", "", "a" * 300, "\U0001F600", "../../etc"])
+    if k == "list":
+        return [_random_json(rnd, depth + 1) for _ in range(rnd.randint(0, 3))]
+    return {_random_json(rnd, 99) if rnd.random() < 0.2 else rnd.choice(["a", "event_id", "label", "item_id"]):
+            _random_json(rnd, depth + 1) for _ in range(rnd.randint(0, 3))}
+
+
+def _mutate(rnd, valid: dict) -> bytes | None:
+    """A hostile variant of a valid message: a field replaced, dropped or added, bytes flipped, truncated,
+    nested, padded, or not there at all."""
+    op = rnd.randrange(8)
+    obj = dict(valid)
+    if op == 0:
+        obj[rnd.choice(list(obj))] = _random_json(rnd)
+    elif op == 1:
+        obj.pop(rnd.choice(list(obj)))
+    elif op == 2:
+        obj[rnd.choice(["extra", "EVENT_ID", ""])] = _random_json(rnd)
+    raw = json.dumps(obj, ensure_ascii=rnd.random() < 0.5).encode("utf-8", "surrogatepass")
+    if op == 3:
+        b = bytearray(raw)
+        for _ in range(rnd.randint(1, 5)):
+            b[rnd.randrange(len(b))] = rnd.randrange(256)
+        raw = bytes(b)
+    elif op == 4:
+        raw = raw[: rnd.randrange(len(raw))]
+    elif op == 5:
+        n = rnd.choice([5, 50, 5000])
+        raw = b"[" * n + raw + b"]" * n
+    elif op == 6:
+        raw = raw[:-1] + b',"pad":"' + b"x" * rnd.choice([100, 70_000, 2 << 20]) + b'"}'
+    elif op == 7:
+        return rnd.choice([None, b"", b"null", b"[]", b"1e999999", b"\xef\xbb\xbf{}"])
+    return raw
+
+
+@pytest.mark.integration
+def test_a_seeded_fuzz_corpus_on_every_topic_never_stops_a_consumer(make_server, wait_until, model_bundles):
+    """~500 mutated messages across events, items and models: every one is applied or dead-lettered, no
+    consumer ever fails (decoding is total), Rank answers throughout, and good records after it all land."""
+    import random
+
+    from serving.proto import ranking_pb2
+
+    rnd = random.Random(15)
+    h = make_server()
+    ev = {"event_id": "f", "user_id": 99015, "item_id": 50, "ts_ms": LIVE_TS, "event_type": "click", "label": 1.0,
+          "value": None, "context": {"surface": "home"}}
+    it = {"item_id": 7000, "title": "t", "categories": ["Drama"], "tags": [], "attributes": {}, "numeric": {}}
+    ann = {"version": "vz", "uri": "/nowhere/vz", "checksum": "0" * 64}
+    sent = {h.topics.events: 0, h.topics.items: 0, h.topics.models: 0}
+    p = _big_producer(h.bootstrap)
+    try:
+        for i in range(500):
+            topic, valid = rnd.choice([(h.topics.events, dict(ev, event_id=f"f{i}")), (h.topics.events, ev),
+                                       (h.topics.items, dict(it, item_id=7000 + i)), (h.topics.models, ann)])
+            value, key = _mutate(rnd, valid), rnd.choice([None, b"", b"\xff" * 3, b"k" * 2000])
+            p.send(topic, key=b"tombstone" if key is None and value is None else key, value=value)
+            sent[topic] += 1
+            if i % 100 == 0:
+                assert h.rank(1, k=5).items  # answering while the corpus streams in
+        p.send(h.topics.events, key=b"99015", value=_good("after-fuzz", user=99015, item=51, ts=LIVE_TS + 1))
+        p.send(h.topics.items, value=encode_item(Item(7999, "after the fuzz", ("Drama",), (), {}, {})))
+        p.flush()
+    finally:
+        p.close()
+    consumer = next(c for c in h.app.consumers if c.name == "events-consumer")
+    wait_until(lambda: consumer.totals.messages == sent[h.topics.events] + 1, timeout_s=120,
+               what="every fuzzed event read")
+    t = consumer.totals
+    assert t.messages == t.applied + t.deduplicated + t.dead_lettered and t.applied > 0 and t.dead_lettered > 50
+    assert 51 in h.app.store.read_user(99015).seq.item_ids.tolist()
+    wait_until(lambda: 7999 in set(h.app.catalog.current.item_ids.tolist()), timeout_s=60, what="the item after it")
+    assert h.rank(1, k=5).items and h.stub.GetModelInfo(ranking_pb2.GetModelInfoRequest()).model_version == "v1"
+    for c in h.app.consumers:
+        assert c.is_alive() and c.restarts == 0, (c.name, c.error)
+    for kind in ("events", "items", "models"):
+        assert h.metric("cascade_consumer_restarts_total", {"consumer": kind}) == 0
