@@ -45,7 +45,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal, Mapping
+
+from serving.config import SaslConfig, TlsFiles
 
 log = logging.getLogger("cascade.pipeline")
 
@@ -110,6 +112,18 @@ class PublishConfig:
     announce: bool = True  # send the version on the models topic (servers validate and hot-swap)
     kafka_bootstrap: str = "127.0.0.1:9092"
     models_topic: str = "cascade.models"
+    # The announcing producer's broker security, as the server's kafka.* keys (serving/security.py); SASL
+    # credentials from CASCADE_KAFKA_SASL_USERNAME / CASCADE_KAFKA_SASL_PASSWORD.
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl: SaslConfig = SaslConfig()
+    tls: TlsFiles = TlsFiles()
+
+    def __post_init__(self) -> None:
+        if self.announce and self.security_protocol.startswith("SASL_") and not (self.sasl.username and self.sasl.password):
+            raise ValueError(f"publish.security_protocol={self.security_protocol} needs publish.sasl.username and "
+                             "publish.sasl.password (CASCADE_KAFKA_SASL_USERNAME / CASCADE_KAFKA_SASL_PASSWORD)")
+        if self.tls.configured and not self.security_protocol.endswith("SSL"):
+            raise ValueError("publish.tls files are set but publish.security_protocol is not SSL or SASL_SSL")
 
 
 @dataclass(frozen=True)
@@ -123,10 +137,16 @@ class PipelineConfig:
     publish: PublishConfig = PublishConfig()
 
 
-def load_pipeline_config(path: Path | None, overrides: list[str]) -> PipelineConfig:
+# Secrets of the announcing producer (Kubernetes Secrets): taken verbatim, never parsed as YAML.
+SECRET_ENV = {"CASCADE_KAFKA_SASL_USERNAME": "publish.sasl.username", "CASCADE_KAFKA_SASL_PASSWORD": "publish.sasl.password"}
+
+
+def load_pipeline_config(path: Path | None, overrides: list[str], env: Mapping[str, str] | None = None) -> PipelineConfig:
     from features.config import load_config
 
-    cfg = load_config(PipelineConfig, path, overrides)
+    env = os.environ if env is None else env
+    secrets = [f"{key}={json.dumps(env[var], ensure_ascii=False)}" for var, key in SECRET_ENV.items() if env.get(var)]
+    cfg = load_config(PipelineConfig, path, [*secrets, *overrides])
     if not cfg.dataset and not cfg.features.dir:
         raise ValueError("dataset is not set: pass dataset=PATH (a canonical dataset directory) or features.dir=PATH")
     return cfg
@@ -345,7 +365,10 @@ class Run:
             return
         from serving.models import announce_bundle
 
-        ann = announce_bundle(Path(pub["bundle"]), pc.kafka_bootstrap, pc.models_topic)
+        from serving.security import kafka_client_kwargs
+
+        ann = announce_bundle(Path(pub["bundle"]), pc.kafka_bootstrap, pc.models_topic,
+                              client_kwargs=kafka_client_kwargs(pc))
         self.manifest["stages"]["publish"]["announced"] = {"topic": pc.models_topic, "bootstrap": pc.kafka_bootstrap,
                                                            "checksum": ann.checksum}
         self._save()
@@ -372,9 +395,15 @@ def config_path(p: str) -> Path:
 
 
 def _config_dict(cfg: Any) -> Any:
+    """The config as written into run manifests: every non-empty `password` masked."""
     from features.config import to_dict
 
-    return to_dict(cfg)
+    def mask(d: Any) -> Any:
+        if isinstance(d, dict):
+            return {k: "***" if k == "password" and v else mask(v) for k, v in d.items()}
+        return d
+
+    return mask(to_dict(cfg))
 
 
 def train_retriever_stage(tc: TrainStage, fdir: Path, out: Path) -> dict[str, Any]:

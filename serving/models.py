@@ -139,8 +139,11 @@ def write_bundle(out: Path, version: str, retriever: tuple[str, Path], ranker: t
     return hashlib.sha256(data).hexdigest()
 
 
-def announce_bundle(bundle: Path, bootstrap: str, topic: str, timeout_s: float = 30.0) -> "ModelAnnouncement":
-    """Sends a bundle directory's version, URI and manifest checksum on the models topic (acks=all)."""
+def announce_bundle(bundle: Path, bootstrap: str, topic: str, timeout_s: float = 30.0,
+                    client_kwargs: Mapping[str, Any] | None = None) -> "ModelAnnouncement":
+    """Sends a bundle directory's version, URI and manifest checksum on the models topic (acks=all).
+
+    client_kwargs: extra KafkaProducer options, e.g. `serving.security.kafka_client_kwargs` (SASL / SSL)."""
     from kafka import KafkaProducer
 
     from features.messages import ModelAnnouncement
@@ -150,7 +153,7 @@ def announce_bundle(bundle: Path, bootstrap: str, topic: str, timeout_s: float =
         raise FileNotFoundError(f"{manifest} does not exist: is {bundle} a model bundle directory?")
     version = json.loads(manifest.read_text())["version"]
     ann = ModelAnnouncement(version=version, uri=str(Path(bundle).resolve()), checksum=sha256_file(manifest))
-    prod = KafkaProducer(bootstrap_servers=bootstrap, acks="all")
+    prod = KafkaProducer(bootstrap_servers=bootstrap, acks="all", **dict(client_kwargs or {}))
     try:
         prod.send(topic, key=version.encode(), value=ann.encode()).get(timeout=timeout_s)
     finally:

@@ -78,8 +78,11 @@ def redis_connection_kwargs(cfg: RedisConfig) -> dict[str, Any]:
     return kw
 
 
-def kafka_client_kwargs(cfg: KafkaConfig) -> dict[str, Any]:
+def kafka_client_kwargs(cfg: KafkaConfig | Any) -> dict[str, Any]:
     """Security keyword arguments of every kafka-python client (KafkaConsumer/Producer/AdminClient).
+
+    cfg: anything with `security_protocol`, `sasl` and `tls` as in KafkaConfig (also the pipeline's
+    `jobs.pipeline.PublishConfig`, whose producer announces new models).
 
     PLAINTEXT gives ``{}`` so clients built against a local broker are unchanged.
         KafkaConsumer(topic, bootstrap_servers=cfg.bootstrap, **kafka_client_kwargs(cfg))

@@ -151,3 +151,36 @@ def test_schema_rejects_bad_security_values(render, values: dict[str, Any], mess
 
     with pytest.raises(helm.HelmValuesError, match=message):
         render(values)
+
+
+def test_pipeline_announces_with_the_servers_kafka_security(scenarios, tmp_path: Path) -> None:
+    """The pipeline CronJob's producer (model announcements): the same protocol, SASL credentials from the Secret,
+    the brokers' CA mounted where its config points; loaded by jobs/pipeline.py itself."""
+    from jobs.cli import build_parser
+    from jobs.pipeline import load_pipeline_config
+    from serving.security import kafka_client_kwargs
+
+    docs = scenarios["secure"]
+    job = docs.one("CronJob", "-pipeline")["spec"]["jobTemplate"]["spec"]["template"]
+    (c,) = job["spec"]["containers"]
+    args = build_parser().parse_args(c["command"][1:])
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(docs.one("ConfigMap", "-jobs")["data"]["pipeline.yaml"])
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert refs["CASCADE_KAFKA_SASL_PASSWORD"] == {"name": "cascade-kafka-sasl", "key": "password"}
+    cfg = load_pipeline_config(config, args.overrides, env={name: "from-a-secret" for name in refs})
+    kw = kafka_client_kwargs(cfg.publish)
+    assert (kw["security_protocol"], kw["sasl_mechanism"], kw["sasl_plain_password"]) == (
+        "SASL_SSL", "SCRAM-SHA-512", "from-a-secret")
+    mount = next(m for m in c["volumeMounts"] if Path(kw["ssl_cafile"]).parent == Path(m["mountPath"]))
+    volume = next(v for v in job["spec"]["volumes"] if v["name"] == mount["name"])
+    assert volume["secret"]["secretName"] == "kafka-ca" and mount["readOnly"] is True
+
+
+def test_pipeline_run_manifest_never_holds_the_sasl_password() -> None:
+    from jobs.pipeline import _config_dict, load_pipeline_config
+
+    cfg = load_pipeline_config(None, ["dataset=x", "publish.security_protocol=SASL_PLAINTEXT"],
+                               env={"CASCADE_KAFKA_SASL_USERNAME": "u", "CASCADE_KAFKA_SASL_PASSWORD": "hunter2"})
+    assert cfg.publish.sasl.password == "hunter2"
+    assert "hunter2" not in str(_config_dict(cfg))

@@ -204,6 +204,11 @@ check_hostname: false
       key: {{ $key }}
 {{- end }}
 {{- end }}
+{{- include "cascade.env.kafkaSasl" . }}
+{{- end }}
+
+{{/* The Kafka SASL credentials (server and pipeline), from kafka.sasl.existingSecret; nothing without SASL. */}}
+{{- define "cascade.env.kafkaSasl" -}}
 {{- $k := .Values.kafka }}
 {{- if hasPrefix "SASL_" $k.securityProtocol }}
 - name: CASCADE_KAFKA_SASL_USERNAME
@@ -290,6 +295,7 @@ One CronJob of the pipeline. Argument: dict with
   job        the job's values (schedule, suspend, backoffLimit, activeDeadlineSeconds, resources)
   command    the container command (list)
   env        extra container env (YAML string, may be empty)
+  volumes    extra pod volumes, mounts their container mounts (YAML strings, optional)
   automountToken  mount the service account token (Spark on Kubernetes)
   shm        add a memory-backed /dev/shm (torchrun)
 */}}
@@ -379,6 +385,9 @@ spec:
                 - name: dshm
                   mountPath: /dev/shm
                 {{- end }}
+                {{- with .mounts }}
+                {{- . | nindent 16 }}
+                {{- end }}
           volumes:
             {{- include "cascade.volumes.common" $root | nindent 12 }}
             - name: config
@@ -389,6 +398,9 @@ spec:
               emptyDir:
                 medium: Memory
                 sizeLimit: {{ $root.Values.pipeline.torchrun.shmSizeLimit }}
+            {{- end }}
+            {{- with .volumes }}
+            {{- . | nindent 12 }}
             {{- end }}
           {{- with $defaults.nodeSelector }}
           nodeSelector:
