@@ -152,7 +152,17 @@ def streaming_dashboard() -> dash.Dashboard:
          .with_panel(series("Dead-lettered messages", "ops",
                             q(f"sum by (topic, reason) (rate(cascade_events_dead_lettered_total{{{SEL}}}[{RATE}]))",
                               "{{topic}}: {{reason}}"),
-                            description="Malformed messages sent to the dead-letter topic.")))
+                            description="Malformed messages sent to the dead-letter topic."))
+         .with_panel(series("Consumer errors, skipped records, refused commits", "ops",
+                            q(f"sum by (consumer) (rate(cascade_consumer_restarts_total{{{SEL}}}[{RATE}]))",
+                              "errors: {{consumer}}"),
+                            q(f"sum by (topic) (rate(cascade_consumer_skipped_records_total{{{SEL}}}[{RATE}]))",
+                              "skipped: {{topic}}"),
+                            q(f"sum by (consumer) (rate(cascade_consumer_commit_failures_total{{{SEL}}}[{RATE}]))",
+                              "refused commits: {{consumer}}"),
+                            description="Unexpected consumer errors (each retried with backoff), records skipped "
+                                        "after failing repeatedly at one offset (dead-lettered as consumer_error), "
+                                        "and offset commits refused by a rebalance (re-read, deduplicated).")))
     d = (d.with_row(dash.Row("Items"))
          .with_panel(series("Items added and rejected", "ops",
                             q(f"sum(rate(cascade_items_added_total{{{SEL}}}[{RATE}]))", "added"),
