@@ -293,10 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", choices=sorted(MODEL_OVERRIDES), default="small",
                    help="ML-100K model configurations: the serving tests' small ones, or as trained")
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--name", default="serving/flood", help="results file name under benchmarks/results/")
+    p.add_argument("--name", default=None,
+                   help="results file name under benchmarks/results/ (default serving/flood, serving/flood-quick)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here (benchmarks/run_all.py)")
     args = p.parse_args(argv)
     if args.quick:
         args.seconds, args.unloaded_calls = 12.0, 200
+    args.name = args.name or ("serving/flood-quick" if args.quick else "serving/flood")
 
     from features.config import load_config
     from features.datasets import import_dataset
@@ -414,6 +417,9 @@ def main(argv: list[str] | None = None) -> int:
 
     path = write_results(args.name, results, benchmark="flood")
     print(f"wrote {path.relative_to(REPO)}")
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(path.read_text())
     return 0
 
 

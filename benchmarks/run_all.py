@@ -28,6 +28,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "ranking_long": ("ranking_long_bench.py", ["--quick"]),
     "two_stage": ("two_stage_bench.py", ["--quick"]),
     "serving": ("serving_bench.py", ["--quick"]),
+    "flood": ("flood_bench.py", ["--quick"]),
 }
 
 
