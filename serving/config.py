@@ -73,6 +73,7 @@ class GrpcConfig:
     max_in_flight: int = 3
     # A second, unbounded gRPC server with only grpc.health.v1 for the Kubernetes probes
     # ("" = none: health is served on `address` only, where it can be shed under overload).
+    # Plaintext even with grpc.tls (kubelet gRPC probes do not speak TLS); it answers nothing but health.
     probe_address: str = ""
     max_receive_message_bytes: int = 1 << 20
     default_deadline_s: float = 1.0  # applied when the client sends none
