@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 KUBE_VERSIONS = ("1.25.0", "1.37.0")  # Chart.yaml kubeVersion >=1.25 .. the newest kubernetes-validate knows
-CRD_KINDS = {"ServiceMonitor", "PrometheusRule"}  # Prometheus Operator CRDs: checked structurally below
+CRD_KINDS = {"ServiceMonitor", "PrometheusRule",  # Prometheus Operator CRDs: checked structurally below
+             "ScheduledSparkApplication", "PyTorchJob"}  # against the operators' CRD schemas: test_chart_operators
 
 
 def test_lint_is_clean(chart_dir: Path, values_of, scenario: str) -> None:
