@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "two_stage": ("two_stage_bench.py", ["--quick"]),
     "serving": ("serving_bench.py", ["--quick"]),
     "flood": ("flood_bench.py", ["--quick"]),
+    "rebuild": ("rebuild_bench.py", ["--dataset", "ml-100k"]),
 }
 
 
