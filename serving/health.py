@@ -7,8 +7,9 @@ service name                SERVING while                                     us
 ``""``, ``cascade.v1.Ranking``  the server can answer Rank: a model is loaded  readiness / startup probes
                             (Redis down -> popularity answers, still SERVING)
 ``cascade.v1.Ranking/full`` readiness and every dependency is healthy: Redis  alerts, dashboards, humans
-                            answers PING, the ANN index has items, and every
-                            check added with `add_check` passes
+                            answers PING, the ANN index has items and its last
+                            search worked, and every check added with
+                            `add_check` passes
 ==========================  ================================================  ==========================
 
 Readiness deliberately ignores Redis: when Redis is down the runtime answers
@@ -99,6 +100,8 @@ class HealthMonitor(threading.Thread):
                 problems.append("redis does not answer PING")
             if bundle is not None and len(bundle.index) == 0:
                 problems.append("the ANN index is empty")
+            if self.availability.index_error:
+                problems.append(f"the last ANN search failed ({self.availability.index_error})")
             for name, check in self._checks:
                 try:
                     p = check()

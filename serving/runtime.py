@@ -90,11 +90,13 @@ class Deadline:
 
 
 class Availability:
-    """Whether Redis answered lately: set down by failing requests, up by the health probe."""
+    """Whether Redis answered lately: set down by failing requests, up by the health probe. And whether the
+    ANN index failed: set by a failing search, cleared by the next one that works (full health reads both)."""
 
     def __init__(self) -> None:
         self.redis_up = True
         self.last_error = ""
+        self.index_error = ""  # "" = the last search worked
 
     def down(self, err: str) -> None:
         if self.redis_up:
@@ -105,6 +107,14 @@ class Availability:
         if not self.redis_up:
             log.info("redis answers again: full answers resume")
         self.redis_up = True
+
+    def index_failed(self, err: str) -> None:
+        self.index_error = err or "search failed"
+
+    def index_ok(self) -> None:
+        if self.index_error:
+            log.info("ANN search works again")
+            self.index_error = ""
 
 
 class CatalogRef:
@@ -241,8 +251,10 @@ class Runtime:
                 cands, retrieval = ids[0], sc[0]
                 ok = cands >= 0
                 cands, retrieval = cands[ok], retrieval[ok]
+                self.availability.index_ok()
             except Exception as e:  # the index failing must not fail the request
                 log.warning("ANN search failed, answering from popularity: %s", e)
+                self.availability.index_failed(f"{type(e).__name__}: {e}")
                 fallback = "index_unavailable"
                 cands = self.popularity.snapshot(bundle.retriever.item_ids)[0][: n_cand + len(seen)]
             clock.lap("ann")

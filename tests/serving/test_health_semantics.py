@@ -90,3 +90,24 @@ def test_shutdown_drains_readiness_but_stays_live(make_server):
     assert _statuses(h.channel) == {**{s: "NOT_SERVING" for s in (*READY, FULL)}, LIVE: "SERVING"}
     assert h.app.health.check_now() is False  # a probe after shutdown changes nothing
     assert _statuses(h.channel)[""] == "NOT_SERVING"
+
+
+def test_a_failing_index_fails_full_health_until_a_search_works_again(make_server):
+    """The index raising is injected (a real faiss index does not fail on demand); the rest is the real server."""
+    h = make_server(consume=False)
+    index = h.app.models.current.index
+
+    def broken(user_vecs, k):
+        raise RuntimeError("index shard unreadable")
+
+    index.search = broken  # instance attribute shadows the method
+    r = h.rank(1, k=5)
+    assert r.fallback_reason == "index_unavailable" and len(r.items) == 5
+    h.app.health.check_now()
+    assert _statuses(h.channel) == {**ALL_SERVING, FULL: "NOT_SERVING"}
+    assert h.app.health.problems == ["the last ANN search failed (RuntimeError: index shard unreadable)"]
+
+    del index.search
+    assert h.rank(1, k=5).fallback_reason == ""
+    h.app.health.check_now()
+    assert _statuses(h.channel) == ALL_SERVING
