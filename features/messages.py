@@ -40,11 +40,14 @@ import re
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import numpy as np
+
 from features.schema import EVENT_TYPE_NAMES, INT64_MAX, INT64_MIN, Event, Item, SchemaError, validate_event, validate_item
 
 MAX_MESSAGE_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 8  # an event/item/announcement is 2 levels deep (object -> context map / category list)
 MAX_NUMBER_CHARS = 40  # an int64 has at most 20 characters; a float field written as a 40-digit int is still finite
+MAX_FLOAT_CHARS = 100  # repr of any float is at most 24 characters
 MAX_ANNOUNCEMENT_FIELD_CHARS = 4096
 
 EVENT_FIELDS = ("event_id", "user_id", "item_id", "ts_ms", "event_type", "label", "value", "context")
@@ -53,6 +56,11 @@ ITEM_FIELDS = ("item_id", "title", "categories", "tags", "attributes", "numeric"
 ANNOUNCEMENT_FIELDS = ("version", "uri", "checksum")
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_BRACKET_STEP = np.zeros(256, np.int8)
+_BRACKET_STEP[[ord("["), ord("{")]] = 1
+_BRACKET_STEP[[ord("]"), ord("}")]] = -1
 _CONTROL = re.compile("[\x00-\x1f\x7f]")
 _SHA256_HEX = re.compile("[0-9a-fA-F]{64}")
 
@@ -120,28 +128,36 @@ def _parse_int(s: str) -> int:
     return int(s)
 
 
+def _parse_float(s: str) -> float:
+    if len(s) > MAX_FLOAT_CHARS:
+        raise _Reject("number_too_large", f"a number literal has {len(s)} characters (max {MAX_FLOAT_CHARS})")
+    return float(s)
+
+
 def _parse_constant(s: str) -> float:
     raise _Reject("not_json", f"{s} is not a JSON number")
 
 
-def _check_tree(obj: Any, what: str) -> None:
-    """Depth bound and UTF-8-encodable strings over a parsed JSON value (iterative: no recursion)."""
-    stack: list[tuple[Any, int]] = [(obj, 1)]
+def _depth(raw: bytes) -> int:
+    """Deepest bracket nesting of a JSON text, outside string literals (vectorized: no per-character Python)."""
+    outside = _JSON_STRING.sub(b'""', raw)
+    steps = _BRACKET_STEP[np.frombuffer(outside, np.uint8)]
+    return int(np.cumsum(steps, dtype=np.int32).max(initial=0))
+
+
+def _check_strings(obj: Any, what: str) -> None:
+    """Every string (keys too) encodable as UTF-8: a \\ud800 escape parses into a lone surrogate."""
+    stack = [obj]
     while stack:
-        v, depth = stack.pop()
+        v = stack.pop()
         if isinstance(v, str):
             if _SURROGATE.search(v):
                 raise _Reject("invalid_string", f"{what} message has a string with a lone surrogate ({v[:40]!r})")
         elif isinstance(v, dict):
-            if depth > MAX_JSON_DEPTH:
-                raise _Reject("too_deep", f"{what} message is nested deeper than {MAX_JSON_DEPTH}")
-            for k, x in v.items():
-                stack.append((k, depth))
-                stack.append((x, depth + 1))
+            stack.extend(v)
+            stack.extend(v.values())
         elif isinstance(v, list):
-            if depth > MAX_JSON_DEPTH:
-                raise _Reject("too_deep", f"{what} message is nested deeper than {MAX_JSON_DEPTH}")
-            stack.extend((x, depth + 1) for x in v)
+            stack.extend(v)
 
 
 def _load(raw: Any, what: str) -> dict[str, Any]:
@@ -149,26 +165,28 @@ def _load(raw: Any, what: str) -> dict[str, Any]:
         raise _Reject("tombstone", f"{what} message has no value (a tombstone)")
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise _Reject("not_bytes", f"{what} message value is a {type(raw).__name__}, not bytes")
+    raw = bytes(raw)
     n = len(raw)
     if n == 0:
         raise _Reject("empty", f"{what} message is empty")
     if n > MAX_MESSAGE_BYTES:
         raise _Reject("too_large", f"{what} message is {n} bytes (max {MAX_MESSAGE_BYTES})")
     try:
-        text = bytes(raw).decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise _Reject("not_json", f"{what} message is not UTF-8 JSON: {e}") from None
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _depth(raw) > MAX_JSON_DEPTH:
+        raise _Reject("too_deep", f"{what} message is nested deeper than {MAX_JSON_DEPTH}")
     try:
-        obj = json.loads(text, parse_int=_parse_int, parse_constant=_parse_constant)
+        obj = json.loads(text, parse_int=_parse_int, parse_float=_parse_float, parse_constant=_parse_constant)
     except RecursionError:
         raise _Reject("too_deep", f"{what} message is nested deeper than {MAX_JSON_DEPTH}") from None
     except ValueError as e:  # JSONDecodeError, and float/int conversions of literals
         raise _Reject("not_json", f"{what} message is not JSON: {str(e)[:200]}") from None
     if not isinstance(obj, dict):
         raise _Reject("not_object", f"{what} message must be a JSON object, got {type(obj).__name__}")
-    # nesting or \u escapes beyond the common shape: check the whole tree (cheap counts skip it otherwise)
-    if "\\u" in text or text.count("{") + text.count("[") > MAX_JSON_DEPTH:
-        _check_tree(obj, what)
+    if _SURROGATE_ESCAPE.search(text):  # only an escape can make a surrogate (the UTF-8 decoding is strict)
+        _check_strings(obj, what)
     return obj
 
 
