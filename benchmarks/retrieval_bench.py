@@ -224,6 +224,180 @@ def run_dataset(name: str, args: argparse.Namespace, baselines: dict) -> dict:
             "resolved_config": to_dict(load_config(RetrieverConfig, REPO / spec["config"], args.overrides))}
 
 
+# ---------------------------------------------------------------- step time (--sections step_time)
+
+STEP_VARIANTS = {  # name -> config overrides on top of the dataset's YAML; the first is the baseline
+    "full softmax, fp32 (before)": ["loss.mode=full", "train.bf16=false"],
+    "full softmax, bf16 encoder": ["loss.mode=full", "train.bf16=true"],
+    "pool 1024, fp32": ["loss.mode=sampled", "loss.in_batch=false", "loss.uniform_negatives=1024", "train.bf16=false"],
+    "pool 1024, bf16 encoder": ["loss.mode=sampled", "loss.in_batch=false", "loss.uniform_negatives=1024",
+                                "train.bf16=true"],
+    "pool 1024, bf16, 8 length groups": ["loss.mode=sampled", "loss.in_batch=false", "loss.uniform_negatives=1024",
+                                         "train.bf16=true", "model.user.length_groups=8"],
+}
+
+
+def padding_fraction(batches: list, max_len: int, groups: int) -> float:
+    """Share of the encoder's (B, T) slots that are padding when users are encoded in `groups` length groups."""
+    import torch
+
+    real = padded = 0
+    for b in batches:
+        lens = b.history_lengths().clamp(max=max_len)
+        for g in torch.tensor_split(torch.sort(lens).values, min(groups, lens.numel())):
+            real += int(g.sum())
+            padded += int(g.max()) * g.numel() if g.numel() else 0
+    return 1.0 - real / max(padded, 1)
+
+
+def _time_steps(rank: int, world_size: int, base, variants: dict, feats: Path, max_batches: int,
+                overrides: list[str]) -> dict:
+    """One training epoch (or its first `max_batches` steps) per variant on the same batches, the variants
+    interleaved step by step, so a load change on a shared machine hits them all alike."""
+    import time as _time
+
+    import torch
+
+    from features.config import load_config
+    from retrieval.config import RetrieverConfig
+    from retrieval.data import open_data
+    from retrieval.train import build_training
+
+    data = open_data(feats, base)
+    batches = list(data.train_batches(0, 0, 1))
+    if max_batches:
+        batches = batches[:max_batches]
+    runs = {}
+    for name in variants:
+        cfg = load_config(RetrieverConfig, REPO / DATASETS["ml-1m"]["config"], [*overrides, *variants[name]])
+        torch.manual_seed(0)
+        dmp, opt, sampler = build_training(cfg, data.catalog)
+        runs[name] = {"dmp": dmp, "opt": opt, "sampler": sampler, "times": [], "rows": 0}
+
+    def step(run: dict, batch, i: int) -> float:
+        t, c = _time.perf_counter(), _time.process_time()
+        out = run["dmp"](batch, run["sampler"](batch, i, 0))
+        run["opt"].zero_grad()
+        out.loss.backward()
+        run["opt"].step()
+        run["rows"] += int(out.rows)
+        run["cpu"] = run.get("cpu", 0.0) + _time.process_time() - c  # all threads: less sensitive to other load
+        return _time.perf_counter() - t
+
+    for run in runs.values():  # warm-up (allocator, thread pools), not timed
+        step(run, batches[0], 0)
+        run["rows"], run["cpu"] = 0, 0.0
+    for i, batch in enumerate(batches):
+        for run in runs.values():
+            run["times"].append(step(run, batch, i + 1))
+    out = {}
+    for name, run in runs.items():
+        ts = run["times"]
+        out[name] = {"overrides": variants[name], "steps": len(ts), "step_ms_median": round(1000 * statistics.median(ts), 1),
+                     "step_ms_mean": round(1000 * statistics.mean(ts), 1), "epoch_s": round(sum(ts), 1),
+                     "rows_per_s": round(run["rows"] / sum(ts), 1), "epoch_cpu_s": round(run["cpu"], 1)}
+    return {"variants": out, "batches": len(batches), "epoch_batches": data.num_train_batches(1),
+            "rows_per_step_mean": round(sum(int(b.num_candidates.sum()) for b in batches) / len(batches), 1),
+            "catalog_items": len(data.catalog), "threads": torch.get_num_threads(),
+            "padding_fraction": {f"length_groups={g}": round(padding_fraction(batches, base.model.user.max_len, g), 4)
+                                 for g in (1, 4, 8)}}
+
+
+def step_time_section(args: argparse.Namespace) -> dict:
+    """Step and epoch time of the variants in STEP_VARIANTS on ML-1M, measured in one process, in one run."""
+    from features.config import load_config
+    from features.train.launch import run_distributed
+    from retrieval.config import RetrieverConfig
+
+    feats, _ = ensure_features("ml-1m", args)
+    base = load_config(RetrieverConfig, REPO / DATASETS["ml-1m"]["config"], args.overrides)
+    machine = wait_for_quiet(args.max_load, args.max_wait)
+    res = run_distributed(_time_steps, 1, base, STEP_VARIANTS, feats, args.step_batches, args.overrides)[0]
+    res.update(machine)
+    base_name = next(iter(STEP_VARIANTS))
+    b = res["variants"][base_name]
+    for v in res["variants"].values():
+        v["speedup_vs_before"] = round(b["epoch_s"] / v["epoch_s"], 2)
+        v["cpu_speedup_vs_before"] = round(b["epoch_cpu_s"] / v["epoch_cpu_s"], 2)
+    print(f"\nML-1M training step time ({res['batches']} of {res['epoch_batches']} batches of an epoch, "
+          f"~{res['rows_per_step_mean']:.0f} next-item rows per step, {res['catalog_items']} items, "
+          f"{res['threads']} threads; variants interleaved step by step; 1-min load {res['load_1m_at_start']})")
+    print(f"  {'variant':<34}{'median ms':>11}{'mean ms':>10}{'epoch s':>10}{'rows/s':>10}{'speedup':>9}"
+          f"{'epoch CPU s':>13}{'CPU speedup':>13}")
+    for name, v in res["variants"].items():
+        print(f"  {name:<34}{v['step_ms_median']:>11.1f}{v['step_ms_mean']:>10.1f}{v['epoch_s']:>10.1f}"
+              f"{v['rows_per_s']:>10.0f}{v['speedup_vs_before']:>8.2f}x{v['epoch_cpu_s']:>13.1f}"
+              f"{v['cpu_speedup_vs_before']:>12.2f}x")
+    print("  encoder padding (share of padded slots): " + ", ".join(f"{k}: {v:.3f}" for k, v in
+                                                                    res["padding_fraction"].items()))
+    if args.step_batches:
+        print(f"  epoch s = the {res['batches']} timed steps only (--step-batches); a full epoch has "
+              f"{res['epoch_batches']}")
+    return res
+
+
+# ---------------------------------------------------------------- short comparisons (--sections compare)
+
+# Short runs that pick defaults on the VALIDATION split only (the test split is not read into these results).
+# Base: --compare-config (the ML-1M model) on --compare-dataset; each variant adds its overrides.
+COMPARE_VARIANTS = {
+    "full-fp32": ["loss.mode=full", "train.bf16=false"],
+    "pool-bf16": ["loss.mode=sampled", "loss.in_batch=false", "loss.uniform_negatives={pool}", "train.bf16=true"],
+    "pool-bf16-emb-lr0.15": ["loss.mode=sampled", "loss.in_batch=false", "loss.uniform_negatives={pool}",
+                             "train.bf16=true", "train.sharding.embedding_lr=0.15"],
+    "pool-bf16-learned-tau": ["loss.mode=sampled", "loss.in_batch=false", "loss.uniform_negatives={pool}",
+                              "train.bf16=true", "loss.learn_temperature=true"],
+    "pool-bf16-dot": ["loss.mode=sampled", "loss.in_batch=false", "loss.uniform_negatives={pool}", "train.bf16=true",
+                      "model.score=dot", "loss.temperature=1.0"],
+    "pool-bf16-dropout0.1": ["loss.mode=sampled", "loss.in_batch=false", "loss.uniform_negatives={pool}",
+                             "train.bf16=true", "model.user.dropout=0.1"],
+    "pool-bf16-id-only": ["loss.mode=sampled", "loss.in_batch=false", "loss.uniform_negatives={pool}",
+                          "train.bf16=true", "model.item.category=false", "model.item.attribute_features=[]"],
+}
+
+
+def compare_section(args: argparse.Namespace) -> dict:
+    """Each variant trained once (world size 1); valid metrics per epoch and per minute, best valid epoch."""
+    from features.config import load_config
+    from features.train.launch import run_distributed
+    from retrieval.config import RetrieverConfig
+    from retrieval.train import train_on_features
+    from results_file import write_results
+
+    feats, _ = ensure_features(args.compare_dataset, args)
+    out: dict = {}
+    names = args.compare_variants or list(COMPARE_VARIANTS)
+    for name in names:
+        overrides = [o.format(pool=args.compare_pool) for o in COMPARE_VARIANTS[name]]
+        cfg = load_config(RetrieverConfig, REPO / args.compare_config, [*args.overrides, *overrides])
+        run_dir = Path(args.work) / args.compare_dataset / f"compare-{name}"
+        machine = wait_for_quiet(args.max_load, args.max_wait)
+        print(f"  {name}: {' '.join(overrides)}", flush=True)
+        t = time.perf_counter()
+        res = run_distributed(train_on_features, 1, cfg, feats, run_dir, False, not args.quiet)[0]
+        curve = [{"epoch": h["epoch"], "minutes": h.get("minutes"), "loss": h["loss"],
+                  "valid_ndcg@10": h.get("valid_ndcg@10"), "valid_hr@10": h.get("valid_hr@10"),
+                  "valid_recall@500": h.get("valid_recall@500"), "epoch_seconds": h["epoch_seconds"]}
+                 for h in res.history]
+        rec = {"variant": name, "overrides": [*args.overrides, *overrides], "config": args.compare_config,
+               "dataset": args.compare_dataset, "best_epoch": res.best_epoch, "best_valid": res.best_valid,
+               "best_minutes": res.best_minutes, "epochs_run": res.epochs_run, "stopped": res.stopped,
+               "loop_minutes": round(res.loop_seconds / 60, 2), "wall_s": round(time.perf_counter() - t, 1),
+               "curve": curve, **machine}
+        out[name] = rec
+        path = write_results(f"retrieval/{args.compare_dataset}/compare-{name}", rec, benchmark="retrieval_bench")
+        print(f"  -> {name}: best valid ndcg@10 {res.best_valid.get('ndcg@10', float('nan')):.4f} "
+              f"hr@10 {res.best_valid.get('hr@10', float('nan')):.4f} at epoch {res.best_epoch} "
+              f"({res.best_minutes:.1f} min), {res.epochs_run} epochs, stopped: {res.stopped}; {path}", flush=True)
+    print(f"\n{args.compare_dataset}, valid split (best epoch), config {args.compare_config} + overrides:")
+    print(f"  {'variant':<26}{'ndcg@10':>9}{'hr@10':>9}{'recall@500':>12}{'best ep':>9}{'min':>7}{'epochs':>8}")
+    for name, r in out.items():
+        v = r["best_valid"]
+        print(f"  {name:<26}{v.get('ndcg@10', 0):>9.4f}{v.get('hr@10', 0):>9.4f}{v.get('recall@500', 0):>12.4f}"
+              f"{r['best_epoch']:>9}{r['best_minutes']:>7.1f}{r['epochs_run']:>8}")
+    return out
+
+
 # ---------------------------------------------------------------- report
 
 def _mean_std(vals: list[float]) -> str:
@@ -282,6 +456,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-wait", type=float, default=1800.0)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--json", default=None)
+    p.add_argument("--sections", nargs="+", default=["quality"], choices=["quality", "step_time", "compare"],
+                   help="quality: train/evaluate/export per dataset; step_time: ML-1M step and epoch time of the "
+                        "loss/precision variants, written to benchmarks/results/retrieval/ml-1m/step-time.json")
+    p.add_argument("--step-batches", type=int, default=0, help="step_time: time only the first N batches (0: an epoch)")
+    p.add_argument("--compare-dataset", default="ml-100k", choices=list(DATASETS))
+    p.add_argument("--compare-config", default="retrieval/configs/ml-1m.yaml")
+    p.add_argument("--compare-variants", nargs="*", default=None, choices=list(COMPARE_VARIANTS))
+    p.add_argument("--compare-pool", type=int, default=1024, help="uniform pool size of the pool-* variants")
     args = p.parse_args(argv)
 
     import logging
@@ -293,6 +475,15 @@ def main(argv: list[str] | None = None) -> int:
     baselines = published_rows(Path(args.baselines or Path(args.data_root) / "BASELINES.md"))
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
                "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "datasets": {}}
+    if "step_time" in args.sections:
+        from results_file import write_results
+
+        res = step_time_section(args)
+        print(f"  -> {write_results('retrieval/ml-1m/step-time', res, benchmark='retrieval_bench')}")
+    if "compare" in args.sections:
+        compare_section(args)
+    if "quality" not in args.sections:
+        return 0
     for name in args.datasets:
         results["datasets"][name] = run_dataset(name, args, baselines)
         if args.json:

@@ -7,7 +7,7 @@ length, attribute features, dropout, epochs). No dataset names appear in code.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from features.train.sharding import ShardingConfig
@@ -82,9 +82,14 @@ class UserTowerConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
+    """dim: both towers' output size. score: "cosine" (both towers L2-normalize; logits cos / tau)
+    or "dot" (unnormalized, logits q . v / tau: set loss.temperature=1). Either way an item's vector
+    depends on the item alone, so an inner-product ANN index over the item matrix serves it."""
+
     dim: int = 64
     item: ItemTowerConfig = field(default_factory=ItemTowerConfig)
     user: UserTowerConfig = field(default_factory=UserTowerConfig)
+    score: Literal["cosine", "dot"] = "cosine"
 
     def __post_init__(self) -> None:
         if self.dim <= 0 or self.dim % self.user.num_heads:
@@ -97,7 +102,9 @@ class LossConfig:
 
     mode: "sampled" — negatives are the batch's positives (in_batch) plus
         `uniform_negatives` items drawn uniformly from the catalog, each column
-        corrected by log Q (see retrieval/loss.py for the formula);
+        corrected by log Q (see retrieval/loss.py for the formula); with
+        in_batch=false the `uniform_negatives` draws are one pool shared by every
+        row of the step (the cheap epoch: (M, K) logits instead of (M, N));
         "full" — every catalog item is a column (the limit of sampling: no
         correction needed), affordable for catalogs of thousands of items.
     dedupe: one column per distinct item (Q = inclusion probability) instead of
@@ -131,17 +138,25 @@ class TrainConfig:
     lr: float = 1e-3  # dense parameters (AdamW)
     weight_decay: float = 0.0
     warmup_steps: int = 100
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays to min_lr_ratio * lr at the last epoch
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: decays to min_lr_ratio * lr at the horizon
+    # the cosine's horizon: "epochs" (the last of train.epochs) or "budget" (whichever comes first of the last
+    # epoch and train.max_minutes: the rate reaches its floor when the time budget is spent, not before)
+    lr_horizon: Literal["epochs", "budget"] = "epochs"
     min_lr_ratio: float = 0.05
     grad_clip: float = 0.0  # 0: off; dense parameters only
-    bf16: bool = False  # autocast the encoder and logits matmuls to bfloat16 on CPU
+    bf16: bool = False  # bfloat16 autocast for the towers (encoder); logits and loss stay float32
     seed: int = 0
     threads: int = 0  # torch threads per rank; 0: cores / world size
     eval_every: int = 1  # epochs
     patience: int = 5  # evaluations without a valid improvement before stopping (0: never)
     select_metric: str = "ndcg@10"
-    max_minutes: float = 0.0  # wall-clock budget for training (0: none); stops after the epoch that exceeds it
+    # wall-clock budget of the training loop (steps + valid evaluations + checkpoints; 0: none): no epoch is
+    # started that the last epoch's duration says would end past it
+    max_minutes: float = 0.0
     checkpoint_every: int = 1  # epochs; the last and the best epoch are always kept
+    # leave each user's last `holdout_tail` training items out of training: the second stage's lists retriever,
+    # whose top-N lists at those positions are for targets it never trained on (benchmarks/two_stage_bench.py)
+    holdout_tail: int = 0
     sharding: ShardingConfig = field(default_factory=lambda: ShardingConfig(embedding_lr=0.05))
 
     def __post_init__(self) -> None:
@@ -151,6 +166,10 @@ class TrainConfig:
             raise ValueError(f"train.lr must be positive, got {self.lr}")
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if self.max_minutes < 0 or self.patience < 0:
+            raise ValueError(f"train.max_minutes and train.patience must be >= 0, got {self.max_minutes}, {self.patience}")
+        if self.lr_horizon == "budget" and self.max_minutes <= 0:
+            raise ValueError("train.lr_horizon=budget needs a time budget: set train.max_minutes > 0")
 
 
 @dataclass(frozen=True)
@@ -164,21 +183,81 @@ class EvalConfig:
     max_users: int = 0  # 0: all users (a smaller number only for quick checks)
 
 
+IndexKind = Literal["flat", "hnsw", "ivf", "ivf_pq"]
+
+
+@dataclass(frozen=True)
+class IndexTier:
+    """The served index for catalogs of up to `max_items` items (fields as in IndexConfig).
+
+    Chosen from the recall@500-vs-latency curve of benchmarks/ann_bench.py (one core, against
+    exact search): the fastest setting with recall@500 >= 0.95 at <= 5 ms per query.
+    """
+
+    max_items: int
+    kind: IndexKind = "flat"
+    hnsw_m: int = 32
+    hnsw_ef_construction: int = 200
+    hnsw_ef_search: int = 1024
+    ivf_nlist: int = 0
+    ivf_nprobe: int = 16
+    pq_m: int = 16
+    refine_factor: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_items <= 0:
+            raise ValueError(f"index tier max_items must be positive, got {self.max_items}")
+
+
+# exact search up to 100k items (a 64-d flat scan of 100k vectors is ~1 ms on one core, recall 1);
+# above, IVF-Flat with nlist ~ 4 sqrt(N) and the nprobe the 1M-item curve gave (benchmarks/results/retrieval/ann-1m.json)
+DEFAULT_TIERS: tuple[IndexTier, ...] = (
+    IndexTier(max_items=100_000, kind="flat"),
+    IndexTier(max_items=20_000_000, kind="ivf", ivf_nlist=0, ivf_nprobe=64),
+)
+
+
 @dataclass(frozen=True)
 class IndexConfig:
-    """The exported ANN index over the item embedding matrix (faiss, inner product)."""
+    """The exported ANN index over the item embedding matrix (faiss, inner product).
 
-    kind: Literal["hnsw", "ivf", "flat"] = "hnsw"
+    kind: "auto" picks the first of `tiers` whose max_items holds the catalog (the served
+    parameters per catalog size); the others fix the index: "flat" (exact), "hnsw", "ivf"
+    (IVF-Flat), "ivf_pq" (IVF with `pq_m` 8-bit sub-quantizers, re-ranked exactly over
+    `refine_factor` x k candidates when refine_factor > 0). ivf_nlist 0: about 4 sqrt(N).
+    """
+
+    kind: Literal["auto", "flat", "hnsw", "ivf", "ivf_pq"] = "auto"
     hnsw_m: int = 32
     hnsw_ef_construction: int = 200
     hnsw_ef_search: int = 1024
     ivf_nlist: int = 0  # 0: about 4 * sqrt(N)
     ivf_nprobe: int = 16
+    pq_m: int = 16
+    refine_factor: int = 0
     recall_k: int = 500
+    tiers: tuple[IndexTier, ...] = DEFAULT_TIERS
 
     def __post_init__(self) -> None:
         if self.hnsw_m <= 0 or self.hnsw_ef_search <= 0 or self.ivf_nprobe <= 0 or self.recall_k <= 0:
             raise ValueError("index: hnsw_m, hnsw_ef_search, ivf_nprobe and recall_k must be positive")
+        if self.pq_m <= 0 or self.refine_factor < 0:
+            raise ValueError(f"index: pq_m must be positive and refine_factor >= 0, got {self.pq_m}, {self.refine_factor}")
+        if self.kind == "auto" and not self.tiers:
+            raise ValueError("index.kind=auto needs at least one entry in index.tiers")
+        sizes = [t.max_items for t in self.tiers]
+        if sizes != sorted(sizes):
+            raise ValueError(f"index.tiers must be sorted by max_items, got {sizes}")
+
+    def for_catalog(self, num_items: int) -> "IndexConfig":
+        """The concrete index (kind != auto) for a catalog of `num_items` items: the first tier that holds it
+        (the last tier beyond the largest max_items)."""
+        if self.kind != "auto":
+            return self
+        tier = next((t for t in self.tiers if num_items <= t.max_items), self.tiers[-1])
+        fields = {k: getattr(tier, k) for k in ("kind", "hnsw_m", "hnsw_ef_construction", "hnsw_ef_search",
+                                                "ivf_nlist", "ivf_nprobe", "pq_m", "refine_factor")}
+        return replace(self, **fields)
 
 
 @dataclass(frozen=True)

@@ -98,10 +98,11 @@ def export_retriever(
     model = model.eval()
     keys = item_keys(cfg.model)
     vecs = item_matrix(model, catalog, keys).numpy().astype(np.float32)  # (N, D)
+    icfg = cfg.index.for_catalog(vecs.shape[0])  # the catalog-size tier, written resolved for the loader
     t0 = time.perf_counter()
-    index = build_index(vecs, cfg.index)
+    index = build_index(vecs, icfg)
     build_s = time.perf_counter() - t0
-    ann: dict[str, Any] = {"kind": cfg.index.kind, "items": int(vecs.shape[0]), "build_seconds": round(build_s, 3)}
+    ann: dict[str, Any] = {"kind": icfg.kind, "items": int(vecs.shape[0]), "build_seconds": round(build_s, 3)}
     if queries is not None and len(queries):
         k = cfg.index.recall_k
         ann_rows, _ = search(index, queries, k)
@@ -112,7 +113,7 @@ def export_retriever(
     config = {
         "format": EXPORT_FORMAT,
         "model": to_dict(cfg.model),
-        "index": to_dict(cfg.index),
+        "index": to_dict(icfg),
         "history_keys": list(HISTORY_KEYS),
         "user_keys": ["user_id", *cfg.model.user.user_features],
         "item_keys": keys,

@@ -1,6 +1,7 @@
 """ANN index over the item embedding matrix (faiss, inner product = cosine on L2-normalized vectors).
 
-`build_index` makes the configured index (HNSW or IVF; "flat" is exact);
+`build_index` makes the configured index (HNSW, IVF-Flat or IVF-PQ; "flat" is
+exact; "auto" picks per catalog size from `IndexConfig.tiers`);
 `exact_index` is the brute-force reference (`IndexFlatIP`) the ANN index is
 measured against: `recall_vs_exact` = mean over queries of
 |ANN top-k  ∩  exact top-k| / k.
@@ -8,6 +9,7 @@ measured against: `recall_vs_exact` = mean over queries of
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping, Sequence
 
 import faiss
 import numpy as np
@@ -32,9 +34,11 @@ def exact_index(vectors: np.ndarray) -> faiss.Index:
 
 
 def build_index(vectors: np.ndarray, cfg: IndexConfig) -> faiss.Index:
-    """The configured ANN index over `vectors` (N, D); row i of the index is item i."""
+    """The configured ANN index over `vectors` (N, D); row i of the index is item i (kind "auto": the
+    catalog-size tier of `cfg.for_catalog(N)`)."""
     v = _as_f32(vectors, "item vectors")
     n, d = v.shape
+    cfg = cfg.for_catalog(n)
     if cfg.kind == "flat":
         return exact_index(v)
     if cfg.kind == "hnsw":
@@ -43,26 +47,46 @@ def build_index(vectors: np.ndarray, cfg: IndexConfig) -> faiss.Index:
         index.add(v)
         index.hnsw.efSearch = cfg.hnsw_ef_search
         return index
-    if cfg.kind == "ivf":
+    if cfg.kind in ("ivf", "ivf_pq"):
         nlist = cfg.ivf_nlist or max(1, int(4 * math.sqrt(n)))
         if n < nlist:
             raise ValueError(f"index: ivf_nlist={nlist} needs at least as many items, have {n}")
+        if cfg.kind == "ivf_pq" and d % cfg.pq_m:
+            raise ValueError(f"index: pq_m={cfg.pq_m} must divide the dimension {d}")
         quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        if cfg.kind == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        else:
+            index = faiss.IndexIVFPQ(quantizer, d, nlist, cfg.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+        index.cp.max_points_per_centroid = 64  # k-means on at most 64 x nlist vectors: bounded build time
         index.train(v)
         index.add(v)
         index.nprobe = min(cfg.ivf_nprobe, nlist)
+        if cfg.kind == "ivf_pq" and cfg.refine_factor > 0:
+            index = faiss.IndexRefineFlat(index)
+            index.k_factor = float(cfg.refine_factor)
         return index
-    raise ValueError(f"index.kind must be hnsw, ivf or flat, got {cfg.kind!r}")
+    raise ValueError(f"index.kind must be auto, flat, hnsw, ivf or ivf_pq, got {cfg.kind!r}")
 
 
 def configure_search(index: faiss.Index, cfg: IndexConfig) -> faiss.Index:
     """Re-applies the search-time parameters (after `faiss.read_index`)."""
-    if isinstance(index, faiss.IndexHNSW):
+    cfg = cfg.for_catalog(index.ntotal)
+    if isinstance(index, faiss.IndexRefine):
+        index.k_factor = float(max(cfg.refine_factor, 1))
+        configure_search(faiss.downcast_index(index.base_index), cfg)
+    elif isinstance(index, faiss.IndexHNSW):
         index.hnsw.efSearch = cfg.hnsw_ef_search
     elif isinstance(index, faiss.IndexIVF):
         index.nprobe = min(cfg.ivf_nprobe, index.nlist)
     return index
+
+
+def choose_index(points: Sequence[Mapping[str, Any]], min_recall: float, max_ms: float) -> Mapping[str, Any] | None:
+    """The fastest of `points` (each with "recall" and "ms" per query, e.g. ann_bench's sweep) that has
+    recall >= min_recall and ms <= max_ms; None when none does. Ties go to the higher recall."""
+    ok = [p for p in points if p["recall"] >= min_recall and p["ms"] <= max_ms]
+    return min(ok, key=lambda p: (p["ms"], -p["recall"])) if ok else None
 
 
 def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

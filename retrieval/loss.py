@@ -23,9 +23,23 @@ and K uniform draws from the N catalog items, probability 1/N each::
 
 Either way sum_j exp(s_j) / Q(j) over the columns is an unbiased estimate of
 the full softmax's partition sum sum_{all items} exp(s), which is what the
-correction is for. With in_batch=False, M = 0. mode="full" makes every catalog
-item a column exactly once: Q = 1, no correction, the exact softmax (the limit
-of sampling, affordable for catalogs of thousands of items).
+correction is for. mode="full" makes every catalog item a column exactly once:
+Q = 1, no correction, the exact softmax (the limit of sampling, affordable for
+catalogs of thousands of items).
+
+A shared pool of uniform negatives alone (in_batch=False, M = 0): every column
+has the same Q = K / N, so subtracting it from the positive as well would shift
+every logit by one constant and change nothing (a plain sampled softmax, whose
+partition sum is K / N times too small). The positive is not drawn by the
+pool's sampler: it is in its row's set with certainty, Q(y) = 1, and only the
+pool's columns are corrected::
+
+    loss_i = log( exp(s_iy) + sum_j exp(s_ij) / Q(c_j) ) - s_iy,   Q(c) = K / N  (or 1 - (1 - 1/N)^K, dedupe)
+
+whose partition term estimates exp(s_iy) + sum_{i != y} exp(s_i) without bias
+(draws of y itself are masked). With in-batch negatives the positive's column
+is one the in-batch sampler drew, so it keeps its Q(y) (Yi et al.). A pool of
+K >= N is the whole catalog once (Q = 1): the exact softmax again.
 """
 from __future__ import annotations
 
@@ -86,7 +100,9 @@ def sampled_softmax_loss(
     """The loss of the module docstring.
 
     queries: (M, D) L2-normalized; item_vecs: (K, D) L2-normalized vectors of `cands.items`;
-    temperature: scalar tensor; weights: (M,) or None (all ones). Returns a scalar.
+    temperature: scalar tensor; weights: (M,) or None (all ones). Returns a float32 scalar: the
+    logits and the loss are computed in fp32 with autocast off, whatever dtype the towers ran in
+    (cos / tau logits of +-20 in bf16 keep only ~3 significant digits).
 
     When every row's positive is itself one of the (unique) negative columns — same
     embedded row, same correction, as in-batch and full-catalog sets are built —
@@ -94,6 +110,14 @@ def sampled_softmax_loss(
     cross-entropy over the columns with the positive's column as the target,
     which is what runs then (no (M, C) mask, no concatenation).
     """
+    with torch.autocast(queries.device.type, enabled=False):  # logits and loss in fp32, whatever the towers ran in
+        return _sampled_softmax_loss(queries.float(), item_vecs.float(), cands, temperature.float(), weights)
+
+
+def _sampled_softmax_loss(
+    queries: torch.Tensor, item_vecs: torch.Tensor, cands: CandidateSet, temperature: torch.Tensor,
+    weights: torch.Tensor | None,
+) -> torch.Tensor:
     m = queries.shape[0]
     q = queries / temperature  # (M, D): the temperature folded into the queries, not the (M, C) logits
     neg_vec = item_vecs[cands.negative_item]  # (C, D)
@@ -110,7 +134,7 @@ def sampled_softmax_loss(
         neg = neg.masked_fill(cands.positive_ids[:, None] == cands.negative_ids[None, :], float("-inf"))
     pos_vec = item_vecs[cands.positive_item]  # (M, D)
     pos = (q.float() * pos_vec.float()).sum(-1) - cands.positive_log_q  # (M,)
-    per_row = torch.logsumexp(torch.cat([pos[:, None], neg], dim=1), dim=1) - pos  # (M,)
+    per_row = torch.logaddexp(pos, torch.logsumexp(neg, dim=1)) - pos  # (M,): no (M, C + 1) concatenation
     return _weighted_mean(per_row, weights)
 
 

@@ -7,6 +7,8 @@ Item tower (new items get a vector from their attributes alone)::
 
     v = normalize( sum_h E_item[hash_h(id)]  +  mean_c E_cat[c]  +  sum_f E_f[attr_f] )   # (K, D)
 
+(`model.score: dot` leaves both towers' outputs unnormalized: score = q . v.)
+
 User tower (SASRec/GPT-style, pre-LN, right-padded so `is_causal` alone is exact)::
 
     x_t = sum_h E_item[hash_h(id_t)] + E_cat[cat_t] (+ E_act[action_t]) + P[t]          # t = 0 is the oldest kept
@@ -49,9 +51,9 @@ def id_hash_features(num_hashes: int) -> tuple[str, ...]:
 
 
 class TowerOutput(NamedTuple):
-    queries: torch.Tensor  # (S, D) L2-normalized user vector after each history position, S = sum of lengths
+    queries: torch.Tensor  # (S, D) user vector after each history position (L2-normalized for cosine), S = sum of lengths
     query_offsets: torch.Tensor  # (B + 1,) int64: user b's positions are queries[off[b]:off[b+1]]
-    items: torch.Tensor  # (K, D) L2-normalized item vectors
+    items: torch.Tensor  # (K, D) item vectors (L2-normalized for the cosine score)
 
 
 class CausalBlock(nn.Module):
@@ -208,7 +210,7 @@ class TwoTowerRetriever(nn.Module):
             h = h + torch.repeat_interleave(self.user_proj(u), hist_len, dim=0)
         offsets = torch.zeros(b + 1, dtype=torch.int64, device=h.device)
         offsets[1:] = torch.cumsum(hist_len, 0)
-        return TowerOutput(F.normalize(h.float(), dim=-1), offsets, item_vecs)
+        return TowerOutput(self._output(h.float()), offsets, item_vecs)
 
     def _history(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.cfg.user
@@ -234,7 +236,11 @@ class TwoTowerRetriever(nn.Module):
             v = v + _segment_mean(cat_emb[cat_start:], cat_len)  # the items' rows follow the history's
         if self.item_ebc is not None:
             v = v + self._pooled(self.item_ebc, items, self.cfg.item.attribute_features, self.cfg.item.attribute_buckets)
-        return F.normalize(v, dim=-1)  # (K, D)
+        return self._output(v.float())  # (K, D)
+
+    def _output(self, x: torch.Tensor) -> torch.Tensor:
+        """The towers' last step: L2-normalized for the cosine score, as is for the dot product."""
+        return F.normalize(x, dim=-1) if self.cfg.score == "cosine" else x
 
     def _pooled(self, ebc: EmbeddingBagCollection, kjt: KeyedJaggedTensor, features: tuple[str, ...],
                 buckets: int) -> torch.Tensor:

@@ -36,12 +36,17 @@ class TaskOutput(NamedTuple):
 
 
 class RetrievalTask(nn.Module):
-    """Model + sampled softmax loss (+ the temperature, learned or fixed)."""
+    """Model + sampled softmax loss (+ the temperature, learned or fixed).
 
-    def __init__(self, model: TwoTowerRetriever, cfg: LossConfig) -> None:
+    bf16: run the towers under bfloat16 autocast (the encoder's matmuls and attention); the
+    logits and the loss stay float32 (retrieval/loss.py turns autocast off for them).
+    """
+
+    def __init__(self, model: TwoTowerRetriever, cfg: LossConfig, bf16: bool = False) -> None:
         super().__init__()
         self.model = model
         self.cfg = cfg
+        self.bf16 = bf16
         t = torch.tensor(math.log(cfg.temperature))
         if cfg.learn_temperature:
             self.log_temperature = nn.Parameter(t)
@@ -52,7 +57,8 @@ class RetrievalTask(nn.Module):
         return self.log_temperature.exp().clamp(min=self.cfg.min_temperature, max=1.0)
 
     def forward(self, batch: Batch, cands: CandidateSet) -> TaskOutput:
-        out = self.model(batch, cands.items)
+        with torch.autocast(self.log_temperature.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            out = self.model(batch, cands.items)
         loss = sampled_softmax_loss(out.queries, out.items, cands, self.temperature(), batch.weights)
         return TaskOutput(loss, torch.tensor(out.queries.shape[0]))
 
@@ -84,11 +90,12 @@ class CandidateSampler:
             rows = cat.rows_of(pos_ids)
             return CandidateSet(self._all, rows, pos_ids, zeros_m, torch.arange(n), cat.ids, torch.zeros(n), True)
 
+        if not cfg.in_batch:
+            return self._pool(batch, pos_ids, step, rank)
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 7919 + rank)
         uni_rows = torch.randint(n, (cfg.uniform_negatives,), generator=gen)
         pos_logq = batch.candidate_dense[:, LOGQ_COLUMN]  # (M,) per-draw log p of each positive
-        mb = m if cfg.in_batch else 0
-        k = cfg.uniform_negatives
+        mb, k = m, cfg.uniform_negatives
 
         def lq(logq: torch.Tensor) -> torch.Tensor:
             if not cfg.logq_correction:
@@ -99,13 +106,12 @@ class CandidateSampler:
             uniq, first, inverse = _unique_first(pos_ids)
             pos_items = select_rows(batch.candidates, first, self.keys)  # (U,) first occurrence of each positive
             uni_rows = torch.unique(uni_rows)
-            if cfg.in_batch:  # a uniform draw of an in-batch item is the same column
-                uni_rows = uni_rows[~torch.isin(cat.ids[uni_rows], uniq)]
+            uni_rows = uni_rows[~torch.isin(cat.ids[uni_rows], uniq)]  # a uniform draw of an in-batch item: same column
             items = concat_rows([pos_items, cat.select(uni_rows, self.keys)], self.keys)
             u = int(uniq.numel())
             ids = torch.cat([uniq, cat.ids[uni_rows]])
             logq_all = torch.cat([pos_logq[first], cat.logq[uni_rows]])
-            neg = torch.arange(u + int(uni_rows.numel())) if cfg.in_batch else u + torch.arange(int(uni_rows.numel()))
+            neg = torch.arange(u + int(uni_rows.numel()))
             corr = lq(logq_all)
             return CandidateSet(items, inverse, pos_ids, corr[inverse], neg, ids[neg], corr[neg], True)
 
@@ -114,8 +120,34 @@ class CandidateSampler:
                              cat.select(uni_rows, self.keys)], self.keys)
         ids = torch.cat([pos_ids, cat.ids[uni_rows]])
         corr = lq(torch.cat([pos_logq, cat.logq[uni_rows]]))
-        neg = torch.arange(m + k) if cfg.in_batch else m + torch.arange(k)
+        neg = torch.arange(m + k)
         return CandidateSet(items, torch.arange(m), pos_ids, corr[:m], neg, ids[neg], corr[neg], False)
+
+    def _pool(self, batch: Batch, pos_ids: torch.Tensor, step: int, rank: int) -> CandidateSet:
+        """A shared pool of K uniform negatives for every row (loss.py: the positive has Q = 1, the pool K / N).
+
+        The item tower embeds the distinct positives and the pool once; a pool of K >= N items is the
+        whole catalog (Q = 1, the exact softmax without the full mode's per-step catalog forward).
+        """
+        cfg, cat = self.cfg, self.catalog
+        n, k = len(cat), cfg.uniform_negatives
+        m = int(pos_ids.numel())
+        if k >= n:
+            if self._all is None:
+                self._all = cat.select(torch.arange(n), self.keys)
+            return CandidateSet(self._all, cat.rows_of(pos_ids), pos_ids, torch.zeros(m), torch.arange(n), cat.ids,
+                                torch.zeros(n), True)
+        uniq, first, inverse = _unique_first(pos_ids)
+        pos_items = select_rows(batch.candidates, first, self.keys)  # (U,)
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + step * 7919 + rank)
+        pool = torch.randint(n, (k,), generator=gen)
+        if cfg.dedupe:
+            pool = torch.unique(pool)
+        lq = log_q(torch.full((1,), -math.inf), 0, k, n, cfg.dedupe) if cfg.logq_correction else torch.zeros(1)
+        items = concat_rows([pos_items, cat.select(pool, self.keys)], self.keys)
+        neg = int(uniq.numel()) + torch.arange(int(pool.numel()))
+        return CandidateSet(items, inverse, pos_ids, torch.zeros(m), neg, cat.ids[pool],
+                            lq.expand(int(pool.numel())).contiguous(), cfg.dedupe)
 
 
 def _unique_first(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

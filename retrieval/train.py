@@ -34,7 +34,7 @@ from tqdm import tqdm
 from features.batch import Batch
 from features.config import to_dict
 from features.train.checkpoint import load_checkpoint, save_checkpoint
-from features.train.report import MetricsLog
+from features.train.report import MetricsLog, write_convergence
 from features.train.sharding import describe_plan, make_optimizer, shard_model
 from retrieval.catalog import Catalog, validate_catalog
 from retrieval.config import RetrieverConfig, TrainConfig
@@ -78,6 +78,9 @@ class TrainResult:
     plan: dict[str, str]
     collisions: dict[str, int]
     history: list[dict[str, Any]] = field(default_factory=list)
+    loop_seconds: float = 0.0  # the training loop (steps + valid evaluations + checkpoints): the budget's clock
+    budget_minutes: float = 0.0  # train.max_minutes (0: none)
+    best_minutes: float = 0.0  # loop minutes when the best epoch ended
 
 
 def _rank0(rank: int) -> bool:
@@ -139,19 +142,16 @@ def train_retriever(
     keys = item_keys(cfg.model)
     torch.manual_seed(tc.seed)  # identical dense init on every rank
 
-    task = RetrievalTask(TwoTowerRetriever(cfg.model, "meta"), cfg.loss)
-    dmp = shard_model(task, tc.sharding, torch.device("cpu"))
-    opt = make_optimizer(dmp, dense_lr=tc.lr, weight_decay=tc.weight_decay)
+    dmp, opt, sampler = build_training(cfg, catalog)
     dense_opt = _dense_optimizer(opt)
     dense_params = [p for g in dense_opt.param_groups for p in g["params"]] if dense_opt is not None else []
-    sampler = CandidateSampler(cfg.loss, catalog, keys, seed=tc.seed)
     core: RetrievalTask = _unwrap(dmp)
     plan = describe_plan(dmp)
     collisions = id_collisions(catalog, cfg.model.item.id_hashes, cfg.model.item.id_buckets)
     torch.manual_seed(tc.seed * 7 + 1 + rank)  # per-rank dropout streams
 
     state: dict[str, Any] = {"epoch": 0, "step": 0, "best": -math.inf, "best_epoch": -1, "bad_evals": 0,
-                             "train_seconds": 0.0, "train_cpu_seconds": 0.0, "history": "[]"}
+                             "train_seconds": 0.0, "train_cpu_seconds": 0.0, "loop_seconds": 0.0, "history": "[]"}
     if resume and (ckpt_dir / "last" / ".metadata").exists():
         state.update(load_checkpoint(ckpt_dir / "last", dmp, opt))
         log.info("resumed from %s at epoch %d (step %d)", ckpt_dir / "last", state["epoch"], state["step"])
@@ -164,10 +164,12 @@ def train_retriever(
         log.info("id hash collisions: %s", collisions)
 
     n_batches = data.num_train_batches(world_size)
+    budget_s = 60.0 * tc.max_minutes
     stopped = "epochs"
     for epoch in range(int(state["epoch"]), tc.epochs):
         dmp.train()
         t0, c0 = time.perf_counter(), time.process_time()
+        loop_s0 = float(state["loop_seconds"])
         loss_sum, rows, steps = torch.zeros(()), 0, 0
         bar = tqdm(aligned(data.train_batches(epoch, rank, world_size)), total=n_batches, unit="step",
                    desc=f"epoch {epoch + 1}/{tc.epochs}", disable=not (progress and _rank0(rank)), leave=False)
@@ -175,11 +177,11 @@ def train_retriever(
             validate_train_batch(batch, cfg.model.user.max_len)
             step = int(state["step"])
             if dense_opt is not None:
+                spent = (loop_s0 + time.perf_counter() - t0) / budget_s if tc.lr_horizon == "budget" else 0.0
                 for g in dense_opt.param_groups:
-                    g["lr"] = dense_lr(tc, step, tc.epochs * n_batches)
+                    g["lr"] = dense_lr(tc, step, tc.epochs * n_batches, spent)
             cands = sampler(batch, step, rank)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
-                out = dmp(batch, cands)
+            out = dmp(batch, cands)  # the task autocasts the towers when train.bf16; the loss is float32
             loss = out.loss if real else out.loss * 0.0
             opt.zero_grad()
             loss.backward()
@@ -200,7 +202,7 @@ def train_retriever(
             dist.all_reduce(totals)
         record: dict[str, Any] = {
             "epoch": epoch + 1, "loss": float(totals[0] / max(totals[1], 1)), "rows": int(totals[2]),
-            "lr": dense_lr(tc, int(state["step"]) - 1, tc.epochs * n_batches),
+            "lr": float(dense_opt.param_groups[0]["lr"]) if dense_opt is not None else tc.lr,
             "epoch_seconds": round(epoch_s, 2), "rows_per_s": round(float(totals[2]) / epoch_s, 1),
             "temperature": float(core.temperature()), "train_seconds": round(float(state["train_seconds"]), 1),
             "epoch_cpu_seconds": round(float(totals[3]), 1),
@@ -220,6 +222,9 @@ def train_retriever(
                 improved = True
             else:
                 state["bad_evals"] = int(state["bad_evals"]) + 1
+        epoch_loop_s = time.perf_counter() - t0  # steps + evaluation
+        state["loop_seconds"] = loop_s0 + epoch_loop_s
+        record["minutes"] = round(float(state["loop_seconds"]) / 60.0, 3)  # the budget's clock, for the curves
         history.append(record)
         state["epoch"] = epoch + 1
         state["history"] = json.dumps(history)
@@ -228,14 +233,15 @@ def train_retriever(
             log.info("epoch %d: %s", epoch + 1, _fmt(record))
         if improved:
             _save(ckpt_dir / "best", dmp, opt, dict(state), rank)
-        out_of_time = tc.max_minutes > 0 and (time.perf_counter() - t_wall) / 60.0 > tc.max_minutes
-        patience_hit = tc.patience > 0 and int(state["bad_evals"]) >= tc.patience
+        out_of_time = budget_s > 0 and float(state["loop_seconds"]) + epoch_loop_s > budget_s
+        patience_hit = should_stop_early(history, tc.select_metric, tc.patience)
         stop = _broadcast_flag(out_of_time or patience_hit)
         if stop or last_epoch or (epoch + 1) % tc.checkpoint_every == 0:
             _save(ckpt_dir / "last", dmp, opt, dict(state), rank)
         if stop:
-            stopped = "time budget" if out_of_time else "patience"
+            stopped = "patience" if patience_hit else "time budget"
             break
+        state["loop_seconds"] = float(state["loop_seconds"]) + (time.perf_counter() - t0 - epoch_loop_s)  # checkpoints
 
     if (ckpt_dir / "best" / ".metadata").exists():
         load_checkpoint(ckpt_dir / "best", dmp, None, restore_rng=False)
@@ -250,10 +256,37 @@ def train_retriever(
         train_cpu_seconds=round(float(state["train_cpu_seconds"]), 1),
         wall_seconds=round(time.perf_counter() - t_wall, 1),
         plan=plan, collisions=collisions, history=history,
+        loop_seconds=round(float(state["loop_seconds"]), 1), budget_minutes=tc.max_minutes,
+        best_minutes=float(best_valid.get("minutes", 0.0)),
     )
     if _rank0(rank):
         (out_dir / "summary.json").write_text(json.dumps({**asdict(result), "config": to_dict(cfg)}, indent=2) + "\n")
+        write_convergence(out_dir, history, f"valid_{tc.select_metric}", title=f"retriever: valid {tc.select_metric}",
+                          extra={"best_epoch": result.best_epoch, "best_minutes": result.best_minutes,
+                                 "stopped": stopped, "budget_minutes": tc.max_minutes})
     return result
+
+
+def build_training(cfg: RetrieverConfig, catalog: Catalog) -> tuple[Any, CombinedOptimizer, CandidateSampler]:
+    """The sharded train task (DistributedModelParallel), its optimizer and the candidate sampler."""
+    tc = cfg.train
+    task = RetrievalTask(TwoTowerRetriever(cfg.model, "meta"), cfg.loss, bf16=tc.bf16)
+    dmp = shard_model(task, tc.sharding, torch.device("cpu"))
+    opt = make_optimizer(dmp, dense_lr=tc.lr, weight_decay=tc.weight_decay)
+    return dmp, opt, CandidateSampler(cfg.loss, catalog, item_keys(cfg.model), seed=tc.seed)
+
+
+def should_stop_early(history: list[dict[str, Any]], metric: str, patience: int) -> bool:
+    """True when the last `patience` evaluations of valid `metric` are all below the best one before them.
+
+    history: the per-epoch records (epochs without an evaluation have no `valid_<metric>`). patience 0: never.
+    """
+    if patience <= 0:
+        return False
+    scores = [r[f"valid_{metric}"] for r in history if f"valid_{metric}" in r]
+    if len(scores) <= patience:
+        return False
+    return max(scores[-patience:]) <= max(scores[:-patience])
 
 
 def train_on_features(
@@ -274,12 +307,17 @@ def train_on_features(
         torch.set_num_threads(threads)
 
 
-def dense_lr(tc: TrainConfig, step: int, total_steps: int) -> float:
-    """Linear warmup over `warmup_steps`, then constant or cosine down to `min_lr_ratio * lr` at `total_steps`."""
+def dense_lr(tc: TrainConfig, step: int, total_steps: int, budget_spent: float = 0.0) -> float:
+    """Linear warmup over `warmup_steps`, then constant or cosine down to `min_lr_ratio * lr` at the horizon.
+
+    The cosine's progress is the larger of the steps' (step / total_steps) and `budget_spent` (the
+    fraction of train.max_minutes used, with lr_horizon=budget), so the rate reaches its floor when
+    either the epochs or the time budget run out, and stays there.
+    """
     warm = min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps else 1.0
     if tc.lr_schedule == "constant" or total_steps <= tc.warmup_steps:
         return tc.lr * warm
-    t = min(1.0, max(0, step - tc.warmup_steps) / (total_steps - tc.warmup_steps))
+    t = min(1.0, max(max(0, step - tc.warmup_steps) / (total_steps - tc.warmup_steps), budget_spent))
     return tc.lr * warm * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 

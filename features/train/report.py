@@ -55,3 +55,37 @@ class MetricsLog:
         fig.tight_layout()
         fig.savefig(self.png_path, dpi=90)
         plt.close(fig)
+
+
+def write_convergence(out_dir: Path, records: Sequence[dict[str, Any]], metric: str, title: str,
+                      clock: str = "minutes", extra: dict[str, Any] | None = None) -> tuple[Path, Path]:
+    """<dir>/convergence.json and convergence.png: `metric` per epoch and per minute of training.
+
+    records: per-epoch records holding "epoch", `clock` (cumulative training minutes) and, on evaluated
+    epochs, `metric`. Returns (json path, png path).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    points = [{"epoch": r["epoch"], "minutes": r.get(clock), metric: r[metric]}
+              for r in records if isinstance(r.get(metric), (int, float))]
+    jpath, ppath = out / "convergence.json", out / "convergence.png"
+    jpath.write_text(json.dumps({"title": title, "metric": metric, "clock": clock, **dict(extra or {}),
+                                 "points": points}, indent=2) + "\n")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9.0, 3.2), squeeze=False)
+    for ax, x, label in ((axes[0, 0], "epoch", "epoch"), (axes[0, 1], "minutes", "training minutes")):
+        xs = [p[x] for p in points if isinstance(p[x], (int, float))]
+        ys = [p[metric] for p in points if isinstance(p[x], (int, float))]
+        ax.plot(xs, ys, marker="o", markersize=3)
+        ax.set_xlabel(label)
+        ax.set_ylabel(metric)
+        ax.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(ppath, dpi=90)
+    plt.close(fig)
+    return jpath, ppath

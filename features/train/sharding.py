@@ -10,7 +10,8 @@ code builds plain TorchRec modules (`EmbeddingCollection` for sequences,
   the item table);
 * the embeddings' optimizer is fused into the backward (FBGEMM TBE kernels).
   On CPU the fused kernels support SGD, Adagrad and row-wise Adagrad, not Adam
-  (STACK.md), so the default is row-wise Adagrad; dense parameters use Adam
+  (STACK.md; fbgemm-gpu-cpu 1.8's TBE asserts it), so the default is row-wise
+  Adagrad and the Adam family is offered for CUDA; dense parameters use Adam
   through `make_optimizer`;
 * TorchRec offers ROW_WISE for EmbeddingBagCollection only on CUDA; a sharder
   subclass adds it for CPU (gloo), which works (verified, STACK-DETAILS §2).
@@ -49,9 +50,12 @@ class ShardingConfig:
     """
 
     constraints: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
-    embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd"] = "rowwise_adagrad"
+    # fused into the backward by FBGEMM. "adam" / "partial_rowwise_adam" (Adam moments per element / the
+    # second moment per row) run on CUDA only: fbgemm-gpu-cpu's TBE supports SGD and (row-wise) Adagrad
+    embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam", "partial_rowwise_adam"] = "rowwise_adagrad"
     embedding_lr: float = 0.05
     embedding_eps: float = 1e-8
+    embedding_betas: tuple[float, float] = (0.9, 0.999)  # Adam family only
 
     def __post_init__(self) -> None:
         for table, types in self.constraints.items():
@@ -95,11 +99,23 @@ def _embedding_params(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def _fuse_embedding_optimizer(model: nn.Module, cfg: ShardingConfig) -> None:
+CPU_EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
+
+
+def _fuse_embedding_optimizer(model: nn.Module, cfg: ShardingConfig, device: torch.device) -> None:
     params = _embedding_params(model)
     if not params:
         return
-    if cfg.embedding_optimizer == "rowwise_adagrad":
+    if device.type == "cpu" and cfg.embedding_optimizer not in CPU_EMBEDDING_OPTIMIZERS:
+        raise ValueError(f"sharding.embedding_optimizer={cfg.embedding_optimizer!r} has no fused CPU kernel in "
+                         f"fbgemm-gpu-cpu (CPU: {', '.join(CPU_EMBEDDING_OPTIMIZERS)}); use it on CUDA")
+    if cfg.embedding_optimizer in ("adam", "partial_rowwise_adam"):
+        from torchrec.optim import Adam, PartialRowWiseAdam
+
+        cls = Adam if cfg.embedding_optimizer == "adam" else PartialRowWiseAdam
+        _apply_optimizer_in_backward(cls, params, {"lr": cfg.embedding_lr, "eps": cfg.embedding_eps,
+                                                   "betas": tuple(cfg.embedding_betas)})
+    elif cfg.embedding_optimizer == "rowwise_adagrad":
         _apply_optimizer_in_backward(RowWiseAdagrad, params, {"lr": cfg.embedding_lr, "eps": cfg.embedding_eps})
     elif cfg.embedding_optimizer == "adagrad":
         _apply_optimizer_in_backward(torch.optim.Adagrad, params, {"lr": cfg.embedding_lr, "eps": cfg.embedding_eps})
@@ -146,7 +162,7 @@ def shard_model(
         raise RuntimeError("shard_model needs torch.distributed initialized (see jobs/launch.py)")
     pg = pg or dist.group.WORLD
     world = dist.get_world_size(pg)
-    _fuse_embedding_optimizer(model, cfg)
+    _fuse_embedding_optimizer(model, cfg, device)
     plan = plan_sharding(model, cfg, world, device, pg)
     return DistributedModelParallel(
         module=model, env=ShardingEnv.from_process_group(pg), device=device, plan=plan,

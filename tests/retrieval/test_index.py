@@ -51,3 +51,41 @@ def test_bad_vectors_are_named():
         search(exact_index(_clustered(10, 8, 2, 0)), np.zeros((1, 4), np.float32), 5)
     with pytest.raises(ValueError, match="ivf_nlist=64 needs at least as many items"):
         build_index(_clustered(10, 8, 2, 0), IndexConfig(kind="ivf", ivf_nlist=64))
+
+
+def test_auto_picks_the_tier_that_holds_the_catalog():
+    from retrieval.config import IndexTier
+
+    cfg = IndexConfig(kind="auto", tiers=(IndexTier(max_items=100, kind="flat"),
+                                          IndexTier(max_items=10_000, kind="ivf", ivf_nlist=16, ivf_nprobe=8)))
+    assert cfg.for_catalog(100).kind == "flat"
+    big = cfg.for_catalog(101)
+    assert (big.kind, big.ivf_nlist, big.ivf_nprobe) == ("ivf", 16, 8)
+    assert cfg.for_catalog(10**9).kind == "ivf"  # beyond the last tier: the last tier
+    assert IndexConfig(kind="hnsw").for_catalog(10).kind == "hnsw"  # a fixed kind is kept
+    items = _clustered(500, 8, 4, seed=3)
+    index = build_index(items, cfg)
+    assert index.nprobe == 8 and index.nlist == 16
+    with pytest.raises(ValueError, match="tiers must be sorted by max_items"):
+        IndexConfig(tiers=(IndexTier(max_items=10), IndexTier(max_items=5)))
+
+
+def test_choose_index_takes_the_fastest_point_that_meets_both_targets():
+    from retrieval.index import choose_index
+
+    points = [{"name": "exact", "recall": 1.0, "ms": 20.0}, {"name": "ivf64", "recall": 0.97, "ms": 2.0},
+              {"name": "ivf16", "recall": 0.90, "ms": 0.8}, {"name": "hnsw", "recall": 0.99, "ms": 2.0}]
+    assert choose_index(points, 0.95, 5.0)["name"] == "hnsw"  # as fast as ivf64, higher recall
+    assert choose_index(points, 0.85, 5.0)["name"] == "ivf16"
+    assert choose_index(points, 0.999, 5.0) is None
+
+
+def test_ivf_pq_with_exact_refinement_reaches_high_recall():
+    items = _clustered(4000, 32, 40, seed=4)
+    queries = _clustered(32, 32, 40, seed=5)
+    cfg = IndexConfig(kind="ivf_pq", ivf_nlist=32, ivf_nprobe=32, pq_m=8, refine_factor=4)
+    ann_rows, _ = search(build_index(items, cfg), queries, 50)
+    ex_rows, _ = search(exact_index(items), queries, 50)
+    assert recall_vs_exact(ann_rows, ex_rows) >= 0.9
+    with pytest.raises(ValueError, match="pq_m=5 must divide the dimension 32"):
+        build_index(items, IndexConfig(kind="ivf_pq", ivf_nlist=32, pq_m=5))
