@@ -26,7 +26,8 @@ from serving.catalog import Catalog
 from serving.config import ModelsConfig, StateConfig
 from serving.errors import ArtifactError
 from serving.metrics import ServingMetrics
-from serving.models import ModelBundle, ModelHolder, describe_error, load_bundle, resolve_uri, verify_bundle
+from serving.models import (ModelBundle, ModelHolder, check_unchanged, describe_error, load_bundle, resolve_uri,
+                            verify_bundle)
 from serving.runtime import CatalogRef
 from serving.state.codec import CounterLog, UserRecord
 
@@ -112,14 +113,17 @@ class ModelManager:
             cur = self.holder.current
             if cur is not None and version is not None and cur.version == version and cur.checksum == checksum:
                 return cur  # a redelivered announcement of what is served
+            fingerprints: dict[Path, tuple[int, ...]] = {}
             with _rejected_as("invalid_bundle"):
                 manifest, digest, dense = verify_bundle(path, checksum, version, self.state.stats,
-                                                        self.state.retention_ms())
+                                                        self.state.retention_ms(), fingerprints)
             with _rejected_as("load_failed"):
                 bundle = load_bundle(path, manifest, digest, dense)
             with _rejected_as("smoke_failed"):
                 smoke_test(bundle, self.catalog.current, self.cfg.smoke_candidates)
                 bundle.warm_signatures(self.catalog.current.item_ids)
+            with _rejected_as("invalid_bundle"):
+                check_unchanged(path, manifest, fingerprints)  # what was loaded is what was checksummed
             with self.catalog.lock:
                 catalog = self.catalog.current
                 with _rejected_as("smoke_failed"):

@@ -299,12 +299,20 @@ def _check_part_tree(root: Path, part: str, d: Path, verified: set[Path]) -> Non
                 raise ArtifactError("unsafe_path", f"{part}: {rel} is not a regular file or directory")
 
 
+def _fingerprint(st: os.stat_result) -> tuple[int, ...]:
+    # ctime moves on every write, rename or chmod and cannot be set back by the writer
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
 def verify_bundle(path: Path, expected_checksum: str | None, expected_version: str | None,
-                  stats: StatsConfig, retention_ms: int) -> tuple[dict[str, Any], str, DenseLayout]:
+                  stats: StatsConfig, retention_ms: int,
+                  fingerprints: dict[Path, tuple[int, ...]] | None = None) -> tuple[dict[str, Any], str, DenseLayout]:
     """Checksums + schema; returns (manifest, manifest checksum, dense layout). Raises ArtifactError.
 
     Every path the manifest names resolves (after symlinks) inside the bundle directory; every file under
-    the parts' directories is listed in ``files`` with its sha256, so the loaders open checksummed files only."""
+    the parts' directories is listed in ``files`` with its sha256, so the loaders open checksummed files only.
+    fingerprints: filled with each verified file's identity (inode, size, times) as it was hashed, for
+    `check_unchanged` after loading (a file replaced or written between hashing and loading is caught)."""
     root = _real(path)
     manifest, checksum = _read_manifest(root)
     if expected_checksum is not None and checksum != expected_checksum:
@@ -331,10 +339,15 @@ def verify_bundle(path: Path, expected_checksum: str | None, expected_version: s
             raise ArtifactError("schema", f"manifest.files[{rel!r}] must be a lowercase hex sha256")
         if not f.is_file():
             raise ArtifactError("missing_file", f"{f} is listed in the manifest but missing (or not a regular file)")
+        before = _fingerprint(os.stat(f))
         got = sha256_file(f)
         if got != digest:
             raise ArtifactError("checksum_mismatch", f"{f}: sha256 {got}, the manifest says {digest}")
+        if _fingerprint(os.stat(f)) != before:
+            raise ArtifactError("modified_during_load", f"{f} changed while it was being checksummed")
         verified.add(f)
+        if fingerprints is not None:
+            fingerprints[f] = before
     try:
         dense = DenseLayout.from_manifest(manifest.get("features", {}))
     except Exception as e:  # any malformed features block is a schema rejection
@@ -349,6 +362,21 @@ def verify_bundle(path: Path, expected_checksum: str | None, expected_version: s
     for part in ("retriever", "ranker"):
         _check_part_tree(root, part, _part_dir(root, manifest, part), verified)
     return manifest, checksum, dense
+
+
+def check_unchanged(path: Path, manifest: Mapping[str, Any], fingerprints: Mapping[Path, tuple[int, ...]]) -> None:
+    """After loading: every verified file is still the one hashed, and the parts hold nothing new. Raises
+    ArtifactError("modified_during_load") otherwise (the artifact store changed under the loader)."""
+    root = _real(path)
+    for f, fp in fingerprints.items():
+        try:
+            now = _fingerprint(os.stat(f))
+        except OSError as e:
+            raise ArtifactError("modified_during_load", f"{f} is gone after loading ({e})") from None
+        if now != fp:
+            raise ArtifactError("modified_during_load", f"{f} was replaced or written after it was checksummed")
+    for part in ("retriever", "ranker"):
+        _check_part_tree(root, part, _part_dir(root, manifest, part), set(fingerprints))
 
 
 def describe_error(e: BaseException, limit: int = 500) -> str:

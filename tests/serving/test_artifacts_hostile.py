@@ -351,6 +351,36 @@ def test_any_exception_while_loading_or_smoke_testing_is_a_rejection(manager, co
     assert type(error).__name__ in e.detail
 
 
+@pytest.mark.parametrize("how", ["same_bytes_new_file", "append", "new_file_in_part"])
+def test_a_file_changed_while_loading_is_a_rejection(manager, copy_bundle, monkeypatch, how: str) -> None:
+    """The store changing under the loader (after checksumming, before the swap) is caught, even when the
+    replacement holds the same bytes: what was loaded must be exactly what was checksummed."""
+    from serving import models
+
+    real = models.RETRIEVER_LOADERS["retrieval.export"]
+
+    def loader(path: Path) -> Any:
+        weights = path.parent / "ranker" / "weights.pt"
+        if how == "same_bytes_new_file":
+            tmp = weights.with_suffix(".swap")
+            shutil.copy(weights, tmp)
+            os.replace(tmp, weights)  # identical content, another file
+        elif how == "append":
+            with open(weights, "ab") as f:
+                f.write(b"\0")
+        else:
+            (path / "late.bin").write_bytes(b"x")
+        return real(path)
+
+    monkeypatch.setitem(models.RETRIEVER_LOADERS, "test.racing", loader)
+    b = copy_bundle()
+    sha = resign(b, lambda m: m["retriever"].update(loader="test.racing"))
+    e = rejected(manager, b, sha)
+    assert e.reason in {"modified_during_load", "unlisted_file", "load_failed", "smoke_failed"}
+    if how != "append":  # appending may already break the ranker's own load
+        assert e.reason in {"modified_during_load", "unlisted_file"}
+
+
 def test_a_good_copy_loads_after_all_that(manager, copy_bundle) -> None:
     """The checks refuse what is wrong, not everything: a faithful, re-signed copy loads and is served."""
     b = copy_bundle()
