@@ -47,7 +47,8 @@ class FeatureStoreData:
     def __init__(self, store: FeatureStore, cfg: RetrieverConfig) -> None:
         self.store = store
         self.max_len = cfg.model.user.max_len
-        self.train_cfg = ReaderConfig(batch_size=cfg.train.batch_size, shuffle=True, seed=cfg.train.seed)
+        self.train_cfg = ReaderConfig(batch_size=cfg.train.batch_size, shuffle=True, seed=cfg.train.seed,
+                                      holdout_tail=cfg.train.holdout_tail)
         self.eval_cfg = ReaderConfig(batch_size=cfg.eval.batch_size, shuffle=False)
         self.catalog = build_catalog(store)
 
@@ -56,7 +57,7 @@ class FeatureStoreData:
                                             world_size=world_size)
 
     def num_train_batches(self, world_size: int) -> int:
-        users = int((self.store.retrieval_train_len >= 2).sum())
+        users = int((self.store.retrieval_train_ends(self.train_cfg.holdout_tail) >= 2).sum())
         if world_size == 1:
             return -(-users // self.train_cfg.batch_size)
         return (users // world_size) // self.train_cfg.batch_size
