@@ -33,7 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model-bundle", type=Path, default=None, help="bundle directory to serve at start")
     p.add_argument("--catalog", type=Path, default=None, help="canonical dataset directory whose items/ to serve")
     p.add_argument("--bootstrap", type=Path, default=None,
-                   help="load the online state (sequences, counters, popularity) from this canonical dataset first")
+                   help="load the online state (sequences, counters, popularity) from this canonical dataset first, "
+                        "unless Redis already holds one (a restart; --fresh reloads)")
     p.add_argument("--as-of", type=int, default=None, help="bootstrap: only events before this Unix ms")
     p.add_argument("--fresh", action="store_true", help="bootstrap: delete the key prefix's existing state first")
     p.add_argument("--print-config", action="store_true", help="print the resolved config (secrets masked) and exit")
@@ -107,9 +108,15 @@ def run_serve(args: argparse.Namespace) -> int:
 
         if args.fresh:
             print(f"deleted {app.store.flush_prefix():,} keys under {cfg.redis.key_prefix}:*")
-        s = bootstrap_dataset(app.store, args.bootstrap, cfg.state, app.catalog.current, args.as_of, progress=print)
-        print(f"bootstrap    {s.users:,} users, {s.items_with_counters:,} items, {s.events:,} events "
-              f"({s.duplicates:,} duplicate ids skipped), as of {s.as_of_ms}, {s.seconds:.1f}s")
+        epoch = app.store.get_epoch()
+        if epoch is not None:  # a restart: reloading would overwrite what the stream applied since (events lost)
+            print(f"bootstrap    skipped: the online state under {cfg.redis.key_prefix} exists (epoch {epoch}); "
+                  "--fresh deletes and reloads it")
+        else:
+            s = bootstrap_dataset(app.store, args.bootstrap, cfg.state, app.catalog.current, args.as_of,
+                                  progress=print)
+            print(f"bootstrap    {s.users:,} users, {s.items_with_counters:,} items, {s.events:,} events "
+                  f"({s.duplicates:,} duplicate ids skipped), as of {s.as_of_ms}, {s.seconds:.1f}s")
     from serving.app import serve
 
     def started(app: ServingApp) -> None:

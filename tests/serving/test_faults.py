@@ -202,7 +202,7 @@ def test_consumer_group_rebalance_mid_stream_applies_every_event_once(
 
 
 def _serve(services, topics, prefix: str, bundle: Path, snapshot: Path, catalog_dir: Path, tmp_path: Path,
-           name: str) -> tuple[subprocess.Popen, Path]:
+           name: str, *extra: str) -> tuple[subprocess.Popen, Path]:
     from jobs.services import free_port
 
     cfg = tmp_path / f"{name}.yaml"
@@ -217,7 +217,7 @@ def _serve(services, topics, prefix: str, bundle: Path, snapshot: Path, catalog_
     log = tmp_path / f"{name}.log"
     with open(log, "w") as lf:
         proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--config", str(cfg), "--model-bundle",
-                                 str(bundle), "--catalog", str(catalog_dir)], stdout=lf, stderr=subprocess.STDOUT,
+                                 str(bundle), "--catalog", str(catalog_dir), *extra], stdout=lf, stderr=subprocess.STDOUT,
                                 env=env, cwd=Path(__file__).resolve().parents[2])
     return proc, log
 
@@ -255,7 +255,10 @@ def test_kill_9_mid_stream_then_restart_applies_every_event_once(
         applied_before = _marked(store, b1)
         _produce(services.kafka.address, topics.events, b2)  # while no server runs
 
-        proc, log = _serve(services, topics, prefix, model_bundles["v1"][0], snap, ml100k_dataset, tmp_path, "second")
+        # restarted as the docs start it, with --bootstrap: the state exists, so it must not be reloaded over
+        # what the stream applied (that would drop events whose dedupe marks remain)
+        proc, log = _serve(services, topics, prefix, model_bundles["v1"][0], snap, ml100k_dataset, tmp_path, "second",
+                           "--bootstrap", str(snap))
         procs.append(proc)
         wait_until(lambda: alive(proc, log) and _marked(store, ev) == n, timeout_s=180, interval_s=0.2,
                    what="the restarted server applying the rest")
@@ -263,6 +266,7 @@ def test_kill_9_mid_stream_then_restart_applies_every_event_once(
         _assert_exactly_once(store, ev, cfg.state, catalog, tmp_path)
         assert "online state rebuilt" in (tmp_path / "first.log").read_text()
         assert "online state rebuilt" not in log.read_text()  # the epoch survived the kill: no rebuild
+        assert "bootstrap    skipped: the online state" in log.read_text()
         assert 0 < applied_before  # the kill did land after the stream started
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
