@@ -78,13 +78,15 @@ def redis_connection_kwargs(cfg: RedisConfig) -> dict[str, Any]:
     return kw
 
 
-def kafka_client_kwargs(cfg: KafkaConfig | Any) -> dict[str, Any]:
+def kafka_client_kwargs(cfg: KafkaConfig | Any, check_files: bool = True) -> dict[str, Any]:
     """Security keyword arguments of every kafka-python client (KafkaConsumer/Producer/AdminClient).
 
     cfg: anything with `security_protocol`, `sasl` and `tls` as in KafkaConfig (also the pipeline's
     `jobs.pipeline.PublishConfig`, whose producer announces new models).
 
-    PLAINTEXT gives ``{}`` so clients built against a local broker are unchanged.
+    PLAINTEXT gives ``{}`` so clients built against a local broker are unchanged. check_files: a configured
+    CA / certificate / key file that does not exist raises ValueError naming its key (at start, not as a
+    connection error in a consumer thread).
         KafkaConsumer(topic, bootstrap_servers=cfg.bootstrap, **kafka_client_kwargs(cfg))
     """
     if cfg.security_protocol == "PLAINTEXT":
@@ -96,6 +98,9 @@ def kafka_client_kwargs(cfg: KafkaConfig | Any) -> dict[str, Any]:
         kw["sasl_plain_password"] = cfg.sasl.password
     if cfg.security_protocol.endswith("SSL"):
         t = cfg.tls
+        for name, f in (("tls.ca_file", t.ca_file), ("tls.cert_file", t.cert_file), ("tls.key_file", t.key_file)):
+            if check_files and f is not None and not Path(f).is_file():
+                raise ValueError(f"kafka {name}={f} does not exist")
         kw["ssl_check_hostname"] = t.check_hostname
         if t.ca_file is not None:
             kw["ssl_cafile"] = str(t.ca_file)

@@ -235,7 +235,9 @@ def test_kafka_sasl_ssl_options_reach_the_kafka_python_clients(tmp_path: Path) -
     cfg = load_serving_config(None, ["kafka.security_protocol=SASL_SSL", "kafka.sasl.mechanism=SCRAM-SHA-512",
                                      "kafka.tls.ca_file=/etc/cascade/kafka-tls/ca.crt"],
                               env={"CASCADE_KAFKA_SASL_USERNAME": "svc-cascade", "CASCADE_KAFKA_SASL_PASSWORD": PASSWORD})
-    kw = kafka_client_kwargs(cfg.kafka)
+    with pytest.raises(ValueError, match=r"kafka tls\.ca_file=/etc/cascade/kafka-tls/ca\.crt does not exist"):
+        kafka_client_kwargs(cfg.kafka)
+    kw = kafka_client_kwargs(cfg.kafka, check_files=False)
     assert kw == {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
                   "sasl_plain_username": "svc-cascade", "sasl_plain_password": PASSWORD, "ssl_check_hostname": True,
                   "ssl_cafile": "/etc/cascade/kafka-tls/ca.crt"}
@@ -246,7 +248,7 @@ def test_kafka_sasl_ssl_options_reach_the_kafka_python_clients(tmp_path: Path) -
     assert kafka_client_kwargs(plain.kafka) == {}
     mtls = load_serving_config(None, ["kafka.security_protocol=SSL", "kafka.tls.cert_file=/c.crt",
                                       "kafka.tls.key_file=/c.key", "kafka.tls.check_hostname=false"], env={})
-    assert kafka_client_kwargs(mtls.kafka) == {"security_protocol": "SSL", "ssl_check_hostname": False,
+    assert kafka_client_kwargs(mtls.kafka, check_files=False) == {"security_protocol": "SSL", "ssl_check_hostname": False,
                                                "ssl_certfile": "/c.crt", "ssl_keyfile": "/c.key"}
 
 
@@ -262,7 +264,7 @@ def test_kafka_security_config_is_validated() -> None:
         load_serving_config(None, ["kafka.security_protocol=SASL"], env={})
 
 
-def test_the_servers_kafka_consumers_are_built_with_the_security_options(monkeypatch) -> None:
+def test_the_servers_kafka_consumers_are_built_with_the_security_options(monkeypatch, tmp_path: Path) -> None:
     """The events consumer and the broadcast readers hand kafka_client_kwargs to kafka-python (recorded by a
     stand-in client class: no SASL broker is assumed here)."""
     import kafka
@@ -279,12 +281,14 @@ def test_the_servers_kafka_consumers_are_built_with_the_security_options(monkeyp
             made.append(kw)
 
     monkeypatch.setattr(kafka, "KafkaConsumer", Recorder)
+    ca = tmp_path / "ca.crt"
+    ca.write_text("-----BEGIN CERTIFICATE-----\n")
     cfg = load_serving_config(None, ["kafka.security_protocol=SASL_SSL", "kafka.sasl.mechanism=SCRAM-SHA-256",
-                                     "kafka.tls.ca_file=/ca.crt"],
+                                     f"kafka.tls.ca_file={ca}"],
                               env={"CASCADE_KAFKA_SASL_USERNAME": "u", "CASCADE_KAFKA_SASL_PASSWORD": PASSWORD})
     EventsConsumer(cfg.kafka, None, ServingMetrics(), None)._consumer()
     _BroadcastReader(cfg.kafka, cfg.kafka.topics.items, None, "items-reader", ServingMetrics())._client()
     assert len(made) == 2
     for kw in made:
         assert (kw["security_protocol"], kw["sasl_mechanism"], kw["sasl_plain_username"], kw["sasl_plain_password"],
-                kw["ssl_cafile"]) == ("SASL_SSL", "SCRAM-SHA-256", "u", PASSWORD, "/ca.crt")
+                kw["ssl_cafile"]) == ("SASL_SSL", "SCRAM-SHA-256", "u", PASSWORD, str(ca))
