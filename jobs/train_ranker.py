@@ -7,12 +7,19 @@ Local (loopback-only worker processes, gloo; `--world-size 1` runs in this proce
     cascade train-ranker --config ranking/configs/ml-1m.yaml --config ranking/configs/ablations/din.yaml \\
         --out runs/ml1m-din --world-size 2 train.epochs=2 train.seed=1
 
-A cluster (torchrun sets RANK / WORLD_SIZE / MASTER_ADDR; gloo on CPU, NCCL is
-not used by this CPU build):
+A cluster (torchrun, or a PyTorchJob, sets RANK / WORLD_SIZE / MASTER_ADDR; the
+training runs on CPU tensors, so the process group is gloo on every node):
 
-    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint head:29400 \\
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint head:29400 --rdzv-id ranker-1 \\
         jobs/train_ranker.py --config ranking/configs/ml-1m.yaml --out /shared/runs/ranker \\
         data.features_dir=/shared/features/ml-1m
+
+Two "nodes" on one machine, loopback only (tests/jobs/test_multinode.py; see
+`features.train.launch` for why the rendezvous store is hosted apart):
+
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 GLOO_SOCKET_IFNAME=lo torchrun --nnodes 2 --nproc-per-node 1 \\
+        --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:29400 --rdzv-id r1 --rdzv-conf is_host=false \\
+        --local-addr 127.0.0.1 -m jobs.train_ranker --out runs/r1 ...       # run twice
 
 Config: defaults <- each `--config` YAML in order <- `key.sub=value` overrides,
 into `ranking.config.RankerConfig` (unknown keys are rejected). Output layout:
@@ -85,7 +92,7 @@ def _print_summary(res: dict[str, Any], out: Path) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from features.config import dump_config
-    from features.train.launch import init_from_torchrun_env, run_distributed
+    from features.train.launch import TorchrunEnv, init_from_torchrun_env, run_distributed
 
     cfg = load_ranker_config(args.config, args.overrides)
     if not cfg.data.features_dir:
@@ -93,11 +100,12 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "config.yaml").write_text(dump_config(cfg))
     export = not args.no_export
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # launched by torchrun
+    launcher = TorchrunEnv.parse(os.environ)
+    if launcher is not None:  # launched by torchrun or a PyTorchJob
         import torch.distributed as dist
 
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-        init_from_torchrun_env("gloo", rank, world)
+        rank, world = launcher.rank, launcher.world_size
+        init_from_torchrun_env("gloo", launcher)  # ranking.train trains on CPU tensors: gloo on any node
         if rank == 0:
             log.info("config:\n%s", dump_config(cfg))
         try:

@@ -5,13 +5,15 @@ Local, one process or N loopback workers (gloo, 127.0.0.1 only)::
     cascade train-retriever --features data/ml-1m-features --config retrieval/configs/ml-1m.yaml \\
         --out runs/retriever-ml1m [--nproc 2] [train.epochs=5 loss.mode=sampled ...]
 
-Cluster, under torchrun (one process per GPU/CPU slot; gloo on CPU, NCCL on GPU)::
+Cluster, under torchrun or a PyTorchJob (one process per CPU slot; training runs on
+CPU tensors, so the process group is gloo)::
 
-    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 \\
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29400 --rdzv-id r1 \\
         -m jobs.train_retriever --features /data/features --config retrieval/configs/ml-1m.yaml --out /runs/r1
 
-(torchrun's rendezvous listens on every interface: use it on a cluster network,
-`--nproc` on a workstation.) The same `retrieval.train.train_retriever` runs in
+(torchrun's stores listen on every interface: use it on a cluster network,
+`--nproc` on a workstation; `features.train.launch` shows a loopback-only
+two-"node" launch.) The same `retrieval.train.train_retriever` runs in
 every case; `--resume` continues from OUT/checkpoints/last. After training,
 the best checkpoint is loaded unsharded (whatever world size wrote it) and
 exported to OUT/export (retrieval/export.py), with the ANN index's recall@500
@@ -88,10 +90,8 @@ def export_run(cfg, features: Path, out: Path) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
     from features.config import dump_config, load_config
-    from features.train.launch import init_from_torchrun_env, run_distributed
+    from features.train.launch import TorchrunEnv, init_from_torchrun_env, run_distributed
     from retrieval.config import RetrieverConfig
 
     _quiet_fbgemm()
@@ -101,17 +101,18 @@ def run(args: argparse.Namespace) -> int:
     if args.nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
     args.out.mkdir(parents=True, exist_ok=True)
-    torchrun = "TORCHELASTIC_RUN_ID" in os.environ or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
-    rank = int(os.environ.get("RANK", 0)) if torchrun else 0
+    launcher = TorchrunEnv.parse(os.environ)  # set by torchrun or a PyTorchJob
+    rank = launcher.rank if launcher is not None else 0
     if rank == 0:
         (args.out / "config.yaml").write_text(dump_config(cfg))
         log.info("config:\n%s", dump_config(cfg))
     t0 = time.perf_counter()
-    if torchrun:
+    if launcher is not None:
         import torch.distributed as dist
 
-        world = int(os.environ["WORLD_SIZE"])
-        init_from_torchrun_env("nccl" if torch.cuda.is_available() else "gloo", rank, world)
+        world = launcher.world_size
+        # retrieval.train trains on CPU tensors, so gloo even where CUDA is present (NCCL needs CUDA tensors)
+        init_from_torchrun_env("gloo", launcher)
         result = _worker(rank, world, cfg, args.features, args.out, args.resume, not args.quiet)
         dist.barrier()
         dist.destroy_process_group()

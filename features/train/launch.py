@@ -1,19 +1,35 @@
-"""Process launch for distributed training, loopback-only for local runs and tests.
+"""Process launch for distributed training: loopback processes locally, torchrun on a cluster.
 
-`torchrun` opens its rendezvous store on all interfaces, so local runs and the
-tests use `run_distributed`: `torch.multiprocessing.spawn` with a `file://`
-rendezvous and gloo bound to the loopback interface (STACK.md). On a cluster,
-jobs are launched by torchrun and call `init_from_torchrun_env` instead; the
-training function is the same either way: fn(rank, world_size, *args).
+* `run_distributed`: `torch.multiprocessing.spawn` with a `file://` rendezvous
+  and gloo bound to the loopback interface (STACK.md), for local runs and tests.
+* `TorchrunEnv` + `init_from_torchrun_env`: what a job does when torchrun (or
+  the Kubeflow training operator's PyTorchJob) started it; rank, world size and
+  the master address come from the launcher, and the process group is built on
+  them. The training function is the same either way: fn(rank, world_size, *args).
+
+torchrun's stores (the c10d rendezvous store and the one it shares with the
+ranks) listen on every interface. On a cluster that is what is wanted; on one
+machine (the two-"node" test), `bound_tcp_store` hosts the rendezvous store on
+loopback (torchrun ``--rdzv-conf is_host=false`` on every launcher), and with
+``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 torchrun --local-addr 127.0.0.1`` rank 0
+hosts the ranks' store itself, bound to the loopback master address::
+
+    TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 GLOO_SOCKET_IFNAME=lo torchrun --nnodes 2 --nproc-per-node 1 \
+        --rdzv-backend c10d --rdzv-endpoint 127.0.0.1:29400 --rdzv-id r1 --rdzv-conf is_host=false \
+        --local-addr 127.0.0.1 -m jobs.train_ranker ...        # (once per "node")
 """
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import pickle
+import socket
 import tempfile
+from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -89,7 +105,79 @@ def run_distributed(
         return results
 
 
-def init_from_torchrun_env(backend: str, rank: int, world_size: int) -> None:
-    """Joins the process group torchrun set up (MASTER_ADDR/PORT in the environment)."""
-    if not dist.is_initialized():
-        dist.init_process_group(backend, init_method="env://", rank=rank, world_size=world_size)
+@dataclass(frozen=True)
+class TorchrunEnv:
+    """What torchrun (or a PyTorchJob) gives each process: its rank, the world, and where rank 0's store is.
+
+    `agent_store`: torchrun's launcher hosts the store the ranks join (its default);
+    otherwise rank 0 hosts it at master_addr:master_port.
+    """
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    agent_store: bool
+
+    @staticmethod
+    def parse(environ: Mapping[str, str]) -> "TorchrunEnv | None":
+        """The launcher's variables from `environ` (a job passes os.environ); None when no launcher set them."""
+        if "RANK" not in environ or "WORLD_SIZE" not in environ:
+            return None
+        try:
+            env = TorchrunEnv(
+                rank=int(environ["RANK"]), world_size=int(environ["WORLD_SIZE"]),
+                local_rank=int(environ.get("LOCAL_RANK", "0")), master_addr=environ.get("MASTER_ADDR", "127.0.0.1"),
+                master_port=int(environ.get("MASTER_PORT", "29500")),
+                agent_store=environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
+            )
+        except ValueError as e:
+            keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")
+            raise ValueError(f"torchrun environment: {e} ({', '.join(f'{k}={environ.get(k)!r}' for k in keys)})") from None
+        if not 0 <= env.rank < env.world_size:
+            raise ValueError(f"torchrun environment: RANK={env.rank} is not in [0, WORLD_SIZE={env.world_size})")
+        return env
+
+
+def _is_loopback(addr: str) -> bool:
+    if addr == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(addr).is_loopback
+    except ValueError:
+        return False
+
+
+def bound_tcp_store(host: str, port: int, world_size: int | None = None,
+                    timeout: timedelta = timedelta(minutes=5)) -> dist.TCPStore:
+    """A TCPStore server listening on `host` only (torch's own listens on every interface).
+
+    The socket is bound here and handed to the store (``master_listen_fd``); port 0
+    picks a free one (`store.port`).
+    """
+    sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET, backlog=128)
+    bound = sock.getsockname()[1]
+    return dist.TCPStore(host, bound, world_size, is_master=True, timeout=timeout, wait_for_workers=False,
+                         master_listen_fd=sock.detach())  # the store owns the descriptor now
+
+
+def init_from_torchrun_env(backend: str, env: TorchrunEnv, timeout: timedelta = timedelta(minutes=10)) -> None:
+    """Joins the process group of the world torchrun set up.
+
+    A loopback master address whose store rank 0 hosts (no shared launcher store)
+    gets a store bound to that address, and gloo on the loopback interface, so
+    nothing listens beyond loopback; otherwise torch's ``env://`` rendezvous.
+    """
+    if dist.is_initialized():
+        return
+    if env.agent_store or not _is_loopback(env.master_addr):
+        dist.init_process_group(backend, init_method="env://", rank=env.rank, world_size=env.world_size,
+                                timeout=timeout)
+        return
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # as in `_init`: a local world stays on loopback
+    if env.rank == 0:
+        store = bound_tcp_store(env.master_addr, env.master_port, env.world_size, timeout)
+    else:
+        store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=False, timeout=timeout)
+    dist.init_process_group(backend, store=store, rank=env.rank, world_size=env.world_size, timeout=timeout)
