@@ -60,11 +60,11 @@ def build_index(vectors: np.ndarray, cfg: IndexConfig) -> faiss.Index:
             index = faiss.IndexIVFPQ(quantizer, d, nlist, cfg.pq_m, 8, faiss.METRIC_INNER_PRODUCT)
         index.cp.max_points_per_centroid = 64  # k-means on at most 64 x nlist vectors: bounded build time
         index.train(v)
-        index.add(v)
         index.nprobe = min(cfg.ivf_nprobe, nlist)
         if cfg.kind == "ivf_pq" and cfg.refine_factor > 0:
-            index = faiss.IndexRefineFlat(index)
+            index = faiss.IndexRefineFlat(index)  # adds go to both: PQ codes to search, exact vectors to re-rank
             index.k_factor = float(cfg.refine_factor)
+        index.add(v)
         return index
     raise ValueError(f"index.kind must be auto, flat, hnsw, ivf or ivf_pq, got {cfg.kind!r}")
 
