@@ -220,11 +220,14 @@ class StateRebuilder(threading.Thread):
         return True
 
     def run(self) -> None:
-        while not self._stop_evt.wait(self.cfg.check_interval_s):
+        wait = self.cfg.check_interval_s
+        while not self._stop_evt.wait(wait):
             try:
                 self.check()
-            except Exception:  # a failed rebuild (bad snapshot, Redis gone mid-way) is retried next check
-                log.exception("state rebuild failed; retrying in %.1fs", self.cfg.check_interval_s)
+                wait = self.cfg.check_interval_s
+            except Exception:  # a failed rebuild (bad snapshot, Redis gone mid-way) is retried, backing off
+                wait = min(max(wait * 2, 1.0), 60.0)
+                log.exception("state rebuild failed; retrying in %.1fs", wait)
 
     def stop(self) -> None:
         self._stop_evt.set()

@@ -398,3 +398,20 @@ def test_a_server_starting_on_an_emptied_redis_rebuilds_and_rewinds_past_its_gro
         _assert_exactly_once(h.app.store, ev, cfg.state, catalog, tmp_path)
     finally:
         h.close()
+
+
+def test_an_unreadable_snapshot_stops_the_start_naming_it(services, model_bundles, catalog, tmp_path):
+    from serving.app import ServingApp
+
+    topics = _topics(services)
+    cfg = _config(services, topics, f"f{uuid.uuid4().hex[:10]}", model_bundles["v1"][0],
+                  **{"rebuild.snapshot": str(tmp_path / "missing")})
+    app = ServingApp(cfg, catalog)
+    try:
+        with pytest.raises(FileNotFoundError, match=r"rebuild.snapshot .*missing is neither"):
+            app.start()
+        assert app.metrics.registry.get_sample_value("cascade_state_rebuilds_total", {"outcome": "failed"}) == 1
+        assert app.store.get_epoch() is None  # nothing half-built is passed off as a state
+        assert app.store.acquire_rebuild_lock("next", 5)  # and the lock was released
+    finally:
+        app.stop(grace_s=0.1)
