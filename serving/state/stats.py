@@ -7,8 +7,10 @@ of its counted events within the retention plus totals ever; at time t:
     cnt_w(t)   = #{log events with t - w <= ts < t}
     cnt_all(t) = total_cnt - #{log events with ts >= t}
 
-(the same for pos). Exact for any t within the retention of the newest event,
-which is always the case for "now". The result is the counters mapping that
+(the same for pos). Exact for any t within the retention counted back from
+min(newest event, wall clock) (`serving.state.update.prune_cutoff`), which is
+always the case for "now": no event's timestamp, however far ahead, prunes
+what a request at the current time counts. The result is the counters mapping that
 `features.transforms.DenseLayout` turns into dense features, so the transform
 itself is shared, not re-implemented.
 """
