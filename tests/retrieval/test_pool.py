@@ -165,3 +165,18 @@ def test_the_budget_horizon_anneals_with_the_time_spent_not_the_epochs():
 def test_a_budget_horizon_needs_a_budget():
     with pytest.raises(ValueError, match="lr_horizon=budget needs a time budget"):
         TrainConfig(lr_schedule="cosine", lr_horizon="budget")
+
+
+def _shard(rank: int, world_size: int, optimizer: str) -> None:
+    from features.train.sharding import ShardingConfig, shard_model
+
+    task = RetrievalTask(TwoTowerRetriever(CFG, "meta"), LossConfig())
+    shard_model(task, ShardingConfig(embedding_optimizer=optimizer), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("optimizer", ["adam", "partial_rowwise_adam"])
+def test_adam_family_table_optimizers_are_refused_on_cpu_with_the_reason(optimizer):
+    from features.train.launch import run_distributed
+
+    with pytest.raises(ValueError, match=f"embedding_optimizer='{optimizer}' has no fused CPU kernel"):
+        run_distributed(_shard, 1, optimizer)
