@@ -202,7 +202,11 @@ def run_dataset(name: str, args: argparse.Namespace, baselines: dict) -> dict:
                    "train_cpu_s": res.train_cpu_seconds,
                    "epochs": res.epochs_run, "best_epoch": res.best_epoch, "stopped": res.stopped,
                    "test": res.test, "valid": res.best_valid, "plan": res.plan, "collisions": res.collisions, **machine,
-                   "epoch_s": [h["epoch_seconds"] for h in res.history]}
+                   "epoch_s": [h["epoch_seconds"] for h in res.history], "budget_minutes": res.budget_minutes,
+                   "loop_minutes": round(res.loop_seconds / 60, 2), "best_minutes": res.best_minutes,
+                   "convergence": [{"epoch": h["epoch"], "minutes": h.get("minutes"),
+                                    "valid_ndcg@10": h.get("valid_ndcg@10")} for h in res.history],
+                   "curves_png": str(out / "convergence.png")}
             runs.append(rec)
             print(f"  -> test hr@10 {res.test['hr@10']:.4f} ndcg@10 {res.test['ndcg@10']:.4f} "
                   f"recall@500 {res.test['recall@500']:.4f} in {wall / 60:.1f} min ({res.epochs_run} epochs)", flush=True)
@@ -389,6 +393,7 @@ def compare_section(args: argparse.Namespace) -> dict:
         print(f"  -> {name}: best valid ndcg@10 {res.best_valid.get('ndcg@10', float('nan')):.4f} "
               f"hr@10 {res.best_valid.get('hr@10', float('nan')):.4f} at epoch {res.best_epoch} "
               f"({res.best_minutes:.1f} min), {res.epochs_run} epochs, stopped: {res.stopped}; {path}", flush=True)
+    plot_compare(out, REPO / "benchmarks" / "results" / "retrieval" / args.compare_dataset / "compare.png")
     print(f"\n{args.compare_dataset}, valid split (best epoch), config {args.compare_config} + overrides:")
     print(f"  {'variant':<26}{'ndcg@10':>9}{'hr@10':>9}{'recall@500':>12}{'best ep':>9}{'min':>7}{'epochs':>8}")
     for name, r in out.items():
@@ -396,6 +401,29 @@ def compare_section(args: argparse.Namespace) -> dict:
         print(f"  {name:<26}{v.get('ndcg@10', 0):>9.4f}{v.get('hr@10', 0):>9.4f}{v.get('recall@500', 0):>12.4f}"
               f"{r['best_epoch']:>9}{r['best_minutes']:>7.1f}{r['epochs_run']:>8}")
     return out
+
+
+def plot_compare(runs: dict, png: Path) -> None:
+    """Valid NDCG@10 of every compared run, per epoch and per minute of training, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for name, r in runs.items():
+        pts = [c for c in r["curve"] if c.get("valid_ndcg@10") is not None]
+        axes[0].plot([c["epoch"] for c in pts], [c["valid_ndcg@10"] for c in pts], marker="o", markersize=3, label=name)
+        axes[1].plot([c["minutes"] for c in pts], [c["valid_ndcg@10"] for c in pts], marker="o", markersize=3, label=name)
+    for ax, x in zip(axes, ("epoch", "training minutes (steps + valid evaluation)")):
+        ax.set_xlabel(x)
+        ax.set_ylabel("valid ndcg@10")
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
 
 
 # ---------------------------------------------------------------- report
@@ -484,8 +512,13 @@ def main(argv: list[str] | None = None) -> int:
         compare_section(args)
     if "quality" not in args.sections:
         return 0
+    from results_file import write_results
+
     for name in args.datasets:
         results["datasets"][name] = run_dataset(name, args, baselines)
+        seeds = "-".join(str(x) for x in args.seeds)
+        ws = "" if args.world_sizes == [1] else "-ws" + "-".join(str(w) for w in args.world_sizes)
+        print(f"  -> {write_results(f'retrieval/{name}/loo-seed{seeds}{ws}', results['datasets'][name], benchmark='retrieval_bench')}")
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
