@@ -542,3 +542,39 @@ def test_a_seeded_fuzz_corpus_on_every_topic_never_stops_a_consumer(make_server,
         assert c.is_alive() and c.restarts == 0, (c.name, c.error)
     for kind in ("events", "items", "models"):
         assert h.metric("cascade_consumer_restarts_total", {"consumer": kind}) == 0
+
+
+@pytest.mark.integration
+def test_poison_already_on_the_broadcast_topics_does_not_stop_the_next_server(make_server, wait_until, catalog,
+                                                                              model_bundles):
+    """items and models are read from offset 0 at every start: a poisoned record there used to crash-loop every
+    replica. The next server replays it (logged, not dead-lettered again) and starts on the newest good model."""
+    from serving.app import ServingApp
+    from serving.proto import ranking_pb2
+    from tests.serving.conftest import Harness
+
+    h = make_server()
+    path, checksum = model_bundles["v2"]
+    poison = [None, b"", b"[" * 60_000, b'{"item_id":' + b"9" * 5000 + b"}", b"\xff" * 100, b'{"version":7}']
+    for v in poison:
+        h.send_raw(h.topics.items, v, key=b"p")
+        h.send_raw(h.topics.models, v, key=b"p")
+    h.send_raw(h.topics.items, encode_item(Item(5000, "A New Movie (2026)", ("Drama",), (), {}, {})))
+    h.send_raw(h.topics.models, ModelAnnouncement("v2", str(path), checksum).encode())
+    for v in poison[:2]:  # poison after the good records too: the newest announcement is not loadable
+        h.send_raw(h.topics.models, v, key=b"p")
+    wait_until(lambda: h.rank(1, k=5).model_version == "v2", timeout_s=60, what="v2 served by the first server")
+    dead = h.metric("cascade_events_dead_lettered_total", {"topic": h.topics.models, "reason": "tombstone"})
+    assert dead == 2
+
+    h2 = Harness(ServingApp(h.app.cfg, catalog).start(wait_for_partitions_s=30.0), h.topics, h.bootstrap)
+    try:
+        assert h2.rank(1, k=5).model_version == "v2"  # caught up at start: the newest loadable announcement
+        assert 5000 in set(h2.app.catalog.current.item_ids.tolist())
+        assert h2.stub.GetModelInfo(ranking_pb2.GetModelInfoRequest()).model_version == "v2"
+        for c in h2.app.consumers:
+            assert c.is_alive() and c.restarts == 0, (c.name, c.error)
+        # replayed poison is logged, not dead-lettered a second time
+        assert h2.metric("cascade_events_dead_lettered_total", {"topic": h.topics.models, "reason": "tombstone"}) == 0
+    finally:
+        h2.close()
