@@ -21,6 +21,13 @@ everything was applied. Three pieces fix that:
   that). So a partition that moves to another replica, or a server killed
   before it rewound, still restarts at the snapshot offset.
 
+Redis can also come back *with* its epoch but without its last writes (an RDB
+older than the crash, a lagging replica promoted). After every commit the
+consumer records the committed offset in Redis, compare-and-set against what it
+recorded before; a record older than its own (noticed at the next commit), or a
+new Redis instance (run_id, noticed by the watcher), sends the partition back
+to the offset the restored state records, and the marks dedupe the overlap.
+
 Exactly once in effect: an event before the snapshot's offsets is in the
 snapshot and is not consumed again; one after them is consumed at least once
 and deduplicated by its mark; one in both (a snapshot newer than its offsets,
@@ -141,6 +148,8 @@ class StateRebuilder(threading.Thread):
         self.current: Epoch | None = None  # the epoch Redis holds, as last read (None: not known yet)
         self.rebuilding = False
         self._read_once = False  # whether an epoch check has reached Redis yet
+        self._instance: str | None = None  # the Redis instance (run_id) last seen
+        self.resyncs = 0  # times Redis restarted / failed over keeping its epoch (maybe without its last writes)
         self._stop_evt = threading.Event()
 
     def check(self) -> Epoch | None:
@@ -161,6 +170,12 @@ class StateRebuilder(threading.Thread):
                 log.info("online state epoch %s (%s)", eid, "consumers rewind to its snapshot offsets"
                          if self.current.rewind else "consumers keep their committed offsets")
             self.rebuilding = eid is None
+            rid = self.store.instance_id()
+            if self._instance is not None and rid != self._instance and eid is not None:
+                self.resyncs += 1
+                log.warning("Redis restarted or failed over keeping state epoch %s: the consumers resume where "
+                            "it last recorded applying events (writes after that may be gone)", eid)
+            self._instance = rid
         except StateUnavailable as e:  # Redis down (degraded mode) or gone mid-rebuild: the next check retries
             (log.warning if self.rebuilding else log.debug)("state epoch not checked: %s", e)
         self.metrics.state_rebuilding.set(1 if self.rebuilding else 0)
@@ -254,6 +269,9 @@ class EpochPositions:
         self.metrics = metrics
         self._epoch: str | None = None
         self._checked: set = set()  # partitions positioned for self._epoch
+        self._resyncs = 0
+        self._recorded: dict = {}  # partition -> the applied offset last read from / written to Redis
+        self._regressed: dict = {}  # partition -> the older applied offset Redis holds (it lost writes)
 
     @staticmethod
     def _unread(consumer: Any, polled: dict) -> dict:
@@ -267,18 +285,25 @@ class EpochPositions:
         if cur is None or self.rebuilder.rebuilding:
             return self._unread(consumer, polled)
         if cur.id != self._epoch:
-            self._epoch, self._checked = cur.id, set()
+            self._epoch, self._checked, self._recorded, self._regressed = cur.id, set(), {}, {}
         assigned = consumer.assignment()
         self._checked &= assigned
+        for tp, r in list(self._regressed.items()):
+            del self._regressed[tp]
+            self._recorded[tp] = r
+            if tp in assigned and (r is not None or cur.rewind):
+                self._resume(consumer, polled, tp, r if r is not None else cur.start(tp.topic, tp.partition))
         new = [tp for tp in assigned if tp not in self._checked]
         if new and cur.rewind:
             try:
                 done = self.store.partition_epochs([_key(tp) for tp in new])
             except StateUnavailable:
                 return self._unread(consumer, polled)
+            kept = []
             for tp in new:
                 if done.get(_key(tp)) == cur.id:
                     self._checked.add(tp)  # its committed offset is of this epoch already
+                    kept.append(tp)
                     continue
                 if tp in polled:
                     polled.pop(tp)
@@ -286,8 +311,52 @@ class EpochPositions:
                     self._checked.add(tp)
         else:
             self._checked.update(new)
+            kept = new
+        resync = self._resyncs != self.rebuilder.resyncs
+        verify = [tp for tp in (assigned if resync else kept) if tp in self._checked]
+        if verify:
+            try:
+                self._behind(consumer, polled, verify)
+            except StateUnavailable:
+                return self._unread(consumer, polled)
+            self._resyncs = self.rebuilder.resyncs
         self.applier.epoch = cur.id
         return polled
+
+    def _behind(self, consumer: Any, polled: dict, partitions: list) -> None:
+        """Where Redis recorded applying less than the consumer's position (it restarted from an older
+        snapshot, or a lagging replica took over), resume there: the marks dedupe what it still holds."""
+        from kafka.errors import KafkaError
+
+        applied = self.store.applied_offsets([_key(tp) for tp in partitions])
+        for tp in partitions:
+            r = applied.get(_key(tp))
+            self._recorded[tp] = r
+            if r is None:
+                continue
+            try:
+                pos = polled[tp][0].offset if tp in polled else consumer.position(tp, timeout_ms=1000)
+            except KafkaError:
+                continue
+            if pos is not None and r < pos:
+                self._resume(consumer, polled, tp, r)
+
+    def _resume(self, consumer: Any, polled: dict, tp: Any, offset: int | None) -> None:
+        from kafka.errors import KafkaError
+        from kafka.structs import OffsetAndMetadata
+
+        polled.pop(tp, None)
+        try:
+            if offset is None:
+                offset = int(consumer.beginning_offsets([tp])[tp])
+            consumer.seek(tp, offset)
+            consumer.commit({tp: OffsetAndMetadata(offset, "", -1)})
+        except KafkaError as e:  # the records dropped above are fetched again from the position kept
+            log.warning("%s not resumed at %s yet (%s)", _key(tp), offset, e)
+            self._regressed[tp] = offset
+            return
+        self.metrics.consumer_rewinds.inc()
+        log.warning("%s resumed at offset %d: the state in Redis ends there", _key(tp), offset)
 
     def _rewind(self, consumer: Any, tp: Any, cur: Epoch) -> bool:
         from kafka.errors import KafkaError
@@ -308,4 +377,15 @@ class EpochPositions:
         return True
 
     def after_commit(self, offsets: dict) -> None:
-        """Called after offsets were committed (nothing to do: a rewind commits and records at once)."""
+        """Called after offsets were committed: records them in Redis, after the state they cover."""
+        by_key = {_key(tp): tp for tp in offsets}
+        try:
+            lost = self.store.set_applied_offsets({_key(tp): (self._recorded.get(tp), off) for tp, off in offsets.items()})
+        except StateUnavailable:
+            return  # recorded with the next commit
+        for key, tp in by_key.items():
+            if key in lost:  # Redis holds an older record than we wrote: it lost writes (restart, failover)
+                self._regressed[tp] = lost[key]
+                log.warning("%s: Redis recorded applying up to %s only; resuming there", key, lost[key])
+            else:
+                self._recorded[tp] = offsets[tp]

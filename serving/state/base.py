@@ -126,6 +126,19 @@ class OnlineStore(abc.ABC):
     def set_partition_epochs(self, epochs: Mapping[str, str]) -> None:
         raise NotImplementedError
 
+    def applied_offsets(self, partitions: list[str]) -> dict[str, int]:
+        """partition ("topic:n") -> the offset committed after its events were written to this store."""
+        raise NotImplementedError
+
+    def set_applied_offsets(self, offsets: Mapping[str, tuple[int | None, int]]) -> dict[str, int | None]:
+        """partition -> (the offset its writer last recorded (None: none), the new one): sets those still
+        holding the old one; returns partition -> what the others hold (the store lost writes)."""
+        raise NotImplementedError
+
+    def instance_id(self) -> str:
+        """Changes when the store restarts or fails over (Redis: the run_id). Raises StateUnavailable."""
+        raise NotImplementedError
+
     def flush_prefix(self, keep: Iterable[str] = ()) -> int:
         """Deletes the whole state but the keys named in `keep` (e.g. "rebuild_lock"). Returns how many keys."""
         raise NotImplementedError

@@ -14,6 +14,7 @@ layout gets a new prefix, so old and new servers can share a Redis)::
                              Redis came back empty; ingest with an epoch writes only while it matches
     {p}:rebuild_lock         held by the replica rebuilding the state
     {p}:positions            HASH "topic:partition" -> the epoch that partition's committed offset belongs to
+    {p}:applied              HASH "topic:partition" -> offset committed after its events were written here
 
 Request path: one GET for the user, one MGET for the candidates' counters.
 Ingest: WATCH the batch's users, one MGET (users + marks), then MULTI, one
@@ -74,6 +75,22 @@ for i = 1, #KEYS do redis.call('SET', KEYS[i], '1', 'EX', ARGV[1]) end
 return #KEYS
 """
 
+# KEYS: the applied-offsets hash; ARGV: (field, expected ('' = absent), new) triplets.
+# Sets each field that still holds what its writer last wrote; returns (field, current) of the others.
+CAS_APPLIED_LUA = """
+local out = {}
+for i = 1, #ARGV, 3 do
+  local cur = redis.call('HGET', KEYS[1], ARGV[i])
+  if (cur == false and ARGV[i + 1] == '') or cur == ARGV[i + 1] then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 2])
+  else
+    out[#out + 1] = ARGV[i]
+    out[#out + 1] = cur or ''
+  end
+end
+return out
+"""
+
 
 class Keys:
     def __init__(self, prefix: str) -> None:
@@ -107,6 +124,10 @@ class Keys:
     @property
     def positions(self) -> str:
         return f"{self.p}:positions"
+
+    @property
+    def applied(self) -> str:
+        return f"{self.p}:applied"
 
 
 class RedisOnlineStore(OnlineStore):
@@ -348,6 +369,31 @@ class RedisOnlineStore(OnlineStore):
             self._slow.hset(self.keys.positions, mapping=dict(epochs))
         except RedisError as e:
             raise StateUnavailable(f"redis HSET {self.keys.positions}: {e}") from e
+
+    def applied_offsets(self, partitions: list[str]) -> dict[str, int]:
+        if not partitions:
+            return {}
+        try:
+            vals = self._slow.hmget(self.keys.applied, partitions)
+        except RedisError as e:
+            raise StateUnavailable(f"redis HMGET {self.keys.applied}: {e}") from e
+        return {p: int(v) for p, v in zip(partitions, vals) if v is not None}
+
+    def set_applied_offsets(self, offsets: Mapping[str, tuple[int | None, int]]) -> dict[str, int | None]:
+        if not offsets:
+            return {}
+        args = [x for k, (old, new) in offsets.items() for x in (k, "" if old is None else str(old), str(new))]
+        try:
+            res = self._slow.eval(CAS_APPLIED_LUA, 1, self.keys.applied, *args)
+        except RedisError as e:
+            raise StateUnavailable(f"redis compare-and-set of {self.keys.applied}: {e}") from e
+        return {res[i].decode(): (int(res[i + 1]) if res[i + 1] else None) for i in range(0, len(res), 2)}
+
+    def instance_id(self) -> str:
+        try:
+            return str(self._slow.info("server")["run_id"])
+        except (RedisError, KeyError) as e:
+            raise StateUnavailable(f"redis INFO server: {e}") from e
 
     def close(self) -> None:
         self._fast.close()

@@ -415,3 +415,41 @@ def test_an_unreadable_snapshot_stops_the_start_naming_it(services, model_bundle
         assert app.store.acquire_rebuild_lock("next", 5)  # and the lock was released
     finally:
         app.stop(grace_s=0.1)
+
+
+def test_redis_restarted_from_an_older_snapshot_resumes_where_its_state_ends(
+        services, model_bundles, catalog, ml100k_dataset, tmp_path, wait_until):
+    """Redis comes back with its epoch but without its last writes (an RDB older than the crash, or a lagging
+    replica promoted): the consumers go back to where the restored state recorded applying events."""
+    from jobs.services import start_redis
+    from serving.app import ServingApp
+
+    ev = _events(ml100k_dataset, n_users=4)
+    a, b1, b2, b3 = _split(ev, 0.3, 0.55, 0.8)
+    topics = _topics(services)
+    snap = _write_dataset(a, tmp_path / "snapshot", _produce(services.kafka.address, topics.events, a), topics.events)
+    cfg = _config(services, topics, f"f{uuid.uuid4().hex[:10]}", model_bundles["v1"][0],
+                  **{"rebuild.snapshot": str(snap)})
+    h = Harness(ServingApp(cfg, catalog).start(wait_for_partitions_s=15.0), topics, services.kafka.address)
+    rdb = Path(services.redis.log).parent / "dump.rdb"
+    try:
+        store = h.app.store
+        ends = _produce(services.kafka.address, topics.events, pa.concat_tables([a, b1]))  # A again: deduped
+        keys = [f"{topics.events}:{p}" for p in sorted(ends)]
+        wait_until(lambda: _marked(store, b1) == b1.num_rows and store.applied_offsets(keys) ==
+                   {f"{topics.events}:{p}": o for p, o in ends.items()}, timeout_s=60, what="B1 applied and recorded")
+        store._slow.save()  # the snapshot Redis will restart from
+        _produce(services.kafka.address, topics.events, b2)
+        wait_until(lambda: _marked(store, b2) == b2.num_rows, timeout_s=60, what="B2 applied")
+        port = services.redis.port
+        os.kill(services.redis.pid, signal.SIGKILL)  # B2 was written only after the RDB
+        os.waitpid(services.redis.pid, 0)
+        services.redis = start_redis(rdb.parent, port=port, detach=False)
+        assert _marked(store, b2) == 0 and store.get_epoch() is not None  # the epoch survived, B2 did not
+        _produce(services.kafka.address, topics.events, b3)
+        wait_until(lambda: _marked(store, ev) == ev.num_rows, timeout_s=60, what="B2 applied again, and B3")
+        assert h.metric("cascade_state_rebuilds_total", {"outcome": "done"}) == 1  # only at start: not empty now
+        _assert_exactly_once(store, pa.concat_tables([a, b1, b2, b3]), cfg.state, catalog, tmp_path)
+    finally:
+        h.close()
+        rdb.unlink(missing_ok=True)  # later restarts in this module start empty
