@@ -236,8 +236,6 @@ STEP_VARIANTS = {  # name -> config overrides on top of the dataset's YAML; the 
     "pool 1024, fp32": ["loss.mode=sampled", "loss.in_batch=false", "loss.uniform_negatives=1024", "train.bf16=false"],
     "pool 1024, bf16 encoder": ["loss.mode=sampled", "loss.in_batch=false", "loss.uniform_negatives=1024",
                                 "train.bf16=true"],
-    "pool 1024, bf16, 8 length groups": ["loss.mode=sampled", "loss.in_batch=false", "loss.uniform_negatives=1024",
-                                         "train.bf16=true", "model.user.length_groups=8"],
 }
 
 
