@@ -72,9 +72,9 @@ def train_retriever(features: Path, dataset: str, seed: int, out: Path, override
 
 def logit_scale(export: Path) -> float:
     """The retriever's softmax logit per unit of score: the export's, else 1 / the run's temperature."""
-    manifest = json.loads((export / "manifest.json").read_text())
-    if manifest.get("logit_scale"):
-        return float(manifest["logit_scale"])
+    config = json.loads((export / "config.json").read_text())
+    if config.get("logit_scale"):
+        return float(config["logit_scale"])
     from features.config import load_config
     from retrieval.config import RetrieverConfig
 

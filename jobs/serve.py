@@ -70,7 +70,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--topic", default=None, help="default: cascade.events")
     r.set_defaults(func=run_replay)
 
-    s = sub.add_parser("serving", help="serving utilities: stand-in models, model announcements")
+    s = sub.add_parser("serving", help="serving utilities: model announcements")
     ssub = s.add_subparsers(dest="serving_command", metavar="SUBCOMMAND", required=True)
     an = ssub.add_parser("announce", help="announce a model bundle on the models topic (servers validate and swap)")
     an.add_argument("--bundle", type=Path, required=True)

@@ -59,6 +59,12 @@ class RankerInference:
         """The most behaviors any module reads; longer histories are truncated."""
         return self.cfg.sequence.history_len
 
+    @property
+    def second_stage(self) -> bool:
+        """A residual on the retriever's logit: its candidate_dense is `features.candidate_lists.list_features`
+        of the retrieved list (best first) and it is sorted by `logits`, not probabilities."""
+        return self.cfg.residual_column >= 0
+
     def batch_spec(self) -> BatchSpec:
         """What a request batch must hold (for `features.batch.validate_batch` at the server's edge)."""
         e = self.cfg.embedding

@@ -44,8 +44,6 @@ class ListRankingData:
         train = splits["train"]
         self.splits = {"train": train.take(np.flatnonzero(train.hit())), "valid": splits["valid"],
                        "test": splits["test"]}
-        if len(self.splits["train"]) == 0:
-            raise ValueError("ListRankingData: no training list holds its target")
         if not 0 <= train_width <= self.splits["train"].width:
             raise ValueError(f"train_width must be in [0, {self.splits['train'].width}], got {train_width}")
         self.store, self.cap, self.per_batch, self.seed = store, history_cap, lists_per_batch, seed

@@ -85,12 +85,18 @@ def _compact_state(model: TwoTowerRetriever, catalog: Catalog) -> dict[str, torc
 def export_retriever(
     model: TwoTowerRetriever, cfg: RetrieverConfig, catalog: Catalog, out: Path,
     queries: np.ndarray | None = None, extra: Mapping[str, Any] | None = None,
+    logit_scale: float | None = None,
 ) -> dict[str, Any]:
     """Writes the export directory (module docstring); returns its manifest.
 
     queries: (Q, D) user vectors to measure the ANN index's recall@k against exact
     search on (e.g. the test users' vectors); None skips the measurement.
+    logit_scale: the softmax logit per unit of score the model trained with (1 / temperature);
+    None takes 1 / loss.temperature when the temperature was fixed, else records none. The second
+    stage reads the retriever's logits (score x logit_scale) as its base.
     """
+    if logit_scale is None and not cfg.loss.learn_temperature:
+        logit_scale = 1.0 / cfg.loss.temperature
     out = Path(out)
     if (out / "manifest.json").exists():
         raise FileExistsError(f"{out} already holds an export; exports are immutable, pick a new directory")
@@ -118,6 +124,7 @@ def export_retriever(
         "user_keys": ["user_id", *cfg.model.user.user_features],
         "item_keys": keys,
         "feature_tables": _feature_tables(model),
+        "logit_scale": logit_scale,
         "hash_spec_version": HASH_SPEC_VERSION,
         "schema_version": SCHEMA_VERSION,
     }

@@ -70,6 +70,7 @@ class RetrieverInference:
         item_ids: (N,) int64 ids of the indexed items (row i of the index is item_ids[i]).
         item_vectors: (N, D) float32 exported item vectors.
         dim: D.
+        logit_scale: score x logit_scale is the logit the model trained with (None: not recorded).
         max_len: behaviors the user tower reads (the last max_len).
         history_keys / user_keys / item_keys: the batch keys the towers read.
     """
@@ -87,6 +88,9 @@ class RetrieverInference:
         self.history_keys = tuple(meta["history_keys"])
         self.user_keys = tuple(meta["user_keys"])
         self.item_keys = tuple(meta["item_keys"])
+        scale = meta.get("logit_scale")
+        # the training softmax's logit per unit of score (1 / temperature); None: the export records none
+        self.logit_scale: float | None = float(scale) if scale else None
         self._spec = BatchSpec(user_keys=self.user_keys, history_keys=self.history_keys, candidate_keys=(),
                                history_before_request=False)
 

@@ -12,6 +12,7 @@ Split by responsibility (DESIGN.md, STYLE.md practice 12):
     health.py       grpc.health.v1: live / ready (can answer, maybe degraded) / full (all dependencies)
     metrics.py      every Prometheus metric, declared once (`METRIC_NAMES`)
     models.py       the model-bundle boundary: manifest, checksums, restricted loaders, `ModelHolder`
+                    (bundles hold `retrieval.export` + `ranking.export` exports; no model code lives here)
     lifecycle.py    validate + smoke-test + swap a bundle; new items into the catalog and index
     index.py        the served ANN index: the retriever's plus a delta of items added since export
     catalog.py      the in-memory item catalog (attributes, id -> row)
@@ -19,6 +20,5 @@ Split by responsibility (DESIGN.md, STYLE.md practice 12):
     stream/         Kafka consumers: events (group, idempotent), items and models (broadcast), dead letters
     bootstrap.py    bulk-load the online state from a canonical dataset
     replay.py       produce a dataset's events to Kafka at a rate (`cascade events replay`)
-    standin.py      small stand-in retriever + ranker in the bundle format (tests, benchmark, demos)
     proto/          ranking.proto (compiled at install time by tools/compile_protos.py)
 """

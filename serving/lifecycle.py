@@ -11,6 +11,7 @@ a swap lands in the new bundle's index too.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from features.candidate_lists import list_features
 from features.schema import Item
 from features.sequence import SequenceState
 from serving.batching import build_request_batch, candidate_dense, user_view
@@ -28,7 +30,7 @@ from serving.errors import ArtifactError
 from serving.metrics import ServingMetrics
 from serving.models import (ModelBundle, ModelHolder, check_unchanged, describe_error, load_bundle, resolve_uri,
                             verify_bundle)
-from serving.runtime import CatalogRef
+from serving.runtime import CatalogRef, second_stage_scale
 from serving.state.codec import CounterLog, UserRecord
 
 log = logging.getLogger(__name__)
@@ -62,12 +64,21 @@ def smoke_test(bundle: ModelBundle, catalog: Catalog, num_candidates: int) -> No
         uvec = uvec.detach().float().numpy()
         if uvec.shape != (1, bundle.index.dim) or not np.isfinite(uvec).all():
             raise ArtifactError("smoke_failed", f"user_embedding returned shape {uvec.shape} or non-finite values")
-        cands, _ = bundle.retriever.search(uvec, min(num_candidates, len(ids)))
-        cands = cands[0][cands[0] >= 0]
+        cands, scores = bundle.retriever.search(uvec, min(num_candidates, len(ids)))
+        cands, scores = cands[0][cands[0] >= 0], scores[0][cands[0] >= 0]
         if len(cands) == 0:
             raise ArtifactError("smoke_failed", "ANN search returned no candidates")
-        dense = candidate_dense(catalog, cands, None, as_of, bundle.dense)
-        probs = bundle.ranker.forward(build_request_batch(view, catalog, cands, dense, as_of, sigs, bundle.user_keys))
+        second = bundle.ranker.second_stage
+        if second:  # the runtime's second-stage inputs: the list's features, no user dense features
+            dense = list_features(scores[None, :] * second_stage_scale(bundle))
+        else:
+            dense = candidate_dense(catalog, cands, None, as_of, bundle.dense)
+        batch = build_request_batch(view, catalog, cands, dense, as_of, sigs, bundle.user_keys)
+        if second:
+            batch = dataclasses.replace(batch, user_dense=batch.user_dense[:, :0])
+            probs = torch.sigmoid(bundle.ranker.logits(batch))
+        else:
+            probs = bundle.ranker.forward(batch)
         probs = torch.as_tensor(probs).detach().float()
     except ArtifactError:
         raise

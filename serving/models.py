@@ -114,12 +114,12 @@ def write_bundle(out: Path, version: str, retriever: tuple[str, Path], ranker: t
     features: the dense layout the ranker was trained with (``DenseLayout.from_manifest`` of the
     features manifest); written as the bundle's ``features`` entry by `DenseLayout.to_manifest`.
     """
-    out = Path(out)
-    if (out / MANIFEST).exists():
-        raise FileExistsError(f"{out} already holds a bundle; versions are immutable, pick a new version")
     if not isinstance(features, DenseLayout):
         raise TypeError(f"features must be a DenseLayout (DenseLayout.from_manifest of the features manifest), "
                         f"got {type(features).__name__}")
+    out = Path(out)
+    if (out / MANIFEST).exists():
+        raise FileExistsError(f"{out} already holds a bundle; versions are immutable, pick a new version")
     out.mkdir(parents=True, exist_ok=True)
     parts = {}
     for name, (loader, src) in (("retriever", retriever), ("ranker", ranker)):

@@ -23,6 +23,7 @@ time (unknown, or only impressions) gets popular items ranked by the ranker
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -33,6 +34,7 @@ import numpy as np
 import torch
 
 from features.batch import BatchSpec, validate_batch
+from features.candidate_lists import list_features
 from serving.batching import build_request_batch, candidate_dense, user_view
 from serving.catalog import Catalog
 from serving.config import LimitsConfig, RuntimeConfig
@@ -187,6 +189,25 @@ class _Clock:
         return self.timings
 
 
+def exact_scores(retriever, uvec: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
+    """(N,) float32 retriever scores of the given items for one user vector (0 for items it does not index)."""
+    ids = np.asarray(retriever.item_ids)
+    order = np.argsort(ids, kind="stable")
+    pos = np.searchsorted(ids[order], item_ids).clip(max=max(len(ids) - 1, 0))
+    known = ids[order][pos] == item_ids if len(ids) else np.zeros(len(item_ids), bool)
+    vecs = np.asarray(retriever.item_vectors, np.float32)[order[pos]]
+    return np.where(known, vecs @ uvec.astype(np.float32), 0.0).astype(np.float32)
+
+
+def second_stage_scale(bundle: ModelBundle) -> float:
+    """The retriever's logit per unit of score, which a second-stage ranker's base column is in."""
+    scale = bundle.retriever.logit_scale
+    if not scale:
+        raise ValueError(f"model {bundle.version}: the ranker is a second stage but the retriever export records "
+                         f"no logit_scale; re-export the retriever")
+    return float(scale)
+
+
 class Runtime:
     def __init__(self, limits: LimitsConfig, cfg: RuntimeConfig, store: OnlineStore, models: ModelHolder,
                  catalog: CatalogRef, popularity: Popularity, availability: Availability,
@@ -267,13 +288,25 @@ class Runtime:
         if not q.candidate_item_ids:
             cands = cands[:n_cand]
             retrieval = None if retrieval is None else retrieval[:n_cand]
+        second = bundle.ranker.second_stage
+        if second and (retrieval is None or q.candidate_item_ids) and len(cands) and not cold:
+            # a second-stage ranker corrects the retriever's logits: score client/fallback candidates exactly
+            if ubatch is None:
+                ubatch = build_request_batch(view, catalog, np.empty(0, np.int64), None, as_of, sigs,
+                                             bundle.user_keys)
+            uvec = bundle.retriever.user_embedding(ubatch).detach().float().numpy()[0]  # (D,)
+            retrieval = exact_scores(bundle.retriever, uvec, cands)
+            order = np.argsort(-retrieval, kind="stable")  # the list's order: best first
+            cands, retrieval = cands[order], retrieval[order]
         if retrieval is None:
             retrieval = np.zeros(len(cands), np.float32)
         clock.lap("filter_seen")
         due(deadline, "item_stats")
 
         dense, stats = None, None
-        if self.cfg.item_stats == "cached" and not q.as_of_ms and self.item_dense is not None:
+        if second:
+            dense = list_features(retrieval[None, :] * second_stage_scale(bundle))
+        elif self.cfg.item_stats == "cached" and not q.as_of_ms and self.item_dense is not None:
             dense = self.item_dense.lookup(catalog, bundle.dense, cands, as_of, self._max_age_ms)
         if dense is None:
             if self.cfg.item_stats != "off" and len(cands):
@@ -287,12 +320,19 @@ class Runtime:
         if dense is None:
             dense = candidate_dense(catalog, cands, stats, as_of, bundle.dense)
         batch = build_request_batch(view, catalog, cands, dense, as_of, sigs, bundle.user_keys, reuse=ubatch)
+        if second:  # it reads the list, not the counters: no user dense features
+            batch = dataclasses.replace(batch, user_dense=batch.user_dense[:, :0])
         if self.cfg.validate_batches:
             validate_batch(batch, BatchSpec(user_keys=bundle.user_keys, candidate_dense_dim=dense.shape[1]))
         clock.lap("features")
         due(deadline, "ranker")
 
-        probs = bundle.ranker.forward(batch).float() if len(cands) else torch.empty(0)
+        if not len(cands):
+            probs = torch.empty(0)
+        elif second:  # listwise logits on the retriever's scale: probabilities would saturate into ties
+            probs = bundle.ranker.logits(batch).float()
+        else:
+            probs = bundle.ranker.forward(batch).float()
         clock.lap("ranker")
         due(deadline, "topk")
         k = min(q.k, len(cands))

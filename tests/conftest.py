@@ -65,3 +65,21 @@ def _quiet_library_logs():
     for name in ("torchrec", "torch.distributed", "c10d-NullHandler-dcp_logger", "MethodLogger-NullHandler", "py4j"):
         logging.getLogger(name).setLevel(logging.WARNING)
     yield
+
+
+# the stages the retriever and the second stage read (`ranking_samples` records dense.prior_rate, which
+# FeatureStore requires)
+RETRIEVAL_STAGES = "items,users,timelines,popularity,retrieval_samples,ranking_samples"
+
+
+@pytest.fixture(scope="session")
+def retrieval_features(ml100k_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ML-100K through `cascade build-features` (only the stages the retriever reads), once per session."""
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    from jobs.cli import main
+
+    out = tmp_path_factory.mktemp("retrieval_features") / "features"
+    rc = main(["build-features", "--dataset", str(ml100k_dataset), "--out", str(out), "--master", "local[2]",
+               "--only", RETRIEVAL_STAGES, "spark.shuffle_partitions=4"])
+    assert rc == 0
+    return out

@@ -1,13 +1,7 @@
-"""Fixtures of the retriever tests: real ML-100K features (Spark, once per session) and a tiny config."""
+"""Fixtures of the retriever tests: a tiny config and a 2-epoch run (the ML-100K features: tests/conftest.py)."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
-
-# the stages the retriever reads (`ranking_samples` records dense.prior_rate, which FeatureStore requires)
-RETRIEVAL_STAGES = "items,users,timelines,popularity,retrieval_samples,ranking_samples"
 
 TINY = [
     "model.dim=16", "model.item.id_buckets=65536", "model.item.category_buckets=512",
@@ -18,19 +12,6 @@ TINY = [
     "train.batch_size=128", "train.threads=1", "train.lr=0.005", "train.warmup_steps=5", "train.patience=0", "train.seed=3",
     "eval.batch_size=256", "index.hnsw_ef_search=600",
 ]
-
-
-@pytest.fixture(scope="session")
-def retrieval_features(ml100k_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """ML-100K through `cascade build-features` (only the stages the retriever reads)."""
-    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
-    from jobs.cli import main
-
-    out = tmp_path_factory.mktemp("retrieval_features") / "features"
-    rc = main(["build-features", "--dataset", str(ml100k_dataset), "--out", str(out), "--master", "local[2]",
-               "--only", RETRIEVAL_STAGES, "spark.shuffle_partitions=4"])
-    assert rc == 0
-    return out
 
 
 @pytest.fixture(scope="session")

@@ -37,7 +37,7 @@ def _free_port_pair() -> int:
     raise RuntimeError("no two consecutive free ports on 127.0.0.1")
 
 
-def test_serve_processes_answer_queries_and_drain_on_sigterm(services, standin_bundles, ml100k_dataset, tmp_path,
+def test_serve_processes_answer_queries_and_drain_on_sigterm(services, model_bundles, ml100k_dataset, tmp_path,
                                                              capsys, wait_until):
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -60,7 +60,7 @@ def test_serve_processes_answer_queries_and_drain_on_sigterm(services, standin_b
     with open(log, "w") as lf:
         proc = subprocess.Popen(
             [sys.executable, "-m", "jobs.cli", "serve", "--dev", "--config", str(cfg), "--model-bundle",
-             str(standin_bundles["v1"][0]), "--catalog", str(ml100k_dataset), "--bootstrap", str(ml100k_dataset)],
+             str(model_bundles["v1"][0]), "--catalog", str(ml100k_dataset), "--bootstrap", str(ml100k_dataset)],
             stdout=lf, stderr=subprocess.STDOUT, env=env, cwd=Path(__file__).resolve().parents[2])
     try:
         ch = grpc.insecure_channel(f"127.0.0.1:{port}")

@@ -1,4 +1,5 @@
-"""The gRPC server end to end: real tansu, real redis-server, real gRPC server, stand-in models trained on ML-100K."""
+"""The gRPC server end to end: real tansu, real redis-server, real gRPC server, bundles of the real exporters
+(retriever + full ranker, randomly initialised) over ML-100K's catalog and histories."""
 from __future__ import annotations
 
 import threading
@@ -160,7 +161,7 @@ def test_malformed_events_go_to_the_dead_letter_topic_with_the_reason(make_serve
     assert h.metric("cascade_events_dead_lettered_total", {"topic": h.topics.events, "reason": "not_json"}) == 1
 
 
-def test_hot_swap_under_concurrent_queries_has_zero_failed_requests(make_server, wait_until, standin_bundles):
+def test_hot_swap_under_concurrent_queries_has_zero_failed_requests(make_server, wait_until, model_bundles):
     from features.messages import ModelAnnouncement
 
     # 4 clients with no think time: room for all of them, so every failure would be the swap's
@@ -181,7 +182,7 @@ def test_hot_swap_under_concurrent_queries_has_zero_failed_requests(make_server,
         t.start()
     try:
         wait_until(lambda: len(results) >= 20, what="queries flowing before the swap")
-        path, checksum = standin_bundles["v2"]
+        path, checksum = model_bundles["v2"]
         h.send_raw(h.topics.models, ModelAnnouncement("v2", str(path), checksum).encode())
         wait_until(lambda: results[-1] == "v2" and results.count("v2") >= 20, what="queries answered by v2")
     finally:
@@ -196,7 +197,7 @@ def test_hot_swap_under_concurrent_queries_has_zero_failed_requests(make_server,
     assert h.metric("cascade_model_info", {"version": "v1"}) == 0  # the old version's series is removed
 
 
-def test_bad_model_artifacts_are_rejected_and_never_replace_the_served_one(make_server, wait_until, standin_bundles, tmp_path):
+def test_bad_model_artifacts_are_rejected_and_never_replace_the_served_one(make_server, wait_until, model_bundles, tmp_path):
     import json
     import shutil
 
@@ -204,10 +205,12 @@ def test_bad_model_artifacts_are_rejected_and_never_replace_the_served_one(make_
     from kafka import KafkaConsumer
 
     from features.messages import ModelAnnouncement
+    from features.transforms import DenseLayout
+    from ranking.export import export_ranker, load_ranker
     from serving.models import MANIFEST, sha256_file, write_bundle
 
     h = make_server()
-    path, checksum = standin_bundles["v2"]
+    path, checksum = model_bundles["v2"]
     # 1. the announcement's checksum does not match the manifest
     h.send_raw(h.topics.models, ModelAnnouncement("v2", str(path), "0" * 64).encode())
     # 2. a weights file corrupted after the manifest was written
@@ -220,14 +223,15 @@ def test_bad_model_artifacts_are_rejected_and_never_replace_the_served_one(make_
         f.seek(200)
         f.write(b"\x00" * 64)
     h.send_raw(h.topics.models, ModelAnnouncement("v3", str(bad), sha256_file(bad / MANIFEST)).encode())
-    # 3. every checksum right, but the ranker outputs NaN: the smoke inference rejects it
-    sd = torch.load(path / "ranker" / "weights.pt", weights_only=True)
-    sd = {k: torch.full_like(v, float("nan")) if v.is_floating_point() and k.startswith("mlp") else v for k, v in sd.items()}
-    src = tmp_path / "nan-ranker"
-    shutil.copytree(path / "ranker", src)
-    torch.save(sd, src / "weights.pt")
-    c4 = write_bundle(tmp_path / "v4", "v4", ("serving.standin", path / "retriever"), ("serving.standin", src),
-                      manifest["features"])
+    # 3. every checksum right (a proper export), but the ranker outputs NaN: the smoke inference rejects it
+    model = load_ranker(path / "ranker").model
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.startswith("embedding."):  # everything above the tables: the output is NaN
+                p.fill_(float("nan"))
+    src = export_ranker(model, tmp_path / "nan-ranker")
+    c4 = write_bundle(tmp_path / "v4", "v4", ("retrieval.export", path / "retriever"), ("ranking.export", src),
+                      DenseLayout.from_manifest(manifest["features"]))
     h.send_raw(h.topics.models, ModelAnnouncement("v4", str(tmp_path / "v4"), c4).encode())
     # 4. not an announcement at all
     h.send_raw(h.topics.models, b'{"version": "v5"}')
