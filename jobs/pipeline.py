@@ -80,13 +80,14 @@ class TrainStage:
 
 @dataclass(frozen=True)
 class GateRule:
-    model: str  # "retriever" | "ranker"
-    metric: str  # a metric the evaluation computes: ranker auc/gauc/logloss, retriever hr@K/ndcg@K/recall@K
+    model: str  # "retriever" | "ranker" | "two_stage"
+    # a metric the evaluation computes: ranker auc/gauc/logloss, retriever hr@K/ndcg@K/recall@K, two_stage hr@K/ndcg@K
+    metric: str
     tolerance: float = 0.0  # largest allowed regression (absolute) vs the published model
 
     def __post_init__(self) -> None:
-        if self.model not in ("retriever", "ranker"):
-            raise ValueError(f"gate rule model must be 'retriever' or 'ranker', got {self.model!r}")
+        if self.model not in ("retriever", "ranker", "two_stage"):
+            raise ValueError(f"gate rule model must be 'retriever', 'ranker' or 'two_stage', got {self.model!r}")
         if self.tolerance < 0:
             raise ValueError(f"gate rule {self.model}.{self.metric}: tolerance must be >= 0, got {self.tolerance}")
 
@@ -105,6 +106,9 @@ class GateConfig:
     )
     # With nothing published yet the first version is published when its ranker AUC reaches this.
     min_auc: float = 0.55
+    # A second-stage ranker (model.residual_column >= 0) is published only when the cascade beats its own
+    # retriever on the validation lists: two-stage NDCG@10 > min_two_stage_lift x the retriever's, HR@10 >=.
+    min_two_stage_lift: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -308,7 +312,7 @@ class Run:
     def _gate(self, fdir: Path, retr: dict[str, Any], rank: dict[str, Any], base: dict[str, Any] | None) -> dict[str, Any]:
         from jobs.gate import evaluate_bundle_parts, gate_decision
 
-        self.say("    evaluating the candidate on its test split ...")
+        self.say("    evaluating the candidate (retriever: test split; a second-stage ranker: the validation lists) ...")
         cand = evaluate_bundle_parts(Path(retr["export"]), Path(rank["export"]), fdir)
         old = None
         if base is not None:
@@ -319,9 +323,9 @@ class Run:
         report = {"candidate": cand, "published": old, "published_version": base["version"] if base else None,
                   **decision}
         _write_json_atomic(self.dir / "evaluation.json", report)
-        for model in ("retriever", "ranker"):
+        for model in [m for m in ("retriever", "ranker", "retriever_valid", "two_stage") if m in cand]:
             c = cand[model]
-            o = old[model] if old else {}
+            o = (old or {}).get(model, {})
             keys = tuple(k for k in c if k != "n")
             self.say(f"    {model:<9} candidate  {_metrics_line(c, keys)}")
             if o:

@@ -52,7 +52,7 @@ def test_a_rule_on_a_metric_the_evaluation_lacks_is_a_clear_error():
 def test_gate_rules_are_validated():
     with pytest.raises(ValueError, match="tolerance must be >= 0"):
         GateRule("ranker", "auc", -1)
-    with pytest.raises(ValueError, match="'retriever' or 'ranker'"):
+    with pytest.raises(ValueError, match="'retriever', 'ranker' or 'two_stage'"):
         GateRule("ranking", "auc")
 
 
@@ -82,3 +82,32 @@ def test_a_finished_stage_with_other_inputs_is_refused(tmp_path):
     again = Run(PipelineConfig(dataset="d", artifacts=str(tmp_path)), "v1", say=lambda s: None)
     with pytest.raises(ValueError, match="already ran with other inputs"):
         again._stage("features", "bbb", lambda: {})
+
+
+TWO_STAGE = {"retriever": {"ndcg@10": 0.10, "recall@100": 0.40},
+             "retriever_valid": {"hr@10": 0.20, "ndcg@10": 0.10}, "two_stage": {"hr@10": 0.22, "ndcg@10": 0.11}}
+
+
+def test_a_second_stage_ranker_that_beats_its_retriever_is_published_first():
+    d = gate_decision(GateConfig(), TWO_STAGE, None, None)
+    assert d["passed"] and {c["metric"] for c in d["checks"]} == {"hr@10", "ndcg@10"}
+
+
+def test_a_second_stage_ranker_that_does_not_beat_its_retriever_is_refused_with_the_numbers():
+    same = {**TWO_STAGE, "two_stage": dict(TWO_STAGE["retriever_valid"])}  # reproduces the retriever's order
+    d = gate_decision(GateConfig(), same, None, None)
+    assert not d["passed"]
+    assert d["reasons"] == ["the ranker does not beat its own retriever on the validation lists: two-stage ndcg@10 "
+                            "0.1000 vs retriever alone 0.1000 (needs > 1.0 x)"]
+    published = {k: dict(v) for k, v in TWO_STAGE.items()}
+    assert not gate_decision(GateConfig(), same, published, "v1")["passed"]  # also when something is published
+
+
+def test_second_stage_lift_and_published_rules_both_apply():
+    cfg = GateConfig(rules=(GateRule("two_stage", "ndcg@10", 0.001),), min_two_stage_lift=1.05)
+    worse = {**TWO_STAGE, "two_stage": {"hr@10": 0.22, "ndcg@10": 0.106}}
+    d = gate_decision(cfg, worse, TWO_STAGE, "v1")
+    assert not d["passed"]
+    assert any("two_stage ndcg@10 0.1060 vs published v1 0.1100" in r for r in d["reasons"])
+    lift = [c for c in d["checks"] if "minimum_lift" in c]
+    assert len(lift) == 2 and all(c["passed"] for c in lift)  # 0.106 > 1.05 x 0.10: the lift alone would pass
