@@ -89,3 +89,22 @@ def test_ivf_pq_with_exact_refinement_reaches_high_recall():
     assert recall_vs_exact(ann_rows, ex_rows) >= 0.9
     with pytest.raises(ValueError, match="pq_m=5 must divide the dimension 32"):
         build_index(items, IndexConfig(kind="ivf_pq", ivf_nlist=32, pq_m=5))
+
+
+def test_the_default_tier_at_1m_items_is_the_point_chosen_from_the_committed_curve():
+    import json
+    from pathlib import Path
+
+    from retrieval.index import choose_index
+
+    doc = json.loads((Path(__file__).resolve().parents[2] / "benchmarks/results/retrieval/ann-1m.json").read_text())
+    res = doc["results"]
+    chosen = choose_index([p for p in res["points"] if p["family"] != "exact"], res["targets"]["min_recall"],
+                          res["targets"]["max_ms"])
+    assert chosen is not None and chosen["recall"] >= 0.95 and chosen["ms"] <= 5.0
+    served = IndexConfig().for_catalog(res["items"])
+    assert served.kind == chosen["family"]
+    if served.kind in ("ivf", "ivf_pq"):
+        assert (served.ivf_nlist, served.ivf_nprobe) == (chosen["nlist"], chosen["nprobe"])
+    else:
+        assert (served.hnsw_m, served.hnsw_ef_search) == (chosen["hnsw_m"], chosen["ef_search"])
