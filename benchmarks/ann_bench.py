@@ -27,7 +27,6 @@ Writes benchmarks/results/retrieval/ann-1m.json (another --items: ann-<N>.json) 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
