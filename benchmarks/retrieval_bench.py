@@ -486,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="quality: train/evaluate/export per dataset; step_time: ML-1M step and epoch time of the "
                         "loss/precision variants, written to benchmarks/results/retrieval/ml-1m/step-time.json")
     p.add_argument("--step-batches", type=int, default=0, help="step_time: time only the first N batches (0: an epoch)")
+    p.add_argument("--tag", default="", help="suffix of the quality results file name, e.g. pool1024 for a run "
+                                             "with --overrides (the YAML defaults' file has none)")
     p.add_argument("--compare-dataset", default="ml-100k", choices=list(DATASETS))
     p.add_argument("--compare-config", default="retrieval/configs/ml-1m.yaml")
     p.add_argument("--compare-variants", nargs="*", default=None, choices=list(COMPARE_VARIANTS))
@@ -516,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
         results["datasets"][name] = run_dataset(name, args, baselines)
         seeds = "-".join(str(x) for x in args.seeds)
         ws = "" if args.world_sizes == [1] else "-ws" + "-".join(str(w) for w in args.world_sizes)
-        print(f"  -> {write_results(f'retrieval/{name}/loo-seed{seeds}{ws}', results['datasets'][name], benchmark='retrieval_bench')}")
+        tag = f"-{args.tag}" if args.tag else ""
+        print(f"  -> {write_results(f'retrieval/{name}/loo-seed{seeds}{ws}{tag}', results['datasets'][name], benchmark='retrieval_bench')}")
         if args.json:
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
