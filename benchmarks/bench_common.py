@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import statistics
@@ -69,3 +70,10 @@ def prepare_features(name: str, shared: Path, data_dir: Path, ctr: bool = False)
                                   "local[2]", "--overwrite", "spark.shuffle_partitions=4", *build],
                        check=True, cwd=REPO)
     return feats
+
+
+def write_json(path: str | Path, doc: dict[str, Any]) -> None:
+    """The raw document of a run (`--json`), beside the committed results file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(json.dumps(doc, indent=2, default=float) + "\n")

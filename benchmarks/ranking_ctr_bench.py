@@ -48,7 +48,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from bench_common import DATASETS, REPO, fmt, load1, mean_std, prepare_features, print_table  # noqa: E402
+from bench_common import DATASETS, REPO, fmt, load1, mean_std, prepare_features, print_table, write_json  # noqa: E402
 from results_file import RESULTS_DIR, write_results  # noqa: E402
 
 from features.config import load_config  # noqa: E402
@@ -133,7 +133,7 @@ def run_ctr(args: argparse.Namespace) -> dict[str, Any]:
             print(f"  test AUC {rec['test']['auc']:.4f}  GAUC {rec['test']['gauc']:.4f}  logloss "
                   f"{rec['test']['logloss']:.4f}  -> {path.relative_to(REPO)}", flush=True)
         if args.json:  # partial results survive an interrupted run
-            _write_json(args.json, doc)
+            write_json(args.json, doc)
     for dataset in args.datasets:
         doc["summary"][dataset] = summarize(dataset, args)
     return doc
@@ -199,12 +199,6 @@ def summarize(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def _write_json(path: str, doc: dict[str, Any]) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(doc, indent=2, default=float) + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--datasets", default=",".join(CTR_DATASETS))
@@ -238,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     doc.update(benchmark="ranking_ctr_bench", argv=sys.argv[1:], seconds=time.perf_counter() - t0,
                load_at_start=l0, load_at_end=load1())
     if args.json:
-        _write_json(args.json, doc)
+        write_json(args.json, doc)
         print(f"\nwrote {args.json}")
     return 0 if all("error" not in r for v in doc["runs"].values() for s in v.values() for r in s.values()) else 1
 

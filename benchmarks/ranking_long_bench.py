@@ -35,7 +35,6 @@ and after (contention slows throughput figures; quality is unaffected).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -51,7 +50,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from bench_common import REPO, fmt, load1, mean_std, print_table  # noqa: E402
+from bench_common import REPO, fmt, load1, mean_std, print_table, write_json  # noqa: E402
 from results_file import write_results  # noqa: E402
 
 from features.batch import (  # noqa: E402
@@ -322,7 +321,7 @@ def run_long(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             rec.update(wall_seconds=time.perf_counter() - t0, load_before=l0, load_after=load1())
             out["quality"].setdefault(v, {})[str(seed)] = rec
             if args.json:
-                _write_json(args.json, {"partial": out})
+                write_json(args.json, {"partial": out})
     # throughput: histories of exactly 1,000; `batch_examples` examples per batch
     for v in tuple(dict.fromkeys(variants + ("full",))):
         for c in (1, 16):
@@ -385,12 +384,6 @@ def summarize_long(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def _write_json(path: str, doc: dict[str, Any]) -> None:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(doc, indent=2, default=float) + "\n")
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variants", default=",".join(LONG_VARIANTS), help=f"of {', '.join(VARIANT_NAMES)}")
@@ -434,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     name = "quick" if args.quick or shrunk else "full"
     print(f"\n-> {write_results(f'ranking/long/{name}', doc, benchmark='ranking_long_bench').relative_to(REPO)}")
     if args.json:
-        _write_json(args.json, doc)
+        write_json(args.json, doc)
         print(f"wrote {args.json}")
     failed = [r for v in doc["runs"]["quality"].values() for r in v.values() if "error" in r]
     return 1 if failed else 0

@@ -49,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from bench_common import DATASETS, fmt, load1, mean_std, prepare_features, print_table  # noqa: E402
+from bench_common import DATASETS, fmt, load1, mean_std, prepare_features, print_table, write_json  # noqa: E402
 from results_file import RESULTS_DIR, write_results  # noqa: E402
 
 TARGET_RATIO = 1.05
@@ -292,8 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     path = write_results(f"{name}/seed{args.seed}", res, benchmark="two_stage")
     print(f"\nwrote {path}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(res, indent=2, default=float) + "\n")
+        write_json(args.json, res)
     summary = summarize(args.dataset, RESULTS_DIR / name)
     if summary is not None:
         print(f"wrote {write_results(f'{name}/summary', summary, benchmark='two_stage')}")
