@@ -163,15 +163,8 @@ def paired(a: np.ndarray, b: np.ndarray, seed: int, reps: int = 2000) -> dict[st
 def score_lists(ranker_export: str, data: Any, lists: Any) -> np.ndarray:
     """(R,) 0-based rank of each test request's target after the ranker (inf: not retrieved)."""
     from ranking.export import load_ranker
-    from ranking.train import list_ranks
 
-    ranker = load_ranker(ranker_export)
-    out = []
-    for s in range(0, len(lists), 32):
-        part = lists.take(np.arange(s, min(s + 32, len(lists))))
-        b = data.batch(part)
-        out.append(list_ranks(ranker.logits(b).numpy(), b.labels[:, 0].numpy(), b.num_candidates.numpy()))
-    return np.concatenate(out)
+    return data.ranks(load_ranker(ranker_export), lists)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

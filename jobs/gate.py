@@ -70,7 +70,6 @@ def evaluate_two_stage(retriever_export: Path, ranker_export: Path, features: Pa
     from features.train.metrics import topk_metrics
     from ranking.export import load_ranker
     from ranking.lists import ListRankingData
-    from ranking.train import list_ranks
     from retrieval.export import load_retriever
     from retrieval.lists import retrieve_lists
 
@@ -85,13 +84,9 @@ def evaluate_two_stage(retriever_export: Path, ranker_export: Path, features: Pa
     lists = retrieve_lists(load_retriever(retriever_export), store, store.timeline_users.ids[ok], hist, top_n)
     data = ListRankingData(store, {"train": lists, "valid": lists, "test": lists}, ranker.history_len, 32)
     retr = np.where(lists.hit(), (lists.items == lists.target[:, None]).argmax(1), np.inf)
-    pipe = []
-    for s in range(0, len(lists), 32):
-        b = data.batch(lists.take(np.arange(s, min(s + 32, len(lists)))))
-        pipe.append(list_ranks(ranker.logits(b).numpy(), b.labels[:, 0].numpy(), b.num_candidates.numpy()))
     ks = (10, 50)
     return {"retriever": topk_metrics(retr, ks=ks, recall_ks=(top_n,)),
-            "two_stage": topk_metrics(np.concatenate(pipe), ks=ks, recall_ks=(top_n,))}
+            "two_stage": topk_metrics(data.ranks(ranker, lists), ks=ks, recall_ks=(top_n,))}
 
 
 def evaluate_bundle_parts(retriever_export: Path, ranker_export: Path, features: Path) -> dict[str, dict[str, float]]:

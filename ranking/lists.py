@@ -94,3 +94,14 @@ class ListRankingData:
         for j, s in enumerate(range(0, len(lists), self.per_batch)):
             if j % world_size == rank:
                 yield self.batch(lists.take(np.arange(s, min(s + self.per_batch, len(lists)))))
+
+    def ranks(self, ranker: Any, lists: CandidateLists, chunk: int = 32) -> np.ndarray:
+        """(R,) 0-based rank of each list's target after `ranker` (a `RankerInference`) reorders the whole list;
+        inf where the list lacks it (the first stage missed it)."""
+        from ranking.train import list_ranks
+
+        out = []
+        for s in range(0, len(lists), chunk):
+            b = self.batch(lists.take(np.arange(s, min(s + chunk, len(lists)))))
+            out.append(list_ranks(ranker.logits(b).numpy(), b.labels[:, 0].numpy(), b.num_candidates.numpy()))
+        return np.concatenate(out) if out else np.zeros(0)

@@ -88,6 +88,8 @@ class RetrieverInference:
         self.history_keys = tuple(meta["history_keys"])
         self.user_keys = tuple(meta["user_keys"])
         self.item_keys = tuple(meta["item_keys"])
+        self._id_order = np.argsort(item_ids, kind="stable")  # item id -> row lookups (`rows`)
+        self._sorted_ids = item_ids[self._id_order]
         scale = meta.get("logit_scale")
         # the training softmax's logit per unit of score (1 / temperature); None: the export records none
         self.logit_scale: float | None = float(scale) if scale else None
@@ -107,6 +109,15 @@ class RetrieverInference:
         if missing:
             raise ValueError(f"item_embedding: candidates lack keys {missing} (have {candidates.keys()})")
         return self.model(empty_batch(), candidates).items
+
+    def rows(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows into item_ids / item_vectors, known mask) of the given ids; unknown ids get row 0."""
+        ids = np.asarray(item_ids, np.int64)
+        if len(self._sorted_ids) == 0:
+            return np.zeros(ids.shape, np.int64), np.zeros(ids.shape, bool)
+        pos = np.searchsorted(self._sorted_ids, ids).clip(max=len(self._sorted_ids) - 1)
+        known = self._sorted_ids[pos] == ids
+        return np.where(known, self._id_order[pos], 0), known
 
     def search(self, user_vecs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """ANN top-k: (B, D) -> (ids (B, k) int64, -1 where missing; scores (B, k) float32), best first."""

@@ -64,18 +64,15 @@ def retrieve_lists(retriever: Any, store: Any, user_ids: np.ndarray, hist_len: n
                          f"pass logit_scale (1 / the training temperature)")
     scale = float(scale)
     vecs = torch.from_numpy(np.ascontiguousarray(retriever.item_vectors, dtype=np.float32))  # (I, D)
-    ids_sorted = np.argsort(retriever.item_ids, kind="stable")
-    sorted_ids = retriever.item_ids[ids_sorted]
     items = np.empty((len(user_ids), top_n), np.int64)
     logits = np.empty((len(user_ids), top_n), np.float32)
     for s in range(0, len(user_ids), chunk):
         u, h = user_ids[s:s + chunk], hist_len[s:s + chunk]
         scores = retriever.user_embedding(_history_batch(retriever, store, u, h)).float() @ vecs.T  # (c, I)
         seen, lens = store.items_before(u, h)  # the whole history, uncapped
-        pos = np.searchsorted(sorted_ids, seen).clip(max=n_items - 1)
-        known = sorted_ids[pos] == seen
+        rows, known = retriever.rows(seen)
         owner = np.repeat(np.arange(len(u)), lens)
-        scores[torch.from_numpy(owner[known]), torch.from_numpy(ids_sorted[pos[known]])] = float("-inf")
+        scores[torch.from_numpy(owner[known]), torch.from_numpy(rows[known])] = float("-inf")
         top = scores.topk(top_n, dim=1)
         items[s:s + chunk] = retriever.item_ids[top.indices.numpy()]
         logits[s:s + chunk] = top.values.numpy() * scale

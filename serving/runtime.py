@@ -191,11 +191,8 @@ class _Clock:
 
 def exact_scores(retriever, uvec: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
     """(N,) float32 retriever scores of the given items for one user vector (0 for items it does not index)."""
-    ids = np.asarray(retriever.item_ids)
-    order = np.argsort(ids, kind="stable")
-    pos = np.searchsorted(ids[order], item_ids).clip(max=max(len(ids) - 1, 0))
-    known = ids[order][pos] == item_ids if len(ids) else np.zeros(len(item_ids), bool)
-    vecs = np.asarray(retriever.item_vectors, np.float32)[order[pos]]
+    rows, known = retriever.rows(item_ids)
+    vecs = np.asarray(retriever.item_vectors, np.float32)[rows]  # (N, D)
     return np.where(known, vecs @ uvec.astype(np.float32), 0.0).astype(np.float32)
 
 
