@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -190,11 +191,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     lists = build_lists(args, store, Path(std), Path(held), work)
     lists_s = time.perf_counter() - t0
     cfg = ranker_config(args)
+    context = ListRankingData.context_counts(store, args.context_window) if args.context_window else None
     data = ListRankingData(store, lists, history_cap=cfg.model.sequence.history_len,
-                           lists_per_batch=args.lists_per_batch, seed=args.seed, train_width=args.train_width)
+                           lists_per_batch=args.lists_per_batch, seed=args.seed, train_width=args.train_width,
+                           context=context)
     print(f"[two-stage] ranker: {len(data.splits['train']):,} training lists holding their target "
           f"(of {len(lists['train']):,}), width {args.train_width or args.top_n}", flush=True)
-    res = run_distributed(_train_ranker, 1, cfg, data, str(work / "ranker"))[0]
+    res = run_distributed(_train_ranker, 1, cfg, data, str(work / f"ranker{args.tag}"))[0]
     test = lists["test"]
     retr_rank = np.where(test.hit(), (test.items == test.target[:, None]).argmax(1), np.inf)
     pipe_rank = score_lists(res.export_dir, data, test)
@@ -208,7 +211,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     results = {
         "dataset": args.dataset, "split": "leave-one-out test (last item), full ranking, every seen item masked",
         "seed": args.seed, "users": int(len(test)), "top_n": args.top_n, "holdout_tail": args.holdout,
-        "train_width": args.train_width,
+        "train_width": args.train_width, "context_window": args.context_window,
         "retriever": {k: v for k, v in m_retr.items()}, "pipeline": {k: v for k, v in m_pipe.items()},
         "ratio": {k: (m_pipe[k] / m_retr[k] if m_retr[k] else float("nan")) for k in ("hr@10", "ndcg@10")},
         "paired_difference": diffs,
@@ -232,10 +235,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def summarize(dataset: str, folder: Path) -> dict[str, Any] | None:
+def summarize(dataset: str, folder: Path, tag: str = "") -> dict[str, Any] | None:
     runs = {}
     for f in sorted(folder.glob("seed*.json")):
-        runs[f.stem] = json.loads(f.read_text())["results"]
+        if re.fullmatch(rf"seed\d+{re.escape(tag)}", f.stem):
+            runs[f.stem] = json.loads(f.read_text())["results"]
     if not runs:
         return None
     table = {}
@@ -260,6 +264,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--holdout", type=int, default=5, help="training positions per user held out of the lists retriever")
     p.add_argument("--train-width", type=int, default=32, help="sampled candidates per training list (0: whole)")
     p.add_argument("--lists-per-batch", type=int, default=16)
+    p.add_argument("--context-window", type=int, default=5,
+                   help="the ranker's point-in-time context features (features.list_context) over the last N "
+                        "behaviors; 0: the list features only")
+    p.add_argument("--tag", default="", help="results file suffix (seed<S><tag>.json) and work subfolder")
     p.add_argument("--epochs", type=int, default=0, help="0: the ranker config's")
     p.add_argument("--max-steps", type=int, default=0)
     p.add_argument("--max-users", type=int, default=0, help="0: every user")
@@ -282,13 +290,13 @@ def main(argv: list[str] | None = None) -> int:
         args.work_dir = args.work_dir / "quick"
     res = run(args)
     name = f"two_stage/{'quick/' if args.quick else ''}{args.dataset}"
-    path = write_results(f"{name}/seed{args.seed}", res, benchmark="two_stage")
+    path = write_results(f"{name}/seed{args.seed}{args.tag}", res, benchmark="two_stage")
     print(f"\nwrote {path}")
     if args.json:
         write_json(args.json, res)
-    summary = summarize(args.dataset, RESULTS_DIR / name)
+    summary = summarize(args.dataset, RESULTS_DIR / name, args.tag)
     if summary is not None:
-        print(f"wrote {write_results(f'{name}/summary', summary, benchmark='two_stage')}")
+        print(f"wrote {write_results(f'{name}/summary{args.tag}', summary, benchmark='two_stage')}")
     return 0
 
 

@@ -2,6 +2,8 @@
 
     EXPORT/config.json     {"format", "model": ModelConfig, "history": caps, "tasks", "sdim", "metadata"}
     EXPORT/weights.pt      torch.save(model.state_dict()): tensors only, loaded with weights_only=True
+    EXPORT/context.npz     second-stage rankers that read point-in-time context (features.list_context):
+                           the counts the server looks candidates up in (config.json "context")
     EXPORT/manifest.json   {"format", "files": {name: sha256}}
 
 The module is rebuilt from config.json and the code (never unpickled). Sharded
@@ -23,6 +25,7 @@ import torch.distributed.checkpoint as dcp
 
 from features.config import ConfigError, from_mapping, to_dict
 from features.datasets.common import sha256_file
+from features.list_context import CONTEXT_FEATURE_NAMES, ContextCounts
 from ranking.config import LossConfig, ModelConfig
 from ranking.inference import RankerInference, make_inference
 from ranking.model import RankerModel
@@ -32,6 +35,7 @@ FORMAT = "cascade.ranker/v1"
 CONFIG = "config.json"
 WEIGHTS = "weights.pt"
 MANIFEST = "manifest.json"
+CONTEXT = "context.npz"
 
 
 class RankerExportError(ValueError):
@@ -39,8 +43,10 @@ class RankerExportError(ValueError):
 
 
 
-def export_ranker(model: RankerModel, out_dir: str | Path, metadata: Mapping[str, Any] | None = None) -> Path:
-    """Writes config.json, weights.pt and manifest.json for an unsharded model; returns the directory."""
+def export_ranker(model: RankerModel, out_dir: str | Path, metadata: Mapping[str, Any] | None = None,
+                  context: ContextCounts | None = None) -> Path:
+    """Writes config.json, weights.pt (+ context.npz) and manifest.json for an unsharded model; returns the
+    directory."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
@@ -54,17 +60,22 @@ def export_ranker(model: RankerModel, out_dir: str | Path, metadata: Mapping[str
         "sdim": {"num_hashes": s.sdim_hashes, "num_bits": s.sdim_bits, "seed": s.sdim_seed,
                  "batch_key": "hist_sdim_sig"} if s.long == "sdim" else None,
         "metadata": dict(metadata or {}),
+        "context": {"file": CONTEXT, "features": list(CONTEXT_FEATURE_NAMES), "window": context.window}
+        if context is not None else None,
     }
+    if context is not None:
+        context.save(out / CONTEXT)
     (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     torch.save(state, out / WEIGHTS)
-    manifest = {"format": FORMAT, "files": {name: sha256_file(out / name) for name in (CONFIG, WEIGHTS)}}
+    names = (CONFIG, WEIGHTS, *((CONTEXT,) if context is not None else ()))
+    manifest = {"format": FORMAT, "files": {name: sha256_file(out / name) for name in names}}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return out
 
 
 def export_from_checkpoint(checkpoint: str | Path, model_cfg: ModelConfig, out_dir: str | Path,
-                           metadata: Mapping[str, Any] | None = None) -> Path:
+                           metadata: Mapping[str, Any] | None = None, context: ContextCounts | None = None) -> Path:
     """Gathers a (sharded) DCP training checkpoint into an unsharded model and exports it.
 
     Runs in one process, with or without a process group (no collectives).
@@ -76,7 +87,7 @@ def export_from_checkpoint(checkpoint: str | Path, model_cfg: ModelConfig, out_d
     state = {"model": task.state_dict()}
     dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
     task.load_state_dict(state["model"])
-    return export_ranker(task.model, out_dir, metadata)
+    return export_ranker(task.model, out_dir, metadata, context)
 
 
 def read_export_config(path: str | Path) -> dict[str, Any]:
@@ -89,7 +100,7 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT:
         raise RankerExportError(f"{m}: format {manifest.get('format')!r}, this code reads {FORMAT!r}")
     files = manifest.get("files") or {}
-    for name in (CONFIG, WEIGHTS):
+    for name in (CONFIG, WEIGHTS, *((CONTEXT,) if CONTEXT in files else ())):
         if name not in files:
             raise RankerExportError(f"{m} does not list {name}")
         f = root / name
@@ -98,7 +109,15 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
         got = sha256_file(f)
         if got != files[name]:
             raise RankerExportError(f"{f}: sha256 {got}, the manifest says {files[name]}")
-    return json.loads((root / CONFIG).read_text())
+    config = json.loads((root / CONFIG).read_text())
+    ctx = config.get("context")
+    if ctx is not None:
+        if CONTEXT not in files:
+            raise RankerExportError(f"{m}: config.json reads context features but the manifest does not list {CONTEXT}")
+        if list(ctx.get("features") or []) != list(CONTEXT_FEATURE_NAMES):
+            raise RankerExportError(f"{root / CONFIG}: context features {ctx.get('features')}, this code computes "
+                                    f"{list(CONTEXT_FEATURE_NAMES)}")
+    return config
 
 
 def load_ranker(path: str | Path) -> RankerInference:
@@ -115,4 +134,10 @@ def load_ranker(path: str | Path) -> RankerInference:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise RankerExportError(f"{root / WEIGHTS} does not fit the model of {root / CONFIG}: {e}") from None
-    return make_inference(model)
+    context = None
+    if config.get("context") is not None:
+        try:
+            context = ContextCounts.load(root / CONTEXT)
+        except (ValueError, KeyError, OSError) as e:
+            raise RankerExportError(f"{root / CONTEXT}: {e}") from None
+    return make_inference(model, context)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from features.batch import HISTORY_KEYS, ITEM_CATEGORY, ITEM_ID, USER_ID, Batch, BatchSpec, BatchValidationError
+from features.list_context import ContextCounts
 from kernels import pack_codes
 from ranking.model import RankerModel
 
@@ -35,9 +36,10 @@ class RankerInference:
         probs = ranker.forward(batch)          # (N,)
     """
 
-    def __init__(self, model: RankerModel) -> None:
+    def __init__(self, model: RankerModel, context: ContextCounts | None = None) -> None:
         self.model = model.eval()
         self.cfg = model.cfg
+        self.context = context  # second stage: the point-in-time counts its context features read
         for p in self.model.parameters():
             p.requires_grad_(False)
 
@@ -128,6 +130,7 @@ class SdimRankerInference(RankerInference):
         return pack_codes(codes, self.cfg.sequence.sdim_bits)
 
 
-def make_inference(model: RankerModel) -> RankerInference:
+def make_inference(model: RankerModel, context: ContextCounts | None = None) -> RankerInference:
     """The right wrapper for the model (with behavior signatures when it has SDIM)."""
-    return SdimRankerInference(model) if model.cfg.sequence.long == "sdim" else RankerInference(model)
+    cls = SdimRankerInference if model.cfg.sequence.long == "sdim" else RankerInference
+    return cls(model, context)

@@ -25,17 +25,19 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from features.batch import Batch, build_batch
-from features.candidate_lists import LIST_FEATURE_NAMES, CandidateLists, list_features
+from features.candidate_lists import LIST_FEATURE_NAMES, CandidateLists
+from features.list_context import (
+    CONTEXT_FEATURE_NAMES, SERVE_POINT, ContextCounts, event_order, recent_items, second_stage_dense,
+)
 
 
 class ListRankingData:
     """`ranking.train.RankingData` over candidate lists (see the module docstring)."""
 
     user_dense_dim = 0
-    candidate_dense_dim = len(LIST_FEATURE_NAMES)
 
     def __init__(self, store: Any, splits: Mapping[str, CandidateLists], history_cap: int, lists_per_batch: int,
-                 seed: int = 0, train_width: int = 0) -> None:
+                 seed: int = 0, train_width: int = 0, context: ContextCounts | None = None) -> None:
         missing = {"train", "valid", "test"} - set(splits)
         if missing:
             raise ValueError(f"ListRankingData needs train/valid/test lists, missing {sorted(missing)}")
@@ -48,24 +50,49 @@ class ListRankingData:
             raise ValueError(f"train_width must be in [0, {self.splits['train'].width}], got {train_width}")
         self.store, self.cap, self.per_batch, self.seed = store, history_cap, lists_per_batch, seed
         self.train_width = train_width
+        self.context = context
+        self.candidate_dense_dim = len(LIST_FEATURE_NAMES) + (len(CONTEXT_FEATURE_NAMES) if context else 0)
+        self._order = (event_order(store.timeline_values["ts_ms"], int(store.timeline_offsets[-1]))
+                       if context is not None else None)
 
-    def batch(self, lists: CandidateLists, columns: np.ndarray | None = None) -> Batch:
-        """One batch of whole lists, or of the given (R, W) list positions of each (features from whole lists)."""
+    @classmethod
+    def context_counts(cls, store: Any, window: int = 5) -> ContextCounts:
+        """`ContextCounts` over every user's retrieval-training prefix (held-out valid/test items never count)."""
+        v = store.timeline_values
+        return ContextCounts.from_timelines(store.timeline_offsets, v["item_id"], v["ts_ms"], v["category"],
+                                            store.retrieval_train_len, window)
+
+
+    def batch(self, lists: CandidateLists, columns: np.ndarray | None = None, as_served_at: int | None = None) -> Batch:
+        """One batch of whole lists, or of the given (R, W) list positions of each (features from whole lists).
+
+        Context features count what happened before each request; `as_served_at` (ms) instead asks them
+        as the server does at that time: everything the counts hold (the serving parity check).
+        """
         hist, lens = self.store.history(lists.user_ids, lists.hist_len, self.cap)
         r, n = lists.items.shape
-        feats = list_features(lists.logits)
         items, labels = lists.items, lists.labels()
         if columns is not None:
-            flat = (np.arange(r)[:, None] * n + columns).ravel()
-            feats, n = feats[flat], columns.shape[1]
+            n = columns.shape[1]
             items, labels = np.take_along_axis(items, columns, 1), np.take_along_axis(labels, columns, 1)
         ts = self.store.timeline_values["ts_ms"]
+        offsets = self.store.timeline_offsets
         rows, _ = self.store.timeline_users.rows(lists.user_ids)
-        last = self.store.timeline_offsets[rows] + np.maximum(lists.hist_len - 1, 0)
+        last = offsets[rows] + np.maximum(lists.hist_len - 1, 0)
+        request_ts = ts[last] + 1  # just after the last behavior the request sees
+        recent = points = None
+        if self.context is not None:
+            recent = recent_items(offsets, self.store.timeline_values["item_id"], rows, lists.hist_len,
+                                  self.context.window)
+            points = np.where(lists.hist_len > 0, self._order[last] + 1, 0)
+            if as_served_at is not None:
+                points, request_ts = np.full(r, SERVE_POINT), np.full(r, as_served_at, np.int64)
+        feats = second_stage_dense(lists.logits, lists.items, self.context, recent, lists.hist_len, points,
+                                   request_ts, columns)
         return build_batch(user=self.store.user_features(lists.user_ids), history=hist, history_lengths=lens,
                            candidates=self.store.candidate_features(items.ravel()),
                            num_candidates=np.full(r, n, np.int64),
-                           request_ts=ts[last] + 1,  # just after the last behavior the request sees
+                           request_ts=request_ts,
                            user_dense=np.zeros((r, 0), np.float32), candidate_dense=feats,
                            labels=labels.reshape(r * n, 1))
 

@@ -295,7 +295,8 @@ def train_ranker(rank: int, world_size: int, cfg: RankerConfig, data: RankingDat
         if rank == 0:
             meta = {"best_epoch": best_epoch + 1, "valid": {k[6:]: v for k, v in best.items() if k.startswith("valid_")},
                     "plan": plan}
-            export_dir = str(export_from_checkpoint(ckpt_best, model_cfg, out / "export", meta))
+            export_dir = str(export_from_checkpoint(ckpt_best, model_cfg, out / "export", meta,
+                                                    getattr(data, "context", None)))
         if dist.is_initialized():
             dist.barrier()
     result = TrainResult(

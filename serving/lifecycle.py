@@ -20,7 +20,6 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from features.candidate_lists import list_features
 from features.schema import Item
 from features.sequence import SequenceState
 from serving.batching import build_request_batch, candidate_dense, user_view
@@ -30,7 +29,7 @@ from serving.errors import ArtifactError
 from serving.metrics import ServingMetrics
 from serving.models import (ModelBundle, ModelHolder, check_unchanged, describe_error, load_bundle, resolve_uri,
                             verify_bundle)
-from serving.runtime import CatalogRef, second_stage_scale
+from serving.runtime import CatalogRef, list_dense
 from serving.state.codec import CounterLog, UserRecord
 
 log = logging.getLogger(__name__)
@@ -70,7 +69,7 @@ def smoke_test(bundle: ModelBundle, catalog: Catalog, num_candidates: int) -> No
             raise ArtifactError("smoke_failed", "ANN search returned no candidates")
         second = bundle.ranker.second_stage
         if second:  # the runtime's second-stage inputs: the list's features, no user dense features
-            dense = list_features(scores[None, :] * second_stage_scale(bundle))
+            dense = list_dense(bundle, scores, cands, view.seq.item_ids, as_of)
         else:
             dense = candidate_dense(catalog, cands, None, as_of, bundle.dense)
         batch = build_request_batch(view, catalog, cands, dense, as_of, sigs, bundle.user_keys)

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from features.batch import BatchSpec, validate_batch
-from features.candidate_lists import list_features
+from features.list_context import recent_items, second_stage_dense
 from serving.batching import build_request_batch, candidate_dense, user_view
 from serving.catalog import Catalog
 from serving.config import LimitsConfig, RuntimeConfig
@@ -205,6 +205,21 @@ def second_stage_scale(bundle: ModelBundle) -> float:
     return float(scale)
 
 
+def list_dense(bundle: ModelBundle, retrieval: np.ndarray, cands: np.ndarray, history: np.ndarray,
+               as_of: int) -> np.ndarray:
+    """A second-stage ranker's candidate_dense for one served list (best first): the list features of the
+    retriever's logits, then the context features as of now when the ranker reads them
+    (`features.list_context.second_stage_dense`, the function training used)."""
+    context = bundle.ranker.context
+    recent = None
+    hist_len = np.array([len(history)], np.int64)
+    if context is not None:
+        recent = recent_items(np.array([0, len(history)], np.int64), history, np.array([0]), hist_len,
+                              context.window)
+    return second_stage_dense(retrieval[None, :] * second_stage_scale(bundle), cands[None, :], context, recent,
+                              hist_len, request_ts=np.array([as_of], np.int64))
+
+
 class Runtime:
     def __init__(self, limits: LimitsConfig, cfg: RuntimeConfig, store: OnlineStore, models: ModelHolder,
                  catalog: CatalogRef, popularity: Popularity, availability: Availability,
@@ -302,7 +317,7 @@ class Runtime:
 
         dense, stats = None, None
         if second:
-            dense = list_features(retrieval[None, :] * second_stage_scale(bundle))
+            dense = list_dense(bundle, retrieval, cands, view.seq.item_ids, as_of)
         elif self.cfg.item_stats == "cached" and not q.as_of_ms and self.item_dense is not None:
             dense = self.item_dense.lookup(catalog, bundle.dense, cands, as_of, self._max_age_ms)
         if dense is None:

@@ -143,3 +143,24 @@ def test_listwise_training_lifts_a_noisy_first_stage():
     model.eval()
     after = np.mean([hr(b) for b in held_out])
     assert after > before + 0.1, (before, after)
+
+
+def test_export_carries_the_context_counts_and_refuses_a_tampered_copy(tmp_path):
+    import json
+
+    from features.list_context import ContextCounts
+    from ranking.export import CONTEXT, RankerExportError, export_ranker, load_ranker
+
+    offsets = np.array([0, 4, 7], np.int64)
+    items = np.array([1, 2, 3, 2, 2, 3, 1], np.int64)
+    ts = np.arange(7, dtype=np.int64) * 1000
+    context = ContextCounts.from_timelines(offsets, items, ts, items % 2, np.array([4, 3]), window=2)
+    out = export_ranker(residual_model(), tmp_path / "ranker", context=context)
+    assert json.loads((out / "config.json").read_text())["context"]["window"] == 2
+    back = load_ranker(out).context
+    np.testing.assert_array_equal(back.pair_keys, context.pair_keys)
+    assert load_ranker(export_ranker(residual_model(), tmp_path / "plain")).context is None
+
+    np.savez(out / CONTEXT, items=np.zeros(1, np.int64))  # replaced after export: the checksum no longer holds
+    with pytest.raises(RankerExportError, match="sha256"):
+        load_ranker(out)

@@ -20,12 +20,14 @@ RANKER_SMALL = ["model.embedding.dim=16", "model.embedding.attention_dim=8", "mo
                 "model.sequence.long_len=200", "model.moe.expert_hidden=[32]", "model.moe.gate_hidden=16"]
 
 
-def write_real_bundle(catalog, out: Path, version: str, seed: int, second_stage: bool = False) -> tuple[Path, str]:
+def write_real_bundle(catalog, out: Path, version: str, seed: int, second_stage: bool = False,
+                      context=None) -> tuple[Path, str]:
     """A bundle of `retrieval.export` + `ranking.export` exports over randomly initialised real models.
 
     Different seeds give different weights: a history-dependent user tower and ranker, different top-k lists.
     second_stage: the ranker is `ranking/configs/two-stage.yaml`'s (a residual on the retriever's logit over the
-    list's features), its zero-initialised heads randomised so that it reorders the list.
+    list's features), its zero-initialised heads randomised so that it reorders the list; with `context`
+    (features.list_context.ContextCounts) it also reads the list's context features and exports the counts.
     Returns (bundle dir, manifest sha256)."""
     import dataclasses
 
@@ -34,6 +36,7 @@ def write_real_bundle(catalog, out: Path, version: str, seed: int, second_stage:
 
     from features.batch import ITEM_ID, make_kjt
     from features.candidate_lists import LIST_FEATURE_NAMES
+    from features.list_context import CONTEXT_FEATURE_NAMES
     from features.config import load_config
     from features.transforms import DenseLayout, StatsConfig
     from jobs.train_ranker import load_ranker_config
@@ -59,7 +62,8 @@ def write_real_bundle(catalog, out: Path, version: str, seed: int, second_stage:
     kcfg = load_ranker_config([REPO / "ranking/configs/ml-100k.yaml", REPO / "ranking/configs/ablations/full.yaml",
                                *([REPO / "ranking/configs/two-stage.yaml"] if second_stage else [])], RANKER_SMALL)
     if second_stage:
-        mc = dataclasses.replace(kcfg.model, user_dense_dim=0, candidate_dense_dim=len(LIST_FEATURE_NAMES))
+        mc = dataclasses.replace(kcfg.model, user_dense_dim=0, candidate_dense_dim=len(LIST_FEATURE_NAMES)
+                                 + (len(CONTEXT_FEATURE_NAMES) if context is not None else 0))
     else:
         mc = dataclasses.replace(kcfg.model, user_dense_dim=len(layout.user_names()),
                                  candidate_dense_dim=len(layout.candidate_names()))
@@ -67,7 +71,7 @@ def write_real_bundle(catalog, out: Path, version: str, seed: int, second_stage:
     ranker = RankerModel(mc, embedding_device="cpu")
     if second_stage:
         torch.nn.init.normal_(ranker.heads.weight, std=2.0)
-    export_ranker(ranker, out / f"ranker-{version}")
+    export_ranker(ranker, out / f"ranker-{version}", context=context)
     path = out / version
     checksum = write_bundle(path, version, ("retrieval.export", out / f"retriever-{version}"),
                             ("ranking.export", out / f"ranker-{version}"), layout)

@@ -13,10 +13,22 @@ N, K = 60, 10
 
 
 @pytest.fixture(scope="module")
-def second_stage_bundle(catalog, tmp_path_factory):
+def second_stage_bundle(catalog, tmp_path_factory, retrieval_features):
+    """A second-stage bundle whose ranker reads the list's context features (counts over the features' events)."""
+    from features.reader import FeatureStore
+    from ranking.lists import ListRankingData
     from tests.serving.conftest import write_real_bundle
 
-    return write_real_bundle(catalog, tmp_path_factory.mktemp("two_stage"), "ts-v1", seed=5, second_stage=True)
+    context = ListRankingData.context_counts(FeatureStore(retrieval_features))
+    return write_real_bundle(catalog, tmp_path_factory.mktemp("two_stage"), "ts-v1", seed=5, second_stage=True,
+                             context=context)
+
+
+def served_at(features) -> int:
+    """A request time after every event of the features (ms): the server's view then holds whole timelines."""
+    from features.reader import FeatureStore
+
+    return int(FeatureStore(features).timeline_values["ts_ms"].max()) + 86_400_000
 
 
 def offline_top_k(bundle_dir, features, user_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -32,8 +44,10 @@ def offline_top_k(bundle_dir, features, user_ids: np.ndarray) -> tuple[np.ndarra
     rows, _ = store.timeline_users.rows(user_ids)
     full = store.timeline_offsets[rows + 1] - store.timeline_offsets[rows]
     lists = retrieve_lists(retriever, store, user_ids, full, N)
-    data = ListRankingData(store, {"train": lists, "valid": lists, "test": lists}, ranker.history_len, 8)
-    logits = ranker.logits(data.batch(lists)).numpy().reshape(len(user_ids), N)
+    data = ListRankingData(store, {"train": lists, "valid": lists, "test": lists}, ranker.history_len, 8,
+                           context=ranker.context)
+    assert ranker.context is not None  # the served features include the context ones
+    logits = ranker.logits(data.batch(lists, as_served_at=served_at(features))).numpy().reshape(len(user_ids), N)
     order = np.argsort(-logits, axis=1, kind="stable")[:, :K]
     return np.take_along_axis(lists.items, order, 1), np.take_along_axis(logits, order, 1)
 
@@ -49,7 +63,7 @@ def test_rank_over_grpc_equals_the_offline_two_stage_evaluation(make_server, sec
 
     h = make_server(bundle=None, consume=False, **{"models.initial_bundle": str(second_stage_bundle[0])})
     for u, ids, logits in zip(users, want_ids, want_logits):
-        r = h.rank(int(u), k=K, num_candidates=N, exclude_seen=True)
+        r = h.rank(int(u), k=K, num_candidates=N, exclude_seen=True, as_of_ms=served_at(retrieval_features))
         assert r.model_version == "ts-v1" and r.fallback_reason == ""
         assert [it.item_id for it in r.items] == ids.tolist(), f"user {u}"
         np.testing.assert_allclose([it.score for it in r.items], logits, rtol=1e-4, atol=1e-3)

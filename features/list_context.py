@@ -1,0 +1,257 @@
+"""Point-in-time context of a retrieved list: what the second stage knows that the retriever does not.
+
+The retriever scores a user's sequence against an item vector; it does not see how
+often an item is taken right now, how recently, or how often other users went from
+the user's last items to it. `ContextCounts` keeps those counts over an event log
+and answers them *as of* a request, so a training list sees only what happened
+before its request (no leakage from later events, the user's own target included)
+and a served list sees everything the bundle's log holds:
+
+    counts = ContextCounts.from_timelines(offsets, item_ids, ts_ms, categories, visible_len)
+    feats = counts.features(hist_items, hist_lengths, request_point, request_ts, cand_items)   # (R*N, F)
+
+`second_stage_dense` is the second-stage ranker's whole candidate_dense (the list's
+`features.candidate_lists.list_features`, then these when the ranker reads them), built
+the same way by training (`ranking.lists`) and by the server.
+
+Per candidate (`CONTEXT_FEATURE_NAMES`, all float32):
+    log_item_count      log1p(behaviors on the item before the request)
+    log_item_age_h      log1p(hours since the item's last behavior; `AGE_CAP_H` when none)
+    log_transitions     log1p(times a user went from the request's last item directly to the candidate)
+    log_cooccurrence    log1p(sum over the request's last `window` items a of the times the candidate
+                        followed a within `window` behaviors in a user's timeline)
+    category_share      share of the request's last `window` behaviors in the candidate's category
+
+"Before the request" is an order over events: (timestamp, position in the flat timeline
+layout). Events of one second keep their timeline order, so a user's own later behaviors
+(the request's target among them) are never counted for that request. A request's point is
+its last seen behavior's place in that order (`request_points`); a served request passes
+`SERVE_POINT` (everything the log holds counts).
+
+Only each user's first `visible_len` behaviors enter the counts (offline: the retrieval
+training prefix, so the held-out valid/test items of other users never leak into features).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from features.candidate_lists import list_features
+
+CONTEXT_FEATURE_NAMES: tuple[str, ...] = ("log_item_count", "log_item_age_h", "log_transitions",
+                                          "log_cooccurrence", "category_share")
+AGE_CAP_H = 24.0 * 365 * 5  # age of an item never seen before the request
+SERVE_POINT = np.iinfo(np.int64).max  # a request after every event of the log
+_MAX_KEY = 1 << 62
+
+
+def _check_key_range(what: str, a: int, b: int) -> None:
+    if a * b >= _MAX_KEY:
+        raise ValueError(f"ContextCounts: {what} ({a:,} x {b:,}) does not fit an int64 key; build the counts over "
+                         f"fewer items or events (e.g. a recent window of the log)")
+
+
+@dataclass(frozen=True)
+class ContextCounts:
+    """Counts over an event log, indexed for point-in-time lookups (see the module docstring).
+
+    Arrays (all sorted, int64 unless noted):
+        items           (I,) item ids the log holds (dense index = position)
+        item_category   (I,) first category of each item (-1: none)
+        item_keys       (E,) item_index * G + event order, G = `horizon`
+        item_ts         (E,) the events' timestamps (ms), aligned with item_keys
+        pair_keys       (P,) ((a * I + b) * (window + 1) + distance) * G + order of b's event
+        order_ts        (G,) timestamp of each order position (for request_ts of a point)
+    """
+
+    items: np.ndarray
+    item_category: np.ndarray
+    item_keys: np.ndarray
+    item_ts: np.ndarray
+    pair_keys: np.ndarray
+    horizon: int
+    window: int
+
+    # ------------------------------------------------------------ building
+    @classmethod
+    def from_timelines(cls, offsets: np.ndarray, item_ids: np.ndarray, ts_ms: np.ndarray, categories: np.ndarray,
+                       visible_len: np.ndarray, window: int = 5) -> "ContextCounts":
+        """Counts over the first `visible_len[u]` behaviors of every timeline u (flat layout: user u's behaviors
+        are rows offsets[u]:offsets[u + 1] of item_ids / ts_ms / categories)."""
+        if window < 1:
+            raise ValueError(f"ContextCounts: window must be >= 1, got {window}")
+        offsets = np.asarray(offsets, np.int64)
+        lens = np.diff(offsets)
+        visible = np.minimum(np.maximum(np.asarray(visible_len, np.int64), 0), lens)
+        total = int(offsets[-1])
+        pos = np.arange(total, dtype=np.int64) - np.repeat(offsets[:-1], lens)
+        keep = pos < np.repeat(visible, lens)
+        flat = np.flatnonzero(keep)
+        order = event_order(np.asarray(ts_ms, np.int64), total)  # order position of every flat row
+        items, item_idx = np.unique(np.asarray(item_ids, np.int64)[flat], return_inverse=True)
+        n_items, horizon = len(items), total + 1
+        _check_key_range("items x events", max(n_items, 1), horizon)
+        _check_key_range("item pairs x events", max(n_items, 1) ** 2 * (window + 1), horizon)
+        cat = np.full(n_items, -1, np.int64)
+        cat[item_idx] = np.asarray(categories, np.int64)[flat]
+        ikeys = item_idx * horizon + order[flat]
+        srt = np.argsort(ikeys, kind="stable")
+        # pairs (a at row r, b at row r + d) inside one user's visible prefix, 1 <= d <= window
+        index_of = np.full(total, -1, np.int64)
+        index_of[flat] = item_idx
+        pkeys = []
+        user_end = np.repeat(offsets[:-1] + visible, lens)
+        for d in range(1, window + 1):
+            a = flat[flat + d < user_end[flat]]
+            b = a + d
+            pkeys.append(((index_of[a] * n_items + index_of[b]) * (window + 1) + d) * horizon + order[b])
+        pairs = np.sort(np.concatenate(pkeys)) if pkeys else np.zeros(0, np.int64)
+        return cls(items, cat, ikeys[srt], np.asarray(ts_ms, np.int64)[flat][srt], pairs, horizon, window)
+
+    # ------------------------------------------------------------ lookups
+    def _index(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        pos = np.searchsorted(self.items, item_ids)
+        pos = np.minimum(pos, max(len(self.items) - 1, 0))
+        found = (self.items[pos] == item_ids) if len(self.items) else np.zeros(item_ids.shape, bool)
+        return pos, found
+
+    def _count_before(self, keys: np.ndarray, group: np.ndarray, point: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(count of keys in [group * G, group * G + point), index of the last of them)."""
+        lo = np.searchsorted(keys, group * self.horizon)
+        hi = np.searchsorted(keys, group * self.horizon + np.minimum(point, self.horizon))
+        return hi - lo, hi - 1
+
+    def features(self, hist_items: np.ndarray, hist_lengths: np.ndarray, points: np.ndarray, request_ts: np.ndarray,
+                 cand_items: np.ndarray, hist_categories: np.ndarray | None = None) -> np.ndarray:
+        """(R * N, len(CONTEXT_FEATURE_NAMES)) float32, row-major (request, candidate).
+
+        hist_items: (R, H) each request's last H behaviors, oldest first, right-aligned: row r's real
+            behaviors are its last hist_lengths[r] columns (the rest any value). H >= 1.
+        points: (R,) each request's order point (`request_points`; `SERVE_POINT` = after every event).
+        request_ts: (R,) ms. cand_items: (R, N). hist_categories: (R, H) like hist_items (default: the
+        items' categories in this log).
+        """
+        hist_items = np.asarray(hist_items, np.int64)
+        cand_items = np.asarray(cand_items, np.int64)
+        r, n = cand_items.shape
+        if hist_items.ndim != 2 or hist_items.shape[0] != r or hist_items.shape[1] < 1:
+            raise ValueError(f"ContextCounts.features: hist_items must be (R={r}, H>=1), got {hist_items.shape}")
+        points = np.broadcast_to(np.asarray(points, np.int64), (r,))
+        request_ts = np.broadcast_to(np.asarray(request_ts, np.int64), (r,))
+        h_len = np.minimum(np.asarray(hist_lengths, np.int64), hist_items.shape[1])
+        w = min(self.window, hist_items.shape[1])
+        recent = hist_items[:, -w:]  # (R, w); column j is real when j >= w - h_len
+        real = np.arange(w)[None, :] >= (w - np.minimum(h_len, w))[:, None]
+
+        c_idx, c_found = self._index(cand_items)
+        pt = np.repeat(points, n).reshape(r, n)
+        count, last = self._count_before(self.item_keys, c_idx, pt)
+        count = np.where(c_found, count, 0)
+        has_last = c_found & (count > 0)
+        last_ts = np.where(has_last, self.item_ts[np.clip(last, 0, max(len(self.item_ts) - 1, 0))], 0)
+        age_h = np.where(has_last, np.maximum(request_ts[:, None] - last_ts, 0) / 3.6e6, AGE_CAP_H)
+
+        a_idx, a_found = self._index(recent)
+        distance = w - np.arange(w)  # column j of `recent` is `distance[j]` behaviors before the request
+        trans = np.zeros((r, n), np.int64)
+        cooc = np.zeros((r, n), np.int64)
+        n_items, win1 = len(self.items), self.window + 1
+        for j in range(w):
+            ok = (a_found[:, j] & real[:, j])[:, None] & c_found
+            base = (a_idx[:, j, None] * n_items + c_idx) * win1
+            for d in range(1, self.window + 1):
+                cnt, _ = self._count_before(self.pair_keys, base + d, pt)
+                cnt = np.where(ok, cnt, 0)
+                cooc += cnt
+                if distance[j] == 1 and d == 1:
+                    trans += cnt
+
+        if hist_categories is None:
+            hist_cat = np.where(a_found, self.item_category[a_idx], -1)
+        else:
+            hist_cat = np.asarray(hist_categories, np.int64)[:, -w:]
+        c_cat = np.where(c_found, self.item_category[c_idx], -2)
+        same = ((hist_cat[:, None, :] == c_cat[:, :, None]) & real[:, None, :]).sum(-1)
+        share = same / np.maximum(np.minimum(h_len, w), 1)[:, None]
+
+        out = np.stack([np.log1p(count), np.log1p(np.minimum(age_h, AGE_CAP_H)), np.log1p(trans), np.log1p(cooc),
+                        share], axis=-1)
+        return out.reshape(r * n, len(CONTEXT_FEATURE_NAMES)).astype(np.float32)
+
+    # ------------------------------------------------------------ persistence (the ranker bundle carries it)
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp.npz")
+        np.savez(tmp, items=self.items, item_category=self.item_category, item_keys=self.item_keys,
+                 item_ts=self.item_ts, pair_keys=self.pair_keys, meta=np.array([self.horizon, self.window]))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ContextCounts":
+        with np.load(Path(path), allow_pickle=False) as z:
+            horizon, window = (int(v) for v in z["meta"])
+            out = cls(z["items"], z["item_category"], z["item_keys"], z["item_ts"], z["pair_keys"], horizon, window)
+        for name in ("items", "item_keys", "pair_keys"):
+            a = getattr(out, name)
+            if a.dtype != np.int64 or (a.size > 1 and (np.diff(a) < 0).any()):
+                raise ValueError(f"{path}: context counts array {name!r} is not sorted int64")
+        if out.item_ts.shape != out.item_keys.shape or out.item_category.shape != out.items.shape:
+            raise ValueError(f"{path}: context counts arrays have inconsistent lengths")
+        if window < 1 or horizon < 1:
+            raise ValueError(f"{path}: context counts meta (horizon {horizon}, window {window}) must be positive")
+        return out
+
+
+def event_order(ts_ms: np.ndarray, total: int) -> np.ndarray:
+    """(T,) each flat row's position in the (timestamp, flat row) order."""
+    order = np.lexsort((np.arange(total), ts_ms))
+    rank = np.empty(total, np.int64)
+    rank[order] = np.arange(total)
+    return rank
+
+
+def request_points(offsets: np.ndarray, ts_ms: np.ndarray, users_rows: np.ndarray, hist_len: np.ndarray) -> np.ndarray:
+    """(R,) the order point of requests that see timeline[:hist_len] of timeline row `users_rows`: one past
+    the last seen behavior's order position (0 for an empty history: nothing counts)."""
+    order = event_order(np.asarray(ts_ms, np.int64), int(offsets[-1]))
+    hist_len = np.asarray(hist_len, np.int64)
+    last = np.asarray(offsets, np.int64)[users_rows] + np.maximum(hist_len - 1, 0)
+    return np.where(hist_len > 0, order[np.minimum(last, max(len(order) - 1, 0))] + 1, 0)
+
+
+def recent_items(offsets: np.ndarray, item_ids: np.ndarray, rows: np.ndarray, hist_len: np.ndarray,
+                 width: int) -> np.ndarray:
+    """(R, width) the last `width` of timeline[:hist_len] of timeline rows `rows`, right-aligned (the columns
+    before a short history's first behavior hold -1)."""
+    hist_len = np.asarray(hist_len, np.int64)
+    cols = hist_len[:, None] - width + np.arange(width)[None, :]
+    flat = np.asarray(offsets, np.int64)[rows][:, None] + np.maximum(cols, 0)
+    return np.where(cols >= 0, np.asarray(item_ids, np.int64)[flat], -1)
+
+
+def second_stage_dense(logits: np.ndarray, items: np.ndarray, context: ContextCounts | None = None,
+                       recent: np.ndarray | None = None, hist_len: np.ndarray | None = None,
+                       points: np.ndarray | int = SERVE_POINT, request_ts: np.ndarray | int = 0,
+                       columns: np.ndarray | None = None) -> np.ndarray:
+    """The second-stage ranker's candidate_dense of R lists, row-major (request, candidate).
+
+    logits, items: (R, N) the retrieved lists, best first (the list features read the whole list).
+    columns: (R, W) list positions to keep (training samples them); None keeps all N.
+    context: the ranker's counts (None: a ranker without context features); then recent (R, H) the
+    requests' last behaviors right-aligned (`recent_items`), hist_len (R,), points (R,) or `SERVE_POINT`,
+    request_ts (R,) ms.
+    """
+    feats = list_features(logits)
+    items = np.asarray(items, np.int64)
+    if columns is not None:
+        r, n = items.shape
+        feats = feats[(np.arange(r)[:, None] * n + columns).ravel()]
+        items = np.take_along_axis(items, columns, 1)
+    if context is None:
+        return feats
+    if recent is None or hist_len is None:
+        raise ValueError("second_stage_dense: a ranker with context features needs the requests' recent behaviors")
+    return np.concatenate([feats, context.features(recent, hist_len, points, request_ts, items)], axis=1)
