@@ -154,15 +154,18 @@ def start_kafka(state_dir: Path, port: int | None = None, detach: bool = True) -
     return ServiceInfo("kafka", proc.pid, port, f"127.0.0.1:{port}", str(log))
 
 
-def start_redis(state_dir: Path, port: int | None = None, detach: bool = True) -> ServiceInfo:
-    """Starts redis-server on 127.0.0.1:port (no persistence) and waits for PING."""
+def start_redis(state_dir: Path, port: int | None = None, detach: bool = True,
+                extra_args: tuple[str, ...] = ()) -> ServiceInfo:
+    """Starts redis-server on 127.0.0.1:port (no persistence; `extra_args`: more options, e.g. cluster mode)
+    and waits for PING."""
     binary = redis_binary()
     port = port or free_port()
     state_dir.mkdir(parents=True, exist_ok=True)
     log = state_dir / f"redis-{port}.log"
     proc = subprocess.Popen(
         [str(binary), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--dir", str(state_dir), "--logfile", str(log), "--daemonize", "no", "--protected-mode", "yes"],
+         "--dir", str(state_dir), "--logfile", str(log), "--daemonize", "no", "--protected-mode", "yes",
+         *extra_args],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=detach,
     )
     _wait_tcp(port, proc, "redis-server", log)

@@ -54,7 +54,7 @@ from serving.errors import StateUnavailable
 from serving.metrics import ServingMetrics
 from serving.models import ModelHolder
 from serving.runtime import CatalogRef
-from serving.state.base import IngestWrite, OnlineStore
+from serving.state.base import BEHAVIOR, COUNTED, IngestWrite, ItemWrite, OnlineStore
 from serving.state.codec import UserRecord, encode_item_log
 from serving.state.update import UserBatch, apply_user_batch, prune_cutoff
 from serving.stream.deadletter import DeadLetters, DeadLetterUnavailable
@@ -141,11 +141,14 @@ class EventApplier:
             bounds[uid] = (s0, s0 + len(evs))
             s0 += len(evs)
 
+        eids = [e.event_id for evs in by_user.values() for e in evs]  # parallel to `arrays`
+        flags_a = (arrays[5].astype(np.uint8) * COUNTED) | (arrays[4].astype(np.uint8) * BEHAVIOR)
+
         def fn(states, seen) -> IngestWrite:
             w = IngestWrite()
             skipped[0] = 0
             item_a, ts_a, act_a, cat_a, beh_a, cnt_a, pos_a = arrays
-            applied_beh, applied_cnt = [], []
+            applied = []
             for uid, evs in by_user.items():
                 a, b = bounds[uid]
                 sel = np.arange(a, b)
@@ -161,27 +164,25 @@ class EventApplier:
                                ts_a[ci], pos_a[ci])
                 rec = states.get(uid) or UserRecord.empty()
                 w.users[uid] = apply_user_batch(rec, ub, st.sequence, retention, sig_spec, signatures, now_ms)
-                w.marks.extend(e.event_id for e in evs)
-                applied_beh.append(bi)
-                applied_cnt.append(ci)
-            if applied_cnt:  # item counter logs: the applied counted events grouped by item (order is irrelevant)
-                idx = np.concatenate(applied_cnt)
+                w.marks[uid] = [e.event_id for e in evs]
+                applied.append(sel)
+            if applied:  # per item: its applied counted events' records and behaviors, in arrival order
+                idx = np.concatenate(applied)
+                idx = idx[flags_a[idx] != 0]
                 idx = idx[np.argsort(item_a[idx], kind="stable")]
                 items, starts = np.unique(item_a[idx], return_index=True)
                 for i, part in zip(items.tolist(), np.split(idx, starts[1:])):
-                    w.item_logs[i] = encode_item_log(ts_a[part], pos_a[part])
-            if applied_beh:
-                items, counts = np.unique(item_a[np.concatenate(applied_beh)], return_counts=True)
-                w.popularity = dict(zip(items.tolist(), counts.astype(float).tolist()))
+                    c = part[cnt_a[part]]
+                    w.items[i] = ItemWrite([eids[j] for j in part.tolist()], flags_a[part].tobytes(),
+                                           encode_item_log(ts_a[c], pos_a[c]))
             return w
 
-        users = list(by_user)
-        res = self.store.ingest(users, [e.event_id for evs in by_user.values() for e in evs], fn, epoch=self.epoch)
+        res = self.store.ingest({u: [e.event_id for e in evs] for u, evs in by_user.items()}, fn, epoch=self.epoch)
         done_ms = time.time() * 1000.0
         out.conflicts = res.conflicts
         out.deduplicated += skipped[0]
-        out.applied = len(res.write.marks)
-        fresh = [max(0.0, (done_ms - produced_ms[eid]) / 1000.0) for eid in res.write.marks]
+        out.applied = res.write.applied
+        fresh = [max(0.0, (done_ms - produced_ms[eid]) / 1000.0) for m in res.write.marks.values() for eid in m]
         self.recent_freshness_s.extend(fresh)
         obs = self.metrics.freshness.observe
         for f in fresh[::max(1, len(fresh) // FRESHNESS_SAMPLES)]:  # the histogram samples each batch evenly
