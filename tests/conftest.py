@@ -51,57 +51,15 @@ def redis_server(tmp_path: Path):
         yield svc.redis
 
 
-def _cluster_port() -> int:
-    """A free loopback port whose cluster bus port (+10000) is free too (so at most 55535)."""
-    import socket
-
-    from jobs.services import free_port
-
-    for _ in range(1000):
-        port = free_port()
-        if port > 55535:
-            continue
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    pytest.fail("no free port pair (P, P + 10000) below 65536 for a redis cluster node")
-
-
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory):
     """A real Redis Cluster: three redis-server masters in cluster mode on free loopback ports, joined by
-    `redis-cli --cluster create`; yields the first node's ServiceInfo (its address is a startup node)."""
-    import shutil
-    import subprocess
-    import time
+    `redis-cli --cluster create` (jobs.services.start_redis_cluster); yields the first node's ServiceInfo
+    (its address is a startup node). Stopped at the end of the session."""
+    from jobs.services import start_redis_cluster, stop_pid
 
-    import redis
-
-    from jobs.services import start_redis, stop_pid
-
-    cli = shutil.which("redis-cli")
-    if cli is None:
-        pytest.fail("redis-cli not found on PATH: install it with `apt-get install redis-tools` (it ships with redis-server)")
-    root = tmp_path_factory.mktemp("redis-cluster")
-    nodes = []
+    nodes = start_redis_cluster(tmp_path_factory.mktemp("redis-cluster"))
     try:
-        for i in range(3):
-            nodes.append(start_redis(root / f"node{i}", port=_cluster_port(), detach=False, extra_args=(
-                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000")))
-        made = subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
-                               "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, text=True, timeout=60)
-        if made.returncode != 0:
-            pytest.fail(f"redis-cli --cluster create failed ({made.returncode}):\n{made.stdout}\n{made.stderr}")
-        deadline = time.monotonic() + 30
-        for n in nodes:
-            with redis.Redis(host="127.0.0.1", port=n.port, socket_timeout=2) as r:
-                while r.cluster("info")["cluster_state"] != "ok":
-                    if time.monotonic() > deadline:
-                        pytest.fail(f"redis cluster node {n.port} not cluster_state:ok after 30 s")
-                    time.sleep(0.05)
         yield nodes[0]
     finally:
         for n in nodes:
