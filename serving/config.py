@@ -132,9 +132,11 @@ class RedisConfig:
     # Redis Cluster (redis-py RedisCluster): every transaction stays in one hash slot (serving.state.redis_store).
     cluster: bool = False
     cluster_nodes: tuple[str, ...] = ()  # more startup nodes "HOST:PORT" besides the url's (used while it is down)
-    # Items are spread over this many hash tags, each with its own popularity ZSET (top_items merges them).
-    # Part of the key layout: fixed for the life of a state. 1 on a single Redis; a cluster: a few per master.
-    item_groups: int = 1
+    # Users and items are spread over this many hash tags each (cluster slots): an ingest batch writes one
+    # script per group it touches. Each item group has its own popularity ZSET (top_items merges them).
+    # Part of the key layout: fixed for the life of a state (another value needs another key_prefix).
+    user_groups: int = 1024
+    item_groups: int = 16
     socket_timeout_s: float = 0.25  # request path: a slow Redis counts as down (degraded answer)
     ingest_socket_timeout_s: float = 5.0  # consumers: big pipelines
     max_connections: int = 64
@@ -157,8 +159,9 @@ class RedisConfig:
             raise ValueError("redis timeouts and health_interval_s must be positive")
         if self.user_ttl_s < 0 or self.dedupe_ttl_s <= 0:
             raise ValueError("redis.user_ttl_s must be >= 0 and redis.dedupe_ttl_s > 0")
-        if not 1 <= self.item_groups <= 16384:
-            raise ValueError(f"redis.item_groups must be in [1, 16384] (hash slots), got {self.item_groups}")
+        for name, n in (("user_groups", self.user_groups), ("item_groups", self.item_groups)):
+            if not 1 <= n <= 16384:
+                raise ValueError(f"redis.{name} must be in [1, 16384] (hash slots), got {n}")
         if self.cluster_nodes and not self.cluster:
             raise ValueError("redis.cluster_nodes is set but redis.cluster is false: set redis.cluster=true")
         for i, node in enumerate(self.cluster_nodes):

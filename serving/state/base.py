@@ -3,8 +3,8 @@
 The request path reads one user (one round trip) and the counters of the
 ranked candidates (one more); the events consumer runs `ingest`: read the
 users of a batch and the batch's already-applied event ids, compute the new
-states in Python, write them together with the dedupe marks atomically (a
-transaction that fails and is retried if any of those users changed meanwhile).
+states in Python, write each with its dedupe marks atomically (a write that fails
+and is retried if the user changed meanwhile), every event's item effect once.
 `RedisOnlineStore` is the implementation; another backend implements this.
 """
 from __future__ import annotations

@@ -5,9 +5,9 @@ layout gets a new prefix, so old and new servers can share a Redis). Every key
 carries a hash tag (``{...}``) so that what one transaction writes is in one
 cluster slot; `Keys` is the one place that builds key names::
 
-    {p}:{u:<user>}                one packed value per user (serving.state.codec): sequence, SDIM
-                                  signatures, counter log, attributes; PX user_ttl_s when set
-    {p}:{u:<user>}:e:<event>      dedupe mark of an applied event, in its user's slot; EX dedupe_ttl_s
+    {p}:{u:<g>}:<user>            one packed value per user (g = user mod user_groups) (serving.state.codec):
+                                  sequence, SDIM signatures, counter log, attributes; PX user_ttl_s when set
+    {p}:{u:<g>}:e:<event>         dedupe mark of an applied event, in its user's slot; EX dedupe_ttl_s
     {p}:{i:<g>}:i:<item>          the item's counter log (g = item mod item_groups): 9-byte records
                                   appended with APPEND, old ones folded into summary records (codec)
     {p}:{i:<g>}:e:<event>         cluster only: the event's effect on its item is applied; EX dedupe_ttl_s
@@ -194,6 +194,11 @@ return out
 RELEASE_LUA = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
+# what a Redis or Redis Cluster client raises when the store cannot do its work (-> StateUnavailable);
+# RedisClusterException (no slot owner, cluster down at discovery) is not a RedisError
+REDIS_ERRORS = (RedisError, RedisClusterException)
+
+
 class _Lua:
     """A script run by EVALSHA (`RedisOnlineStore._eval_all` loads it where a node lacks it)."""
 
@@ -207,17 +212,26 @@ GET = _Lua("return redis.call('GET', KEYS[1])")  # a plain GET that can share a 
 
 
 class Keys:
-    """Every key name of the layout (module docstring). Hash tags: ``{u:<user>}``, ``{i:<group>}``, ``{global}``."""
+    """Every key name of the layout (module docstring). Hash tags: ``{u:<group>}``, ``{i:<group>}``, ``{global}``."""
 
-    def __init__(self, prefix: str, item_groups: int = 1) -> None:
+    def __init__(self, prefix: str, user_groups: int = 1024, item_groups: int = 16) -> None:
         self.p = prefix
+        self.user_groups = user_groups
         self.item_groups = item_groups
+        self._user_slots = [key_slot(f"u:{g}".encode()) for g in range(user_groups)]
+        self._item_slots = [key_slot(f"i:{g}".encode()) for g in range(item_groups)]
 
     def user(self, uid: int) -> str:
-        return f"{self.p}:{{u:{uid}}}"
+        return f"{self.p}:{{u:{uid % self.user_groups}}}:{uid}"
 
     def mark(self, uid: int, event_id: str) -> str:
-        return f"{self.p}:{{u:{uid}}}:e:{event_id}"
+        return f"{self.p}:{{u:{uid % self.user_groups}}}:e:{event_id}"
+
+    def user_slot(self, uid: int) -> int:
+        return self._user_slots[uid % self.user_groups]
+
+    def group_slot(self, group: int) -> int:
+        return self._item_slots[group]
 
     def item_group(self, iid: int) -> int:
         return iid % self.item_groups
@@ -255,14 +269,6 @@ class Keys:
     def applied(self) -> str:
         return self.named("applied")
 
-    @staticmethod
-    def user_slot(uid: int) -> int:
-        return key_slot(f"u:{uid}".encode())
-
-    @staticmethod
-    def group_slot(group: int) -> int:
-        return key_slot(f"i:{group}".encode())
-
 
 def _sha1(blob: bytes | None) -> str:
     return "" if blob is None else hashlib.sha1(blob).hexdigest()
@@ -283,7 +289,7 @@ class RedisOnlineStore(OnlineStore):
     def __init__(self, cfg: RedisConfig) -> None:
         self.cfg = cfg
         self.cluster = cfg.cluster
-        self.keys = Keys(cfg.key_prefix, cfg.item_groups)
+        self.keys = Keys(cfg.key_prefix, cfg.user_groups, cfg.item_groups)
         self._clients: dict[str, Any] = {}
         self._lock = threading.Lock()
 
@@ -298,7 +304,7 @@ class RedisOnlineStore(OnlineStore):
                 timeout = self.cfg.socket_timeout_s if which == "fast" else self.cfg.ingest_socket_timeout_s
                 try:
                     self._clients[which] = _client(self.cfg, timeout)
-                except (RedisError, RedisClusterException) as e:
+                except REDIS_ERRORS as e:
                     raise StateUnavailable(f"redis cluster at {self.cfg.url}: {e}") from e
             return self._clients[which]
 
@@ -354,7 +360,7 @@ class RedisOnlineStore(OnlineStore):
         key = self.keys.user(user_id)
         try:
             blob = self._fast.get(key)
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise StateUnavailable(f"redis GET {key}: {e}") from e
         return None if blob is None else decode_user(blob, where=key)
 
@@ -362,14 +368,14 @@ class RedisOnlineStore(OnlineStore):
         keys = [self.keys.item_log(i) for i in item_ids.tolist()]
         try:
             vals = self._mget(self._fast, keys)
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise StateUnavailable(f"redis MGET of {len(keys)} items' counters: {e}") from e
         return ItemStats(*decode_item_logs(vals, where=f"{self.keys.p}:{{i:*}}:i:*"))
 
     def ping(self) -> bool:
         try:
             return bool(self._fast.ping())
-        except (RedisError, StateUnavailable):
+        except (*REDIS_ERRORS, StateUnavailable):
             return False
 
     # ------------------------------------------------------------------ ingest
@@ -409,7 +415,7 @@ class RedisOnlineStore(OnlineStore):
                     raise StateUnavailable(
                         f"ingest: {conflicts} conflicting writes in a row on {len(bad['users'])} of {len(uids)} users; "
                         "is another consumer writing the same users (partition assigned twice)?")
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise StateUnavailable(f"redis ingest ({len(uids)} users, {len(read_keys)} keys read): {e}") from e
         return IngestResult(write=done, conflicts=conflicts, item_log_bytes=sizes)
 
@@ -491,7 +497,7 @@ class RedisOnlineStore(OnlineStore):
             calls = [(PRUNE, part, [x for key in part for x in (_sha1(blobs[key]), pruned[key][0])])
                      for part in self._slot_groups(pruned).values()]
             res = self._eval_all(self._slow, calls)
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise StateUnavailable(f"redis prune of {len(keys)} items' counters: {e}") from e
         # a log appended meanwhile kept its value: pruned next time
         return sum(pruned[key][1] for (_, part, _), r in zip(calls, res) for key, ok in zip(part, r) if int(ok))
@@ -506,7 +512,7 @@ class RedisOnlineStore(OnlineStore):
                 for u, rec in items[s:s + chunk]:
                     pipe.set(self.keys.user(u), encode_user(rec), px=ttl_ms or None)
                 pipe.execute()
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise StateUnavailable(f"redis bulk load of {len(items)} users: {e}") from e
 
     def put_item_logs(self, logs: Mapping[int, bytes], chunk: int = 1000) -> None:
@@ -517,7 +523,7 @@ class RedisOnlineStore(OnlineStore):
                 for i in ids[s:s + chunk]:
                     pipe.set(self.keys.item_log(i), logs[i])
                 pipe.execute()
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise StateUnavailable(f"redis bulk load of {len(ids)} items' counters: {e}") from e
 
     def add_popularity(self, counts: Mapping[int, float], chunk: int = 5000) -> None:
@@ -529,7 +535,7 @@ class RedisOnlineStore(OnlineStore):
                 for i, c in items[s:s + chunk]:
                     pipe.zincrby(k.popularity(k.item_group(i)), c, str(i))
                 pipe.execute()
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise StateUnavailable(f"redis popularity load: {e}") from e
 
     def top_items(self, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -540,7 +546,7 @@ class RedisOnlineStore(OnlineStore):
             for g in range(k.item_groups):
                 pipe.zrevrange(k.popularity(g), 0, n - 1, withscores=True)
             rows = [r for part in pipe.execute() for r in part]
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise StateUnavailable(f"redis ZREVRANGE of {k.popularity(0)} (and the other groups): {e}") from e
         if k.item_groups > 1:
             rows = sorted(rows, key=lambda r: (r[1], r[0]), reverse=True)[:n]
@@ -551,13 +557,13 @@ class RedisOnlineStore(OnlineStore):
     def set_meta(self, meta: Mapping[str, str]) -> None:
         try:
             self._slow.hset(self.keys.meta, mapping=dict(meta))
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise StateUnavailable(f"redis HSET {self.keys.meta}: {e}") from e
 
     def get_meta(self) -> dict[str, str]:
         try:
             return {k.decode(): v.decode() for k, v in self._slow.hgetall(self.keys.meta).items()}
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise StateUnavailable(f"redis HGETALL {self.keys.meta}: {e}") from e
 
     def flush_prefix(self, keep: Iterable[str] = ()) -> int:
@@ -569,7 +575,7 @@ class RedisOnlineStore(OnlineStore):
             for batch in _chunks(self._slow.scan_iter(match=f"{self.keys.p}:*", count=1000), 1000):
                 batch = [k for k in batch if k not in kept]
                 n += self._slow.delete(*batch) if batch else 0  # a cluster: one DEL per slot
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise StateUnavailable(f"redis delete of {self.keys.p}:*: {e}") from e
         return n
 
@@ -577,7 +583,7 @@ class RedisOnlineStore(OnlineStore):
     def get_epoch(self) -> str | None:
         try:
             v = self._slow.get(self.keys.epoch)
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise StateUnavailable(f"redis GET {self.keys.epoch}: {e}") from e
         return None if v is None else v.decode()
 
@@ -585,19 +591,19 @@ class RedisOnlineStore(OnlineStore):
         args = ["1" if replace else "0", epoch_id, *(x for kv in info.items() for x in kv)]
         try:
             return bool(self._eval_all(self._slow, [(EPOCH, [self.keys.epoch, self.keys.meta], args)])[0])
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise StateUnavailable(f"redis epoch write {self.keys.epoch}: {e}") from e
 
     def acquire_rebuild_lock(self, token: str, ttl_s: float) -> bool:
         try:
             return bool(self._slow.set(self.keys.rebuild_lock, token, nx=True, px=int(ttl_s * 1000)))
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise StateUnavailable(f"redis SET {self.keys.rebuild_lock} NX: {e}") from e
 
     def release_rebuild_lock(self, token: str) -> None:
         try:  # only our own lock (it may have expired and been taken over)
             self._slow.eval(RELEASE_LUA, 1, self.keys.rebuild_lock, token)
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise StateUnavailable(f"redis release of {self.keys.rebuild_lock}: {e}") from e
 
     def put_marks(self, user_ids: Sequence[int], event_ids: Sequence[str], chunk: int = 5000) -> int:
@@ -610,7 +616,7 @@ class RedisOnlineStore(OnlineStore):
                 keys = [self.keys.mark(u, e) for u, e in zip(user_ids[s:s + chunk], event_ids[s:s + chunk])]
                 self._eval_all(self._slow, [(MARKS, part, ttl) for part in self._slot_groups(keys).values()])
                 n += len(keys)
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise StateUnavailable(f"redis bulk load of dedupe marks ({n} written): {e}") from e
         return n
 
@@ -619,7 +625,7 @@ class RedisOnlineStore(OnlineStore):
             return {}
         try:
             vals = self._slow.hmget(self.keys.positions, partitions)
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise StateUnavailable(f"redis HMGET {self.keys.positions}: {e}") from e
         return {p: v.decode() for p, v in zip(partitions, vals) if v is not None}
 
@@ -628,7 +634,7 @@ class RedisOnlineStore(OnlineStore):
             return
         try:
             self._slow.hset(self.keys.positions, mapping=dict(epochs))
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise StateUnavailable(f"redis HSET {self.keys.positions}: {e}") from e
 
     def applied_offsets(self, partitions: list[str]) -> dict[str, int]:
@@ -636,7 +642,7 @@ class RedisOnlineStore(OnlineStore):
             return {}
         try:
             vals = self._slow.hmget(self.keys.applied, partitions)
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise StateUnavailable(f"redis HMGET {self.keys.applied}: {e}") from e
         return {p: int(v) for p, v in zip(partitions, vals) if v is not None}
 
@@ -646,7 +652,7 @@ class RedisOnlineStore(OnlineStore):
         args = [x for k, (old, new) in offsets.items() for x in (k, "" if old is None else str(old), str(new))]
         try:
             res = self._slow.eval(CAS_APPLIED_LUA, 1, self.keys.applied, *args)
-        except RedisError as e:
+        except REDIS_ERRORS as e:
             raise StateUnavailable(f"redis compare-and-set of {self.keys.applied}: {e}") from e
         return {res[i].decode(): (int(res[i + 1]) if res[i + 1] else None) for i in range(0, len(res), 2)}
 
@@ -659,7 +665,7 @@ class RedisOnlineStore(OnlineStore):
 
             per_node = self._slow.info("server", target_nodes=RedisCluster.PRIMARIES)
             return ",".join(sorted(str(v["run_id"]) for v in per_node.values()))
-        except (RedisError, KeyError) as e:
+        except (*REDIS_ERRORS, KeyError) as e:
             raise StateUnavailable(f"redis INFO server: {e}") from e
 
     def close(self) -> None:

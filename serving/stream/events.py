@@ -6,16 +6,18 @@ Per polled batch (up to `KafkaConfig.max_poll_records` messages):
    to the dead-letter topic with the reason;
 2. drop duplicates inside the batch (first occurrence wins, like the Spark path),
    group the events by user in arrival order;
-3. one Redis transaction (`OnlineStore.ingest`): read the users and which event
-   ids are already applied, apply the new events
-   (`serving.state.update.apply_user_events`: `append_event` semantics,
-   counters, SDIM signatures from the served model), write users + dedupe marks +
-   item counters + popularity atomically;
+3. `OnlineStore.ingest`: read the users and which event ids are already
+   applied, apply the new events (`serving.state.update.apply_user_batch`:
+   `append_event` semantics, counters, SDIM signatures from the served model;
+   a user's events are slices of arrays computed once for the batch), write
+   each user with its dedupe marks atomically, and each event's item counters
+   and popularity exactly once (one Redis: the whole batch in one script; a
+   cluster: per slot, serving/state/redis_store.py says why that is safe);
 4. flush the dead letters, then commit the offsets.
 
-A crash anywhere before 4 redelivers the batch; the dedupe marks (written in
-the same transaction as the state) make the replay a no-op for what was
-already applied: nothing lost, nothing counted twice. If Redis is down, the
+A crash anywhere before 4 redelivers the batch; the dedupe marks (written with
+the state) make the replay a no-op for what was already applied: nothing lost,
+nothing counted twice. If Redis is down, the
 batch is retried (seeking back) until it answers; offsets never move past
 unapplied events.
 
