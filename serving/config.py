@@ -132,10 +132,11 @@ class RedisConfig:
     # Redis Cluster (redis-py RedisCluster): every transaction stays in one hash slot (serving.state.redis_store).
     cluster: bool = False
     cluster_nodes: tuple[str, ...] = ()  # more startup nodes "HOST:PORT" besides the url's (used while it is down)
-    # Users and items are spread over this many hash tags each (cluster slots): an ingest batch writes one
-    # script per group it touches. Each item group has its own popularity ZSET (top_items merges them).
-    # Part of the key layout: fixed for the life of a state (another value needs another key_prefix).
-    user_groups: int = 1024
+    # Users and items are spread over this many hash tags each (cluster slots): an ingest batch reads and
+    # writes once per group it touches (fewer groups: fewer commands per batch; more: finer spread over
+    # masters). Each item group has its own popularity ZSET (top_items merges them). Part of the key
+    # layout: fixed for the life of a state (another value needs another key_prefix).
+    user_groups: int = 128
     item_groups: int = 16
     socket_timeout_s: float = 0.25  # request path: a slow Redis counts as down (degraded answer)
     ingest_socket_timeout_s: float = 5.0  # consumers: big pipelines

@@ -214,7 +214,7 @@ GET = _Lua("return redis.call('GET', KEYS[1])")  # a plain GET that can share a 
 class Keys:
     """Every key name of the layout (module docstring). Hash tags: ``{u:<group>}``, ``{i:<group>}``, ``{global}``."""
 
-    def __init__(self, prefix: str, user_groups: int = 1024, item_groups: int = 16) -> None:
+    def __init__(self, prefix: str, user_groups: int = 128, item_groups: int = 16) -> None:
         self.p = prefix
         self.user_groups = user_groups
         self.item_groups = item_groups
