@@ -401,19 +401,18 @@ class RedisOnlineStore(OnlineStore):
                 flat = [e for u in uids for e in eids[u]]
                 seen = {e for e, v in zip(flat, vals[len(uids):]) if v is not None}
                 write = fn(states, seen)
-                written, bad = self._write(write, blobs, epoch)
-                for u in written:
+                written, changed = self._write(write, blobs, epoch, sizes)
+                for u in written:  # what landed (a cluster: the groups without a conflict)
                     done.users[u] = write.users[u]
                     if u in write.marks:
                         done.marks[u] = write.marks[u]
                 done.items.update(write.items)
-                sizes.update(bad.pop("sizes"))
-                if not bad["users"]:
+                if not changed:
                     break
-                conflicts += 1
+                conflicts += 1  # read again: what landed is now marked, the changed users are recomputed
                 if conflicts > max_retries:
                     raise StateUnavailable(
-                        f"ingest: {conflicts} conflicting writes in a row on {len(bad['users'])} of {len(uids)} users; "
+                        f"ingest: {conflicts} conflicting writes in a row on {len(changed)} of {len(uids)} users; "
                         "is another consumer writing the same users (partition assigned twice)?")
         except REDIS_ERRORS as e:
             raise StateUnavailable(f"redis ingest ({len(uids)} users, {len(read_keys)} keys read): {e}") from e
@@ -425,14 +424,14 @@ class RedisOnlineStore(OnlineStore):
             raise EpochChanged(f"redis holds state epoch {value!r}, not {epoch!r}: "
                                "not writing until the state is rebuilt")
 
-    def _write(self, write: IngestWrite, blobs: Mapping[int, bytes | None], epoch: str | None
-               ) -> tuple[list[int], dict[str, Any]]:
-        """Writes `write` -> (users written, {"users": users in conflict, "sizes": item -> log size})."""
-        users = [u for u in write.users]
+    def _write(self, write: IngestWrite, blobs: Mapping[int, bytes | None], epoch: str | None,
+               sizes: dict[int, int]) -> tuple[list[int], list[int]]:
+        """Writes `write` (item log sizes into `sizes`) -> (users written, users changed since read: not written)."""
+        users = list(write.users)
         items = list(write.items)
         if not self.cluster:  # one call, all-or-nothing
             res = self._eval_all(self._slow, [self._apply_call(write, users, items, blobs, epoch, False)])[0]
-            return self._outcome(res, users, items, epoch)
+            return self._outcome(res, users, items, epoch, sizes)
         k = self.keys
         by_slot: dict[int, list[int]] = {}
         for i in items:
@@ -441,9 +440,8 @@ class RedisOnlineStore(OnlineStore):
         if epoch is not None:  # the epoch is re-read with phase 1 (its own slot, so not inside the scripts)
             phase1.append((GET, [k.epoch], []))
         res = self._eval_all(self._slow, phase1)
-        sizes: dict[int, int] = {}
         for part, r in zip(by_slot.values(), res):
-            sizes.update(self._outcome(r, [], part, None)[1]["sizes"])
+            self._outcome(r, [], part, None, sizes)
         if epoch is not None:
             self._check_epoch(res[-1], epoch)
         by_slot = {}
@@ -451,12 +449,12 @@ class RedisOnlineStore(OnlineStore):
             by_slot.setdefault(k.user_slot(u), []).append(u)
         res = self._eval_all(self._slow, [self._apply_call(write, part, [], blobs, None, False)
                                           for part in by_slot.values()])
-        written, bad = [], []
+        written, changed = [], []
         for part, r in zip(by_slot.values(), res):
-            w, o = self._outcome(r, part, [], None)
+            w, c = self._outcome(r, part, [], None, sizes)
             written += w
-            bad += o["users"]
-        return written, {"users": bad, "sizes": sizes}
+            changed += c
+        return written, changed
 
     def _apply_call(self, write: IngestWrite, users: list[int], items: list[int], blobs: Mapping[int, bytes | None],
                     epoch: str | None, mark_items: bool) -> tuple[_Lua, list[str], list[Any]]:
@@ -480,14 +478,16 @@ class RedisOnlineStore(OnlineStore):
         return APPLY, keys, args
 
     @staticmethod
-    def _outcome(res: list, users: list[int], items: list[int], epoch: str | None
-                 ) -> tuple[list[int], dict[str, Any]]:
+    def _outcome(res: list, users: list[int], items: list[int], epoch: str | None, sizes: dict[int, int]
+                 ) -> tuple[list[int], list[int]]:
+        """One APPLY_LUA answer -> (users written, users changed since read); item log sizes into `sizes`."""
         status = int(res[0])
         if status == -1:
             raise EpochChanged(f"redis no longer holds state epoch {epoch!r}: not writing until the state is rebuilt")
         if status == 0:
-            return [], {"users": [users[int(i) - 1] for i in res[1:]], "sizes": {}}
-        return users, {"users": [], "sizes": {i: int(n) for i, n in zip(items, res[1:]) if int(n)}}
+            return [], [users[int(i) - 1] for i in res[1:]]
+        sizes.update((i, int(n)) for i, n in zip(items, res[1:]) if int(n))
+        return users, []
 
     def prune_item_logs(self, item_ids: Iterable[int], cutoff_ms: int) -> int:
         keys = {self.keys.item_log(i): i for i in item_ids}

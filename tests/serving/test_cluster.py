@@ -100,3 +100,30 @@ def test_server_and_consumer_on_a_redis_cluster_apply_events_that_rank_then_sees
     assert tail == [100, 101, 102, 103, 104]
     stats = h.app.store.read_item_stats(np.array([100, 101], np.int64))
     assert stats.total_cnt.min() >= 1
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(cluster_nodes=("127.0.0.1:7001",)), "redis.cluster_nodes is set but redis.cluster is false"),
+    (dict(cluster=True, cluster_nodes=("nohost",)), r"redis.cluster_nodes\[0\] must look like HOST:PORT"),
+    (dict(cluster=True, url="redis://127.0.0.1:7000/2"), "a Redis Cluster has only database 0"),
+    (dict(cluster=True, url="unix:///tmp/r.sock"), "needs a redis:// or rediss:// url"),
+    (dict(user_groups=0), r"redis.user_groups must be in \[1, 16384\]"),
+    (dict(item_groups=20_000), r"redis.item_groups must be in \[1, 16384\]"),
+])
+def test_a_bad_cluster_config_is_refused_naming_the_key(kw, message):
+    from serving.config import RedisConfig
+
+    with pytest.raises(ValueError, match=message):
+        RedisConfig(**kw)
+
+
+def test_a_cluster_that_cannot_be_reached_is_state_unavailable_not_a_crash():
+    from jobs.services import free_port
+    from serving.config import RedisConfig
+    from serving.errors import StateUnavailable
+    from serving.state.redis_store import RedisOnlineStore
+
+    store = RedisOnlineStore(RedisConfig(url=f"redis://127.0.0.1:{free_port()}/0", cluster=True))  # nothing there
+    assert not store.ping()
+    with pytest.raises(StateUnavailable, match="redis"):
+        store.read_user(1)
