@@ -15,8 +15,8 @@ impressions and ratings in time order, each user's state grown from empty.
 * freshness: a steady stream at `--rate` events/s; every `--poll-ms` the records produced since the
   last poll are applied as one batch; event-to-visible = its ingest returned - the event's produce time.
 
-Prints a table and writes ``benchmarks/results/serving/consumer-<store>.json`` (``-quick`` suffix with
---quick, which is a smoke test, not a figure to quote). Issue 17's target: >= 20k events/s per process,
+Prints a table and writes ``benchmarks/results/serving/consumer-<store>.json`` (--quick: under
+``serving/quick/``, which git ignores: a smoke test, not a figure to quote). Issue 17's target: >= 20k events/s per process,
 event-to-visible p99 <= 500 ms.
 """
 from __future__ import annotations
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         ["events/s (backlog, batch %d)" % args.batch, f"{tp['events_per_s']:,.0f}"],
         ["event-to-visible p50 / p99 (%.0f ev/s, poll %.0f ms)" % (args.rate, args.poll_ms),
          f"{fr['p50_ms']:.1f} / {fr['p99_ms']:.1f} ms"]])
-    path = write_results(f"serving/consumer-{args.store}{'-quick' if args.quick else ''}",
+    path = write_results(f"serving/{'quick/' if args.quick else ''}consumer-{args.store}",
                          {"throughput": tp, "freshness": fr}, benchmark="consumer")
     print(f"wrote {path}")
     return 0
