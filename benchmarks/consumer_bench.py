@@ -16,8 +16,8 @@ impressions and ratings in time order, each user's state grown from empty.
   last poll are applied as one batch; event-to-visible = its ingest returned - the event's produce time.
 
 Prints a table and writes ``benchmarks/results/serving/consumer-<store>.json`` (--quick: under
-``serving/quick/``, which git ignores: a smoke test, not a figure to quote). Issue 17's target: >= 20k events/s per process,
-event-to-visible p99 <= 500 ms.
+``serving/quick/``, which git ignores: a smoke test, not a figure to quote). Issue 17's target:
+>= 20k events/s per process, event-to-visible p99 <= 500 ms.
 """
 from __future__ import annotations
 
@@ -64,7 +64,8 @@ def _applier(store, catalog_dir: Path):
     from serving.runtime import CatalogRef
     from serving.stream.events import EventApplier
 
-    return EventApplier(StateConfig(), store, CatalogRef(load_catalog(catalog_dir)), ModelHolder(), ServingMetrics(), None)
+    return EventApplier(StateConfig(), store, CatalogRef(load_catalog(catalog_dir)), ModelHolder(), ServingMetrics(),
+                        None)
 
 
 def throughput(applier, n: int, batch: int) -> dict:

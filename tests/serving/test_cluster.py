@@ -74,11 +74,13 @@ def test_a_consumer_dying_between_slot_writes_then_redelivered_applies_every_eve
 
 def test_the_item_effect_of_an_event_is_applied_once_whatever_is_replayed(cluster_store, applier_parts):
     """Phase 1 alone, twice (two consumers racing on a rebalanced partition): item counters and popularity once."""
+    from serving.errors import StateUnavailable
+
     events = _stream(50, users=4, items=6)
     a = _applier(cluster_store, applier_parts)
     cluster_store._eval_all = _DiesAfter(cluster_store, 1)
     for _ in range(2):
-        with pytest.raises(Exception):
+        with pytest.raises(StateUnavailable, match="connection lost"):
             a.apply(_msgs(events))
         cluster_store._eval_all.n = 1
     del cluster_store._eval_all

@@ -192,7 +192,6 @@ def store(request):
 def applier_parts(ml100k_dataset):
     from serving.catalog import load_catalog
     from serving.config import StateConfig
-    from serving.metrics import ServingMetrics
     from serving.models import ModelHolder
     from serving.runtime import CatalogRef
 
