@@ -129,3 +129,22 @@ def test_a_cluster_that_cannot_be_reached_is_state_unavailable_not_a_crash():
     assert not store.ping()
     with pytest.raises(StateUnavailable, match="redis"):
         store.read_user(1)
+
+
+def test_an_empty_cluster_state_is_rebuilt_from_the_snapshot_with_its_marks(cluster_store, ml100k_dataset,
+                                                                          applier_parts):
+    import pyarrow.parquet as pq
+
+    from serving.config import RebuildConfig
+    from serving.metrics import ServingMetrics
+    from serving.rebuild import StateRebuilder
+
+    state, catalog, models = applier_parts
+    rb = StateRebuilder(RebuildConfig(snapshot=ml100k_dataset, dedupe_marks=True), cluster_store, state, catalog,
+                        models, ServingMetrics())
+    rb.check()  # no epoch: this is the rebuild (lock, flush, bootstrap with marks, epoch), across the masters
+    assert cluster_store.get_epoch() is not None and cluster_store.acquire_rebuild_lock("t", 5)  # released
+    assert cluster_store.read_user(1).seq.item_ids.size == 272
+    ev = pq.read_table(next((ml100k_dataset / "events").rglob("*.parquet")), columns=["event_id", "user_id"])
+    row = ev.slice(0, 1).to_pylist()[0]
+    assert cluster_store._slow.exists(cluster_store.keys.mark(row["user_id"], row["event_id"])) == 1
