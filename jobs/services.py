@@ -154,15 +154,18 @@ def start_kafka(state_dir: Path, port: int | None = None, detach: bool = True) -
     return ServiceInfo("kafka", proc.pid, port, f"127.0.0.1:{port}", str(log))
 
 
-def start_redis(state_dir: Path, port: int | None = None, detach: bool = True) -> ServiceInfo:
-    """Starts redis-server on 127.0.0.1:port (no persistence) and waits for PING."""
+def start_redis(state_dir: Path, port: int | None = None, detach: bool = True,
+                extra_args: tuple[str, ...] = ()) -> ServiceInfo:
+    """Starts redis-server on 127.0.0.1:port (no persistence; `extra_args`: more options, e.g. cluster mode)
+    and waits for PING."""
     binary = redis_binary()
     port = port or free_port()
     state_dir.mkdir(parents=True, exist_ok=True)
     log = state_dir / f"redis-{port}.log"
     proc = subprocess.Popen(
         [str(binary), "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no",
-         "--dir", str(state_dir), "--logfile", str(log), "--daemonize", "no", "--protected-mode", "yes"],
+         "--dir", str(state_dir), "--logfile", str(log), "--daemonize", "no", "--protected-mode", "yes",
+         *extra_args],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, start_new_session=detach,
     )
     _wait_tcp(port, proc, "redis-server", log)
@@ -180,6 +183,53 @@ def start_redis(state_dir: Path, port: int | None = None, detach: bool = True) -
             time.sleep(0.05)
     client.close()
     return ServiceInfo("redis", proc.pid, port, f"redis://127.0.0.1:{port}/0", str(log))
+
+
+def _cluster_port() -> int:
+    """A free loopback port whose cluster bus port (+10000) is free too (so at most 55535)."""
+    for _ in range(1000):
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise ServiceError("no free loopback port pair (P, P + 10000) for a redis cluster node")
+
+
+def start_redis_cluster(state_dir: Path, masters: int = 3, timeout_s: float = 30.0) -> list[ServiceInfo]:
+    """Starts `masters` redis-server nodes in cluster mode on loopback, joins them with
+    `redis-cli --cluster create` (no replicas) and waits for cluster_state:ok on each. Returns the nodes
+    (any one's address is a startup node); stop them with `stop_pid`. Tests and benchmarks only."""
+    import redis
+
+    cli = shutil.which("redis-cli")
+    if cli is None:
+        raise ServiceError("redis-cli not found on PATH: it ships with redis-server (`apt-get install redis-server`)")
+    nodes: list[ServiceInfo] = []
+    try:
+        for i in range(masters):
+            nodes.append(start_redis(state_dir / f"node{i}", port=_cluster_port(), detach=False, extra_args=(
+                "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "5000")))
+        made = subprocess.run([cli, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
+                               "--cluster-replicas", "0", "--cluster-yes"], capture_output=True, text=True, timeout=60)
+        if made.returncode != 0:
+            raise ServiceError(f"redis-cli --cluster create failed ({made.returncode}):\n{made.stdout}\n{made.stderr}")
+        deadline = time.monotonic() + timeout_s
+        for n in nodes:
+            with redis.Redis(host="127.0.0.1", port=n.port, socket_timeout=2) as r:
+                while r.cluster("info")["cluster_state"] != "ok":
+                    if time.monotonic() > deadline:
+                        raise ServiceError(f"redis cluster node {n.port} not cluster_state:ok after {timeout_s:.0f} s")
+                    time.sleep(0.05)
+    except BaseException:
+        for n in nodes:
+            stop_pid(n.pid)
+        raise
+    return nodes
 
 
 def create_topics(bootstrap: str, topics: dict[str, int], timeout_s: float = 10.0) -> None:

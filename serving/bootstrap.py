@@ -138,7 +138,7 @@ def build_records(dataset: Path, state: StateConfig, catalog: Catalog, as_of_ms:
     bi, bc = np.unique(item[beh], return_counts=True)
     popularity = dict(zip(bi.tolist(), bc.astype(float).tolist()))
     summary = dict(events=int(len(user)), duplicates=int(dup.sum()), input_rows=n_in, behaviors_kept=kept,
-                   as_of_ms=int(as_of_ms), event_ids=t.column("event_id"))
+                   as_of_ms=int(as_of_ms), event_ids=t.column("event_id"), user_ids=user)
     return records, logs, popularity, summary
 
 
@@ -158,7 +158,7 @@ def bootstrap_dataset(store: OnlineStore, dataset: Path, state: StateConfig, cat
     store.add_popularity(pop)
     if marks:
         say(f"bootstrap: marking {s['events']:,} events applied")
-        store.put_marks(s["event_ids"].to_pylist())
+        store.put_marks(s["user_ids"].tolist(), s["event_ids"].to_pylist())
     summary = BootstrapSummary(events=s["events"], duplicates=s["duplicates"], users=len(records),
                                items_with_counters=len(logs), behaviors_kept=s["behaviors_kept"], as_of_ms=s["as_of_ms"],
                                seconds=time.perf_counter() - t0)

@@ -12,6 +12,7 @@ import datetime
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
+from urllib.parse import urlsplit
 
 from features.messages import EventBounds, KafkaTopics
 from features.sequence import SequenceConfig
@@ -126,8 +127,17 @@ class LimitsConfig:
 
 @dataclass(frozen=True)
 class RedisConfig:
-    url: str = "redis://127.0.0.1:6379/0"
-    key_prefix: str = "cascade:v1"  # versioned keys: a new layout gets a new prefix
+    url: str = "redis://127.0.0.1:6379/0"  # cluster: any one node of it (cluster_nodes names more)
+    key_prefix: str = "cascade:v2"  # versioned keys: a new layout gets a new prefix (v2: hash-tagged, cluster-ready)
+    # Redis Cluster (redis-py RedisCluster): every transaction stays in one hash slot (serving.state.redis_store).
+    cluster: bool = False
+    cluster_nodes: tuple[str, ...] = ()  # more startup nodes "HOST:PORT" besides the url's (used while it is down)
+    # Users and items are spread over this many hash tags each (cluster slots): an ingest batch reads and
+    # writes once per group it touches (fewer groups: fewer commands per batch; more: finer spread over
+    # masters). Each item group has its own popularity ZSET (top_items merges them). Part of the key
+    # layout: fixed for the life of a state (another value needs another key_prefix).
+    user_groups: int = 128
+    item_groups: int = 16
     socket_timeout_s: float = 0.25  # request path: a slow Redis counts as down (degraded answer)
     ingest_socket_timeout_s: float = 5.0  # consumers: big pipelines
     max_connections: int = 64
@@ -150,6 +160,17 @@ class RedisConfig:
             raise ValueError("redis timeouts and health_interval_s must be positive")
         if self.user_ttl_s < 0 or self.dedupe_ttl_s <= 0:
             raise ValueError("redis.user_ttl_s must be >= 0 and redis.dedupe_ttl_s > 0")
+        for name, n in (("user_groups", self.user_groups), ("item_groups", self.item_groups)):
+            if not 1 <= n <= 16384:
+                raise ValueError(f"redis.{name} must be in [1, 16384] (hash slots), got {n}")
+        if self.cluster_nodes and not self.cluster:
+            raise ValueError("redis.cluster_nodes is set but redis.cluster is false: set redis.cluster=true")
+        for i, node in enumerate(self.cluster_nodes):
+            _check_address(f"redis.cluster_nodes[{i}]", node)
+        if self.cluster and self.url.startswith("unix://"):
+            raise ValueError("redis.cluster needs a redis:// or rediss:// url (cluster nodes talk TCP)")
+        if self.cluster and urlsplit(self.url).path.strip("/") not in ("", "0"):
+            raise ValueError(f"redis.url {self.url!r}: a Redis Cluster has only database 0")
 
 
 @dataclass(frozen=True)

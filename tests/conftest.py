@@ -51,6 +51,21 @@ def redis_server(tmp_path: Path):
         yield svc.redis
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory):
+    """A real Redis Cluster: three redis-server masters in cluster mode on free loopback ports, joined by
+    `redis-cli --cluster create` (jobs.services.start_redis_cluster); yields the first node's ServiceInfo
+    (its address is a startup node). Stopped at the end of the session."""
+    from jobs.services import start_redis_cluster, stop_pid
+
+    nodes = start_redis_cluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        yield nodes[0]
+    finally:
+        for n in nodes:
+            stop_pid(n.pid)
+
+
 @pytest.fixture(scope="module")
 def kafka_broker(tmp_path_factory: pytest.TempPathFactory):
     from jobs.services import LocalServices

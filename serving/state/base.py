@@ -3,15 +3,15 @@
 The request path reads one user (one round trip) and the counters of the
 ranked candidates (one more); the events consumer runs `ingest`: read the
 users of a batch and the batch's already-applied event ids, compute the new
-states in Python, write them together with the dedupe marks atomically (a
-transaction that fails and is retried if any of those users changed meanwhile).
+states in Python, write each with its dedupe marks atomically (a write that fails
+and is retried if the user changed meanwhile), every event's item effect once.
 `RedisOnlineStore` is the implementation; another backend implements this.
 """
 from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -35,14 +35,35 @@ class ItemStats:
     total_pos: np.ndarray  # (n,) int64
 
 
+COUNTED, BEHAVIOR = 1, 2  # ItemWrite.flags bits
+
+
+@dataclass(frozen=True)
+class ItemWrite:
+    """What one ingest adds to one item: per event (arrival order) whether it is counted (it has the next
+    9-byte record of `log`) and whether it is a behavior (+1 popularity). The event ids let a store whose
+    item writes are not atomic with the user's apply each event to the item once (RedisOnlineStore, cluster)."""
+
+    event_ids: list[str]
+    flags: bytes  # (E,) COUNTED | BEHAVIOR per event
+    log: bytes  # counter-log records of the counted events, in order (serving.state.codec.encode_item_log)
+
+    @property
+    def behaviors(self) -> int:
+        return self.flags.count(BEHAVIOR) + self.flags.count(COUNTED | BEHAVIOR)
+
+
 @dataclass
 class IngestWrite:
-    """Everything one ingest transaction writes."""
+    """Everything one ingest writes."""
 
     users: dict[int, UserRecord] = field(default_factory=dict)
-    marks: list[str] = field(default_factory=list)  # event ids now applied
-    item_logs: dict[int, bytes] = field(default_factory=dict)  # item -> counter-log records to append
-    popularity: dict[int, float] = field(default_factory=dict)  # item -> behaviors to add
+    marks: dict[int, list[str]] = field(default_factory=dict)  # user -> the event ids of theirs now applied
+    items: dict[int, ItemWrite] = field(default_factory=dict)  # item -> its counter records and popularity
+
+    @property
+    def applied(self) -> int:
+        return sum(len(v) for v in self.marks.values())
 
 
 @dataclass(frozen=True)
@@ -54,6 +75,8 @@ class IngestResult:
 
 # (current records of the batch's users (None: unknown), event ids already applied) -> the writes
 IngestFn = Callable[[Mapping[int, UserRecord | None], set[str]], IngestWrite]
+# user -> the ids of that user's events in the batch (a dedupe mark lives with its event's user)
+UserEvents = Mapping[int, Sequence[str]]
 
 
 class OnlineStore(abc.ABC):
@@ -66,9 +89,10 @@ class OnlineStore(abc.ABC):
         """Counter logs of the given items (unknown items: empty). Raises StateUnavailable."""
 
     @abc.abstractmethod
-    def ingest(self, user_ids: Iterable[int], event_ids: Iterable[str], fn: IngestFn, max_retries: int = 10,
+    def ingest(self, events: UserEvents, fn: IngestFn, max_retries: int = 10,
                epoch: str | None = None) -> IngestResult:
-        """Atomically: read users + applied marks, call `fn`, write its result (retry on conflict).
+        """Read the users + which of their events are applied, call `fn`, write its result; each user's
+        record with its marks atomically, every event's effect exactly once (retried on conflict).
 
         With `epoch`, the write happens only while the store's epoch is that one (else EpochChanged)."""
 
@@ -115,8 +139,8 @@ class OnlineStore(abc.ABC):
     def release_rebuild_lock(self, token: str) -> None:
         raise NotImplementedError
 
-    def put_marks(self, event_ids: Iterable[str]) -> int:
-        """Bulk load (rebuild): marks these events applied. Returns how many."""
+    def put_marks(self, user_ids: Sequence[int], event_ids: Sequence[str]) -> int:
+        """Bulk load (rebuild): marks these events (of these users, parallel) applied. Returns how many."""
         raise NotImplementedError
 
     def partition_epochs(self, partitions: list[str]) -> dict[str, str]:

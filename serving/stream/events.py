@@ -6,16 +6,18 @@ Per polled batch (up to `KafkaConfig.max_poll_records` messages):
    to the dead-letter topic with the reason;
 2. drop duplicates inside the batch (first occurrence wins, like the Spark path),
    group the events by user in arrival order;
-3. one Redis transaction (`OnlineStore.ingest`): read the users and which event
-   ids are already applied, apply the new events
-   (`serving.state.update.apply_user_events`: `append_event` semantics,
-   counters, SDIM signatures from the served model), write users + dedupe marks +
-   item counters + popularity atomically;
+3. `OnlineStore.ingest`: read the users and which event ids are already
+   applied, apply the new events (`serving.state.update.apply_user_batch`:
+   `append_event` semantics, counters, SDIM signatures from the served model;
+   a user's events are slices of arrays computed once for the batch), write
+   each user with its dedupe marks atomically, and each event's item counters
+   and popularity exactly once (one Redis: the whole batch in one script; a
+   cluster: per slot, serving/state/redis_store.py says why that is safe);
 4. flush the dead letters, then commit the offsets.
 
-A crash anywhere before 4 redelivers the batch; the dedupe marks (written in
-the same transaction as the state) make the replay a no-op for what was
-already applied: nothing lost, nothing counted twice. If Redis is down, the
+A crash anywhere before 4 redelivers the batch; the dedupe marks (written with
+the state) make the replay a no-op for what was already applied: nothing lost,
+nothing counted twice. If Redis is down, the
 batch is retried (seeking back) until it answers; offsets never move past
 unapplied events.
 
@@ -54,7 +56,7 @@ from serving.errors import StateUnavailable
 from serving.metrics import ServingMetrics
 from serving.models import ModelHolder
 from serving.runtime import CatalogRef
-from serving.state.base import IngestWrite, OnlineStore
+from serving.state.base import BEHAVIOR, COUNTED, IngestWrite, ItemWrite, OnlineStore
 from serving.state.codec import UserRecord, encode_item_log
 from serving.state.update import UserBatch, apply_user_batch, prune_cutoff
 from serving.stream.deadletter import DeadLetters, DeadLetterUnavailable
@@ -134,60 +136,76 @@ class EventApplier:
         st = self.state
         retention = st.retention_ms()
         skipped = [0]
-        # every per-event field for the whole batch at once (vectorized), sliced per user below
-        arrays = self._arrays([e for evs in by_user.values() for e in evs], catalog)
-        bounds, s0 = {}, 0
-        for uid, evs in by_user.items():
-            bounds[uid] = (s0, s0 + len(evs))
-            s0 += len(evs)
+        # every per-event field for the whole batch at once (vectorized), the users' events contiguous
+        flat = [e for evs in by_user.values() for e in evs]
+        arrays = item_a, ts_a, act_a, cat_a, beh_a, cnt_a, pos_a = self._arrays(flat, catalog)
+        eids = [e.event_id for e in flat]
+        cuts = np.cumsum([0, *map(len, by_user.values())]).tolist()  # user k's events: [cuts[k], cuts[k + 1])
+        flags_a = (cnt_a.astype(np.uint8) * COUNTED) | (beh_a.astype(np.uint8) * BEHAVIOR)
+        # behaviors and counted events of the whole batch; a user's are a slice of these (no per-user copies)
+        b_idx, c_idx = np.flatnonzero(beh_a), np.flatnonzero(cnt_a)
+        b_cut, c_cut = np.searchsorted(b_idx, cuts).tolist(), np.searchsorted(c_idx, cuts).tolist()
+        b_item, b_ts, b_act, b_cat = item_a[b_idx], ts_a[b_idx], act_a[b_idx], cat_a[b_idx]
+        c_ts, c_pos = ts_a[c_idx], pos_a[c_idx]
 
         def fn(states, seen) -> IngestWrite:
             w = IngestWrite()
             skipped[0] = 0
-            item_a, ts_a, act_a, cat_a, beh_a, cnt_a, pos_a = arrays
-            applied_beh, applied_cnt = [], []
-            for uid, evs in by_user.items():
-                a, b = bounds[uid]
-                sel = np.arange(a, b)
+            applied = []
+            for k, (uid, evs) in enumerate(by_user.items()):
+                a, b = cuts[k], cuts[k + 1]
+                keep = None
                 if seen:
-                    keep = np.fromiter((e.event_id not in seen for e in evs), bool, len(evs))
-                    skipped[0] += int((~keep).sum())
-                    if not keep.any():
+                    keep = np.fromiter((e not in seen for e in eids[a:b]), bool, b - a)
+                    if keep.all():
+                        keep = None
+                    elif not keep.any():
+                        skipped[0] += b - a
                         continue
-                    sel, evs = sel[keep], [e for e, k in zip(evs, keep) if k]
-                bi = sel[beh_a[sel]]
-                ci = sel[cnt_a[sel]]
-                ub = UserBatch(evs, item_a[bi], ts_a[bi], act_a[bi], cat_a[bi], np.flatnonzero(beh_a[sel]),
-                               ts_a[ci], pos_a[ci])
+                if keep is None:  # the common case: all new; slices of the batch arrays
+                    b0, b1, c0, c1 = b_cut[k], b_cut[k + 1], c_cut[k], c_cut[k + 1]
+                    ub = UserBatch(evs, b_item[b0:b1], b_ts[b0:b1], b_act[b0:b1], b_cat[b0:b1], b_idx[b0:b1] - a,
+                                   c_ts[c0:c1], c_pos[c0:c1])
+                    w.marks[uid] = eids[a:b]
+                    applied.append((a, b))
+                else:  # some already applied (a redelivery): the rest, selected
+                    skipped[0] += int((~keep).sum())
+                    sel = a + np.flatnonzero(keep)
+                    evs = [e for e, x in zip(evs, keep.tolist()) if x]
+                    bi, ci = sel[beh_a[sel]], sel[cnt_a[sel]]
+                    ub = UserBatch(evs, item_a[bi], ts_a[bi], act_a[bi], cat_a[bi], np.flatnonzero(beh_a[sel]),
+                                   ts_a[ci], pos_a[ci])
+                    w.marks[uid] = [e.event_id for e in evs]
+                    applied.append(sel)
                 rec = states.get(uid) or UserRecord.empty()
                 w.users[uid] = apply_user_batch(rec, ub, st.sequence, retention, sig_spec, signatures, now_ms)
-                w.marks.extend(e.event_id for e in evs)
-                applied_beh.append(bi)
-                applied_cnt.append(ci)
-            if applied_cnt:  # item counter logs: the applied counted events grouped by item (order is irrelevant)
-                idx = np.concatenate(applied_cnt)
+            if applied:  # per item: its applied events' counter records and behaviors, in arrival order
+                idx = np.concatenate([np.arange(*x) if isinstance(x, tuple) else x for x in applied])
+                idx = idx[flags_a[idx] != 0]
                 idx = idx[np.argsort(item_a[idx], kind="stable")]
                 items, starts = np.unique(item_a[idx], return_index=True)
                 for i, part in zip(items.tolist(), np.split(idx, starts[1:])):
-                    w.item_logs[i] = encode_item_log(ts_a[part], pos_a[part])
-            if applied_beh:
-                items, counts = np.unique(item_a[np.concatenate(applied_beh)], return_counts=True)
-                w.popularity = dict(zip(items.tolist(), counts.astype(float).tolist()))
+                    c = part[cnt_a[part]]
+                    w.items[i] = ItemWrite([eids[j] for j in part.tolist()], flags_a[part].tobytes(),
+                                           encode_item_log(ts_a[c], pos_a[c]))
             return w
 
-        users = list(by_user)
-        res = self.store.ingest(users, [e.event_id for evs in by_user.values() for e in evs], fn, epoch=self.epoch)
+        res = self.store.ingest({u: eids[cuts[k]:cuts[k + 1]] for k, u in enumerate(by_user)}, fn, epoch=self.epoch)
         done_ms = time.time() * 1000.0
         out.conflicts = res.conflicts
         out.deduplicated += skipped[0]
-        out.applied = len(res.write.marks)
-        fresh = [max(0.0, (done_ms - produced_ms[eid]) / 1000.0) for eid in res.write.marks]
+        out.applied = res.write.applied
+        if out.applied == len(eids):
+            produced = np.fromiter((produced_ms[e] for e in eids), np.float64, len(eids))
+        else:
+            produced = np.fromiter((produced_ms[e] for m in res.write.marks.values() for e in m), np.float64,
+                                   out.applied)
+        fresh = (np.maximum(0.0, done_ms - produced) / 1000.0).tolist()
         self.recent_freshness_s.extend(fresh)
         obs = self.metrics.freshness.observe
         for f in fresh[::max(1, len(fresh) // FRESHNESS_SAMPLES)]:  # the histogram samples each batch evenly
             obs(f)
-        newest = max((e.ts_ms for evs in by_user.values() for e in evs), default=0)
-        self.newest_ts = max(self.newest_ts, newest)
+        self.newest_ts = max(self.newest_ts, int(ts_a.max()))
         big = [i for i, n in res.item_log_bytes.items() if n > self.prune_bytes]
         if big:  # the retention counted back from the newest event seen, never from past the wall clock
             self.store.prune_item_logs(big, prune_cutoff(self.newest_ts, retention, now_ms))

@@ -77,9 +77,9 @@ def _produce(bootstrap: str, topic: str, t: pa.Table) -> dict[int, int]:
 
 
 def _marked(store, t: pa.Table) -> int:
-    ids = t.column("event_id").to_pylist()
+    keys = [store.keys.mark(u, e) for u, e in zip(t.column("user_id").to_pylist(), t.column("event_id").to_pylist())]
     r = store._slow
-    return sum(r.exists(*[store.keys.mark(e) for e in ids[i:i + 500]]) for i in range(0, len(ids), 500))
+    return sum(r.exists(*keys[i:i + 500]) for i in range(0, len(keys), 500))
 
 
 def _assert_exactly_once(store, produced: pa.Table, state, catalog, tmp: Path) -> None:

@@ -151,3 +151,217 @@ def test_item_logs_fold_old_events_into_summary_records():
     assert prune_item_log(pruned, 35 * DAY) is None
     with pytest.raises(StateDecodeError, match="not a multiple of 9"):
         decode_item_logs([b"12345"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Redis store on a real redis-server and on a real three-master Redis Cluster (tests/conftest.py)
+
+@pytest.fixture(scope="module")
+def _single_redis(tmp_path_factory):
+    from jobs.services import LocalServices
+
+    with LocalServices(tmp_path_factory.mktemp("redis"), kafka=False) as svc:
+        yield svc.redis
+
+
+def _store_cfg(request, groups: int | None = None):
+    import uuid
+
+    from serving.config import RedisConfig
+
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    if request.param == "single":
+        return RedisConfig(url=request.getfixturevalue("_single_redis").address, key_prefix=prefix,
+                           item_groups=groups or 1)
+    return RedisConfig(url=request.getfixturevalue("redis_cluster").address, key_prefix=prefix, cluster=True,
+                       item_groups=groups or 8)
+
+
+@pytest.fixture(params=["single", "cluster"])
+def store(request):
+    """A RedisOnlineStore on its own key prefix, on one Redis and on a Redis Cluster."""
+    from serving.state.redis_store import RedisOnlineStore
+
+    s = RedisOnlineStore(_store_cfg(request))
+    yield s
+    s.flush_prefix()
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def applier_parts(ml100k_dataset):
+    from serving.catalog import load_catalog
+    from serving.config import StateConfig
+    from serving.models import ModelHolder
+    from serving.runtime import CatalogRef
+
+    return StateConfig(), CatalogRef(load_catalog(ml100k_dataset)), ModelHolder()
+
+
+def _applier(store, parts):
+    from serving.metrics import ServingMetrics
+    from serving.stream.events import EventApplier
+
+    state, catalog, models = parts
+    return EventApplier(state, store, catalog, models, ServingMetrics(), None)
+
+
+def _msgs(events):
+    """Kafka records as the consumer sees them (the fields EventApplier reads)."""
+    import time
+    from types import SimpleNamespace
+
+    from features.messages import encode_event
+
+    now = int(time.time() * 1000)
+    return [SimpleNamespace(topic="events", partition=0, offset=i, timestamp=now, value=encode_event(e))
+            for i, e in enumerate(events)]
+
+
+def _stream(n: int, users: int = 7, items: int = 11, seed: int = 0, tag: str = "e"):
+    """n events of a few users and items, in time order, stamped within the last hour."""
+    import time
+
+    rng = np.random.default_rng(seed)
+    t0 = int(time.time() * 1000) - 3_600_000
+    types = ["click", "impression", "rating", "purchase"]
+    return [Event(f"{tag}{i:05d}", int(rng.integers(1, users + 1)), int(rng.integers(1, items + 1)), t0 + i * 1000,
+                  types[int(rng.integers(0, len(types)))], float(rng.integers(0, 2))) for i in range(n)]
+
+
+def _expected(events, state):
+    """users' sequences, items' counted totals and popularity, from the events (each applied once)."""
+    from collections import Counter, defaultdict
+
+    counted = set(state.stats.counted_event_types())
+    behaviors = set(state.sequence.behavior_event_types)
+    seqs = defaultdict(list)
+    for e in events:
+        if e.event_type in behaviors:
+            seqs[e.user_id].append(e.item_id)
+    return (dict(seqs), Counter(e.item_id for e in events if e.event_type in counted),
+            Counter(e.item_id for e in events if e.event_type in behaviors))
+
+
+def _assert_state(store, events, state):
+    seqs, counts, pop = _expected(events, state)
+    for u, items in seqs.items():
+        assert store.read_user(u).seq.item_ids.tolist() == items[-state.sequence.long_cap:], f"user {u}"
+    ids = np.array(sorted(counts), np.int64)
+    assert dict(zip(ids.tolist(), store.read_item_stats(ids).total_cnt.tolist())) == dict(counts)
+    top_ids, top_counts = store.top_items(1000)
+    assert dict(zip(top_ids.tolist(), top_counts.tolist())) == dict(pop)
+
+
+def test_ingest_writes_users_items_and_popularity_and_a_redelivery_is_a_no_op(store, applier_parts):
+    events = _stream(300)
+    a = _applier(store, applier_parts)
+    for s in range(0, len(events), 64):  # poll batches
+        out = a.apply(_msgs(events[s:s + 64]))
+        assert out.applied == len(events[s:s + 64]) and out.conflicts == 0
+    _assert_state(store, events, applier_parts[0])
+    before = {u: store._slow.get(store.keys.user(u)) for u in range(1, 8)}
+    out = a.apply(_msgs(events[100:250]))  # redelivered from an older offset
+    assert (out.applied, out.deduplicated) == (0, 150)
+    assert {u: store._slow.get(store.keys.user(u)) for u in range(1, 8)} == before
+    _assert_state(store, events, applier_parts[0])
+
+
+def test_a_user_written_by_another_consumer_meanwhile_is_recomputed_not_overwritten(store, applier_parts):
+    from serving.state.redis_store import RedisOnlineStore
+
+    mine, theirs = _stream(40, users=3, tag="m"), _stream(10, users=3, seed=1, tag="o")
+    other = _applier(RedisOnlineStore(store.cfg), applier_parts)  # another consumer's connection
+    calls = []
+    inner = store.ingest
+
+    def racing(events, fn, **kw):
+        def fn_once_raced(states, seen):
+            if not calls:  # between our read and our write, another consumer applies its events
+                other.apply(_msgs(theirs))
+            calls.append(1)
+            return fn(states, seen)
+        return inner(events, fn_once_raced, **kw)
+
+    store.ingest = racing
+    out = _applier(store, applier_parts).apply(_msgs(mine))
+    store.ingest = inner
+    assert out.conflicts >= 1 and out.applied == 40 and len(calls) == 1 + out.conflicts
+    seqs, counts, pop = _expected(theirs + mine, applier_parts[0])
+    for u in seqs:  # both consumers' events, each once (order: theirs landed first)
+        got = store.read_user(u).seq.item_ids.tolist()
+        assert sorted(got) == sorted(seqs[u][-applier_parts[0].sequence.long_cap:]), f"user {u}"
+    ids = np.array(sorted(counts), np.int64)
+    assert dict(zip(ids.tolist(), store.read_item_stats(ids).total_cnt.tolist())) == dict(counts)
+
+
+def test_ingest_for_another_epoch_writes_nothing(store, applier_parts):
+    from serving.state.base import EpochChanged
+
+    assert store.create_epoch("e1", {"snapshot": "s"}, replace=False)
+    a = _applier(store, applier_parts)
+    a.epoch = "e0"
+    with pytest.raises(EpochChanged, match="e0"):
+        a.apply(_msgs(_stream(20)))
+    assert all(store.read_user(u) is None for u in range(1, 8))
+    assert store.top_items(10)[0].size == 0 and store.read_item_stats(np.arange(1, 12)).total_cnt.sum() == 0
+    a.epoch = "e1"
+    assert a.apply(_msgs(_stream(20))).applied == 20
+
+
+def test_pruning_folds_old_item_records_and_keeps_the_totals(store):
+    logs = {i: encode_item_log(np.array([1, 2, 40 * DAY, 41 * DAY], np.int64), np.array([1, 0, 1, 1], np.uint8))
+            for i in range(1, 20)}
+    store.put_item_logs(logs)
+    ids = np.arange(1, 20)
+    before = store.read_item_stats(ids)
+    assert store.prune_item_logs(ids.tolist(), 35 * DAY) == 2 * 19
+    after = store.read_item_stats(ids)
+    assert after.total_cnt.tolist() == before.total_cnt.tolist() == [4] * 19 and len(after.ts_ms) == 2 * 19
+    assert store.prune_item_logs(ids.tolist(), 35 * DAY) == 0
+
+
+def test_bulk_loaded_marks_make_those_events_redeliveries(store, applier_parts):
+    events = _stream(50)
+    store.put_users({u: UserRecord.empty() for u in range(1, 8)})
+    assert store.put_marks([e.user_id for e in events[:30]], [e.event_id for e in events[:30]]) == 30
+    out = _applier(store, applier_parts).apply(_msgs(events))
+    assert (out.applied, out.deduplicated) == (20, 30)
+    with pytest.raises(ValueError, match="parallel"):
+        store.put_marks([1], ["a", "b"])
+
+
+def test_epoch_lock_offsets_and_flush_keep_what_a_rebuild_needs(store):
+    assert store.get_epoch() is None and store.create_epoch("a", {"k": "v"}, replace=False)
+    assert not store.create_epoch("b", {}, replace=False) and store.get_epoch() == "a"
+    assert store.create_epoch("c", {"k": "w"}, replace=True) and store.get_epoch() == "c"
+    assert store.get_meta()["k"] == "w"
+    assert store.acquire_rebuild_lock("tok", 30) and not store.acquire_rebuild_lock("other", 30)
+    assert store.set_applied_offsets({"t:0": (None, 5)}) == {}
+    assert store.set_applied_offsets({"t:0": (4, 9)}) == {"t:0": 5}
+    store.set_partition_epochs({"t:0": "c"})
+    assert store.partition_epochs(["t:0", "t:1"]) == {"t:0": "c"} and store.applied_offsets(["t:0"]) == {"t:0": 5}
+    store.put_users({u: UserRecord.empty() for u in range(100)})
+    assert store.flush_prefix(keep=("rebuild_lock",)) >= 100 + 4
+    assert store.get_epoch() is None and store.read_user(1) is None
+    assert not store.acquire_rebuild_lock("other", 30)  # kept
+    store.release_rebuild_lock("tok")
+    assert store.acquire_rebuild_lock("other", 30)
+    assert store.ping() and store.instance_id() == store.instance_id()
+
+
+@pytest.mark.parametrize("groups", [1, 5])
+def test_top_items_merges_the_item_groups_in_popularity_order(request, groups):
+    from serving.state.redis_store import RedisOnlineStore
+
+    for kind in ("single", "cluster"):
+        request.param = kind
+        s = RedisOnlineStore(_store_cfg(request, groups))
+        try:
+            s.add_popularity({i: float(i % 7 + (i == 3) * 100) for i in range(1, 40)})
+            ids, counts = s.top_items(10)
+            assert ids[0] == 3 and counts[0] == 103 and counts.tolist() == sorted(counts.tolist(), reverse=True)
+            assert ids.tolist()[1:4] == [6, 34, 27]  # count 6: ties by member descending (as strings), like ZREVRANGE
+        finally:
+            s.flush_prefix()
+            s.close()
