@@ -15,6 +15,15 @@ gives each item's packed SimHash signature (`kernels.pack_codes`): the server
 computes it when an event arrives and stores it beside the sequence
 (``hist_sdim_sig`` in the batch), so a request only gathers. Signatures depend
 on the model version: recompute them when a new model is loaded.
+
+It also gives SDIM's bucket sums (`bucket_sums`: m x 2**tau x D float32 per
+user, 8 x 8 x 32 x 4 B = 8 KB with the default config) of the behaviors
+the long-term module attends (the last `long_len`), from the same
+`EmbeddingArch.behavior_values` the model embeds behaviors with. The server
+keeps them beside the sequence (adding an entering behavior, subtracting one
+that leaves the window) and sends them as ``Batch.sdim_sums``: the forward
+then gathers each candidate's m buckets instead of scanning the L behaviors.
+Like the signatures, sums belong to one model version.
 """
 from __future__ import annotations
 
@@ -22,7 +31,7 @@ import numpy as np
 import torch
 
 from features.batch import HISTORY_KEYS, ITEM_CATEGORY, ITEM_ID, USER_ID, Batch, BatchSpec, BatchValidationError
-from kernels import pack_codes
+from kernels import pack_codes, unpack_codes
 from ranking.model import RankerModel
 
 
@@ -126,6 +135,47 @@ class SdimRankerInference(RankerInference):
         emb = self.model.embedding
         codes = emb.sdim_codes(emb.item_query_embeddings(ids.to(torch.int64)))  # (K, m)
         return pack_codes(codes, self.cfg.sequence.sdim_bits)
+
+    @property
+    def sums_window(self) -> int:
+        """How many of the latest behaviors the bucket sums cover (the long-term module's `long_len`)."""
+        return self.cfg.sequence.long_len
+
+    @property
+    def sums_shape(self) -> tuple[int, int, int]:
+        """(m, 2**tau, D) of one user's bucket sums."""
+        s = self.cfg.sequence
+        return s.sdim_hashes, 1 << s.sdim_bits, self.cfg.embedding.dim
+
+    @torch.inference_mode()
+    def bucket_sums(self, item_ids: np.ndarray, categories: np.ndarray, actions: np.ndarray,
+                    signatures: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One user's behaviors (oldest first) -> their SDIM bucket sums over the last `sums_window` of them.
+
+        Args:
+            item_ids, categories, actions: (L,) int64 canonical ids and action codes (the history keys).
+            signatures: (L,) int64 packed signatures of the items (`behavior_signatures`).
+
+        Returns:
+            (sums (m, 2**tau, D) float32, counts (m, 2**tau) int32: behaviors per bucket). With L <= the
+            window these are plain per-bucket sums, which is how the server adds and subtracts behaviors.
+        """
+        cols = [torch.as_tensor(np.asarray(a, np.int64)) for a in (item_ids, categories, actions, signatures)]
+        if len({c.shape for c in cols}) != 1 or cols[0].dim() != 1:
+            raise ValueError(f"bucket_sums: item_ids, categories, actions, signatures must be parallel 1-D arrays, "
+                             f"got shapes {[tuple(c.shape) for c in cols]}")
+        items, cats, acts, sigs = cols
+        s = self.cfg.sequence
+        codes = unpack_codes(sigs, s.sdim_hashes, s.sdim_bits)  # (L, m)
+        values = self.model.embedding.behavior_values(items, cats, acts)  # (L, D)
+        offsets = torch.tensor([0, items.numel()])
+        assert self.model.long is not None
+        sums = self.model.long.window_bucket_sums(values, codes, offsets)[0]  # (m, K, D)
+        kept = codes[-min(items.numel(), s.long_len):] if items.numel() else codes
+        k = 1 << s.sdim_bits
+        slot = kept + torch.arange(s.sdim_hashes) * k  # (W, m) bucket index within the user's m * K
+        counts = torch.bincount(slot.reshape(-1), minlength=s.sdim_hashes * k).view(s.sdim_hashes, k)
+        return sums.float().numpy(), counts.to(torch.int32).numpy()
 
 
 def make_inference(model: RankerModel) -> RankerInference:
