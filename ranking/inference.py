@@ -148,34 +148,52 @@ class SdimRankerInference(RankerInference):
         return s.sdim_hashes, 1 << s.sdim_bits, self.cfg.embedding.dim
 
     @torch.inference_mode()
+    def behavior_values(self, item_ids: np.ndarray, categories: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """(K,) behaviors -> (K, D) float32 their representations (`EmbeddingArch.behavior_values`): what a
+        bucket sum adds up."""
+        cols = [torch.as_tensor(np.asarray(a, np.int64)) for a in (item_ids, categories, actions)]
+        return self.model.embedding.behavior_values(*cols).float().numpy()
+
+    @torch.inference_mode()
+    def signature_codes(self, signatures: np.ndarray) -> np.ndarray:
+        """(K,) packed signatures -> (K, m) int64 codes in [0, 2**tau) (`kernels.unpack_codes`)."""
+        s = self.cfg.sequence
+        return unpack_codes(torch.as_tensor(np.asarray(signatures, np.int64)), s.sdim_hashes, s.sdim_bits).numpy()
+
+    @torch.inference_mode()
     def bucket_sums(self, item_ids: np.ndarray, categories: np.ndarray, actions: np.ndarray,
-                    signatures: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One user's behaviors (oldest first) -> their SDIM bucket sums over the last `sums_window` of them.
+                    signatures: np.ndarray, lengths: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Users' behaviors (oldest first) -> their SDIM bucket sums over the last `sums_window` of them.
 
         Args:
             item_ids, categories, actions: (L,) int64 canonical ids and action codes (the history keys).
             signatures: (L,) int64 packed signatures of the items (`behavior_signatures`).
+            lengths: (B,) behaviors per user, for B users at once (a backfill); None: one user.
 
         Returns:
-            (sums (m, 2**tau, D) float32, counts (m, 2**tau) int32: behaviors per bucket). With L <= the
-            window these are plain per-bucket sums, which is how the server adds and subtracts behaviors.
+            sums (m, 2**tau, D) float32 and counts (m, 2**tau) int32 (behaviors per bucket), or (B, ...)
+            of each with `lengths`. With L <= the window these are plain per-bucket sums, which is how the
+            server adds and subtracts behaviors.
         """
         cols = [torch.as_tensor(np.asarray(a, np.int64)) for a in (item_ids, categories, actions, signatures)]
         if len({c.shape for c in cols}) != 1 or cols[0].dim() != 1:
             raise ValueError(f"bucket_sums: item_ids, categories, actions, signatures must be parallel 1-D arrays, "
                              f"got shapes {[tuple(c.shape) for c in cols]}")
         items, cats, acts, sigs = cols
+        lens = torch.tensor([items.numel()]) if lengths is None else torch.as_tensor(np.asarray(lengths, np.int64))
+        if lens.dim() != 1 or int(lens.sum()) != items.numel() or (lens.numel() and int(lens.min()) < 0):
+            raise ValueError(f"bucket_sums: lengths must be (B,) non-negative and sum to the {items.numel()} "
+                             f"behaviors, got shape {tuple(lens.shape)} summing to {int(lens.sum())}")
         s = self.cfg.sequence
         codes = unpack_codes(sigs, s.sdim_hashes, s.sdim_bits)  # (L, m)
         values = self.model.embedding.behavior_values(items, cats, acts)  # (L, D)
-        offsets = torch.tensor([0, items.numel()])
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lens, 0)])
         assert self.model.long is not None
-        sums = self.model.long.window_bucket_sums(values, codes, offsets)[0]  # (m, K, D)
-        kept = codes[-min(items.numel(), s.long_len):] if items.numel() else codes
-        k = 1 << s.sdim_bits
-        slot = kept + torch.arange(s.sdim_hashes) * k  # (W, m) bucket index within the user's m * K
-        counts = torch.bincount(slot.reshape(-1), minlength=s.sdim_hashes * k).view(s.sdim_hashes, k)
-        return sums.float().numpy(), counts.to(torch.int32).numpy()
+        # a column of ones counts the behaviors per bucket in the same pass (exact in fp32 below 2**24)
+        both = self.model.long.window_bucket_sums(torch.cat([values.float(), values.new_ones(len(values), 1)], 1),
+                                                  codes, offsets)  # (B, m, K, D + 1)
+        sums, counts = both[..., :-1].contiguous().numpy(), both[..., -1].to(torch.int32).numpy()
+        return (sums[0], counts[0]) if lengths is None else (sums, counts)
 
 
 def make_inference(model: RankerModel) -> RankerInference:

@@ -131,6 +131,7 @@ class EventApplier:
         bundle = self.models.current
         sig_spec = bundle.sig_spec if bundle is not None else 0
         signatures = bundle.signatures if sig_spec else None
+        sdim = bundle if sig_spec and bundle.sums_window else None  # keeps SDIM bucket sums beside the sequence
         st = self.state
         retention = st.retention_ms()
         skipped = [0]
@@ -160,7 +161,7 @@ class EventApplier:
                 ub = UserBatch(evs, item_a[bi], ts_a[bi], act_a[bi], cat_a[bi], np.flatnonzero(beh_a[sel]),
                                ts_a[ci], pos_a[ci])
                 rec = states.get(uid) or UserRecord.empty()
-                w.users[uid] = apply_user_batch(rec, ub, st.sequence, retention, sig_spec, signatures, now_ms)
+                w.users[uid] = apply_user_batch(rec, ub, st.sequence, retention, sig_spec, signatures, now_ms, sdim)
                 w.marks.extend(e.event_id for e in evs)
                 applied_beh.append(bi)
                 applied_cnt.append(ci)
