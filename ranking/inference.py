@@ -154,11 +154,13 @@ class SdimRankerInference(RankerInference):
         cols = [torch.as_tensor(np.asarray(a, np.int64)) for a in (item_ids, categories, actions)]
         return self.model.embedding.behavior_values(*cols).float().numpy()
 
-    @torch.inference_mode()
     def signature_codes(self, signatures: np.ndarray) -> np.ndarray:
-        """(K,) packed signatures -> (K, m) int64 codes in [0, 2**tau) (`kernels.unpack_codes`)."""
+        """(K,) packed signatures -> (K, m) int64 codes in [0, 2**tau): `kernels.unpack_codes`' layout (code j in
+        bits [j*tau, (j+1)*tau)) in numpy, because the consumer calls it per user write, where torch's
+        per-call overhead is ten times the work (a test pins it to `kernels.unpack_codes`)."""
         s = self.cfg.sequence
-        return unpack_codes(torch.as_tensor(np.asarray(signatures, np.int64)), s.sdim_hashes, s.sdim_bits).numpy()
+        packed = np.asarray(signatures, np.int64)
+        return (packed[:, None] >> (np.arange(s.sdim_hashes, dtype=np.int64) * s.sdim_bits)) & ((1 << s.sdim_bits) - 1)
 
     @torch.inference_mode()
     def bucket_sums(self, item_ids: np.ndarray, categories: np.ndarray, actions: np.ndarray,

@@ -129,3 +129,12 @@ def test_bucket_sums_rejects_ragged_columns():
     ranker = sdim_ranker()
     with pytest.raises(ValueError, match="parallel 1-D"):
         ranker.bucket_sums(np.arange(3), np.arange(3), np.arange(2), np.arange(3))
+
+
+def test_signature_codes_unpack_like_the_kernel():
+    from kernels import unpack_codes
+
+    ranker = sdim_ranker()
+    sigs = ranker.behavior_signatures(np.arange(1, 300)).numpy()
+    m, tau = ranker.signature_bits
+    np.testing.assert_array_equal(ranker.signature_codes(sigs), unpack_codes(torch.from_numpy(sigs), m, tau).numpy())
