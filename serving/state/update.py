@@ -21,7 +21,7 @@
   (`SdimSource.sums_window` > 0), the sums of the last W behaviors per
   (hash function, code). Events appended in order add the behaviors that enter
   the window to their m buckets and subtract those that leave it (one
-  ``np.add.at`` over them: the incremental form of `kernels.sdim_bucket_sums`,
+  scatter over them: the incremental form of `kernels.sdim_bucket_sums`,
   with values from the model's cached `behavior_values`, so a warm consumer
   does not call the model), counts likewise, a bucket whose count drops to 0
   reset to exactly 0 so that float residue never becomes a unit vector); anything else
@@ -29,7 +29,10 @@
   rebuilds them from the stored sequence. Either way they equal the sums of
   ``seq[-W:]`` up to float rounding (tests check both paths against the
   rebuild). They are part of the user's value, so they are written in the same
-  transaction as the event's dedupe mark.
+  transaction as the event's dedupe mark. Rounding: a bucket's sum carries the
+  fp32 error of its additions and subtractions since its last rebuild (about
+  1e-7 relative per operation; SDIM normalizes the sums, so only their
+  direction matters).
 """
 from __future__ import annotations
 
