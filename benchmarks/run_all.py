@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 # name -> (script, extra args for --quick)
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "kernels": ("kernels_bench.py", ["--quick"]),
+    "sdim_served": ("sdim_served_bench.py", ["--quick"]),
     "features": ("features_bench.py", ["--cases", "ml-1m"]),
     "retrieval": ("retrieval_bench.py", ["--datasets", "ml-1m", "--seeds", "0"]),
     "ranking_ctr": ("ranking_ctr_bench.py", ["--quick", "--seeds", "0"]),

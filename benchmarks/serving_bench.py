@@ -156,6 +156,7 @@ def prepare(args, work: Path):
 def build_query_users(store, bundle, catalog, state, n_users: int, rng: np.random.Generator) -> dict[str, list[int]]:
     from features.sequence import SequenceState
     from serving.state.codec import CounterLog, UserRecord
+    from serving.state.update import with_bucket_sums
 
     sets: dict[str, list[int]] = {}
     # L=1000: real ML-1M users with >= 1000 behaviors, their last 1000 under new ids
@@ -171,7 +172,7 @@ def build_query_users(store, bundle, catalog, state, n_users: int, rng: np.rando
             uids.append(20_000_000 + u)
         if len(uids) >= n_users:
             break
-    store.put_users(recs)
+    store.put_users(with_bucket_sums(recs, bundle) if bundle.sums_window else recs)  # SDIM sums, as ingest keeps
     sets["L=1000 (ML-1M users)"] = uids
     # L=10000: synthetic users, behaviors drawn by item popularity over the last 60 days
     ids, counts = store.top_items(len(catalog))
@@ -187,7 +188,7 @@ def build_query_users(store, bundle, catalog, state, n_users: int, rng: np.rando
         log = CounterLog(ts[recent], (acts[recent] % 2).astype(np.uint8), 10_000, int((acts % 2).sum()))
         sigs = bundle.signatures(items) if bundle.sig_spec else None
         recs[30_000_000 + i] = UserRecord(seq, log, sig_spec=bundle.sig_spec if sigs is not None else 0, sigs=sigs)
-    store.put_users(recs)
+    store.put_users(with_bucket_sums(recs, bundle) if bundle.sums_window else recs)
     sets["L=10000 (synthetic users)"] = list(recs)
     return sets
 

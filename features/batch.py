@@ -22,6 +22,12 @@ Sparse and sequence features are TorchRec `KeyedJaggedTensor`s (KJT):
 plus dense tensors: `num_candidates` (B,), `request_ts` (B,), `user_dense`
 (B, Du), `candidate_dense` (N, Dc), `labels` (N, T) and `weights` (N,).
 
+Serving may add each user's SDIM bucket sums, kept at ingest (`sdim_sums`
+(B, m, 2**tau, D) float32 over the last `long_len` behaviors, `sdim_lengths`
+(B,) how many behaviors they cover): a ranker with an SDIM module then gathers
+from them instead of scanning the history, which need only hold the behaviors
+the short-term modules read. Training batches leave both None.
+
 Ids are the canonical int64 ids of the data contract; mapping them to
 embedding rows (`features.hashing`) is the model's first step, so the batch
 built offline by the reader and online from Redis is the same thing.
@@ -98,6 +104,8 @@ class Batch(Pipelineable):
     labels: torch.Tensor  # (N, T) float32; T may be 0 at serving time
     weights: torch.Tensor  # (N,) float32 sample weights
     meta: dict[str, str] = field(default_factory=dict)  # provenance (shard, split); never tensors
+    sdim_sums: torch.Tensor | None = None  # (B, m, 2**tau, D) float32 SDIM bucket sums kept at ingest (serving)
+    sdim_lengths: torch.Tensor | None = None  # (B,) int64 behaviors the sums cover (min(history, long_len))
 
     @property
     def batch_size(self) -> int:
@@ -137,13 +145,17 @@ class Batch(Pipelineable):
             labels=self.labels.to(device, non_blocking=non_blocking),
             weights=self.weights.to(device, non_blocking=non_blocking),
             meta=dict(self.meta),
+            sdim_sums=None if self.sdim_sums is None else self.sdim_sums.to(device, non_blocking=non_blocking),
+            sdim_lengths=None if self.sdim_lengths is None else self.sdim_lengths.to(device, non_blocking=non_blocking),
         )
 
     def record_stream(self, stream: torch.Stream) -> None:
         for kjt in (self.user, self.history, self.candidates):
             kjt.record_stream(stream)
-        for t in (self.num_candidates, self.request_ts, self.user_dense, self.candidate_dense, self.labels, self.weights):
-            t.record_stream(stream)
+        for t in (self.num_candidates, self.request_ts, self.user_dense, self.candidate_dense, self.labels, self.weights,
+                  self.sdim_sums, self.sdim_lengths):
+            if t is not None:
+                t.record_stream(stream)
 
     def pin_memory(self) -> "Batch":
         return Batch(
@@ -157,6 +169,8 @@ class Batch(Pipelineable):
             labels=self.labels.pin_memory(),
             weights=self.weights.pin_memory(),
             meta=dict(self.meta),
+            sdim_sums=None if self.sdim_sums is None else self.sdim_sums.pin_memory(),
+            sdim_lengths=None if self.sdim_lengths is None else self.sdim_lengths.pin_memory(),
         )
 
 
@@ -308,6 +322,18 @@ def validate_batch(batch: Batch, spec: BatchSpec = BatchSpec()) -> Batch:
             _fail(f"{name}: non-finite value at {idx}")
     if tuple(batch.weights.shape) != (n,):
         _fail(f"weights: shape {tuple(batch.weights.shape)}, expected ({n},)")
+    if (batch.sdim_sums is None) != (batch.sdim_lengths is None):
+        _fail("sdim_sums and sdim_lengths go together: one is set and the other is None")
+    if batch.sdim_sums is not None:
+        sums, lens = batch.sdim_sums, batch.sdim_lengths
+        if sums.dim() != 4 or sums.shape[0] != b:
+            _fail(f"sdim_sums: shape {tuple(sums.shape)}, expected ({b}, m, 2**tau, D)")
+        if sums.dtype != torch.float32:
+            _fail(f"sdim_sums: dtype {sums.dtype}, expected float32")
+        if tuple(lens.shape) != (b,) or lens.dtype != torch.int64:
+            _fail(f"sdim_lengths: shape {tuple(lens.shape)} dtype {lens.dtype}, expected ({b},) int64")
+        if b and int(lens.min()) < 0:
+            _fail("sdim_lengths has negative entries")
     return batch
 
 

@@ -15,6 +15,15 @@ gives each item's packed SimHash signature (`kernels.pack_codes`): the server
 computes it when an event arrives and stores it beside the sequence
 (``hist_sdim_sig`` in the batch), so a request only gathers. Signatures depend
 on the model version: recompute them when a new model is loaded.
+
+It also gives SDIM's bucket sums (`bucket_sums`: m x 2**tau x D float32 per
+user, 8 x 8 x 32 x 4 B = 8 KB with the default config) of the behaviors
+the long-term module attends (the last `long_len`), from the same
+`EmbeddingArch.behavior_values` the model embeds behaviors with. The server
+keeps them beside the sequence (adding an entering behavior, subtracting one
+that leaves the window) and sends them as ``Batch.sdim_sums``: the forward
+then gathers each candidate's m buckets instead of scanning the L behaviors.
+Like the signatures, sums belong to one model version.
 """
 from __future__ import annotations
 
@@ -23,7 +32,7 @@ import torch
 
 from features.batch import HISTORY_KEYS, ITEM_CATEGORY, ITEM_ID, USER_ID, Batch, BatchSpec, BatchValidationError
 from features.list_context import ContextCounts
-from kernels import pack_codes
+from kernels import pack_codes, unpack_codes
 from ranking.model import RankerModel
 
 
@@ -128,6 +137,67 @@ class SdimRankerInference(RankerInference):
         emb = self.model.embedding
         codes = emb.sdim_codes(emb.item_query_embeddings(ids.to(torch.int64)))  # (K, m)
         return pack_codes(codes, self.cfg.sequence.sdim_bits)
+
+    @property
+    def sums_window(self) -> int:
+        """How many of the latest behaviors the bucket sums cover (the long-term module's `long_len`)."""
+        return self.cfg.sequence.long_len
+
+    @property
+    def sums_shape(self) -> tuple[int, int, int]:
+        """(m, 2**tau, D) of one user's bucket sums."""
+        s = self.cfg.sequence
+        return s.sdim_hashes, 1 << s.sdim_bits, self.cfg.embedding.dim
+
+    @torch.inference_mode()
+    def behavior_values(self, item_ids: np.ndarray, categories: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """(K,) behaviors -> (K, D) float32 their representations (`EmbeddingArch.behavior_values`): what a
+        bucket sum adds up."""
+        cols = [torch.as_tensor(np.asarray(a, np.int64)) for a in (item_ids, categories, actions)]
+        return self.model.embedding.behavior_values(*cols).float().numpy()
+
+    def signature_codes(self, signatures: np.ndarray) -> np.ndarray:
+        """(K,) packed signatures -> (K, m) int64 codes in [0, 2**tau): `kernels.unpack_codes`' layout (code j in
+        bits [j*tau, (j+1)*tau)) in numpy, because the consumer calls it per user write, where torch's
+        per-call overhead is ten times the work (a test pins it to `kernels.unpack_codes`)."""
+        s = self.cfg.sequence
+        packed = np.asarray(signatures, np.int64)
+        return (packed[:, None] >> (np.arange(s.sdim_hashes, dtype=np.int64) * s.sdim_bits)) & ((1 << s.sdim_bits) - 1)
+
+    @torch.inference_mode()
+    def bucket_sums(self, item_ids: np.ndarray, categories: np.ndarray, actions: np.ndarray,
+                    signatures: np.ndarray, lengths: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Users' behaviors (oldest first) -> their SDIM bucket sums over the last `sums_window` of them.
+
+        Args:
+            item_ids, categories, actions: (L,) int64 canonical ids and action codes (the history keys).
+            signatures: (L,) int64 packed signatures of the items (`behavior_signatures`).
+            lengths: (B,) behaviors per user, for B users at once (a backfill); None: one user.
+
+        Returns:
+            sums (m, 2**tau, D) float32 and counts (m, 2**tau) int32 (behaviors per bucket), or (B, ...)
+            of each with `lengths`. With L <= the window these are plain per-bucket sums, which is how the
+            server adds and subtracts behaviors.
+        """
+        cols = [torch.as_tensor(np.asarray(a, np.int64)) for a in (item_ids, categories, actions, signatures)]
+        if len({c.shape for c in cols}) != 1 or cols[0].dim() != 1:
+            raise ValueError(f"bucket_sums: item_ids, categories, actions, signatures must be parallel 1-D arrays, "
+                             f"got shapes {[tuple(c.shape) for c in cols]}")
+        items, cats, acts, sigs = cols
+        lens = torch.tensor([items.numel()]) if lengths is None else torch.as_tensor(np.asarray(lengths, np.int64))
+        if lens.dim() != 1 or int(lens.sum()) != items.numel() or (lens.numel() and int(lens.min()) < 0):
+            raise ValueError(f"bucket_sums: lengths must be (B,) non-negative and sum to the {items.numel()} "
+                             f"behaviors, got shape {tuple(lens.shape)} summing to {int(lens.sum())}")
+        s = self.cfg.sequence
+        codes = unpack_codes(sigs, s.sdim_hashes, s.sdim_bits)  # (L, m)
+        values = self.model.embedding.behavior_values(items, cats, acts)  # (L, D)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lens, 0)])
+        assert self.model.long is not None
+        # a column of ones counts the behaviors per bucket in the same pass (exact in fp32 below 2**24)
+        both = self.model.long.window_bucket_sums(torch.cat([values.float(), values.new_ones(len(values), 1)], 1),
+                                                  codes, offsets)  # (B, m, K, D + 1)
+        sums, counts = both[..., :-1].contiguous().numpy(), both[..., -1].to(torch.int32).numpy()
+        return (sums[0], counts[0]) if lengths is None else (sums, counts)
 
 
 def make_inference(model: RankerModel, context: ContextCounts | None = None) -> RankerInference:

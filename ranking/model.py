@@ -102,7 +102,8 @@ class RankerModel(nn.Module):
         if self.long is not None:
             long_out = self.long(emb)  # (N, D)
             parts += [long_out, long_out * c]
-        lengths = emb.offsets.diff()[cu].to(c.dtype)
+        seen = emb.offsets.diff() if emb.seen_lengths is None else emb.seen_lengths
+        lengths = seen[cu].to(c.dtype)
         parts += [user_dense, batch.candidate_dense, torch.log1p(lengths)[:, None]]
         x = torch.cat(parts, dim=1)
         if self.moe.gated:

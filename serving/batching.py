@@ -13,6 +13,7 @@ import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from features.batch import (
     HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, HIST_SDIM_SIG, HIST_TS, ITEM_CATEGORY, ITEM_ID, ITEM_TAG, USER_ID, Batch,
@@ -22,7 +23,7 @@ from features.sequence import SequenceState
 from features.transforms import DenseLayout
 from serving.catalog import Catalog
 from serving.state.base import ItemStats
-from serving.state.codec import CounterLog, UserRecord
+from serving.state.codec import BucketSums, CounterLog, UserRecord
 from serving.state.stats import window_counters
 
 
@@ -83,14 +84,26 @@ def _user_and_history(view: UserView, with_sigs: np.ndarray | None, user_keys: t
 
 def build_request_batch(view: UserView, catalog: Catalog, item_ids: np.ndarray, cand_dense: np.ndarray | None,
                         as_of_ms: int, with_sigs: np.ndarray | None = None, user_keys: tuple[str, ...] = (),
-                        reuse: Batch | None = None) -> Batch:
+                        reuse: Batch | None = None, sdim: BucketSums | None = None) -> Batch:
     """A B = 1 batch: the user view plus candidates `item_ids` (may be empty, for the user tower).
 
     `with_sigs`: the history's packed SDIM signatures to include as ``hist_sdim_sig`` (None: left out).
     `user_keys`: user features the models read; one the user lacks is sent with no values.
     `reuse`: a batch of the same view (the user-tower batch) whose user and history parts are taken
     as they are instead of being built again.
+    `sdim`: the user's stored SDIM bucket sums, sent as ``sdim_sums`` / ``sdim_lengths`` (the ranker then
+    gathers from them instead of scanning the history); the caller checks they fit the model and the view.
     """
+    batch = _request_batch(view, catalog, item_ids, cand_dense, as_of_ms, with_sigs, user_keys, reuse)
+    if sdim is None:
+        return batch
+    return dataclasses.replace(batch, sdim_sums=torch.from_numpy(np.ascontiguousarray(sdim.sums, np.float32))[None],
+                               sdim_lengths=torch.tensor([sdim.covered], dtype=torch.int64))
+
+
+def _request_batch(view: UserView, catalog: Catalog, item_ids: np.ndarray, cand_dense: np.ndarray | None,
+                   as_of_ms: int, with_sigs: np.ndarray | None, user_keys: tuple[str, ...],
+                   reuse: Batch | None) -> Batch:
     n = len(item_ids)
     candidates = {}
     if n:  # a user-tower batch has no candidate keys at all (a keyed KJT with 0 rows trips validate_batch)

@@ -43,6 +43,7 @@ from serving.config import StateConfig
 from serving.models import ModelBundle
 from serving.state.base import OnlineStore
 from serving.state.codec import CounterLog, UserAttrs, UserRecord, encode_item_log, summary_records
+from serving.state.update import with_bucket_sums
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,8 @@ def build_records(dataset: Path, state: StateConfig, catalog: Catalog, as_of_ms:
         sigs = bundle.signatures(seq.item_ids) if bundle is not None and bundle.sig_spec else None
         records[u] = UserRecord(seq, lg, attrs.get(u, UserAttrs()), sigs, bundle.sig_spec if sigs is not None else 0)
         kept += len(b)
+    if bundle is not None and bundle.sums_window:  # SDIM bucket sums beside the sequences, many users per call
+        records = with_bucket_sums(records, bundle)
     wanted = None if user_ids is None else set(np.asarray(user_ids).tolist())
     for u, a in attrs.items():  # users with attributes but no events: attributes only
         if (wanted is None or u in wanted) and u not in records:

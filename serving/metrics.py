@@ -43,6 +43,7 @@ MODEL_LOADED_TIMESTAMP_SECONDS = "cascade_model_loaded_timestamp_seconds"
 MODEL_SWAPS_TOTAL = "cascade_model_swaps_total"
 MODEL_REJECTIONS_TOTAL = "cascade_model_rejections_total"
 SDIM_SIGNATURE_RECOMPUTES_TOTAL = "cascade_sdim_signature_recomputes_total"
+SDIM_SUMS_FALLBACKS_TOTAL = "cascade_sdim_sums_fallbacks_total"
 DEADLINE_DROPPED_TOTAL = "cascade_deadline_dropped_total"
 HEALTH_SERVING = "cascade_health_serving"
 STATE_REBUILDS_TOTAL = "cascade_state_rebuilds_total"
@@ -57,6 +58,7 @@ METRIC_NAMES: tuple[str, ...] = (
     EVENT_FRESHNESS_SECONDS, EVENTS_APPLIED_TOTAL, EVENTS_DEDUPLICATED_TOTAL, EVENTS_DEAD_LETTERED_TOTAL,
     INGEST_CONFLICTS_TOTAL, ITEMS_ADDED_TOTAL, ITEMS_REJECTED_TOTAL, INDEX_ITEMS, MODEL_INFO,
     MODEL_LOADED_TIMESTAMP_SECONDS, MODEL_SWAPS_TOTAL, MODEL_REJECTIONS_TOTAL, SDIM_SIGNATURE_RECOMPUTES_TOTAL,
+    SDIM_SUMS_FALLBACKS_TOTAL,
     DEADLINE_DROPPED_TOTAL, HEALTH_SERVING,
     STATE_REBUILDS_TOTAL, STATE_REBUILD_SECONDS, STATE_REBUILDING, CONSUMER_REWINDS_TOTAL,
 )
@@ -139,6 +141,11 @@ class ServingMetrics:
         self.sdim_recomputes = Counter(_counter_base(SDIM_SIGNATURE_RECOMPUTES_TOTAL),
                                        "Requests whose stored SDIM signatures were from another model and were recomputed",
                                        registry=r)
+        self.sdim_sums_fallbacks = Counter(_counter_base(SDIM_SUMS_FALLBACKS_TOTAL),
+                                           "Requests whose ranker scanned the behaviors because the stored SDIM "
+                                           "bucket sums could not be used, by reason (missing: none stored; version: "
+                                           "another model's; point_in_time: the request sees fewer behaviors)",
+                                           ["reason"], registry=r)
         self.deadline_dropped = Counter(_counter_base(DEADLINE_DROPPED_TOTAL),
                                         "Requests dropped because their deadline passed before a stage (that stage "
                                         "and the later ones were not computed), by stage", ["stage"], registry=r)

@@ -82,6 +82,9 @@ class RankerInference(Protocol):
 
     # Optional: `behavior_signatures(item_ids: np.ndarray) -> np.ndarray` (packed int64 SDIM codes)
     # when the ranker has an SDIM module; computed at ingest and stored beside the sequence.
+    # Optional with it: `sums_window: int` and `bucket_sums(item_ids, categories, actions, signatures) ->
+    # (sums (m, K, D) float32, counts (m, K) int32)`: SDIM's bucket sums, kept at ingest beside the sequence
+    # (tagged with the bundle's sig_spec) and sent to the ranker as `Batch.sdim_sums`.
 
 
 Loader = Callable[[Path], Any]
@@ -178,6 +181,8 @@ class ModelBundle:
     _sig: tuple[np.ndarray, np.ndarray] = field(
         default_factory=lambda: (np.empty(0, np.int64), np.empty(0, np.int64)), repr=False)
     _sig_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # (item, category, action) -> (D,) behavior value for the consumer's incremental SDIM sums, bounded
+    _values: dict[tuple[int, int, int], np.ndarray] = field(default_factory=dict, repr=False)
 
     def signatures(self, item_ids: np.ndarray) -> np.ndarray:
         """Packed SDIM signatures of items; cached per item (they depend on the item and the model only)."""
@@ -199,6 +204,44 @@ class ModelBundle:
             self._sig = (merged[keep], vals[keep])
         return self.signatures(ids)
 
+    @property
+    def sums_window(self) -> int:
+        """W: the ranker's SDIM bucket sums cover the last W behaviors; 0 when it keeps none. The sums a
+        user record holds belong to this bundle when their spec is `sig_spec` (a hash of the ranker's files)."""
+        if not self.sig_spec or not callable(getattr(self.ranker, "bucket_sums", None)):
+            return 0
+        return int(self.ranker.sums_window)
+
+    def bucket_sums(self, item_ids: np.ndarray, categories: np.ndarray, actions: np.ndarray,
+                    signatures: np.ndarray, lengths: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """SDIM bucket sums of a user's (or, with `lengths`, users') last `sums_window` behaviors
+        (`serving.state.update.SdimSource`)."""
+        return self.ranker.bucket_sums(item_ids, categories, actions, signatures, lengths)
+
+    def signature_codes(self, signatures: np.ndarray) -> np.ndarray:
+        """(K,) packed signatures -> (K, m) codes."""
+        return self.ranker.signature_codes(signatures)
+
+    def behavior_values(self, item_ids: np.ndarray, categories: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """(K, D) float32 behavior values for the consumer's incremental sums; cached per (item, category,
+        action) (they depend on those and the model only), so a warm consumer does not call the model."""
+        keys = list(zip(np.asarray(item_ids).tolist(), np.asarray(categories).tolist(), np.asarray(actions).tolist()))
+        if not keys:
+            return np.zeros((0, self.ranker.sums_shape[2]), np.float32)
+        cache = self._values
+        missing = [k for k in dict.fromkeys(keys) if k not in cache]
+        got: dict[tuple[int, int, int], np.ndarray] = {}
+        if missing:
+            arr = np.asarray(missing, np.int64)
+            got = dict(zip(missing, np.asarray(self.ranker.behavior_values(arr[:, 0], arr[:, 1], arr[:, 2]),
+                                               np.float32)))
+        out = np.stack([got[k] if k in got else cache[k] for k in keys])
+        if got:
+            if len(cache) + len(got) > VALUE_CACHE_LIMIT:
+                cache.clear()  # bounded: a catalog x actions larger than the limit is looked up again
+            cache.update(got)
+        return out
+
     def warm_signatures(self, item_ids: np.ndarray, chunk: int = 65536) -> None:
         if not self.sig_spec:
             return
@@ -206,6 +249,7 @@ class ModelBundle:
             self.signatures(item_ids[s:s + chunk])
 
 
+VALUE_CACHE_LIMIT = 1 << 20  # cached SDIM behavior values per bundle (~200 B each)
 MAX_MANIFEST_BYTES = 16 << 20
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 

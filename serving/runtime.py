@@ -5,14 +5,16 @@ checked before every stage: a request whose deadline has passed (say, while it
 queued for a handler thread) is answered DEADLINE_EXCEEDED instead of computed,
 and counted in ``cascade_deadline_dropped_total{stage}`` by the stage it skipped:
 
-    state_read   one Redis GET: sequence + SDIM signatures + counters + attributes
+    state_read   one Redis GET: sequence + SDIM signatures and bucket sums + counters + attributes
     user_tower   the retriever's user embedding of the user as of the request time
     ann          top-N of the ANN index (+ room for the seen items that will be dropped)
     filter_seen  drop items the user already interacted with (exclude_seen)
     item_stats   the candidates' counters: rows of the refreshed catalog snapshot (serving/item_features.py),
                  or one Redis MGET (point-in-time requests, no fresh snapshot, `item_stats: request`)
     features     the candidates' dense features and the batch
-    ranker       the ranker's probabilities
+    ranker       the ranker's probabilities; with an SDIM ranker, from the user's stored bucket sums (each
+                 candidate gathers its m buckets, the L behaviors are not scanned) when they are this model's
+                 and cover what the request sees, else by the scan (``cascade_sdim_sums_fallbacks_total``)
     topk         the best k
 
 Degraded answers never raise: a user with no behaviors before the request
@@ -35,7 +37,7 @@ import torch
 
 from features.batch import BatchSpec, validate_batch
 from features.list_context import recent_items, second_stage_dense
-from serving.batching import build_request_batch, candidate_dense, user_view
+from serving.batching import UserView, build_request_batch, candidate_dense, user_view
 from serving.catalog import Catalog
 from serving.config import LimitsConfig, RuntimeConfig
 from serving.errors import DeadlineExceeded, InvalidRequest, NoModelLoaded, StateUnavailable
@@ -43,6 +45,7 @@ from serving.metrics import ServingMetrics
 from serving.item_features import ItemDenseCache
 from serving.models import ModelBundle, ModelHolder
 from serving.state.base import OnlineStore
+from serving.state.codec import BucketSums, UserRecord
 
 log = logging.getLogger(__name__)
 
@@ -261,6 +264,7 @@ class Runtime:
         view = user_view(q.user_id, rec, as_of, bundle.dense)
         cold = view.history_length == 0  # no behaviors before as_of: nothing for the user tower to read
         sigs = self._signatures(bundle, rec, view)
+        sums = self._bucket_sums(bundle, rec, view)
         fallback = "cold_start" if cold else ""
         seen = view.seq.item_ids if q.exclude_seen else np.empty(0, np.int64)  # may repeat: only sizes the ANN k
         retrieval = None
@@ -331,7 +335,7 @@ class Runtime:
         due(deadline, "features")
         if dense is None:
             dense = candidate_dense(catalog, cands, stats, as_of, bundle.dense)
-        batch = build_request_batch(view, catalog, cands, dense, as_of, sigs, bundle.user_keys, reuse=ubatch)
+        batch = build_request_batch(view, catalog, cands, dense, as_of, sigs, bundle.user_keys, reuse=ubatch, sdim=sums)
         if second:  # it reads the list, not the counters: no user dense features
             batch = dataclasses.replace(batch, user_dense=batch.user_dense[:, :0])
         if self.cfg.validate_batches:
@@ -373,6 +377,26 @@ class Runtime:
         if len(view.seq):
             self.metrics.sdim_recomputes.inc()
         return bundle.signatures(view.seq.item_ids)
+
+    def _bucket_sums(self, bundle: ModelBundle, rec: UserRecord | None, view: UserView) -> BucketSums | None:
+        """The stored SDIM bucket sums when this model keeps them, they are its version and cover exactly the
+        behaviors the request sees; else None (the ranker scans), counted by reason unless there is nothing
+        to scan. A version mismatch heals when the consumer next writes the user, or by a backfill."""
+        if not bundle.sums_window or not view.history_length:
+            return None
+        s = None if rec is None else rec.sdim
+        if s is None:
+            reason = "missing"
+        elif s.spec != bundle.sig_spec:
+            reason = "version"
+        elif len(view.seq) != len(rec.seq):
+            reason = "point_in_time"  # the request's as_of hides behaviors the sums include
+        elif s.covered != min(len(rec.seq), bundle.sums_window):
+            reason = "missing"  # built for another window: unusable, rebuilt on the next write
+        else:
+            return s
+        self.metrics.sdim_sums_fallbacks.labels(reason=reason).inc()
+        return None
 
     def _popular(self, bundle: ModelBundle, q: RankQuery, clock: _Clock, reason: str) -> RankResult:
         ids, counts = self.popularity.snapshot(bundle.retriever.item_ids)

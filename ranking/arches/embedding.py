@@ -62,6 +62,9 @@ class EmbeddedBatch(NamedTuple):
     cand_codes: torch.Tensor | None  # (N, m) SDIM codes of the candidates' items
     user_pooled: torch.Tensor  # (B, Fu * P) pooled user features
     cand_pooled: torch.Tensor  # (N, Fc * P) pooled candidate features
+    long_sums: torch.Tensor | None = None  # (B, m, K, D) SDIM bucket sums from the batch (serving); rows then
+    #                                        hold only the last short_len behaviors
+    seen_lengths: torch.Tensor | None = None  # (B,) behaviors the model reads per user; None: offsets.diff()
 
 
 def offsets_of(lengths: torch.Tensor) -> torch.Tensor:
@@ -91,6 +94,22 @@ def first_values(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return torch.zeros(lengths.numel(), dtype=values.dtype, device=values.device)
     starts = offsets_of(lengths)[:-1].clamp(max=values.numel() - 1)
     return torch.where(lengths > 0, values[starts], torch.zeros_like(values[starts]))
+
+
+def compose_behaviors(item: torch.Tensor, item_idx: torch.Tensor, cat: torch.Tensor | None,
+                      cat_idx: torch.Tensor | None, act: nn.Embedding | None, act_idx: torch.Tensor | None) -> torch.Tensor:
+    """A behavior's embedding from its looked-up rows: item[item_idx] + cat[cat_idx] + act[act_idx]  (K, d).
+
+    The one formula for v_l / k_l (module docstring): `EmbeddingArch.forward` applies it to a batch's
+    distinct tokens, `EmbeddingArch.behavior_values` to any behaviors (SDIM bucket sums kept at ingest),
+    so both give the same floats.
+    """
+    v = item.index_select(0, item_idx)
+    if cat is not None:
+        v = v + cat.index_select(0, cat_idx)
+    if act is not None:
+        v = v + act.weight.index_select(0, act_idx)
+    return v
 
 
 def _unique_rows(ids: torch.Tensor, feature: str, buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,6 +173,7 @@ class EmbeddingArch(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.history_len = seq.history_len
+        self.short_len = seq.short_len
         device = torch.device(embedding_device)
         init = partial(nn.init.normal_, mean=0.0, std=cfg.init_std)
 
@@ -216,6 +236,17 @@ class EmbeddingArch(nn.Module):
         name = ITEM_ATT_TABLE if self.cfg.decoupled else ITEM_REP_TABLE
         return self._lookup(rows, empty)[name][inv]
 
+    def behavior_values(self, item_ids: torch.Tensor, categories: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
+        """(K,) canonical item ids, categories, action codes -> (K, D) representations v_l (`compose_behaviors`):
+        what SDIM sums per bucket, bit-identical to the values `forward` computes for the same behaviors."""
+        item_rows, item_inv = _unique_rows(item_ids, ITEM_FEATURE, self.cfg.item_buckets)
+        cat_rows = cat_inv = None
+        if self.cfg.use_category:
+            cat_rows, cat_inv = _unique_rows(categories, CATEGORY_FEATURE, self.cfg.category_buckets)
+        rows = self._lookup(item_rows, cat_rows)
+        return compose_behaviors(rows[ITEM_REP_TABLE], item_inv, rows.get(CATEGORY_REP_TABLE), cat_inv,
+                                 self.action_rep, actions if self.action_rep is not None else None)
+
     def sdim_codes(self, x: torch.Tensor) -> torch.Tensor:
         """(K, Dq) item embeddings -> (K, m) SimHash codes (not differentiable)."""
         with torch.no_grad():
@@ -226,7 +257,13 @@ class EmbeddingArch(nn.Module):
         b = batch.batch_size
         lengths = batch.history_lengths()
         cand_user = batch.candidate_user_index()
-        idx, lengths = tail_index(lengths, self.history_len)  # keep the last history_len behaviors
+        sums = batch.sdim_sums if self.sdim else None
+        seen = None
+        if sums is not None:  # the long-term module gathers from the sums: embed only the short-term behaviors
+            seen = torch.maximum(lengths.clamp(max=self.history_len), batch.sdim_lengths.to(lengths.device))
+            idx, lengths = tail_index(lengths, self.short_len)
+        else:
+            idx, lengths = tail_index(lengths, self.history_len)  # keep the last history_len behaviors
         offsets = offsets_of(lengths)
 
         def hist(key: str) -> torch.Tensor:
@@ -259,13 +296,9 @@ class EmbeddingArch(nn.Module):
 
         def compose(item: str, cat: str, act: nn.Embedding | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             item_u, cat_u = looked_up[item], looked_up.get(cat)  # (U, d) each
-            tok = item_u.index_select(0, tok_item)  # (T, d)
-            c = item_u.index_select(0, item_inv[num_hist:])  # (N, d)
-            if cat_u is not None:
-                tok = tok + cat_u.index_select(0, tok_cat)
-                c = c + cat_u.index_select(0, cat_inv[num_hist:])
-            if act is not None:
-                tok = tok + act.weight.index_select(0, tok_act)
+            tok = compose_behaviors(item_u, tok_item, cat_u, tok_cat, act, tok_act)  # (T, d)
+            c = compose_behaviors(item_u, item_inv[num_hist:], cat_u,
+                                  None if cat_inv is None else cat_inv[num_hist:], None, None)  # (N, d)
             return tok.index_select(0, token_inv), c, item_u  # (L, d), (N, d), (U, d)
 
         values, candidates, item_u = compose(ITEM_REP_TABLE, CATEGORY_REP_TABLE, self.action_rep)
@@ -278,7 +311,9 @@ class EmbeddingArch(nn.Module):
         if self.sdim:  # item-only embeddings in the query space, each distinct item hashed once
             codes = self.sdim_codes(item_u)  # (U, m)
             cand_codes = codes[item_inv[num_hist:]]
-            if HIST_SDIM_SIG in batch.history.keys():  # computed when the events arrived (serving)
+            if sums is not None:
+                hist_codes = None  # not read: the long-term module gathers from the sums
+            elif HIST_SDIM_SIG in batch.history.keys():  # computed when the events arrived (serving)
                 hist_codes = unpack_codes(hist(HIST_SDIM_SIG), self.sdim_hashes, self.sdim_bits)
             else:
                 hist_codes = codes[item_inv[:num_hist]]
@@ -295,4 +330,4 @@ class EmbeddingArch(nn.Module):
             cand_pooled = values.new_zeros(n, 0)
         max_len = int(lengths.max()) if b else 0
         return EmbeddedBatch(offsets, cand_user, max_len, keys, values, queries, candidates, hist_codes, cand_codes,
-                             user_pooled, cand_pooled)
+                             user_pooled, cand_pooled, sums, seen)

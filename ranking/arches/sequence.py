@@ -17,6 +17,17 @@
           the candidate's, per hash function, summed, L2-normalized, averaged
           over the m functions; no softmax (SDIM, Cao et al. 2022).
 
+SDIM at serving time (the paper's "behavior sequence encoding"): the per-bucket
+sums of a user's behaviors do not depend on the candidate, so the server keeps
+them at ingest (`window_bucket_sums`, updated incrementally) and the batch
+carries them (`Batch.sdim_sums`); `LongTermArch` then only gathers each
+candidate's m buckets (`kernels.gather_buckets`) and never reads the L
+behaviors. The window is the model's own: the sums cover exactly the last
+`long_len` behaviors, the ones `collision_gather` would scan, so the scores do
+not depend on which path ran (the server subtracts a behavior when it leaves
+the window). Sums over the whole stored history would need the model trained
+on that window instead, and would change with the server's history cap.
+
 Everything is jagged (offsets, cand_user): no (N, L, D) padded tensors here.
 """
 from __future__ import annotations
@@ -26,7 +37,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from kernels import collision_gather, dare_topk_attention, jagged_target_attention
+from kernels import collision_gather, dare_topk_attention, gather_buckets, jagged_target_attention, sdim_bucket_sums
 from ranking.arches.embedding import EmbeddedBatch, offsets_of, tail_index
 from ranking.config import SequenceArchConfig
 
@@ -120,7 +131,26 @@ class LongTermArch(nn.Module):
             return collision_gather(seq.values, codes, seq.offsets, cand_codes, seq.cand_user, max_len)
         raise ValueError(f"no long-term module {cfg.long!r}")
 
+    def window_bucket_sums(self, values: torch.Tensor, codes: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """SDIM bucket sums over the window this module attends: each user's last `long_len` behaviors.
+
+        Args:
+            values: (L, D) behavior representations (`EmbeddingArch.behavior_values`); codes: (L, m) int64
+                SimHash codes; offsets: (B+1,) int64 jagged users.
+
+        Returns:
+            (B, m, 2**tau, D) float32, so that ``gather_buckets(sums, cand_codes, cand_user)`` equals
+            `forward`'s SDIM output on the same behaviors.
+        """
+        idx, lengths = tail_index(offsets.diff(), self.cfg.long_len)
+        if idx is not None:
+            values, codes = values[idx], codes[idx]
+        return sdim_bucket_sums(values, codes, offsets_of(lengths), self.cfg.sdim_bits)
+
     def forward(self, emb: EmbeddedBatch) -> torch.Tensor:
+        if emb.long_sums is not None:  # SDIM from the sums kept at ingest: no scan of the behaviors
+            assert emb.cand_codes is not None  # EmbeddingArch passes sums on only with an SDIM module
+            return gather_buckets(emb.long_sums, emb.cand_codes, emb.cand_user)
         seq, idx = tail(emb, self.cfg.long_len)
         codes = None if emb.hist_codes is None else (emb.hist_codes if idx is None else emb.hist_codes[idx])
         lengths = seq.lengths()

@@ -11,11 +11,21 @@ Layout (little-endian)::
     header  <4s B B H I I I q q q>  magic b"CSU1", format 1, flags, reserved,
                                     n_seq, n_log, attrs_len, sig_spec, total_cnt, total_pos
     seq     item_id i8[n] | ts_ms i8[n] | category i8[n] | action u1[n] | sdim_sig i8[n] (flag HAS_SIGS)
+    sums    (flag HAS_SUMS) <q H H H H> sums_spec, m, K, D, 0 | count i4[m*K] | sum f4[m*K*D]
     log     ts_ms i8[m] | pos u1[m]      counted events within the retention (event time), chronological
     attrs   JSON {"sparse": {feature: [ids]}, "numeric": {key: value}}
 
 `sig_spec` identifies the signature function (the ranker's SDIM hyperplanes)
 the stored signatures were computed with; 0 = none stored.
+
+`sums` are SDIM's bucket sums (`BucketSums`): per hash function j and code c,
+the sum of the representations of the user's last W behaviors with code c
+(W = the ranker's long_len) and how many there are. `sums_spec` is the model
+version they were built with (the bundle's `sig_spec`: the ranker's files);
+a reader serving another version must not use them. float32, so that the
+consumer can add entering and subtract leaving behaviors for as long as the
+user lives: 8 x 8 x 32 floats + 64 counts = 8.5 KB per user with the default
+config (m = 8, tau = 3, D = 32), next to ~33 B per stored behavior.
 
 Item statistics are kept apart (items are shared by all consumers, so they are
 written with an atomic APPEND, never read-modify-write): one value per item, a
@@ -39,7 +49,9 @@ from features.sequence import SequenceState
 MAGIC = b"CSU1"
 FORMAT = 1
 HAS_SIGS = 1
+HAS_SUMS = 2
 _HEADER = struct.Struct("<4sBBHIIIqqq")
+_SUMS_HEADER = struct.Struct("<qHHHH")
 HEADER_BYTES = _HEADER.size
 ITEM_LOG_DTYPE = np.dtype([("ts", "<i8"), ("pos", "u1")])  # 9 bytes, packed
 
@@ -85,6 +97,23 @@ class CounterLog:
 
 
 @dataclass(frozen=True)
+class BucketSums:
+    """A user's SDIM bucket sums over the last W behaviors, as one model version builds them."""
+
+    sums: np.ndarray  # (m, K, D) float32: sum of the window's behavior values per (hash function, code)
+    counts: np.ndarray  # (m, K) int32: behaviors per bucket; a bucket whose count is 0 holds exactly 0
+    spec: int  # the model version (ModelBundle.sig_spec) the values and codes came from; never 0
+
+    @property
+    def covered(self) -> int:
+        """How many behaviors the sums cover (each is in one bucket per hash function)."""
+        return int(self.counts[0].sum()) if self.counts.size else 0
+
+    def nbytes(self) -> int:
+        return _SUMS_HEADER.size + self.counts.size * 4 + self.sums.size * 4
+
+
+@dataclass(frozen=True)
 class UserRecord:
     seq: SequenceState
     log: CounterLog
@@ -92,6 +121,7 @@ class UserRecord:
     sigs: np.ndarray | None = None  # (L,) int64 packed SDIM signatures, parallel to seq
     sig_spec: int = 0
     attrs_raw: bytes | None = None  # the encoded attrs, carried through ingest without decoding
+    sdim: BucketSums | None = None  # SDIM bucket sums of the sequence's last W behaviors, when kept
 
     @classmethod
     def empty(cls) -> "UserRecord":
@@ -106,7 +136,14 @@ def encode_user(rec: UserRecord) -> bytes:
         raise ValueError(f"sigs has shape {rec.sigs.shape}, expected ({n},)")  # type: ignore[union-attr]
     attrs = rec.attrs_raw if rec.attrs_raw is not None else rec.attrs.encode()
     log = rec.log
-    header = _HEADER.pack(MAGIC, FORMAT, HAS_SIGS if has_sigs else 0, 0, n, len(log), len(attrs),
+    sdim = rec.sdim
+    if sdim is not None:
+        m, k, dim = sdim.sums.shape if sdim.sums.ndim == 3 else (-1, -1, -1)
+        if sdim.sums.ndim != 3 or sdim.counts.shape != (m, k) or sdim.spec == 0 or max(m, k, dim) >= 1 << 16:
+            raise ValueError(f"sdim sums {sdim.sums.shape} / counts {sdim.counts.shape} / spec {sdim.spec}: expected "
+                             "(m, K, D) and (m, K) below 65536 each and a non-zero spec")
+    flags = (HAS_SIGS if has_sigs else 0) | (HAS_SUMS if sdim is not None else 0)
+    header = _HEADER.pack(MAGIC, FORMAT, flags, 0, n, len(log), len(attrs),
                           rec.sig_spec if has_sigs else 0, log.total_cnt, log.total_pos)
     parts = [
         header,
@@ -117,6 +154,10 @@ def encode_user(rec: UserRecord) -> bytes:
     ]
     if has_sigs:
         parts.append(np.ascontiguousarray(rec.sigs, dtype="<i8").tobytes())
+    if sdim is not None:
+        parts += [_SUMS_HEADER.pack(sdim.spec, *sdim.sums.shape, 0),
+                  np.ascontiguousarray(sdim.counts, dtype="<i4").tobytes(),
+                  np.ascontiguousarray(sdim.sums, dtype="<f4").tobytes()]
     parts += [np.ascontiguousarray(log.ts_ms, dtype="<i8").tobytes(), np.ascontiguousarray(log.pos, dtype=np.uint8).tobytes(), attrs]
     return b"".join(parts)
 
@@ -131,6 +172,14 @@ def decode_user(blob: bytes, where: str = "user state", decode_attrs: bool = Tru
         raise StateDecodeError(f"{where}: bad magic/format {magic!r}/{fmt} (expected {MAGIC!r}/{FORMAT})")
     has_sigs = bool(flags & HAS_SIGS)
     expected = HEADER_BYTES + n * (25 + (8 if has_sigs else 0)) + m * 9 + alen
+    sums_at = HEADER_BYTES + n * (25 + (8 if has_sigs else 0))
+    sums_dims = None
+    if flags & HAS_SUMS:
+        if len(blob) < sums_at + _SUMS_HEADER.size:
+            raise StateDecodeError(f"{where}: {len(blob)} bytes end before the SDIM sums section at {sums_at}")
+        sums_spec, hm, hk, hd, _ = _SUMS_HEADER.unpack_from(blob, sums_at)
+        sums_dims = (sums_spec, hm, hk, hd)
+        expected += _SUMS_HEADER.size + hm * hk * 4 + hm * hk * hd * 4
     if len(blob) != expected:
         raise StateDecodeError(f"{where}: {len(blob)} bytes, the header says {expected} (n_seq={n}, n_log={m})")
     body = np.frombuffer(blob, np.uint8)  # one buffer; each column is a typed view of its section
@@ -142,6 +191,13 @@ def decode_user(blob: bytes, where: str = "user state", decode_attrs: bool = Tru
     sigs = None
     if has_sigs:
         sigs = body[o:o + 8 * n].view("<i8"); o += 8 * n
+    sdim = None
+    if sums_dims is not None:
+        sums_spec, hm, hk, hd = sums_dims
+        o += _SUMS_HEADER.size
+        counts = body[o:o + 4 * hm * hk].view("<i4").reshape(hm, hk); o += 4 * hm * hk
+        sums = body[o:o + 4 * hm * hk * hd].view("<f4").reshape(hm, hk, hd); o += 4 * hm * hk * hd
+        sdim = BucketSums(sums, counts, int(sums_spec))
     lts = body[o:o + 8 * m].view("<i8"); o += 8 * m
     lpos = body[o:o + m]; o += m
     raw_attrs = bytes(blob[o:o + alen])
@@ -152,6 +208,7 @@ def decode_user(blob: bytes, where: str = "user state", decode_attrs: bool = Tru
         sigs=sigs,
         sig_spec=int(sig_spec) if has_sigs else 0,
         attrs_raw=raw_attrs,
+        sdim=sdim,
     )
 
 

@@ -133,6 +133,7 @@ class EventApplier:
         bundle = self.models.current
         sig_spec = bundle.sig_spec if bundle is not None else 0
         signatures = bundle.signatures if sig_spec else None
+        sdim = bundle if sig_spec and bundle.sums_window else None  # keeps SDIM bucket sums beside the sequence
         st = self.state
         retention = st.retention_ms()
         skipped = [0]
@@ -178,7 +179,7 @@ class EventApplier:
                     w.marks[uid] = [e.event_id for e in evs]
                     applied.append(sel)
                 rec = states.get(uid) or UserRecord.empty()
-                w.users[uid] = apply_user_batch(rec, ub, st.sequence, retention, sig_spec, signatures, now_ms)
+                w.users[uid] = apply_user_batch(rec, ub, st.sequence, retention, sig_spec, signatures, now_ms, sdim)
             if applied:  # per item: its applied events' counter records and behaviors, in arrival order
                 idx = np.concatenate([np.arange(*x) if isinstance(x, tuple) else x for x in applied])
                 idx = idx[flags_a[idx] != 0]
