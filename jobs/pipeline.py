@@ -33,6 +33,7 @@ than its tolerance; the reasons are printed and stored in evaluation.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -62,7 +63,9 @@ STAGES = ("features", "retriever", "ranker", "evaluate", "publish")
 
 @dataclass(frozen=True)
 class FeaturesStage:
-    # A prebuilt `cascade build-features` directory to use as is (empty: build into the version directory).
+    # A prebuilt `cascade build-features` directory to use as is, or a versioned features root (`build-features
+    # --versioned`), whose current version is resolved once and leased for the run (empty: build into the
+    # version directory).
     dir: str = ""
     # YAML of features.spark.config.FeatureBuildConfig (empty: its defaults).
     config: str = ""
@@ -457,14 +460,20 @@ class PipelineResult:
 def run_pipeline(cfg: PipelineConfig, version: str, say: Callable[[str], None] = print) -> PipelineResult:
     """Runs (or resumes) every stage of `version`; see the module docstring."""
     t0 = time.perf_counter()
-    run = Run(cfg, version, say)
-    say(f"pipeline     version {version} -> {run.dir}   (code {run.manifest['code_version']})")
-    feat = run.features()
-    fdir = Path(feat["dir"])
-    retr = run.train("retriever", fdir)
-    rank = run.train("ranker", fdir)
-    ev = run.evaluate(fdir, retr, rank)
-    pub = run.publish(fdir, retr, rank, ev)
+    with contextlib.ExitStack() as held:
+        if cfg.features.dir:  # a versioned root (features/versions.py): one version, pinned for the whole run
+            from features.versions import pin
+
+            fv = held.enter_context(pin(cfg.features.dir, job=f"pipeline {version}"))
+            cfg = dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, dir=str(fv.path)))
+        run = Run(cfg, version, say)
+        say(f"pipeline     version {version} -> {run.dir}   (code {run.manifest['code_version']})")
+        feat = run.features()
+        fdir = Path(feat["dir"])
+        retr = run.train("retriever", fdir)
+        rank = run.train("ranker", fdir)
+        ev = run.evaluate(fdir, retr, rank)
+        pub = run.publish(fdir, retr, rank, ev)
     if pub.get("published") and not pub.get("announced"):
         run.announce(pub)
     elif pub.get("published"):
