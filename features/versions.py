@@ -11,8 +11,11 @@ newest complete one::
         .lock                        flock: lease acquisition and garbage collection never interleave
 
 A writer builds into a new version directory nobody reads, then `commit_version` flips the pointer with one
-`os.replace` (a reader sees the old or the new JSON, never a half-written one; a symlink swap would need two
-renames and a reader can follow the old link mid-way). A reader calls `pin(path)` once at start: it resolves
+`os.replace` of a fully written, fsynced temp file (a reader sees the old or the new JSON, never a half-written
+one). The pointer is a file naming the version rather than a symlink: a reader resolves it once and from then
+on opens ``ROOT/<version>/...`` by name, so no later switch can change what a path it holds means (a reader
+walking ``ROOT/current/...`` through a symlink would cross into the new version mid-run), and it records the
+manifest's sha256. A reader calls `pin(path)` once at start: it resolves
 the pointer, writes a lease on that version under the lock, and reads that version until it ends, whatever
 later runs commit. `collect_garbage(root, keep)` removes a version only when it is older than the newest
 `keep`, is not the current one and no live lease pins it; it renames the directory out of the version
