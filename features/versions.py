@@ -51,6 +51,7 @@ LOCK = ".lock"
 VERSION_PREFIX = "v-"
 MANIFEST = "manifest.json"
 DEFAULT_LEASE_TTL_S = 600.0
+RUN_RECORD = "features_version.json"  # in a training run's directory: the version it reads
 
 
 @dataclass(frozen=True)
@@ -198,19 +199,24 @@ class Lease:
         self.file.unlink(missing_ok=True)
 
 
-def acquire(root: str | Path, job: str = "", ttl_s: float = DEFAULT_LEASE_TTL_S) -> tuple[FeaturesVersion, Lease]:
-    """Resolves ``ROOT/current.json`` once and leases that version (under the root's lock)."""
+def acquire(root: str | Path, job: str = "", ttl_s: float = DEFAULT_LEASE_TTL_S,
+            version: str | None = None) -> tuple[FeaturesVersion, Lease]:
+    """Resolves ``ROOT/current.json`` once (or takes `version`) and leases that version, under the root's lock."""
     if ttl_s <= 0:
         raise ValueError(f"lease ttl must be > 0 seconds, got {ttl_s}")
     root = Path(root)
     with _locked(root):
-        pointer = read_pointer(root)
-        if pointer is None:
-            raise FileNotFoundError(f"{root} has no {POINTER}: no features version was committed there yet "
-                                    "(run `cascade build-features --versioned --out ROOT`)")
-        version = pointer["version"]
-        if not (root / version / MANIFEST).is_file():
-            raise FileNotFoundError(f"{root / POINTER} points at {version}, which has no {MANIFEST}")
+        if version is None:
+            pointer = read_pointer(root)
+            if pointer is None:
+                raise FileNotFoundError(f"{root} has no {POINTER}: no features version was committed there yet "
+                                        "(run `cascade build-features --versioned --out ROOT`)")
+            version = pointer["version"]
+            if not (root / version / MANIFEST).is_file():
+                raise FileNotFoundError(f"{root / POINTER} points at {version}, which has no {MANIFEST}")
+        elif not (root / version / MANIFEST).is_file():
+            raise FileNotFoundError(f"features version {root / version} is gone (collected) or incomplete: a run "
+                                    "that read it cannot resume; start a new run")
         (root / LEASES).mkdir(exist_ok=True)
         lease = Lease(root, version, job, ttl_s)
         lease._write()
@@ -232,11 +238,12 @@ def reserve(root: str | Path, job: str = "build", ttl_s: float = DEFAULT_LEASE_T
 
 
 @contextlib.contextmanager
-def pin(path: str | Path, job: str = "", ttl_s: float = DEFAULT_LEASE_TTL_S) -> Iterator[FeaturesVersion]:
+def pin(path: str | Path, job: str = "", ttl_s: float = DEFAULT_LEASE_TTL_S,
+        version: str | None = None) -> Iterator[FeaturesVersion]:
     """The features a job reads, held for the ``with`` block.
 
-    A versioned root resolves to its current version, leased until the block ends; any other path (a plain
-    features directory, an object-store URI) is yielded as is.
+    A versioned root resolves to its current version (or `version`), leased until the block ends; any other
+    path (a plain features directory, an object-store URI) is yielded as is.
 
     Example::
 
@@ -244,7 +251,7 @@ def pin(path: str | Path, job: str = "", ttl_s: float = DEFAULT_LEASE_TTL_S) -> 
             train(fv.path)          # fv.version stays readable, whatever later builds commit
     """
     if "://" not in str(path) and is_versioned_root(path):
-        fv, lease = acquire(path, job, ttl_s)
+        fv, lease = acquire(path, job, ttl_s, version)
         try:
             yield fv
         finally:
@@ -253,14 +260,28 @@ def pin(path: str | Path, job: str = "", ttl_s: float = DEFAULT_LEASE_TTL_S) -> 
         yield FeaturesVersion(path if "://" in str(path) else Path(path))
 
 
-def pin_on_rank0(held: contextlib.ExitStack, features: str | Path, job: str, rank: int) -> str:
+def pin_on_rank0(held: contextlib.ExitStack, features: str | Path, job: str, rank: int, run_dir: Path,
+                 resume: bool = False) -> str:
     """The features a training run reads, resolved once for all its ranks.
 
-    Rank 0 pins `features` (`pin`) for as long as `held` stays open and, when a process group of more than
-    one rank is initialised, sends the resolved path to every rank (call it on every rank after
-    ``init_process_group``); without one (the local launcher's parent) the caller passes the path on.
+    Rank 0 pins `features` (`pin`) for as long as `held` stays open, records the version in
+    ``run_dir/features_version.json`` and, when a process group of more than one rank is initialised, sends
+    the resolved path to every rank (call it on every rank after ``init_process_group``); without one (the
+    local launcher's parent) the caller passes the path on. With `resume`, the version the run recorded is
+    pinned again rather than the current one, so a resumed run never mixes two versions.
     """
-    path = str(held.enter_context(pin(features, job=job)).path) if rank == 0 else None
+    path = None
+    if rank == 0:
+        version = None
+        record = Path(run_dir) / RUN_RECORD
+        if resume and record.is_file():
+            rec = json.loads(record.read_text())
+            if "://" not in str(features) and Path(rec["root"]) == Path(features):
+                version = rec["version"]
+        fv = held.enter_context(pin(features, job=job, version=version))
+        if fv.version is not None:
+            _write_json_atomic(record, {"root": str(fv.root), "version": fv.version, "path": str(fv.path)})
+        path = str(fv.path)
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

@@ -114,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
 
             rank, world = launcher.rank, launcher.world_size
             init_from_torchrun_env("gloo", launcher)  # ranking.train trains on CPU tensors: gloo on any node
-            cfg = _with_features(cfg, pin_on_rank0(held, cfg.data.features_dir, "train-ranker", rank))
+            features = pin_on_rank0(held, cfg.data.features_dir, "train-ranker", rank, args.out, args.resume)
+            cfg = _with_features(cfg, features)
             if rank == 0:
                 (args.out / "config.yaml").write_text(dump_config(cfg))  # the features version actually read
                 log.info("config:\n%s", dump_config(cfg))
@@ -123,7 +124,8 @@ def run(args: argparse.Namespace) -> int:
             finally:
                 dist.destroy_process_group()
         else:
-            cfg = _with_features(cfg, pin_on_rank0(held, cfg.data.features_dir, "train-ranker", 0))
+            features = pin_on_rank0(held, cfg.data.features_dir, "train-ranker", 0, args.out, args.resume)
+            cfg = _with_features(cfg, features)
             (args.out / "config.yaml").write_text(dump_config(cfg))
             log.info("config:\n%s", dump_config(cfg))
             res = run_distributed(_worker, args.world_size, cfg, str(args.out), args.resume, export)[0]

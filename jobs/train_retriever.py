@@ -116,14 +116,14 @@ def run(args: argparse.Namespace) -> int:
             world = launcher.world_size
             # retrieval.train trains on CPU tensors, so gloo even where CUDA is present (NCCL needs CUDA tensors)
             init_from_torchrun_env("gloo", launcher)
-            features = Path(pin_on_rank0(held, args.features, "train-retriever", rank))
+            features = Path(pin_on_rank0(held, args.features, "train-retriever", rank, args.out, args.resume))
             result = _worker(rank, world, cfg, features, args.out, args.resume, not args.quiet)
             dist.barrier()
             dist.destroy_process_group()
             if rank != 0:
                 return 0
         else:
-            features = Path(pin_on_rank0(held, args.features, "train-retriever", 0))
+            features = Path(pin_on_rank0(held, args.features, "train-retriever", 0, args.out, args.resume))
             result = run_distributed(_worker, args.nproc, cfg, features, args.out, args.resume, not args.quiet,
                                      threads_per_rank=max(1, (os.cpu_count() or 1) // args.nproc))[0]
         manifest = None if args.no_export else export_run(cfg, features, args.out)

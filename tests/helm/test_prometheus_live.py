@@ -2,13 +2,14 @@
 
 The scenario drives what the panels show: Rank calls (answered, and one refused as INVALID_ARGUMENT), a
 degraded answer (a user with no history), events on Kafka (applied, freshness, one redelivered), a malformed
-event (a dead letter), a new item and a rejected one, a rejected model announcement and a model swap. Prometheus (the Debian package, the same
-one `make sysdeps` installs for promtool) scrapes the server's /metrics every second with the labels the
-chart's ServiceMonitor gives the series (namespace, service, pod), and loads the chart's rendered alert
-rules. Then every query of every dashboard (helm/cascade/dashboards/*.json, Grafana's variables
-substituted) and every alert expression is evaluated through the HTTP API: each must be accepted, every
-rule must evaluate without error, and each dashboard query whose series the scenario produced must
-return data. A label broken on purpose in a copy of a dashboard is caught (an empty panel).
+event (a dead letter), a new item and a rejected one, a rejected model announcement and a model swap.
+Prometheus (the Debian package, the same one `make sysdeps` installs for promtool) scrapes the server's
+/metrics every second with the labels the chart's ServiceMonitor gives the series (namespace, service,
+pod), and loads the chart's rendered alert rules. Then every query of every dashboard
+(helm/cascade/dashboards/*.json, Grafana's variables substituted) and every alert expression is evaluated
+through the HTTP API: each must be accepted, every rule must evaluate without error, and each dashboard
+query whose series the scenario produced must return data. A label broken on purpose in a copy of a
+dashboard is caught (an empty panel).
 """
 from __future__ import annotations
 
@@ -190,7 +191,8 @@ def live(prometheus_binary, rule_groups, services, model_bundles, catalog, ml100
         h.send_raw(h.topics.models, ModelAnnouncement("v2", str(path), checksum).encode())  # a swap
         _wait_until(lambda: h.metric("cascade_events_applied_total") == 5
                     and h.metric("cascade_events_deduplicated_total") == 1
-                    and h.metric("cascade_events_dead_lettered_total", {"topic": h.topics.events, "reason": "not_json"}) == 1
+                    and h.metric("cascade_events_dead_lettered_total",
+                                 {"topic": h.topics.events, "reason": "not_json"}) == 1
                     and h.metric("cascade_items_added_total") == 1
                     and h.metric("cascade_items_rejected_total", {"reason": "missing_field"}) == 1
                     and h.metric("cascade_model_rejections_total", {"reason": "checksum_mismatch"}) == 1

@@ -80,7 +80,8 @@ def test_config_validate_accepts_the_readme_pipeline_example(tmp_path, capsys) -
 def test_config_validate_names_the_file_and_key_of_an_unknown_key(tmp_path, capsys) -> None:
     bad = tmp_path / "ablation.yaml"
     bad.write_text("train:\n  epochz: 3\n")
-    rc = main(["config", "validate", "ranker", "--config", str(REPO / "ranking/configs/ml-100k.yaml"), "--config", str(bad)])
+    rc = main(["config", "validate", "ranker", "--config", str(REPO / "ranking/configs/ml-100k.yaml"),
+               "--config", str(bad)])
     err = capsys.readouterr().err
     assert rc == 1
     assert f"{bad}: train: unknown key(s) ['epochz']" in err

@@ -141,6 +141,43 @@ def test_pinning_a_root_without_a_pointer_says_how_to_make_one(tmp_path):
             pass
 
 
+def test_a_training_run_records_its_version_and_a_resume_pins_it_again(tmp_path):
+    import contextlib
+
+    root, run = tmp_path / "features", tmp_path / "run"
+    run.mkdir()
+    _fake_version(root, "v-1")
+    versions.commit_version(root, "v-1")
+    with contextlib.ExitStack() as held:
+        assert versions.pin_on_rank0(held, root, "train", 0, run) == str(root / "v-1")
+    assert json.loads((run / versions.RUN_RECORD).read_text())["version"] == "v-1"
+    _fake_version(root, "v-2")
+    versions.commit_version(root, "v-2")
+    with contextlib.ExitStack() as held:  # --resume: the version it started on, not the current one
+        assert versions.pin_on_rank0(held, root, "train", 0, run, resume=True) == str(root / "v-1")
+        assert [lease["version"] for lease in versions.read_leases(root)] == ["v-1"]
+    with contextlib.ExitStack() as held:  # a new run (no --resume) reads the current version
+        assert versions.pin_on_rank0(held, root, "train", 0, run) == str(root / "v-2")
+
+
+def test_a_resume_whose_version_was_collected_is_refused(tmp_path):
+    import contextlib
+
+    root, run = tmp_path / "features", tmp_path / "run"
+    run.mkdir()
+    _fake_version(root, "v-1")
+    versions.commit_version(root, "v-1")
+    with contextlib.ExitStack() as held:
+        versions.pin_on_rank0(held, root, "train", 0, run)
+    _fake_version(root, "v-2")
+    versions.commit_version(root, "v-2")
+    assert versions.collect_garbage(root, keep=1) == ["v-1"]
+    with pytest.raises(FileNotFoundError, match="v-1 is gone .collected. or incomplete: a run that read it cannot "
+                                                "resume"):
+        with contextlib.ExitStack() as held:
+            versions.pin_on_rank0(held, root, "train", 0, run, resume=True)
+
+
 # ---------------------------------------------------------------------------------------------- integration
 
 RANKER_STAGES = "items,users,timelines,popularity,ranking_samples"
