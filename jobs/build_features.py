@@ -11,6 +11,7 @@ Local (Spark in local mode, everything bound to 127.0.0.1):
     cascade build-features --dataset data/ml-1m --out features/ml-1m --master 'local[2]' \\
         --config features.yaml sequence.long_cap=2000 ranking.negatives_per_positive=8
     cascade build-features --dataset data/ml-1m --out features/ml-1m --only sequences,report   # same config
+    cascade build-features --dataset data/ml-1m --out features --versioned   # features/v-.../ + features/current.json
 
 spark-submit (this file; the master and resources come from spark-submit; Cascade
 must be installed on the driver, executors need nothing but Spark: no Python UDFs):
@@ -50,6 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="comma-separated stages to run (default: all): events, items, users, timelines, sequences, "
                         "popularity, retrieval_samples, ranking_samples, stats, report")
     p.add_argument("--overwrite", action="store_true", help="replace an existing features directory")
+    p.add_argument("--versioned", action="store_true",
+                   help="--out is a versioned root: write a new OUT/v-<UTC time>-<id>/, then point OUT/current.json "
+                        "at it atomically (features/versions.py); readers never see a directory being rewritten")
+    p.add_argument("--keep-versions", type=int, default=3,
+                   help="with --versioned: versions kept after the run (older ones are deleted unless a running "
+                        "job has leased them)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. sequence.long_cap=2000")
 
 
@@ -89,6 +96,17 @@ def run(args: argparse.Namespace) -> int:
         unknown = sorted(set(only) - set(STAGES))
         if unknown:
             raise ValueError(f"--only: unknown stage(s) {unknown}; stages are: {', '.join(STAGES)}")
+    from features import versions
+
+    reserved = None
+    if args.versioned:
+        if "://" in args.out:
+            raise ValueError(f"--versioned needs a local or mounted directory for --out (leases use file locks), "
+                             f"got {args.out}")
+        if args.overwrite or args.keep_versions < 1:
+            raise ValueError("--versioned never overwrites (drop --overwrite) and keeps at least 1 version "
+                             f"(--keep-versions {args.keep_versions})")
+        reserved = versions.reserve(args.out, job="build-features")
     t0 = time.perf_counter()
     print(f"starting Spark ({cfg.spark.master or 'master from spark-submit'}) ...", flush=True)
     session = build_session(cfg.spark)
@@ -106,11 +124,22 @@ def run(args: argparse.Namespace) -> int:
         bar.update(1)
 
     try:
-        res = build_features(session.spark, args.dataset, args.out, cfg, only=only, overwrite=args.overwrite,
-                             progress=progress)
+        if reserved is None:
+            res = build_features(session.spark, args.dataset, args.out, cfg, only=only, overwrite=args.overwrite,
+                                 progress=progress)
+        else:
+            res = build_features(session.spark, args.dataset, str(reserved[0].path), cfg, only=only,
+                                 overwrite=False, progress=progress)
+            pointer = versions.commit_version(args.out, reserved[0].version)
     finally:
         bar.close()
         session.stop()
+        if reserved is not None:
+            reserved[1].release()
+    if reserved is not None:
+        removed = versions.collect_garbage(args.out, args.keep_versions)
+        print(f"committed {pointer['version']} as {Path(args.out) / versions.POINTER}; "
+              f"removed {', '.join(removed) if removed else 'no old versions'}")
     total = time.perf_counter() - t0
     print()
     print(f"{'stage':<18} {'seconds':>8}  rows")

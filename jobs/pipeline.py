@@ -33,6 +33,7 @@ than its tolerance; the reasons are printed and stored in evaluation.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime as dt
 import hashlib
@@ -62,7 +63,9 @@ STAGES = ("features", "retriever", "ranker", "evaluate", "publish")
 
 @dataclass(frozen=True)
 class FeaturesStage:
-    # A prebuilt `cascade build-features` directory to use as is (empty: build into the version directory).
+    # A prebuilt `cascade build-features` directory to use as is, or a versioned features root (`build-features
+    # --versioned`), whose current version is resolved once and leased for the run (empty: build into the
+    # version directory).
     dir: str = ""
     # YAML of features.spark.config.FeatureBuildConfig (empty: its defaults).
     config: str = ""
@@ -145,13 +148,14 @@ class PipelineConfig:
 SECRET_ENV = {"CASCADE_KAFKA_SASL_USERNAME": "publish.sasl.username", "CASCADE_KAFKA_SASL_PASSWORD": "publish.sasl.password"}
 
 
-def load_pipeline_config(path: Path | None, overrides: list[str], env: Mapping[str, str] | None = None) -> PipelineConfig:
+def load_pipeline_config(path: Path | None, overrides: list[str], env: Mapping[str, str] | None = None,
+                         need_dataset: bool = True) -> PipelineConfig:
     from features.config import load_config
 
     env = os.environ if env is None else env
     secrets = [f"{key}={json.dumps(env[var], ensure_ascii=False)}" for var, key in SECRET_ENV.items() if env.get(var)]
     cfg = load_config(PipelineConfig, path, [*secrets, *overrides])
-    if not cfg.dataset and not cfg.features.dir:
+    if need_dataset and not cfg.dataset and not cfg.features.dir:
         raise ValueError("dataset is not set: pass dataset=PATH (a canonical dataset directory) or features.dir=PATH")
     return cfg
 
@@ -186,6 +190,13 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
     os.replace(tmp, path)
+
+
+def record_published(artifacts: Path, pointer: dict[str, Any]) -> None:
+    """Replaces ARTIFACTS/published.json atomically and appends the pointer to ARTIFACTS/history.jsonl."""
+    _write_json_atomic(Path(artifacts) / PUBLISHED, pointer)
+    with open(Path(artifacts) / HISTORY, "a") as f:
+        f.write(json.dumps(pointer, sort_keys=True) + "\n")
 
 
 def read_published(artifacts: Path) -> dict[str, Any] | None:
@@ -357,9 +368,7 @@ class Run:
         pointer = {"version": self.version, "bundle": str(bundle.resolve()), "checksum": checksum,
                    "published_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                    "metrics": ev["metrics"]}
-        _write_json_atomic(self.root / PUBLISHED, pointer)
-        with open(self.root / HISTORY, "a") as f:
-            f.write(json.dumps(pointer, sort_keys=True) + "\n")
+        record_published(self.root, pointer)
         return {"published": True, "bundle": str(bundle.resolve()), "checksum": checksum}
 
     def announce(self, pub: dict[str, Any]) -> None:
@@ -457,14 +466,20 @@ class PipelineResult:
 def run_pipeline(cfg: PipelineConfig, version: str, say: Callable[[str], None] = print) -> PipelineResult:
     """Runs (or resumes) every stage of `version`; see the module docstring."""
     t0 = time.perf_counter()
-    run = Run(cfg, version, say)
-    say(f"pipeline     version {version} -> {run.dir}   (code {run.manifest['code_version']})")
-    feat = run.features()
-    fdir = Path(feat["dir"])
-    retr = run.train("retriever", fdir)
-    rank = run.train("ranker", fdir)
-    ev = run.evaluate(fdir, retr, rank)
-    pub = run.publish(fdir, retr, rank, ev)
+    with contextlib.ExitStack() as held:
+        if cfg.features.dir:  # a versioned root (features/versions.py): one version, pinned for the whole run
+            from features.versions import pin
+
+            fv = held.enter_context(pin(cfg.features.dir, job=f"pipeline {version}"))
+            cfg = dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, dir=str(fv.path)))
+        run = Run(cfg, version, say)
+        say(f"pipeline     version {version} -> {run.dir}   (code {run.manifest['code_version']})")
+        feat = run.features()
+        fdir = Path(feat["dir"])
+        retr = run.train("retriever", fdir)
+        rank = run.train("ranker", fdir)
+        ev = run.evaluate(fdir, retr, rank)
+        pub = run.publish(fdir, retr, rank, ev)
     if pub.get("published") and not pub.get("announced"):
         run.announce(pub)
     elif pub.get("published"):
@@ -473,6 +488,85 @@ def run_pipeline(cfg: PipelineConfig, version: str, say: Callable[[str], None] =
         say(f"[5/5] publish    refused: version {version} is not published (see {run.dir / 'evaluation.json'})")
     return PipelineResult(version, ev["passed"], bool(pub.get("published")), list(ev["reasons"]), pub.get("bundle"),
                           time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------- promote / rollback
+
+
+def read_history(artifacts: Path) -> list[dict[str, Any]]:
+    """Every record of ARTIFACTS/history.jsonl, oldest first (a publish, promote or rollback each)."""
+    p = Path(artifacts) / HISTORY
+    records = []
+    for i, line in enumerate(p.read_text().splitlines() if p.is_file() else [], 1):
+        if line.strip():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{p}:{i}: not a JSON history record ({e})") from None
+    return records
+
+
+def rollback_target(history: list[dict[str, Any]], current: str | None) -> str:
+    """The version published before the current one, skipping versions that were rolled back from (until
+    published or promoted again), so repeated rollbacks walk back instead of alternating between two."""
+    rolled_back: set[str] = set()
+    for rec in history:
+        if rec.get("action") == "rollback":
+            rolled_back.add(rec.get("rolled_back_from", ""))
+        else:
+            rolled_back.discard(rec["version"])
+    for rec in reversed(history):
+        if rec["version"] != current and rec["version"] not in rolled_back:
+            return rec["version"]
+    raise ValueError(f"nothing to roll back to: history.jsonl has no version published before {current}")
+
+
+def repoint(cfg: PipelineConfig, version: str, action: Literal["promote", "rollback"],
+            say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Makes `version` the published one again (`cascade pipeline promote|rollback`).
+
+    The version must have been published before (a record in history.jsonl) and its bundle must still pass
+    the server's checksum verification (`serving.models.verify_bundle`: the manifest's sha256 equals the
+    recorded one, every file its listed sha256). ARTIFACTS/published.json is replaced atomically, a record
+    is appended to history.jsonl and the bundle is announced on the models topic as `publish` does, so the
+    servers verify, smoke-test and hot-swap it through their normal path.
+    """
+    from features.transforms import DenseLayout
+    from serving.errors import ArtifactError
+    from serving.models import verify_bundle
+
+    root = Path(cfg.artifacts)
+    history = read_history(root)
+    records = [r for r in history if r["version"] == version]
+    if not records:
+        known = sorted({r["version"] for r in history})
+        raise ValueError(f"version {version!r} was never published under {root} (published versions: "
+                         f"{', '.join(known) if known else 'none'})")
+    rec = records[-1]
+    bundle = Path(rec["bundle"])
+    try:
+        manifest = json.loads((bundle / "manifest.json").read_text())
+        stats = DenseLayout.from_manifest(manifest.get("features", {})).stats
+        verify_bundle(bundle, rec["checksum"], version, stats, retention_ms=2**62)
+    except (OSError, ValueError, KeyError, ArtifactError) as e:
+        raise ValueError(f"version {version}: its bundle {bundle} fails verification, not {action}d: {e}") from None
+    current = read_published(root)
+    pointer = {"version": version, "bundle": rec["bundle"], "checksum": rec["checksum"],
+               "published_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+               "metrics": rec.get("metrics"), "action": action,
+               **({"rolled_back_from": current["version"]} if action == "rollback" and current else {})}
+    record_published(root, pointer)
+    say(f"published    {version} ({action}; was {current['version'] if current else 'none'})")
+    pc = cfg.publish
+    if pc.announce:
+        from serving.models import announce_bundle
+        from serving.security import kafka_client_kwargs
+
+        ann = announce_bundle(bundle, pc.kafka_bootstrap, pc.models_topic, client_kwargs=kafka_client_kwargs(pc))
+        say(f"announced    {ann.version} on {pc.models_topic} ({pc.kafka_bootstrap})")
+    else:
+        say("announce     off (publish.announce=false): servers load it on their next start or announcement")
+    return pointer
 
 
 # ---------------------------------------------------------------------------------------------- backfill
@@ -562,6 +656,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     s = psub.add_parser("status", help="published version and the versions under an artifacts directory")
     s.add_argument("--artifacts", type=Path, default=Path("var/artifacts"))
     s.set_defaults(func=_status)
+    for name, what in (("promote", "make a previously published VERSION the published one again"),
+                       ("rollback", "go back to the version published before the current one (or --to VERSION)")):
+        c = psub.add_parser(name, help=what + ": published.json, history.jsonl, announce")
+        if name == "promote":
+            c.add_argument("version", metavar="VERSION")
+        else:
+            c.add_argument("--to", dest="version", default=None, metavar="VERSION", help="roll back to this version")
+        c.add_argument("--config", type=Path, default=None, help="YAML of jobs.pipeline.PipelineConfig")
+        c.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. artifacts=DIR publish.announce=false")
+        c.set_defaults(func=_repoint, action=name)
     b = psub.add_parser("backfill", help="rebuild users' online state (sequences, SDIM signatures) for a date range")
     b.add_argument("--dataset", type=Path, required=True, help="canonical dataset directory (events/)")
     b.add_argument("--start", required=True, help="first day (YYYY-MM-DD, UTC)")
@@ -598,6 +702,16 @@ def _status(args: argparse.Namespace) -> int:
         ev = m["stages"].get("evaluate", {})
         gate = "" if "passed" not in ev else ("  gate passed" if ev["passed"] else "  gate FAILED")
         print(f"  {d.name:<24} {st}{gate}")
+    return 0
+
+
+def _repoint(args: argparse.Namespace) -> int:
+    cfg = load_pipeline_config(args.config, args.overrides, need_dataset=False)
+    version = args.version
+    if version is None:
+        pub = read_published(Path(cfg.artifacts))
+        version = rollback_target(read_history(Path(cfg.artifacts)), pub["version"] if pub else None)
+    repoint(cfg, version, args.action)
     return 0
 
 

@@ -28,6 +28,7 @@ see `ranking.train` (checkpoints/, metrics.json, curves.png, summary.json, expor
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -90,32 +91,45 @@ def _print_summary(res: dict[str, Any], out: Path) -> None:
     print(f"summary      {out / 'summary.json'}   curves {out / 'curves.png'}")
 
 
+def _with_features(cfg: Any, features_dir: str) -> Any:
+    from dataclasses import replace
+
+    return replace(cfg, data=replace(cfg.data, features_dir=features_dir))
+
+
 def run(args: argparse.Namespace) -> int:
     from features.config import dump_config
     from features.train.launch import TorchrunEnv, init_from_torchrun_env, run_distributed
+    from features.versions import pin_on_rank0
 
     cfg = load_ranker_config(args.config, args.overrides)
     if not cfg.data.features_dir:
         raise ValueError("data.features_dir is not set: pass data.features_dir=PATH (a `cascade build-features` output)")
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "config.yaml").write_text(dump_config(cfg))
     export = not args.no_export
     launcher = TorchrunEnv.parse(os.environ)
-    if launcher is not None:  # launched by torchrun or a PyTorchJob
-        import torch.distributed as dist
+    with contextlib.ExitStack() as held:  # a versioned features root stays pinned to one version for the run
+        if launcher is not None:  # launched by torchrun or a PyTorchJob
+            import torch.distributed as dist
 
-        rank, world = launcher.rank, launcher.world_size
-        init_from_torchrun_env("gloo", launcher)  # ranking.train trains on CPU tensors: gloo on any node
-        if rank == 0:
+            rank, world = launcher.rank, launcher.world_size
+            init_from_torchrun_env("gloo", launcher)  # ranking.train trains on CPU tensors: gloo on any node
+            features = pin_on_rank0(held, cfg.data.features_dir, "train-ranker", rank, args.out, args.resume)
+            cfg = _with_features(cfg, features)
+            if rank == 0:
+                (args.out / "config.yaml").write_text(dump_config(cfg))  # the features version actually read
+                log.info("config:\n%s", dump_config(cfg))
+            try:
+                res = _worker(rank, world, cfg, str(args.out), args.resume, export)
+            finally:
+                dist.destroy_process_group()
+        else:
+            features = pin_on_rank0(held, cfg.data.features_dir, "train-ranker", 0, args.out, args.resume)
+            cfg = _with_features(cfg, features)
+            (args.out / "config.yaml").write_text(dump_config(cfg))
             log.info("config:\n%s", dump_config(cfg))
-        try:
-            res = _worker(rank, world, cfg, str(args.out), args.resume, export)
-        finally:
-            dist.destroy_process_group()
-    else:
-        log.info("config:\n%s", dump_config(cfg))
-        res = run_distributed(_worker, args.world_size, cfg, str(args.out), args.resume, export)[0]
-        rank = 0
+            res = run_distributed(_worker, args.world_size, cfg, str(args.out), args.resume, export)[0]
+            rank = 0
     if rank == 0:
         _print_summary(res, args.out)
     return 0

@@ -22,6 +22,7 @@ against exact search measured on the test users.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -92,6 +93,7 @@ def export_run(cfg, features: Path, out: Path) -> dict:
 def run(args: argparse.Namespace) -> int:
     from features.config import dump_config, load_config
     from features.train.launch import TorchrunEnv, init_from_torchrun_env, run_distributed
+    from features.versions import pin_on_rank0
     from retrieval.config import RetrieverConfig
 
     _quiet_fbgemm()
@@ -107,21 +109,24 @@ def run(args: argparse.Namespace) -> int:
         (args.out / "config.yaml").write_text(dump_config(cfg))
         log.info("config:\n%s", dump_config(cfg))
     t0 = time.perf_counter()
-    if launcher is not None:
-        import torch.distributed as dist
+    with contextlib.ExitStack() as held:
+        if launcher is not None:
+            import torch.distributed as dist
 
-        world = launcher.world_size
-        # retrieval.train trains on CPU tensors, so gloo even where CUDA is present (NCCL needs CUDA tensors)
-        init_from_torchrun_env("gloo", launcher)
-        result = _worker(rank, world, cfg, args.features, args.out, args.resume, not args.quiet)
-        dist.barrier()
-        dist.destroy_process_group()
-        if rank != 0:
-            return 0
-    else:
-        result = run_distributed(_worker, args.nproc, cfg, args.features, args.out, args.resume, not args.quiet,
-                                 threads_per_rank=max(1, (os.cpu_count() or 1) // args.nproc))[0]
-    manifest = None if args.no_export else export_run(cfg, args.features, args.out)
+            world = launcher.world_size
+            # retrieval.train trains on CPU tensors, so gloo even where CUDA is present (NCCL needs CUDA tensors)
+            init_from_torchrun_env("gloo", launcher)
+            features = Path(pin_on_rank0(held, args.features, "train-retriever", rank, args.out, args.resume))
+            result = _worker(rank, world, cfg, features, args.out, args.resume, not args.quiet)
+            dist.barrier()
+            dist.destroy_process_group()
+            if rank != 0:
+                return 0
+        else:
+            features = Path(pin_on_rank0(held, args.features, "train-retriever", 0, args.out, args.resume))
+            result = run_distributed(_worker, args.nproc, cfg, features, args.out, args.resume, not args.quiet,
+                                     threads_per_rank=max(1, (os.cpu_count() or 1) // args.nproc))[0]
+        manifest = None if args.no_export else export_run(cfg, features, args.out)
     print_summary(result, manifest, args.out, time.perf_counter() - t0)
     return 0
 

@@ -106,9 +106,42 @@ def test_features_job_is_a_spark_submit_of_build_features(scenarios) -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(_after(argv, script))
-    assert (args.dataset, args.out) == ("s3a://recsys-data/events", "/var/lib/cascade/artifacts/features/current")
-    assert str(args.config) == "/etc/cascade/features.yaml" and args.overwrite
+    assert (args.dataset, args.out) == ("s3a://recsys-data/events", "/var/lib/cascade/artifacts/features")
+    assert str(args.config) == "/etc/cascade/features.yaml"
+    assert args.versioned and args.keep_versions == 3 and not args.overwrite  # a new version per run
     assert args.overrides == ["sequence.long_cap=2000"]
+
+
+def test_trainers_read_the_versioned_root_the_features_job_writes(scenarios) -> None:
+    """Clock-scheduled jobs share a versioned root: features commit versions, trainers pin the current one."""
+    from jobs.build_features import add_arguments
+    from jobs.cli import build_parser
+
+    docs = scenarios["full"]
+    argv = _command(docs.one("CronJob", "-features"))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = parser.parse_args(_after(argv, next(a for a in argv if a.endswith(".py")))).out
+    retriever = build_parser().parse_args(_command(docs.one("CronJob", "-train-retriever"))[6:])
+    ranker = build_parser().parse_args(_command(docs.one("CronJob", "-train-ranker"))[6:])
+    assert str(retriever.features) == out
+    assert f"data.features_dir={out}" in ranker.overrides
+
+
+def test_unversioned_features_are_replaced_in_place_only_when_asked(render) -> None:
+    docs = render({"pipeline": {"features": {"enabled": True, "dataset": "/data/events", "versioned": False},
+                                "trainRanker": {"enabled": True}}})
+    argv = _command(docs.one("CronJob", "-features"))
+    assert argv[argv.index("--out") + 1] == "/var/lib/cascade/artifacts/features/current"
+    assert "--overwrite" in argv and "--versioned" not in argv
+    assert "data.features_dir=/var/lib/cascade/artifacts/features/current" in _command(docs.one("CronJob", "-train-ranker"))
+
+
+def test_a_versioned_root_on_object_storage_is_refused(render) -> None:
+    import helm_python as helm
+
+    with pytest.raises(helm.HelmRenderError, match="pipeline.features.out s3a://b/f is a URI: a versioned features root"):
+        render({"pipeline": {"features": {"enabled": True, "dataset": "/data/events", "out": "s3a://b/f"}}})
 
 
 def test_features_config_loads_through_its_loader(scenarios, tmp_path: Path) -> None:
@@ -163,7 +196,7 @@ def test_training_jobs_are_torchrun_of_the_cli(scenarios, suffix: str, command: 
     configs = args.config if isinstance(args.config, list) else [args.config]
     for config in configs:  # shipped in the image's working directory: the repository
         assert _repo_path(str(config)).is_file(), config
-    features = "/var/lib/cascade/artifacts/features/current"
+    features = "/var/lib/cascade/artifacts/features"  # the versioned root: the trainer pins its current version
     assert str(getattr(args, "features", "")) == features or f"data.features_dir={features}" in args.overrides
     shm = {v["name"]: v for v in _pod(cj)["volumes"]}["dshm"]
     assert shm["emptyDir"]["medium"] == "Memory"

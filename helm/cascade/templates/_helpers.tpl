@@ -282,6 +282,35 @@ check_hostname: false
   readOnly: {{ index . 1 }}
 {{- end }}
 
+{{/*
+Where the separate features job writes and the separate trainers read by default: with
+pipeline.features.versioned a versioned root (<artifacts>/features: v-<time>-<id>/ versions and the
+current.json pointer the trainers pin, features/versions.py), else one directory (<artifacts>/features/current)
+that each run replaces.
+*/}}
+{{- define "cascade.features.default" -}}
+{{- ternary "features" "features/current" .Values.pipeline.features.versioned }}
+{{- end }}
+
+{{/*
+The features job's arguments that say how it writes (list $ out): --versioned --keep-versions N, or
+--overwrite. A versioned root must be a mounted path: leases use file locks.
+*/}}
+{{- define "cascade.features.writeArgs" -}}
+{{- $root := index . 0 }}
+{{- $job := $root.Values.pipeline.features }}
+{{- if $job.versioned }}
+{{- if contains "://" (index . 1) }}
+{{- fail (printf "pipeline.features.out %s is a URI: a versioned features root (pipeline.features.versioned) must be a mounted path (its leases use file locks); set pipeline.features.versioned=false to write the URI in place, or use the pipeline CronJob (pipeline.run), which builds each version's features in its own directory" (index . 1)) }}
+{{- end }}
+{{- list "--versioned" "--keep-versions" (toString (int $job.keepVersions)) | toJson }}
+{{- else if $job.overwrite }}
+{{- list "--overwrite" | toJson }}
+{{- else }}
+{{- list | toJson }}
+{{- end }}
+{{- end }}
+
 {{/* A job's default output under the artifacts volume: (list $ value "sub/path"). */}}
 {{- define "cascade.jobs.path" -}}
 {{- $root := index . 0 }}
