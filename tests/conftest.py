@@ -118,11 +118,13 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture()
 def s3_bucket(s3_server) -> str:
-    """A fresh bucket on `s3_server`: its s3:// URI."""
+    """A fresh bucket on `s3_server`: its s3:// URI. The server's settings are applied again (a ServingApp started
+    by an earlier test configures the process's object store from its own config)."""
     import uuid
 
     from features import storage
 
+    storage.configure(*s3_server)
     uri = f"s3://test-{uuid.uuid4().hex[:12]}"
     fs, path = storage.filesystem(uri)
     fs.mkdir(path)

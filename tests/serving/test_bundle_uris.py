@@ -125,3 +125,20 @@ def test_server_config_takes_uri_roots_and_refuses_climbing_ones():
     assert cfg.models.allowed_roots == ("s3://bucket/artifacts", Path("/srv/models"))
     with pytest.raises(ConfigError, match=r"models.allowed_roots\[0\].*segment"):
         load_serving_config(None, ["models.allowed_roots=[s3://bucket/a/../b]"], env={})
+
+
+def test_the_pipeline_gate_fetches_an_s3_published_bundle_checked_against_the_pointer(remote, model_bundles, tmp_path):
+    from jobs.pipeline import PipelineConfig, Run
+
+    _, root, upload = remote
+    run = Run(PipelineConfig(dataset="unused", artifacts=root, workdir=str(tmp_path / "work")), "v2", lambda s: None)
+    uri = storage.join(root, "versions", "v1", "bundle")
+    bdir = run._published_bundle({"bundle": uri, "checksum": model_bundles["v1"][1]})
+    assert (bdir / "retriever").is_dir() and bdir.parent == tmp_path / "work" / "bundle-cache"
+    src = _copy(model_bundles, tmp_path)
+    checksum = resign(src, lambda m: m.update(version="v3"))
+    uri3 = upload(src, "v3")
+    weights = next(k for k in json.loads((src / "manifest.json").read_text())["files"] if k.startswith("retriever/"))
+    storage.write_bytes_atomic(storage.join(uri3, weights), b"tampered")
+    with pytest.raises(ValueError, match="does not match its manifest checksum"):
+        run._published_bundle({"bundle": uri3, "checksum": checksum})
