@@ -12,7 +12,9 @@ A bundle is a version directory::
 
 The `models` topic announces ``{version, uri, checksum}`` where checksum is
 the sha256 of ``manifest.json``; the manifest pins every file's sha256, so the
-announcement pins the whole bundle. Loading = verify the manifest checksum,
+announcement pins the whole bundle. The URI is a directory or an object-store
+URI (s3://...): the latter is first copied into a local cache, manifest first,
+by `fetch_bundle`, and the copy goes through the same checks. Loading = verify the manifest checksum,
 every file's checksum, the schema (hash spec, schema version, the dense
 feature layout against what the online state keeps), load with restricted
 loaders only (``torch.load(weights_only=True)``, ``np.load(allow_pickle=False)``,
