@@ -20,7 +20,6 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from features import storage
 from features.candidate_lists import list_features
 from features.schema import Item
 from features.sequence import SequenceState
@@ -131,8 +130,7 @@ class ModelManager:
                     manifest, digest, dense = verify_bundle(path, checksum, version, self.state.stats,
                                                             self.state.retention_ms(), fingerprints)
                 except ArtifactError:
-                    if storage.is_remote(str(uri)):
-                        evict_fetched(path, self.cfg.cache_dir)  # a bad fetched copy is downloaded anew next time
+                    evict_fetched(str(uri), path, self.cfg.cache_dir)  # a bad fetched copy is downloaded anew next time
                     raise
             with _rejected_as("load_failed"):
                 bundle = load_bundle(path, manifest, digest, dense)

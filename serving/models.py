@@ -386,8 +386,11 @@ def locate_bundle(uri: str, allowed_roots: tuple[Path | str, ...], cache_dir: Pa
     return resolve_uri(uri, allowed_roots)
 
 
-def evict_fetched(path: Path, cache_dir: Path | None) -> None:
-    """Drops a fetched copy that failed verification, so the next announcement downloads it anew."""
+def evict_fetched(uri: str, path: Path, cache_dir: Path | None) -> None:
+    """Drops the fetched copy of an object-store `uri` that failed verification, so the next announcement
+    downloads it anew; a local bundle directory is left alone."""
+    if "\x00" in uri or not storage.is_remote(uri):
+        return
     root = _real(bundle_cache_dir(cache_dir))
     p = _real(path)
     if p.parent == root:
