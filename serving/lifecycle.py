@@ -28,8 +28,8 @@ from serving.catalog import Catalog
 from serving.config import ModelsConfig, StateConfig
 from serving.errors import ArtifactError
 from serving.metrics import ServingMetrics
-from serving.models import (ModelBundle, ModelHolder, check_unchanged, describe_error, evict_fetched, load_bundle,
-                            locate_bundle, verify_bundle)
+from serving.models import (ModelBundle, ModelHolder, check_unchanged, describe_error, evict_fetched, load_bundle, locate_bundle,
+                            verify_bundle)
 from serving.runtime import CatalogRef, second_stage_scale
 from serving.state.codec import CounterLog, UserRecord
 
