@@ -54,7 +54,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from features import layout
+from features import layout, storage
 from features.batch import (
     HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, HIST_TS, HISTORY_KEYS, ITEM_CATEGORY, ITEM_ID, ITEM_TAG, USER_ID,
     Batch, BatchSpec, build_batch, validate_batch,
@@ -127,11 +127,14 @@ def _list_column(col: pa.ChunkedArray, where: str) -> Jagged:
     return Jagged(offsets - (offsets[0] if len(offsets) else 0), values.astype(np.int64, copy=False))
 
 
-def _read(root: Path, output: str, columns: list[str] | None = None) -> pa.Table:
-    path = root / output
-    if not path.exists():
-        raise FeatureStoreError(f"{path} does not exist: run `cascade build-features` (stage producing {output!r})")
-    return pq.read_table(path, columns=columns)
+def _read(root: Path | str, output: str, columns: list[str] | None = None) -> pa.Table:
+    loc = storage.join(root, output)
+    fs, path = storage.filesystem(loc)
+    if not fs.exists(path):
+        raise FeatureStoreError(f"{loc} does not exist: run `cascade build-features` (stage producing {output!r})")
+    if storage.is_remote(loc):
+        return pq.read_table(path, columns=columns, filesystem=fs)
+    return pq.read_table(loc, columns=columns)
 
 
 @dataclass(frozen=True)
@@ -164,11 +167,13 @@ class FeatureStore:
     """
 
     def __init__(self, root: str | Path) -> None:
-        self.root = Path(root)
-        mpath = self.root / layout.MANIFEST
-        if not mpath.exists():
+        # a directory, or an object-store URI (s3://bucket/features/...: Parquet read through fsspec)
+        self.root: Path | str = storage.check_location(root, "features") if storage.is_remote(root) else Path(root)
+        self._fs = storage.filesystem(self.root)[0] if storage.is_remote(self.root) else None
+        mpath = storage.join(self.root, layout.MANIFEST)
+        if not storage.is_file(mpath):
             raise FeatureStoreError(f"no {layout.MANIFEST} in {self.root}: is it a features directory (cascade build-features)?")
-        self.manifest = json.loads(mpath.read_text())
+        self.manifest = json.loads(storage.read_text(mpath))
         if self.manifest.get("feature_set_version") != layout.FEATURE_SET_VERSION:
             raise FeatureStoreError(
                 f"{mpath}: feature_set_version {self.manifest.get('feature_set_version')!r}, "
@@ -187,7 +192,7 @@ class FeatureStore:
         t = t.take(pa.array(order))
         self.timeline_users = _Index(t["user_id"].to_numpy().astype(np.int64))
         if len(self.timeline_users.ids) > 1 and (np.diff(self.timeline_users.ids) == 0).any():
-            raise FeatureStoreError(f"{self.root / layout.TIMELINES}: a user has more than one timeline row")
+            raise FeatureStoreError(f"{storage.join(self.root, layout.TIMELINES)}: a user has more than one timeline row")
         fields = {f: _list_column(t[f], f"{layout.TIMELINES}.{f}") for f in layout.TIMELINE_FIELDS}
         ref = fields["item_id"].offsets
         for f, j in fields.items():
@@ -348,13 +353,18 @@ class FeatureStore:
                 HIST_CATEGORY: v["category"][idx]}, lens
 
     # ------------------------------------------------------------ ranking
-    def _units(self, output: str, split: str) -> list[tuple[Path, int, int]]:
-        d = self.root / layout.split_dir(output, split)
-        if not d.exists():
+    def _parquet(self, f: Path | str) -> pq.ParquetFile:
+        return pq.ParquetFile(f) if self._fs is None else pq.ParquetFile(f, filesystem=self._fs)
+
+    def _units(self, output: str, split: str) -> list[tuple[Path | str, int, int]]:
+        d = storage.join(self.root, layout.split_dir(output, split))
+        fs, path = storage.filesystem(d)
+        if not fs.isdir(path):
             raise FeatureStoreError(f"{d} does not exist: no {split!r} rows in {output} (or the stage was not built)")
         units = []
-        for f in sorted(d.glob("*.parquet")):
-            md = pq.ParquetFile(f).metadata
+        files = sorted(Path(d).glob("*.parquet")) if self._fs is None else sorted(fs.glob(f"{path}/*.parquet"))
+        for f in files:
+            md = self._parquet(f).metadata
             units += [(f, g, md.row_group(g).num_rows) for g in range(md.num_row_groups) if md.row_group(g).num_rows]
         return units
 
@@ -404,7 +414,7 @@ class FeatureStore:
 
         def tables() -> Iterator[pa.Table]:
             for f, g, s in per_rank[rank]:
-                t = pq.ParquetFile(f).read_row_group(g, columns=cols)
+                t = self._parquet(f).read_row_group(g, columns=cols)
                 missing = [c for c in cols if c not in t.column_names]
                 if missing:
                     raise FeatureStoreError(f"{f}: columns {missing} are missing")
@@ -454,7 +464,7 @@ class FeatureStore:
 
         def tables() -> Iterator[pa.Table]:
             for f, g, s in per_rank[rank]:
-                yield pq.ParquetFile(f).read_row_group(g, columns=cols).slice(s.start, s.stop - s.start)
+                yield self._parquet(f).read_row_group(g, columns=cols).slice(s.start, s.stop - s.start)
 
         for t in _rebatch(tables(), cfg, rng, limit, full_only):
             c = {k: np.array(t[k].to_numpy()) for k in cols}

@@ -19,6 +19,11 @@ Artifacts (`ARTIFACTS` = ``artifacts`` of the config)::
         manifest.json    version, data snapshot, metrics, checksums, code version, stage records
     ARTIFACTS/published.json   the current version (written atomically) + ARTIFACTS/history.jsonl
 
+``artifacts`` may be an object-store URI (``s3://bucket/artifacts``, `features.storage`): the version's
+files are then made under ``workdir`` and its manifest, evaluation.json and bundle/ uploaded to
+ARTIFACTS/versions/<version>/ — the bundle's objects first, its manifest.json last, published.json
+after it — so a reader that sees the pointer finds every object it names.
+
 Idempotent: a version's stages record their inputs' digest in the manifest; a re-run
 with the same inputs skips finished stages (a crashed run resumes at the stage that
 failed); a published version is announced once (a run whose announcement failed, e.g.
@@ -48,6 +53,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Mapping
 
+from features import storage
+from features.storage import StorageConfig
 from serving.config import SaslConfig, TlsFiles
 
 log = logging.getLogger("cascade.pipeline")
@@ -136,7 +143,13 @@ class PublishConfig:
 @dataclass(frozen=True)
 class PipelineConfig:
     dataset: str = ""  # canonical dataset directory (`cascade data import|synth`)
+    # A directory, or an object-store URI (s3://bucket/artifacts): versions' manifests, evaluations and
+    # bundles, published.json and history.jsonl are written there (see "Artifacts on object storage").
     artifacts: str = "var/artifacts"
+    # With object-store artifacts: the local directory where a version's features, runs and bundle are
+    # staged before upload (a run resumes from it). Empty: var/pipeline-work.
+    workdir: str = ""
+    storage: StorageConfig = StorageConfig()  # endpoint and credential variable names of s3:// artifacts
     features: FeaturesStage = FeaturesStage()
     retriever: TrainStage = TrainStage(configs=("retrieval/configs/ml-100k.yaml",))
     ranker: TrainStage = TrainStage(configs=("ranking/configs/ml-100k.yaml",))
@@ -186,22 +199,21 @@ def code_version() -> str:
         return f"cascade {version('cascade')}"
 
 
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, path)
+def read_published(artifacts: Path | str) -> dict[str, Any] | None:
+    """The published pointer of an artifacts directory or object-store URI; None when nothing is published."""
+    p = storage.join(artifacts, PUBLISHED)
+    return json.loads(storage.read_text(p)) if storage.is_file(p) else None
 
 
-def record_published(artifacts: Path, pointer: dict[str, Any]) -> None:
+def _put_json(location: str, obj: Any) -> None:
+    """Written atomically: a local temp file + rename, or one object PUT."""
+    storage.write_bytes_atomic(location, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def record_published(artifacts: Path | str, pointer: dict[str, Any]) -> None:
     """Replaces ARTIFACTS/published.json atomically and appends the pointer to ARTIFACTS/history.jsonl."""
-    _write_json_atomic(Path(artifacts) / PUBLISHED, pointer)
-    with open(Path(artifacts) / HISTORY, "a") as f:
-        f.write(json.dumps(pointer, sort_keys=True) + "\n")
-
-
-def read_published(artifacts: Path) -> dict[str, Any] | None:
-    p = Path(artifacts) / PUBLISHED
-    return json.loads(p.read_text()) if p.is_file() else None
+    _put_json(storage.join(artifacts, PUBLISHED), pointer)
+    storage.append_line(storage.join(artifacts, HISTORY), json.dumps(pointer, sort_keys=True))
 
 
 def _metrics_line(m: dict[str, float], keys: tuple[str, ...]) -> str:
@@ -219,8 +231,13 @@ class Run:
             raise ValueError(f"version {version!r} is not a valid directory name")
         self.cfg = cfg
         self.version = version
-        self.root = Path(cfg.artifacts)
-        self.dir = self.root / "versions" / version
+        self.root = storage.check_location(cfg.artifacts, "artifacts")
+        self.remote = storage.is_remote(self.root)
+        # the version's files are made in a local directory; with object-store artifacts they are
+        # staged in `workdir` and the records (manifest, evaluation, bundle, pointer) uploaded
+        local_root = Path(cfg.workdir or "var/pipeline-work") if self.remote else Path(self.root)
+        self.dir = local_root / "versions" / version
+        self.uri = storage.join(self.root, "versions", version)
         self.say = say
         self.dir.mkdir(parents=True, exist_ok=True)
         mpath = self.dir / MANIFEST
@@ -233,7 +250,9 @@ class Run:
 
     # -- bookkeeping
     def _save(self) -> None:
-        _write_json_atomic(self.dir / MANIFEST, self.manifest)
+        _put_json(str(self.dir / MANIFEST), self.manifest)
+        if self.remote:
+            _put_json(storage.join(self.uri, MANIFEST), self.manifest)
 
     def _done(self, stage: str, inputs: str) -> dict[str, Any] | None:
         rec = self.manifest["stages"].get(stage)
@@ -327,13 +346,15 @@ class Run:
         cand = evaluate_bundle_parts(Path(retr["export"]), Path(rank["export"]), fdir)
         old = None
         if base is not None:
-            bdir = Path(base["bundle"])
+            bdir = self._published_bundle(base)
             self.say(f"    evaluating the published {base['version']} on the same split ...")
             old = evaluate_bundle_parts(bdir / "retriever", bdir / "ranker", fdir)
         decision = gate_decision(self.cfg.gate, cand, old, base["version"] if base else None)
         report = {"candidate": cand, "published": old, "published_version": base["version"] if base else None,
                   **decision}
-        _write_json_atomic(self.dir / "evaluation.json", report)
+        _put_json(str(self.dir / "evaluation.json"), report)
+        if self.remote:
+            _put_json(storage.join(self.uri, "evaluation.json"), report)
         for model in [m for m in ("retriever", "ranker", "retriever_valid", "two_stage") if m in cand]:
             c = cand[model]
             o = (old or {}).get(model, {})
@@ -346,6 +367,23 @@ class Run:
         return {"passed": decision["passed"], "reasons": decision["reasons"], "metrics": cand,
                 "published_metrics": old, "published_version": report["published_version"]}
 
+    def _published_bundle(self, base: dict[str, Any]) -> Path:
+        """The published bundle as a local directory: an object-store one is fetched and checked against the
+        pointer's checksum (the manifest, then every file it lists)."""
+        if not storage.is_remote(base["bundle"]):
+            return Path(base["bundle"])
+        from features.datasets.common import sha256_file
+        from serving.models import MANIFEST as BUNDLE_MANIFEST
+        from serving.models import fetch_bundle
+
+        cache = self.dir.parent.parent / "bundle-cache"
+        cache.mkdir(parents=True, exist_ok=True)
+        bdir = fetch_bundle(base["bundle"], (), cache, base["checksum"])
+        for rel, digest in json.loads((bdir / BUNDLE_MANIFEST).read_text())["files"].items():
+            if sha256_file(bdir / rel) != digest:
+                raise ValueError(f"the published bundle {base['bundle']}: {rel} does not match its manifest checksum")
+        return bdir
+
     def publish(self, fdir: Path, retr: dict[str, Any], rank: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
         if not ev["passed"]:
             return {"published": False}
@@ -354,6 +392,7 @@ class Run:
 
     def _publish(self, fdir: Path, retr: dict[str, Any], rank: dict[str, Any], ev: dict[str, Any]) -> dict[str, Any]:
         from features.transforms import DenseLayout
+        from serving.models import MANIFEST as BUNDLE_MANIFEST
         from serving.models import write_bundle
 
         layout = DenseLayout.from_manifest(json.loads((fdir / "manifest.json").read_text()))
@@ -365,11 +404,15 @@ class Run:
             layout,
             extra={"metrics": ev["metrics"], "data": self.manifest["stages"]["features"].get("snapshot"),
                    "code_version": self.manifest["code_version"]})
-        pointer = {"version": self.version, "bundle": str(bundle.resolve()), "checksum": checksum,
+        where = str(bundle.resolve())
+        if self.remote:  # every object first, the bundle's manifest last, then the pointer (PUTs are atomic)
+            where = storage.join(self.uri, "bundle")
+            storage.upload_tree(bundle, where, last=(BUNDLE_MANIFEST,))
+        pointer = {"version": self.version, "bundle": where, "checksum": checksum,
                    "published_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                    "metrics": ev["metrics"]}
         record_published(self.root, pointer)
-        return {"published": True, "bundle": str(bundle.resolve()), "checksum": checksum}
+        return {"published": True, "bundle": where, "checksum": checksum}
 
     def announce(self, pub: dict[str, Any]) -> None:
         pc = self.cfg.publish
@@ -380,7 +423,7 @@ class Run:
 
         from serving.security import kafka_client_kwargs
 
-        ann = announce_bundle(Path(pub["bundle"]), pc.kafka_bootstrap, pc.models_topic,
+        ann = announce_bundle(pub["bundle"], pc.kafka_bootstrap, pc.models_topic,
                               client_kwargs=kafka_client_kwargs(pc))
         self.manifest["stages"]["publish"]["announced"] = {"topic": pc.models_topic, "bootstrap": pc.kafka_bootstrap,
                                                            "checksum": ann.checksum}
@@ -535,6 +578,9 @@ def repoint(cfg: PipelineConfig, version: str, action: Literal["promote", "rollb
     from serving.errors import ArtifactError
     from serving.models import verify_bundle
 
+    if storage.is_remote(cfg.artifacts):
+        raise ValueError(f"pipeline {action}: artifacts {cfg.artifacts} are on an object store; promote and rollback "
+                         f"read and verify local bundles only (publish a fresh run, or {action} from a local mirror)")
     root = Path(cfg.artifacts)
     history = read_history(root)
     records = [r for r in history if r["version"] == version]
@@ -679,6 +725,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     cfg = load_pipeline_config(args.config, args.overrides)
+    storage.configure(cfg.storage, os.environ)  # s3:// artifacts: endpoint, credentials from the named variables
     day = args.date or dt.datetime.now(dt.timezone.utc).date().isoformat()
     _day_ms(day, "--date")
     res = run_pipeline(cfg, args.version or day)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from features import storage
 from features.config import dump_config, load_config, parse_overrides
 from serving.catalog import Catalog, load_catalog
 from serving.config import ServingConfig
@@ -82,6 +83,7 @@ class ServingApp:
 
     def __init__(self, cfg: ServingConfig, catalog: Catalog | None = None) -> None:
         check_model_roots(cfg.models)  # no announced bundle from just any directory
+        storage.configure(cfg.storage, os.environ)  # s3:// bundle URIs: endpoint, credentials named in the config
         self.cfg = cfg
         self.metrics = ServingMetrics()
         self.store = RedisOnlineStore(cfg.redis)

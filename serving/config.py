@@ -16,6 +16,7 @@ from urllib.parse import urlsplit
 
 from features.messages import EventBounds, KafkaTopics
 from features.sequence import SequenceConfig
+from features.storage import StorageConfig, StorageError, check_location, is_remote
 from features.transforms import StatsConfig, parse_window
 
 
@@ -294,15 +295,35 @@ class RebuildConfig:
             raise ValueError("rebuild.check_interval_s and rebuild.lock_ttl_s must be positive")
 
 
+def _location(value: str | Path, where: str) -> str | Path:
+    """A local path stays a Path; an object-store URI (s3://bucket/prefix) stays a checked string."""
+    try:
+        loc = check_location(value, where)
+    except StorageError as e:
+        raise ValueError(str(e)) from None
+    return loc if is_remote(loc) else Path(loc)
+
+
 @dataclass(frozen=True)
 class ModelsConfig:
-    # A model bundle version directory to load at start (before any `models` announcement arrives).
-    initial_bundle: Path | None = None
-    # Announced URIs (and the initial bundle) must resolve under one of these directories. The server
+    # A model bundle version to load at start (before any `models` announcement arrives): a directory or an
+    # object-store URI (s3://bucket/artifacts/versions/v1/bundle).
+    initial_bundle: str | Path | None = None
+    # Announced URIs (and the initial bundle) must resolve under one of these: directories (compared after
+    # symlinks) or object-store prefixes (s3://bucket/artifacts/, compared segment by segment). The server
     # refuses to start with none unless allow_any_root (local development only) is set.
-    allowed_roots: tuple[Path, ...] = ()
+    allowed_roots: tuple[str | Path, ...] = ()
     allow_any_root: bool = False
     smoke_candidates: int = 64  # candidates in the smoke inference that gates every swap
+    # Where object-store bundles are downloaded (content-addressed by manifest sha256) before they are
+    # verified and loaded; None: a temporary directory of the process.
+    cache_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.initial_bundle is not None:
+            object.__setattr__(self, "initial_bundle", _location(self.initial_bundle, "models.initial_bundle"))
+        object.__setattr__(self, "allowed_roots", tuple(
+            _location(r, f"models.allowed_roots[{i}]") for i, r in enumerate(self.allowed_roots)))
 
 
 @dataclass(frozen=True)
@@ -345,6 +366,7 @@ class ServingConfig:
     runtime: RuntimeConfig = RuntimeConfig()
     metrics: MetricsConfig = MetricsConfig()
     rebuild: RebuildConfig = RebuildConfig()
+    storage: StorageConfig = StorageConfig()  # the object store of s3:// bundle URIs
     # Catalog (items) to serve: a canonical dataset directory or a features directory (its items/).
     catalog: Path | None = None
     labels: dict[str, str] = field(default_factory=dict)  # free-form, shown by GetModelInfo

@@ -27,7 +27,7 @@ from serving.catalog import Catalog
 from serving.config import ModelsConfig, StateConfig
 from serving.errors import ArtifactError
 from serving.metrics import ServingMetrics
-from serving.models import (ModelBundle, ModelHolder, check_unchanged, describe_error, load_bundle, resolve_uri,
+from serving.models import (ModelBundle, ModelHolder, check_unchanged, describe_error, evict_fetched, load_bundle, locate_bundle,
                             verify_bundle)
 from serving.runtime import CatalogRef, list_dense
 from serving.state.codec import CounterLog, UserRecord
@@ -118,15 +118,19 @@ class ModelManager:
         """Validates and swaps in a bundle; raises ArtifactError (the served bundle is unchanged)."""
         t0 = time.perf_counter()
         try:
-            with _rejected_as("unsupported_uri"):
-                path = resolve_uri(str(uri), self.cfg.allowed_roots)
+            with _rejected_as("unsupported_uri"):  # an object-store URI: fetched into the cache, verified below
+                path = locate_bundle(str(uri), self.cfg.allowed_roots, self.cfg.cache_dir, checksum)
             cur = self.holder.current
             if cur is not None and version is not None and cur.version == version and cur.checksum == checksum:
                 return cur  # a redelivered announcement of what is served
             fingerprints: dict[Path, tuple[int, ...]] = {}
             with _rejected_as("invalid_bundle"):
-                manifest, digest, dense = verify_bundle(path, checksum, version, self.state.stats,
-                                                        self.state.retention_ms(), fingerprints)
+                try:
+                    manifest, digest, dense = verify_bundle(path, checksum, version, self.state.stats,
+                                                            self.state.retention_ms(), fingerprints)
+                except ArtifactError:
+                    evict_fetched(str(uri), path, self.cfg.cache_dir)  # a bad fetched copy is downloaded anew next time
+                    raise
             with _rejected_as("load_failed"):
                 bundle = load_bundle(path, manifest, digest, dense)
             with _rejected_as("smoke_failed"):

@@ -12,7 +12,9 @@ A bundle is a version directory::
 
 The `models` topic announces ``{version, uri, checksum}`` where checksum is
 the sha256 of ``manifest.json``; the manifest pins every file's sha256, so the
-announcement pins the whole bundle. Loading = verify the manifest checksum,
+announcement pins the whole bundle. The URI is a directory or an object-store
+URI (s3://...): the latter is first copied into a local cache, manifest first,
+by `fetch_bundle`, and the copy goes through the same checks. Loading = verify the manifest checksum,
 every file's checksum, the schema (hash spec, schema version, the dense
 feature layout against what the online state keeps), load with restricted
 loaders only (``torch.load(weights_only=True)``, ``np.load(allow_pickle=False)``,
@@ -33,6 +35,7 @@ import os
 import re
 import shutil
 import stat
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -42,6 +45,7 @@ from typing import Any, Callable, Mapping, Protocol
 import numpy as np
 import torch
 
+from features import storage
 from features.batch import Batch
 from features.datasets.common import sha256_file
 from features.hashing import HASH_SPEC_VERSION
@@ -142,20 +146,27 @@ def write_bundle(out: Path, version: str, retriever: tuple[str, Path], ranker: t
     return hashlib.sha256(data).hexdigest()
 
 
-def announce_bundle(bundle: Path, bootstrap: str, topic: str, timeout_s: float = 30.0,
+def announce_bundle(bundle: Path | str, bootstrap: str, topic: str, timeout_s: float = 30.0,
                     client_kwargs: Mapping[str, Any] | None = None) -> "ModelAnnouncement":
-    """Sends a bundle directory's version, URI and manifest checksum on the models topic (acks=all).
+    """Sends a bundle's version, URI and manifest checksum on the models topic (acks=all).
+
+    bundle: a bundle directory, or the object-store URI the pipeline published it to (s3://...).
 
     client_kwargs: extra KafkaProducer options, e.g. `serving.security.kafka_client_kwargs` (SASL / SSL)."""
     from kafka import KafkaProducer
 
     from features.messages import ModelAnnouncement
 
-    manifest = Path(bundle) / MANIFEST
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{manifest} does not exist: is {bundle} a model bundle directory?")
-    version = json.loads(manifest.read_text())["version"]
-    ann = ModelAnnouncement(version=version, uri=str(Path(bundle).resolve()), checksum=sha256_file(manifest))
+    if storage.is_remote(bundle):  # an object-store bundle is announced by its URI
+        uri = storage.check_location(bundle, "bundle")
+        data = storage.read_bytes(storage.join(uri, MANIFEST))
+    else:
+        manifest = Path(bundle) / MANIFEST
+        if not manifest.is_file():
+            raise FileNotFoundError(f"{manifest} does not exist: is {bundle} a model bundle directory?")
+        uri, data = str(Path(bundle).resolve()), manifest.read_bytes()
+    version = json.loads(data)["version"]
+    ann = ModelAnnouncement(version=version, uri=uri, checksum=hashlib.sha256(data).hexdigest())
     prod = KafkaProducer(bootstrap_servers=bootstrap, acks="all", **dict(client_kwargs or {}))
     try:
         prod.send(topic, key=version.encode(), value=ann.encode()).get(timeout=timeout_s)
@@ -294,21 +305,140 @@ def check_model_roots(cfg: Any) -> None:
                          "models.allow_any_root=true for local development only (cascade serve --dev)")
 
 
-def resolve_uri(uri: str, allowed_roots: tuple[Path, ...] = ()) -> Path:
+def resolve_uri(uri: str, allowed_roots: tuple[Path | str, ...] = ()) -> Path:
     """An announcement URI (a local path or file://) -> the bundle directory; refuses paths outside the roots.
 
     The path and the roots are compared after every symlink (a link under a root pointing elsewhere is
-    outside). Empty roots accept any directory: servers refuse that config at start (`check_model_roots`)."""
+    outside). Empty roots accept any directory: servers refuse that config at start (`check_model_roots`).
+    Object-store URIs (s3://...) go through `fetch_bundle` instead."""
     if not isinstance(uri, str) or not uri.strip() or "\x00" in uri:
         raise ArtifactError("unsupported_uri", f"{uri!r} is not a bundle path")
     if "://" in uri and not uri.startswith("file://"):
-        raise ArtifactError("unsupported_uri", f"{uri!r}: only local paths and file:// URIs are served")
+        raise ArtifactError("unsupported_uri", f"{uri!r}: only local paths and file:// URIs resolve to a directory")
     path = _real(uri.removeprefix("file://"))
-    if allowed_roots and not any(path.is_relative_to(_real(r)) for r in allowed_roots):
+    local_roots = [r for r in allowed_roots if not storage.is_remote(r)]
+    if allowed_roots and not any(path.is_relative_to(_real(r)) for r in local_roots):
         raise ArtifactError("uri_not_allowed", f"{path} is not under an allowed model root {[str(r) for r in allowed_roots]}")
     if not path.is_dir():
         raise ArtifactError("missing_bundle", f"{path} is not a directory")
     return path
+
+
+def _object_key(rel: object, what: str) -> str:
+    """A manifest path as an object key below the bundle prefix: relative, no '.', '..' or empty segments."""
+    if (not isinstance(rel, str) or not rel or rel.startswith("/") or "\x00" in rel or "\\" in rel
+            or any(seg in ("", ".", "..") for seg in rel.split("/"))):
+        raise ArtifactError("unsafe_path", f"{what}: {str(rel)[:200]!r} is not a plain relative path inside the bundle")
+    return rel
+
+
+_PROCESS_CACHE: list[Path] = []
+
+
+def bundle_cache_dir(configured: Path | None) -> Path:
+    """Where object-store bundles are copied: the configured directory, or one temporary directory per process."""
+    if configured is not None:
+        Path(configured).mkdir(parents=True, exist_ok=True)
+        return Path(configured)
+    if not _PROCESS_CACHE:
+        _PROCESS_CACHE.append(Path(tempfile.mkdtemp(prefix="cascade-bundles-")))
+    return _PROCESS_CACHE[0]
+
+
+def fetch_bundle(uri: str, allowed_roots: tuple[Path | str, ...], cache_dir: Path,
+                 expected_checksum: str | None = None) -> Path:
+    """An object-store bundle URI (s3://bucket/prefix/v1) -> its local copy ``cache_dir/<manifest sha256>/``.
+
+    Refused before any model byte is fetched: a malformed URI, another scheme, '..' or empty segments
+    (``unsupported_uri``); a URI outside the object-store roots of `allowed_roots`, compared segment by
+    segment (``uri_not_allowed``); a missing, oversized or non-JSON manifest, or one whose sha256 is not the
+    announced checksum. Then only the files the manifest lists are downloaded (each name a plain relative key,
+    else ``unsafe_path``), and an object under a part that the manifest does not list is refused
+    (``unlisted_file``), as `verify_bundle` refuses one on disk. The copy is content-addressed: a
+    redelivered announcement reuses it. The caller verifies the copy (`verify_bundle` re-hashes every file)
+    before loading it."""
+    try:
+        loc = storage.check_location(uri, "bundle URI")
+    except storage.StorageError as e:
+        raise ArtifactError("unsupported_uri", str(e)) from None
+    if not storage.is_remote(loc):
+        raise ArtifactError("unsupported_uri", f"{uri!r} is a local path; fetch_bundle reads object-store URIs")
+    remote_roots = [r for r in allowed_roots if storage.is_remote(r)]
+    if allowed_roots and not any(storage.is_under(loc, str(r)) for r in remote_roots):
+        raise ArtifactError("uri_not_allowed", f"{loc} is not under an allowed model root {[str(r) for r in allowed_roots]}")
+    murl = storage.join(loc, MANIFEST)
+    try:
+        if not storage.is_file(murl):
+            raise ArtifactError("missing_manifest", f"{murl} does not exist")
+        if (n := storage.size(murl)) > MAX_MANIFEST_BYTES:
+            raise ArtifactError("bad_manifest", f"{murl} is {n} bytes, more than {MAX_MANIFEST_BYTES}")
+        data = storage.read_bytes(murl)
+    except ArtifactError:
+        raise
+    except (OSError, storage.StorageError) as e:  # unreachable store, denied access
+        raise ArtifactError("missing_bundle", f"{murl}: {describe_error(e)}") from None
+    checksum = hashlib.sha256(data).hexdigest()
+    if expected_checksum is not None and checksum != expected_checksum:
+        raise ArtifactError("checksum_mismatch", f"{murl} has sha256 {checksum}, the announcement says {expected_checksum}")
+    dest = Path(cache_dir) / checksum
+    if (dest / MANIFEST).is_file():
+        return dest
+    try:
+        manifest = json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise ArtifactError("bad_manifest", f"{murl} is not JSON: {type(e).__name__}: {str(e)[:200]}") from None
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        raise ArtifactError("schema", "manifest.files must map relative paths to sha256")
+    keys = [_object_key(rel, "manifest.files entry") for rel in files]
+    parts = []
+    for part in ("retriever", "ranker"):
+        spec = manifest.get(part)
+        if not isinstance(spec, dict) or not isinstance(spec.get("path"), str):
+            raise ArtifactError("schema", f"manifest.{part} must be {{loader: string, path: string}}")
+        parts.append(_object_key(spec["path"], f"manifest.{part}.path"))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{checksum}.", dir=cache_dir))
+    try:
+        for part in parts:
+            for rel in storage.list_files(storage.join(loc, part)):
+                if f"{part}/{rel}" not in files:
+                    raise ArtifactError("unlisted_file", f"{part}: {part}/{rel} is not in manifest.files (not checksummed)")
+        (tmp / MANIFEST).write_bytes(data)
+        for rel in keys:
+            storage.download(storage.join(loc, rel), tmp / rel)
+        try:
+            os.rename(tmp, dest)
+        except OSError:  # a concurrent fetch of the same bundle won: use its copy
+            if not (dest / MANIFEST).is_file():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except ArtifactError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except (OSError, storage.StorageError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ArtifactError("missing_file", f"{loc}: {describe_error(e)}") from None
+    return dest
+
+
+def locate_bundle(uri: str, allowed_roots: tuple[Path | str, ...], cache_dir: Path | None,
+                  expected_checksum: str | None = None) -> Path:
+    """The local directory to verify and load for an announced URI: the directory itself for a local path,
+    a fetched copy for an object-store URI (`resolve_uri`, `fetch_bundle`)."""
+    if isinstance(uri, str) and "\x00" not in uri and storage.is_remote(uri):
+        return fetch_bundle(uri, allowed_roots, bundle_cache_dir(cache_dir), expected_checksum)
+    return resolve_uri(uri, allowed_roots)
+
+
+def evict_fetched(uri: str, path: Path, cache_dir: Path | None) -> None:
+    """Drops the fetched copy of an object-store `uri` that failed verification, so the next announcement
+    downloads it anew; a local bundle directory is left alone."""
+    if "\x00" in uri or not storage.is_remote(uri):
+        return
+    root = _real(bundle_cache_dir(cache_dir))
+    p = _real(path)
+    if p.parent == root:
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _part_dir(root: Path, manifest: Mapping[str, Any], part: str) -> Path:

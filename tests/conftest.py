@@ -98,3 +98,49 @@ def retrieval_features(ml100k_dataset: Path, tmp_path_factory: pytest.TempPathFa
                "--only", RETRIEVAL_STAGES, "spark.shuffle_partitions=4"])
     assert rc == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3-compatible server (moto's `moto_server` process) on a free loopback port, made the process's
+    object store (`features.storage.configure`, credentials named by environment variable); always stopped."""
+    import subprocess
+    import sys
+
+    import fsspec
+
+    from features import storage
+    from jobs.services import _wait_tcp, free_port, stop_pid
+
+    exe = Path(sys.executable).with_name("moto_server")
+    if not exe.exists():
+        pytest.fail(f"{exe} not found: install the dev extras (pip install -e .[dev], moto[server])")
+    port = free_port()
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(exe), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_tcp(port, proc, "moto_server", log)
+        cfg = storage.StorageConfig(endpoint_url=f"http://127.0.0.1:{port}",
+                                    access_key_env="CASCADE_TEST_S3_KEY", secret_key_env="CASCADE_TEST_S3_SECRET")
+        environ = {"CASCADE_TEST_S3_KEY": "test-key", "CASCADE_TEST_S3_SECRET": "test-secret"}
+        storage.configure(cfg, environ)
+        yield cfg, environ
+    finally:
+        fsspec.config.conf.pop("s3", None)
+        stop_pid(proc.pid)
+
+
+@pytest.fixture()
+def s3_bucket(s3_server) -> str:
+    """A fresh bucket on `s3_server`: its s3:// URI. The server's settings are applied again (a ServingApp started
+    by an earlier test configures the process's object store from its own config)."""
+    import uuid
+
+    from features import storage
+
+    storage.configure(*s3_server)
+    uri = f"s3://test-{uuid.uuid4().hex[:12]}"
+    fs, path = storage.filesystem(uri)
+    fs.mkdir(path)
+    return uri
