@@ -1,15 +1,17 @@
 """What `run_pipeline` pushes to the Pushgateway when it ends: published, gate refused, failed.
 
-The Pushgateway is a loopback HTTP server that records each request (a fake only for what is pushed); the
+The payload tests use a loopback HTTP server that records each request (a fake only for what is pushed); the
 pipeline's stages are replaced by a stub result, except in the failed case, which runs the real stages on a
-dataset directory that does not exist.
+features directory that does not exist. The last test runs the real `prometheus-pushgateway`.
 """
 from __future__ import annotations
 
 import dataclasses
 import logging
-import socket
+import shutil
+import subprocess
 import threading
+import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
@@ -18,7 +20,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import jobs.pipeline as pipeline
-from jobs.pipeline import (OUTCOMES, PIPELINE_METRIC_NAMES, MetricsConfig, PipelineConfig, PipelineResult,
+from jobs.pipeline import (OUTCOMES, PIPELINE_METRIC_NAMES, FeaturesStage, MetricsConfig, PipelineConfig, PipelineResult,
                            load_pipeline_config, run_pipeline)
 
 
@@ -60,13 +62,15 @@ def pushgateway() -> Iterator[tuple[str, list[Push]]]:
 
 
 def _dead_url() -> str:
-    with socket.socket() as s:  # a port nobody listens on once this socket is closed
-        s.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{s.getsockname()[1]}"
+    from jobs.services import free_port
+
+    return f"http://127.0.0.1:{free_port()}"  # nobody listens there
 
 
 def _cfg(tmp_path: Path, url: str, **grouping: str) -> PipelineConfig:
-    return PipelineConfig(dataset=str(tmp_path / "no-such-dataset"), artifacts=str(tmp_path / "artifacts"),
+    # a prebuilt features directory that does not exist: the real stages fail at once, in the features stage
+    return PipelineConfig(features=FeaturesStage(dir=str(tmp_path / "no-such-features")),
+                          artifacts=str(tmp_path / "artifacts"),
                           metrics=MetricsConfig(pushgateway=url, job="cascade-pipeline", grouping=grouping))
 
 
@@ -111,7 +115,7 @@ def test_a_refused_gate_pushes_gate_refused_as_a_success(pushgateway, tmp_path: 
 
 
 def test_a_failed_run_pushes_failed_and_keeps_the_last_success(pushgateway, tmp_path: Path) -> None:
-    """The real stages fail (no dataset); the error propagates, and the push leaves the last success's
+    """The real stages fail (no features directory); the error propagates, and the push leaves the last success's
     timestamp out, so the Pushgateway keeps the previous one (POST replaces only the metrics pushed)."""
     url, pushes = pushgateway
     with pytest.raises(FileNotFoundError):
@@ -166,3 +170,45 @@ def test_unknown_outcome_is_refused() -> None:
     with pytest.raises(ValueError, match="pipeline outcome must be one of published, gate_refused, failed"):
         pipeline.outcome_registry("ok", 0.0, 1.0)
     assert OUTCOMES == ("published", "gate_refused", "failed")
+
+
+@pytest.fixture
+def real_pushgateway(tmp_path: Path) -> Iterator[str]:
+    from jobs.services import _wait_tcp, free_port, stop_pid
+
+    exe = shutil.which("prometheus-pushgateway")
+    if exe is None:
+        pytest.skip("prometheus-pushgateway not found: install it with `apt-get install prometheus-pushgateway` "
+                    "(make sysdeps does)")
+    port = free_port()
+    log = tmp_path / "pushgateway.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([exe, f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn"],
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        _wait_tcp(port, proc, "prometheus-pushgateway", log)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        stop_pid(proc.pid)
+
+
+def test_a_failed_run_keeps_the_last_success_on_a_real_pushgateway(real_pushgateway: str, tmp_path: Path,
+                                                                     monkeypatch) -> None:
+    """published, then failed: the gateway serves outcome failed, and still the published run's success time."""
+    cfg = _cfg(tmp_path, real_pushgateway, namespace="recsys")
+    with monkeypatch.context() as m:
+        _stub_stages(m, published=True)
+        run_pipeline(cfg, "v1", say=lambda _: None)
+    with pytest.raises(FileNotFoundError):
+        run_pipeline(cfg, "v2", say=lambda _: None)
+    with urllib.request.urlopen(f"{real_pushgateway}/metrics", timeout=10) as r:
+        served = Push("GET", "/metrics", r.read().decode())
+    group = {k: v for k, v in served.samples().items()
+             if k[0].startswith("cascade_pipeline_") and ("job", "cascade-pipeline") in k[1]}
+    labels = (("instance", ""), ("job", "cascade-pipeline"), ("namespace", "recsys"))
+    assert {dict(k[1]).get("outcome"): v for k, v in group.items() if k[0] == "cascade_pipeline_last_outcome"} == {
+        "published": 0, "gate_refused": 0, "failed": 1}
+    success = group[("cascade_pipeline_last_success_timestamp_seconds", labels)]
+    last_run = group[("cascade_pipeline_last_run_timestamp_seconds", labels)]
+    assert 0 < success <= last_run  # the published run's end, kept across the failed run's push
+    assert group[("cascade_pipeline_gate_refused", labels)] == 0
