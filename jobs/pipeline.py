@@ -30,6 +30,9 @@ failed); a published version is announced once (a run whose announcement failed,
 Kafka was down, announces on the re-run). Changed inputs for an existing version are
 refused: pick a new version.
 
+With ``metrics.pushgateway`` set, every run pushes its outcome (published, gate refused or failed; see
+`push_outcome`) to a Prometheus Pushgateway when it ends, for the chart's pipeline alerts.
+
 The gate evaluates the candidate *and* the published models on the candidate's
 held-out test split (the same rows for both, so data drift cannot pass a regression)
 and refuses to publish when any gated metric is worse than the published one by more
@@ -51,11 +54,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 from features import storage
 from features.storage import StorageConfig
 from serving.config import SaslConfig, TlsFiles
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("cascade.pipeline")
 
@@ -578,7 +584,7 @@ PIPELINE_METRIC_NAMES = (
 )
 
 
-def outcome_registry(outcome: str, started: float, finished: float):
+def outcome_registry(outcome: str, started: float, finished: float) -> CollectorRegistry:
     """The metrics of one finished run, in a registry of their own (never the process' default one).
 
     A run that did not fail (published, or completed with its gate refusing) is a success and sets
