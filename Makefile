@@ -35,12 +35,14 @@ $(STAMP): pyproject.toml requirements.txt setup.py shims/fbgemm-gpu/pyproject.to
 	touch $(STAMP)
 
 # System packages the local services and the chart checks need:
-# redis-server (online state) and prometheus (promtool for the alert rules).
+# redis-server (online state), prometheus (promtool for the alert rules) and prometheus-pushgateway (the
+# pipeline's outcome metrics test).
 # Java 17 is required by Spark and is expected on the host.
 $(SYSSTAMP):
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	command -v promtool >/dev/null || missing="$$missing prometheus"; \
+	command -v prometheus-pushgateway >/dev/null || missing="$$missing prometheus-pushgateway"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing system packages:$$missing"; \
 	  SUDO=""; [ "$$(id -u)" = 0 ] || SUDO="sudo"; \

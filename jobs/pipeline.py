@@ -30,6 +30,9 @@ failed); a published version is announced once (a run whose announcement failed,
 Kafka was down, announces on the re-run). Changed inputs for an existing version are
 refused: pick a new version.
 
+With ``metrics.pushgateway`` set, every run pushes its outcome (published, gate refused or failed; see
+`push_outcome`) to a Prometheus Pushgateway when it ends, for the chart's pipeline alerts.
+
 The gate evaluates the candidate *and* the published models on the candidate's
 held-out test split (the same rows for both, so data drift cannot pass a regression)
 and refuses to publish when any gated metric is worse than the published one by more
@@ -51,11 +54,14 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 from features import storage
 from features.storage import StorageConfig
 from serving.config import SaslConfig, TlsFiles
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("cascade.pipeline")
 
@@ -141,6 +147,25 @@ class PublishConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    # A Prometheus Pushgateway (http://host:9091) that every run pushes its outcome to when it ends: published,
+    # gate refused or failed (PIPELINE_METRIC_NAMES). Empty: nothing is pushed.
+    pushgateway: str = ""
+    job: str = "cascade-pipeline"  # the pushed group's `job` label
+    # More labels of the pushed group, e.g. {namespace: recsys} (the Helm chart sets the release namespace).
+    grouping: Mapping[str, str] = field(default_factory=dict)
+    timeout_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if self.pushgateway and not self.pushgateway.startswith(("http://", "https://")):
+            raise ValueError(f"metrics.pushgateway must be an http:// or https:// URL, got {self.pushgateway!r}")
+        if not self.job:
+            raise ValueError("metrics.job must not be empty: it is the pushed group's job label")
+        if self.timeout_s <= 0:
+            raise ValueError(f"metrics.timeout_s must be > 0, got {self.timeout_s}")
+
+
+@dataclass(frozen=True)
 class PipelineConfig:
     dataset: str = ""  # canonical dataset directory (`cascade data import|synth`)
     # A directory, or an object-store URI (s3://bucket/artifacts): versions' manifests, evaluations and
@@ -155,6 +180,7 @@ class PipelineConfig:
     ranker: TrainStage = TrainStage(configs=("ranking/configs/ml-100k.yaml",))
     gate: GateConfig = GateConfig()
     publish: PublishConfig = PublishConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
 
 # Secrets of the announcing producer (Kubernetes Secrets): taken verbatim, never parsed as YAML.
@@ -507,7 +533,19 @@ class PipelineResult:
 
 
 def run_pipeline(cfg: PipelineConfig, version: str, say: Callable[[str], None] = print) -> PipelineResult:
-    """Runs (or resumes) every stage of `version`; see the module docstring."""
+    """Runs (or resumes) every stage of `version`; see the module docstring. Its outcome (published, gate
+    refused or failed) is pushed to ``metrics.pushgateway`` when set; a failed push only logs a warning."""
+    started = time.time()
+    try:
+        res = _run_stages(cfg, version, say)
+    except BaseException:
+        push_outcome(cfg.metrics, "failed", started, time.time())
+        raise
+    push_outcome(cfg.metrics, "published" if res.published else "gate_refused", started, time.time())
+    return res
+
+
+def _run_stages(cfg: PipelineConfig, version: str, say: Callable[[str], None]) -> PipelineResult:
     t0 = time.perf_counter()
     with contextlib.ExitStack() as held:
         if cfg.features.dir:  # a versioned root (features/versions.py): one version, pinned for the whole run
@@ -531,6 +569,68 @@ def run_pipeline(cfg: PipelineConfig, version: str, say: Callable[[str], None] =
         say(f"[5/5] publish    refused: version {version} is not published (see {run.dir / 'evaluation.json'})")
     return PipelineResult(version, ev["passed"], bool(pub.get("published")), list(ev["reasons"]), pub.get("bundle"),
                           time.perf_counter() - t0)
+
+
+# ---------------------------------------------------------------------------------------------- outcome metrics
+
+OUTCOMES = ("published", "gate_refused", "failed")
+# What a run pushes (one group per metrics.job + metrics.grouping; the chart's alerts read these).
+PIPELINE_METRIC_NAMES = (
+    "cascade_pipeline_last_run_timestamp_seconds",
+    "cascade_pipeline_last_success_timestamp_seconds",
+    "cascade_pipeline_last_outcome",
+    "cascade_pipeline_gate_refused",
+    "cascade_pipeline_duration_seconds",
+)
+
+
+def outcome_registry(outcome: str, started: float, finished: float) -> CollectorRegistry:
+    """The metrics of one finished run, in a registry of their own (never the process' default one).
+
+    A run that did not fail (published, or completed with its gate refusing) is a success and sets
+    cascade_pipeline_last_success_timestamp_seconds; a failed run leaves that metric out, so the push (which
+    replaces only the metrics it carries) keeps the previous success's timestamp on the Pushgateway.
+    """
+    from prometheus_client import CollectorRegistry, Gauge
+
+    if outcome not in OUTCOMES:
+        raise ValueError(f"pipeline outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
+    registry = CollectorRegistry(auto_describe=True)
+    Gauge("cascade_pipeline_last_run_timestamp_seconds", "When the last pipeline run ended (Unix time).",
+          registry=registry).set(finished)
+    if outcome != "failed":
+        Gauge("cascade_pipeline_last_success_timestamp_seconds",
+              "When the last pipeline run that did not fail ended (published or gate refused; Unix time).",
+              registry=registry).set(finished)
+    last = Gauge("cascade_pipeline_last_outcome", "1 for the outcome of the last pipeline run, 0 for the others.",
+                 ["outcome"], registry=registry)
+    for o in OUTCOMES:
+        last.labels(outcome=o).set(1 if o == outcome else 0)
+    Gauge("cascade_pipeline_gate_refused", "1 when the last run's evaluation gate refused to publish its model.",
+          registry=registry).set(1 if outcome == "gate_refused" else 0)
+    Gauge("cascade_pipeline_duration_seconds", "Wall time of the last pipeline run.",
+          registry=registry).set(max(finished - started, 0.0))
+    return registry
+
+
+def push_outcome(mc: MetricsConfig, outcome: str, started: float, finished: float) -> bool:
+    """Pushes a run's outcome to ``mc.pushgateway`` (POST: replaces the metrics it carries, keeps the last
+    success's timestamp after a failure). True when pushed; a push that fails logs a warning and never fails
+    the run (the chart also alerts on the CronJob's failed Jobs, which covers a run that could not push)."""
+    if not mc.pushgateway:
+        return False
+    from prometheus_client import pushadd_to_gateway
+
+    registry = outcome_registry(outcome, started, finished)
+    try:
+        pushadd_to_gateway(mc.pushgateway, job=mc.job, registry=registry, grouping_key=dict(mc.grouping),
+                           timeout=mc.timeout_s)
+    except Exception as e:  # noqa: BLE001 — any push error (refused, timeout, HTTP 5xx, bad reply) is only reported
+        log.warning("could not push the pipeline outcome (%s) to %s: %s: %s", outcome, mc.pushgateway,
+                    type(e).__name__, e)
+        return False
+    log.info("pushed the pipeline outcome (%s) to %s (job %s)", outcome, mc.pushgateway, mc.job)
+    return True
 
 
 # ---------------------------------------------------------------------------------------------- promote / rollback

@@ -85,12 +85,33 @@ def test_prometheus_rule_is_well_formed(scenarios) -> None:
 
 def test_disabled_alerts_are_left_out(render) -> None:
     streaming = {"consumerLag", "eventFreshness", "consumerRestarts", "skippedRecords"}
-    names = ("latency", "errorRate", "shedRate", "degradedAnswers", "modelAge", "redisDown", *streaming)
+    pipeline = {"pipeline", "gateRefused", "pipelineJobFailed"}
+    names = ("latency", "errorRate", "shedRate", "degradedAnswers", "modelAge", "redisDown", *streaming, *pipeline)
     off = {name: {"enabled": False} for name in names if name not in streaming}
     rule = render({"prometheusRule": {"enabled": True, "alerts": off}}).one("PrometheusRule")
     assert [g["name"] for g in rule["spec"]["groups"]] == ["cascade-streaming"]
     off.update({name: {"enabled": False} for name in streaming})
     assert not render({"prometheusRule": {"enabled": True, "alerts": off}}).find("PrometheusRule")
+
+
+def _alert_names(docs) -> list[str]:
+    return [r["alert"] for g in docs.one("PrometheusRule")["spec"]["groups"] for r in g["rules"]]
+
+
+def test_pipeline_outcome_alerts_need_a_pushgateway(render) -> None:
+    """Without pipeline.run.pushgateway nothing is pushed: only the kube-state-metrics Job alert is rendered."""
+    pushed = ("CascadePipelineFailed", "CascadeGateRefused")
+    names = _alert_names(render({"prometheusRule": {"enabled": True}}))
+    assert "CascadePipelineJobFailed" in names and not set(pushed) & set(names)
+    names = _alert_names(render({"prometheusRule": {"enabled": True},
+                                 "pipeline": {"run": {"pushgateway": "http://pgw:9091"}}}))
+    assert [n for n in names if n.startswith(("CascadePipeline", "CascadeGate"))] == [*pushed, "CascadePipelineJobFailed"]
+
+
+def test_no_pipeline_alerts_without_the_pipeline_cronjob(render) -> None:
+    names = _alert_names(render({"prometheusRule": {"enabled": True},
+                                 "pipeline": {"run": {"enabled": False, "pushgateway": "http://pgw:9091"}}}))
+    assert not [n for n in names if n.startswith(("CascadePipeline", "CascadeGate"))]
 
 
 def test_dashboards_are_configmaps_for_the_grafana_sidecar(scenarios, chart_dir: Path) -> None:
@@ -200,6 +221,9 @@ def test_every_values_key_is_commented(chart_dir: Path) -> None:
     ({"pipeline": {"run": {"schedule": "daily"}}}, "/pipeline/run/schedule"),
     ({"pipeline": {"jobDefaults": {"concurrencyPolicy": "Sometimes"}}}, "/pipeline/jobDefaults/concurrencyPolicy"),
     ({"prometheusRule": {"alerts": {"consumerLag": {"for": "ten minutes"}}}}, "/prometheusRule/alerts/consumerLag/for"),
+    ({"pipeline": {"run": {"pushgateway": "pgw:9091"}}}, "/pipeline/run/pushgateway"),
+    ({"prometheusRule": {"alerts": {"pipeline": {"maxSuccessAgeHours": 0}}}},
+     "/prometheusRule/alerts/pipeline/maxSuccessAgeHours"),
 ])
 def test_schema_rejects_bad_values_naming_the_key(render, values: dict[str, Any], message: str) -> None:
     import helm_python as helm

@@ -79,6 +79,14 @@ def test_pipeline_job_runs_cascade_pipeline_run(scenarios, name: str, tmp_path: 
     if name == "full":
         assert cfg.ranker.world_size == 2 and cfg.features.spark_master == "local[4]"
         assert "train.epochs=2" in cfg.ranker.overrides
+        # the run pushes its outcome to the group the pipeline alerts select
+        assert cfg.metrics.pushgateway == "http://prometheus-pushgateway.monitoring:9091"
+        assert (cfg.metrics.job, dict(cfg.metrics.grouping)) == ("cascade-pipeline", {"namespace": "recsys"})
+        rules = docs.one("PrometheusRule")["spec"]["groups"]
+        (failed,) = [r for g in rules for r in g["rules"] if r["alert"] == "CascadePipelineFailed"]
+        assert 'job="cascade-pipeline",namespace="recsys"' in failed["expr"]
+    else:
+        assert not cfg.metrics.pushgateway  # nothing pushed by default
 
 
 def test_pipeline_job_needs_a_dataset(render) -> None:

@@ -26,14 +26,29 @@ def _label_names(metrics) -> dict[str, set[str]]:
     return out
 
 
+# kube-state-metrics' series of Jobs that the pipeline Job alert reads (labels per its docs/metrics/workload/job.md).
+KUBE_JOB_SERIES = {name: {"namespace", "job_name"} for name in (
+    "kube_job_status_failed", "kube_job_status_active", "kube_job_status_succeeded", "kube_job_status_start_time")}
+
+
+def _pipeline_series() -> dict[str, set[str]]:
+    """What `cascade pipeline run` pushes (jobs/pipeline.py) -> its labels; job and namespace are the group's."""
+    from jobs.pipeline import PIPELINE_METRIC_NAMES, outcome_registry
+
+    series = {s.name: set(s.labels) for family in outcome_registry("published", 0.0, 1.0).collect()
+              for s in family.samples}
+    assert set(series) == set(PIPELINE_METRIC_NAMES)
+    return series
+
+
 @pytest.fixture(scope="module")
 def exported() -> dict[str, set[str]]:
-    """Every series name the server exposes -> the labels it carries."""
+    """Every series name the server exposes, the pipeline pushes, or kube-state-metrics gives a Job -> its labels."""
     from serving.metrics import METRIC_NAMES, ServingMetrics
 
     metrics = ServingMetrics()
     labels = _label_names(metrics)
-    series: dict[str, set[str]] = {}
+    series: dict[str, set[str]] = {**_pipeline_series(), **KUBE_JOB_SERIES}
     for family in metrics.registry.collect():
         base = family.name + "_total" if family.type == "counter" else family.name
         assert base in METRIC_NAMES, f"{base} is registered but not in METRIC_NAMES"
@@ -153,14 +168,15 @@ def test_dashboards_are_well_formed(chart_dir: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- promtool
-@pytest.mark.parametrize("which", ["defaults", "full"])
-def test_promtool_accepts_the_rules(scenarios, default_rules, which: str, promtool: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("which", "count"), [("defaults", 11), ("full", 13)])  # full: with a Pushgateway
+def test_promtool_accepts_the_rules(scenarios, default_rules, which: str, count: int, promtool: str,
+                                    tmp_path: Path) -> None:
     path = tmp_path / "rules.yaml"
     groups = default_rules if which == "defaults" else _rule_groups(scenarios["full"])
     path.write_text(yaml.safe_dump({"groups": groups}))
     run = _promtool(promtool, "check", "rules", str(path))
     assert run.returncode == 0, run.stdout + run.stderr
-    assert "SUCCESS: 10 rules found" in run.stdout
+    assert f"SUCCESS: {count} rules found" in run.stdout
 
 
 def test_promtool_parses_every_dashboard_query(chart_dir: Path, promtool: str, tmp_path: Path) -> None:
@@ -262,3 +278,96 @@ def test_alerts_fire_in_promtool_unit_tests(default_rules, promtool: str, tmp_pa
     run = subprocess.run([promtool, "test", "rules", "rules_test.yaml"], capture_output=True, text=True,
                          timeout=60, cwd=tmp_path)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+# ------------------------------------------------------------------------------------------------ pipeline alerts
+PUSHED = 'job="cascade-pipeline",namespace="recsys",instance=""'  # the Pushgateway scraped with honor_labels
+KSM = 'job="kube-state-metrics",namespace="recsys"'
+
+
+def _outcome_series(outcome: str, samples: int) -> list[dict[str, str]]:
+    """The pushed gauges of one last run with `outcome`, ended (and succeeded, unless failed) at t=0."""
+    series = [{"series": f'cascade_pipeline_last_outcome{{{PUSHED},outcome="{o}"}}',
+               "values": f"{int(o == outcome)}x{samples}"} for o in ("published", "gate_refused", "failed")]
+    series.append({"series": f"cascade_pipeline_gate_refused{{{PUSHED}}}",
+                   "values": f"{int(outcome == 'gate_refused')}x{samples}"})
+    series.append({"series": f"cascade_pipeline_last_success_timestamp_seconds{{{PUSHED}}}", "values": f"0x{samples}"})
+    return series
+
+
+def _job_series(job: str, failed: int, active: int, succeeded: int, samples: int) -> list[dict[str, str]]:
+    """kube-state-metrics' series of one Job that started at t=0."""
+    labels = f'{KSM},job_name="{job}"'
+    return [{"series": f"kube_job_status_{name}{{{labels}}}", "values": f"{value}x{samples}"}
+            for name, value in (("failed", failed), ("active", active), ("succeeded", succeeded), ("start_time", 0))]
+
+
+def _pipeline_alert_tests() -> list[dict[str, Any]]:
+    """promtool unit tests of the pipeline group at the default thresholds (maxSuccessAgeHours 48, windowHours 24)."""
+    def alert(name: str, at: str, labels: dict[str, str] | None):
+        return {"eval_time": at, "alertname": name, "exp_alerts": [{"exp_labels": labels}] if labels else []}
+
+    group = {"namespace": "recsys", "job": "cascade-pipeline"}
+    return [
+        {"interval": "1m", "input_series": _outcome_series("failed", 30), "alert_rule_test": [
+            alert("CascadePipelineFailed", "3m", None),  # not yet: `for: 5m`
+            alert("CascadePipelineFailed", "10m", group | {"severity": "critical"}),
+            alert("CascadeGateRefused", "10m", None),
+        ]},
+        # published, then nothing for two days: the last success (t=0) grows older than 48 hours
+        {"interval": "1m", "input_series": _outcome_series("published", 50 * 60), "alert_rule_test": [
+            alert("CascadePipelineFailed", "47h", None),
+            alert("CascadePipelineFailed", "49h", group | {"severity": "critical"}),
+        ]},
+        # the gate refused: a warning, and the Job that exited 3 is not reported as a failed Job
+        {"interval": "1m", "input_series": [*_outcome_series("gate_refused", 30),
+                                            *_job_series("cascade-pipeline-29410560", 2, 0, 0, 30)],
+         "alert_rule_test": [
+            alert("CascadeGateRefused", "10m", group | {"severity": "warning"}),
+            alert("CascadePipelineFailed", "10m", None),
+            alert("CascadePipelineJobFailed", "10m", None),
+        ]},
+        # a run killed before it could push (the last push was a success); a Job whose retry succeeded, one
+        # still retrying, and another release's failed Job are not reported; a day later the alert ends
+        {"interval": "1m", "input_series": [*_outcome_series("published", 25 * 60),
+                                            *_job_series("cascade-pipeline-29410560", 2, 0, 0, 25 * 60),
+                                            *_job_series("cascade-pipeline-29409120", 1, 0, 1, 25 * 60),
+                                            *_job_series("cascade-pipeline-manual", 1, 1, 0, 25 * 60),
+                                            *_job_series("other-pipeline-29410560", 2, 0, 0, 25 * 60)],
+         "alert_rule_test": [
+            alert("CascadePipelineJobFailed", "3m", None),
+            alert("CascadePipelineJobFailed", "10m", {"namespace": "recsys", "job_name": "cascade-pipeline-29410560",
+                                                      "severity": "critical"}),
+            alert("CascadePipelineJobFailed", "25h", None),
+        ]},
+    ]
+
+
+def test_pipeline_alerts_fire_in_promtool_unit_tests(render, promtool: str, tmp_path: Path) -> None:
+    """The pipeline group with a Pushgateway: a failed run, an old last success, a refused gate, a failed Job.
+    Annotations are checked on CascadePipelineJobFailed only ($labels in its templates)."""
+    docs = render({"prometheusRule": {"enabled": True}, "pipeline": {"run": {"pushgateway": "http://pgw:9091"}}})
+    (group,) = [g for g in _rule_groups(docs) if g["name"] == "cascade-pipeline"]
+    assert [r["alert"] for r in group["rules"]] == ["CascadePipelineFailed", "CascadeGateRefused",
+                                                   "CascadePipelineJobFailed"]
+    rules = [r if r["alert"] == "CascadePipelineJobFailed" else {**r, "annotations": {}} for r in group["rules"]]
+    (tmp_path / "rules.yaml").write_text(yaml.safe_dump({"groups": [{**group, "rules": rules}]}))
+    tests = _pipeline_alert_tests()
+    tests[-1]["alert_rule_test"][1]["exp_alerts"][0]["exp_annotations"] = {
+        "summary": "The Cascade pipeline Job cascade-pipeline-29410560 failed",
+        "description": "Every pod of the Job recsys/cascade-pipeline-29410560 failed (crashed, killed, out of memory "
+                       "or past its deadline): see kubectl -n recsys describe job cascade-pipeline-29410560 and "
+                       "its pods' logs."}
+    (tmp_path / "rules_test.yaml").write_text(yaml.safe_dump(
+        {"rule_files": ["rules.yaml"], "evaluation_interval": "1m", "tests": tests}))
+    run = subprocess.run([promtool, "test", "rules", "rules_test.yaml"], capture_output=True, text=True,
+                         timeout=120, cwd=tmp_path)
+    assert run.returncode == 0, run.stdout + run.stderr
+
+
+def test_pipeline_job_alert_without_a_pushgateway_names_a_refused_gate(render) -> None:
+    """Without pushed outcomes a refused gate (exit 3) fails the Job too; the description says so."""
+    (rule,) = [r for g in _rule_groups(render({"prometheusRule": {"enabled": True}})) for r in g["rules"]
+               if r["alert"] == "CascadePipelineJobFailed"]
+    assert "or its gate refused the model: exit code 3" in rule["annotations"]["description"]
+    assert "cascade_pipeline_gate_refused" not in rule["expr"]

@@ -132,7 +132,9 @@ def prometheus_binary() -> str:
 
 @pytest.fixture(scope="module")
 def rule_groups(render) -> list[dict[str, Any]]:
-    return render({"prometheusRule": {"enabled": True}}).one("PrometheusRule")["spec"]["groups"]
+    # with a Pushgateway, so the pipeline's outcome alerts are evaluated too (they find no series here)
+    return render({"prometheusRule": {"enabled": True}, "pipeline": {"run": {"pushgateway": "http://127.0.0.1:9091"}}}
+                  ).one("PrometheusRule")["spec"]["groups"]
 
 
 @pytest.fixture(scope="module")

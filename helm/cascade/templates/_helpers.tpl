@@ -335,7 +335,7 @@ One CronJob of the pipeline. Argument: dict with
 apiVersion: batch/v1
 kind: CronJob
 metadata:
-  name: {{ printf "%s-%s" (include "cascade.fullname" $root) .component | trunc 52 | trimSuffix "-" }}
+  name: {{ include "cascade.cronJobName" (list $root .component) }}
   namespace: {{ $root.Release.Namespace }}
   labels:
     {{- include "cascade.labels" $root | nindent 4 }}
@@ -451,6 +451,26 @@ namespace and service labels (the Prometheus Operator sets them), so rules need 
 */}}
 {{- define "cascade.rules.selector" -}}
 {{- default (printf "namespace=\"%s\",service=\"%s\"" .Release.Namespace (include "cascade.server.metricsServiceName" .)) .Values.prometheusRule.seriesSelector }}
+{{- end }}
+
+{{/* A CronJob's name: (list $ component). Its Jobs are named <this>-<schedule time>. */}}
+{{- define "cascade.cronJobName" -}}
+{{- printf "%s-%s" (include "cascade.fullname" (index . 0)) (index . 1) | trunc 52 | trimSuffix "-" }}
+{{- end }}
+
+{{/* The `job` label of the pipeline's pushed outcome metrics (its Pushgateway group). */}}
+{{- define "cascade.pipeline.pushJob" -}}
+{{- include "cascade.cronJobName" (list . "pipeline") }}
+{{- end }}
+
+{{/* PromQL matchers of the pipeline's pushed series (the Pushgateway scraped with honor_labels: true). */}}
+{{- define "cascade.rules.pipelineSelector" -}}
+{{- default (printf "job=\"%s\",namespace=\"%s\"" (include "cascade.pipeline.pushJob" .) .Release.Namespace) .Values.prometheusRule.pipelineSeriesSelector }}
+{{- end }}
+
+{{/* PromQL matchers of kube-state-metrics' series of the pipeline CronJob's Jobs. */}}
+{{- define "cascade.rules.pipelineJobSelector" -}}
+{{- printf "namespace=\"%s\",job_name=~\"%s-.+\"" .Release.Namespace (include "cascade.cronJobName" (list . "pipeline")) }}
 {{- end }}
 
 {{/* Whether Spark runs executors on Kubernetes (the features job then needs its token and, optionally, RBAC). */}}

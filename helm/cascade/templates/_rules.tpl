@@ -1,10 +1,11 @@
 {{/*
 The alert rule groups of the PrometheusRule (a Prometheus rule-file `groups:` list, so tests run promtool
 on exactly this). Series are selected by cascade.rules.selector; every aggregation keeps namespace and
-service so one Prometheus can watch several releases. Metric names: serving/metrics.py METRIC_NAMES.
+service so one Prometheus can watch several releases. Metric names: serving/metrics.py METRIC_NAMES; the
+pipeline group: jobs/pipeline.py PIPELINE_METRIC_NAMES (pushed) and kube-state-metrics' kube_job_status_*.
 */}}
 {{- define "cascade.rules.groups" -}}
-{{- range $group := list "serving" "streaming" }}
+{{- range $group := list "serving" "streaming" "pipeline" }}
 {{- $rules := include (printf "cascade.rules.%s" $group) $ | trim }}
 {{- if $rules }}
 - name: cascade-{{ $group }}
@@ -194,6 +195,73 @@ service so one Prometheus can watch several releases. Metric names: serving/metr
     {{- with $.Values.prometheusRule.additionalAlertAnnotations }}
     {{- toYaml . | nindent 4 }}
     {{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* The rules of the cascade-pipeline group (the pipeline CronJob: its pushed outcome, its Jobs). */}}
+{{- define "cascade.rules.pipeline" -}}
+{{- if .Values.pipeline.run.enabled }}
+{{- $a := .Values.prometheusRule.alerts }}
+{{- $sel := include "cascade.rules.pipelineSelector" . }}
+{{- $jobSel := include "cascade.rules.pipelineJobSelector" . }}
+{{- $pushed := .Values.pipeline.run.pushgateway }}
+{{- $by := "namespace, job" -}}
+{{- with $a.pipeline }}
+{{- if and .enabled $pushed }}
+- alert: CascadePipelineFailed
+  expr: |-
+    max by ({{ $by }}) (cascade_pipeline_last_outcome{ {{- $sel }},outcome="failed"}) == 1
+      or max by ({{ $by }}) (time() - cascade_pipeline_last_success_timestamp_seconds{ {{- $sel }}}) > {{ mulf .maxSuccessAgeHours 3600 }}
+  for: {{ .for }}
+  labels:
+    {{- include "cascade.rules.labels" (list $ .severity) | nindent 4 }}
+  annotations:
+    summary: The Cascade pipeline failed, or has not succeeded for {{ .maxSuccessAgeHours }} hours
+    description: {{ `The last run of {{ $labels.job }} in {{ $labels.namespace }} failed, or no run has ended without failing for too long, so no new model is trained: see the failed Job's pod logs and cascade pipeline status (the failed stage and its error are in the version's manifest.json; a re-run resumes at that stage).` | quote }}
+    {{- with $.Values.prometheusRule.additionalAlertAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
+{{- end }}
+{{- with $a.gateRefused }}
+{{- if and .enabled $pushed }}
+- alert: CascadeGateRefused
+  expr: |-
+    max by ({{ $by }}) (cascade_pipeline_gate_refused{ {{- $sel }}}) == 1
+  for: {{ .for }}
+  labels:
+    {{- include "cascade.rules.labels" (list $ .severity) | nindent 4 }}
+  annotations:
+    summary: The Cascade evaluation gate refused the new model; it was not published
+    description: {{ `The last run of {{ $labels.job }} in {{ $labels.namespace }} trained a candidate that regressed on a gated metric, so the servers keep the published model: the reasons are in the version's evaluation.json (and the run's log). Publish a fixed run, or promote a version by hand with cascade pipeline promote.` | quote }}
+    {{- with $.Values.prometheusRule.additionalAlertAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
+{{- end }}
+{{- with $a.pipelineJobFailed }}
+{{- if .enabled }}
+- alert: CascadePipelineJobFailed
+  expr: |-
+    max by (namespace, job_name) (kube_job_status_failed{ {{- $jobSel }}}) > 0
+      and on (namespace, job_name) max by (namespace, job_name) (kube_job_status_active{ {{- $jobSel }}}) == 0
+      and on (namespace, job_name) max by (namespace, job_name) (kube_job_status_succeeded{ {{- $jobSel }}}) == 0
+      and on (namespace, job_name) max by (namespace, job_name) (time() - kube_job_status_start_time{ {{- $jobSel }}}) < {{ mulf .windowHours 3600 }}
+    {{- if $pushed }}
+      unless on (namespace) max by (namespace) (cascade_pipeline_gate_refused{ {{- $sel }}}) == 1
+    {{- end }}
+  for: {{ .for }}
+  labels:
+    {{- include "cascade.rules.labels" (list $ .severity) | nindent 4 }}
+  annotations:
+    summary: {{ `The Cascade pipeline Job {{ $labels.job_name }} failed` | quote }}
+    {{- $gate := ternary "" ", or its gate refused the model: exit code 3" (not (empty $pushed)) }}
+    description: {{ printf `Every pod of the Job {{ $labels.namespace }}/{{ $labels.job_name }} failed (crashed, killed, out of memory or past its deadline%s): see kubectl -n {{ $labels.namespace }} describe job {{ $labels.job_name }} and its pods' logs.` $gate | quote }}
+    {{- with $.Values.prometheusRule.additionalAlertAnnotations }}
+    {{- toYaml . | nindent 4 }}
+    {{- end }}
+{{- end }}
 {{- end }}
 {{- end }}
 {{- end }}
