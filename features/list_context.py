@@ -213,10 +213,10 @@ def event_order(ts_ms: np.ndarray, total: int) -> np.ndarray:
     return rank
 
 
-def request_points(offsets: np.ndarray, ts_ms: np.ndarray, users_rows: np.ndarray, hist_len: np.ndarray) -> np.ndarray:
+def request_points(order: np.ndarray, offsets: np.ndarray, users_rows: np.ndarray, hist_len: np.ndarray) -> np.ndarray:
     """(R,) the order point of requests that see timeline[:hist_len] of timeline row `users_rows`: one past
-    the last seen behavior's order position (0 for an empty history: nothing counts)."""
-    order = event_order(np.asarray(ts_ms, np.int64), int(offsets[-1]))
+    the last seen behavior's position in `order` (`event_order` of the timelines; 0 for an empty history:
+    nothing counts)."""
     hist_len = np.asarray(hist_len, np.int64)
     last = np.asarray(offsets, np.int64)[users_rows] + np.maximum(hist_len - 1, 0)
     return np.where(hist_len > 0, order[np.minimum(last, max(len(order) - 1, 0))] + 1, 0)

@@ -135,14 +135,19 @@ def commit_version(root: str | Path, version: str) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- leases
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` of this host is running (a zombie counts as gone); also used by `jobs.services`."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a zombie child counts as dead
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return True
 
 
 def lease_is_live(lease: dict[str, Any], now: float | None = None) -> bool:
@@ -150,7 +155,7 @@ def lease_is_live(lease: dict[str, Any], now: float | None = None) -> bool:
     now = time.time() if now is None else now
     if float(lease.get("expires_at", 0)) <= now:
         return False
-    if lease.get("host") == socket.gethostname() and not _pid_alive(int(lease.get("pid", -1))):
+    if lease.get("host") == socket.gethostname() and not pid_alive(int(lease.get("pid", -1))):
         return False
     return True
 

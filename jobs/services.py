@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from features.messages import KafkaTopics
+from features.versions import pid_alive
 
 DEFAULT_STATE_DIR = Path("var/services")
 
@@ -88,20 +89,6 @@ def _tail(path: Path, n: int = 20) -> str:
         return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
     except OSError:
         return ""
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie child counts as dead
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return True
 
 
 def stop_pid(pid: int, timeout: float = 10.0) -> None:

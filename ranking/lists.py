@@ -27,7 +27,7 @@ import numpy as np
 from features.batch import Batch, build_batch
 from features.candidate_lists import LIST_FEATURE_NAMES, CandidateLists
 from features.list_context import (
-    CONTEXT_FEATURE_NAMES, SERVE_POINT, ContextCounts, event_order, recent_items, second_stage_dense,
+    CONTEXT_FEATURE_NAMES, SERVE_POINT, ContextCounts, event_order, recent_items, request_points, second_stage_dense,
 )
 
 
@@ -84,7 +84,7 @@ class ListRankingData:
         if self.context is not None:
             recent = recent_items(offsets, self.store.timeline_values["item_id"], rows, lists.hist_len,
                                   self.context.window)
-            points = np.where(lists.hist_len > 0, self._order[last] + 1, 0)
+            points = request_points(self._order, offsets, rows, lists.hist_len)
             if as_served_at is not None:
                 points, request_ts = np.full(r, SERVE_POINT), np.full(r, as_served_at, np.int64)
         feats = second_stage_dense(lists.logits, lists.items, self.context, recent, lists.hist_len, points,

@@ -63,7 +63,7 @@ def test_features_match_brute_force(seed: int, window: int) -> None:
         return
     u = rng.choice(users, 4)
     h = np.array([rng.integers(0, offsets[x + 1] - offsets[x] + 1) for x in u], np.int64)
-    points = request_points(offsets, ts, u, h)
+    points = request_points(event_order(ts, int(offsets[-1])), offsets, u, h)
     req_ts = np.where(h > 0, ts[offsets[u] + np.maximum(h - 1, 0)] + 1, 0)
     recent = recent_items(offsets, item_ids, u, h, 6)
     cand = rng.integers(0, 6, (4, 3)) * 7 + 3  # one id beyond the catalog
@@ -83,7 +83,7 @@ def test_a_request_never_counts_its_own_target() -> None:
     items = np.array([10, 20, 30], np.int64)
     ts = np.array([5000, 5000, 5000], np.int64)
     counts = ContextCounts.from_timelines(offsets, items, ts, items % 2, np.array([3]))
-    pt = request_points(offsets, ts, np.array([0]), np.array([1]))
+    pt = request_points(event_order(ts, 3), offsets, np.array([0]), np.array([1]))
     f = counts.features(np.array([[10]]), np.array([1]), pt, np.array([5001]), np.array([[20, 10]])).reshape(2, -1)
     names = list(CONTEXT_FEATURE_NAMES)
     assert f[0, names.index("log_item_count")] == 0.0 and f[0, names.index("log_transitions")] == 0.0

@@ -86,6 +86,17 @@ def model_bundles(catalog, tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {v: write_real_bundle(catalog, root, v, seed) for seed, v in enumerate(("v1", "v2"))}
 
 
+@pytest.fixture(scope="module")
+def applier_parts(ml100k_dataset):
+    """(StateConfig, CatalogRef, ModelHolder) for an `EventApplier` in the store tests."""
+    from serving.catalog import load_catalog
+    from serving.config import StateConfig
+    from serving.models import ModelHolder
+    from serving.runtime import CatalogRef
+
+    return StateConfig(), CatalogRef(load_catalog(ml100k_dataset)), ModelHolder()
+
+
 @pytest.fixture(scope="session")
 def catalog(ml100k_dataset: Path):
     from serving.catalog import load_catalog

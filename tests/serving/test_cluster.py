@@ -24,16 +24,6 @@ def cluster_store(redis_cluster):
     s.close()
 
 
-@pytest.fixture(scope="module")
-def applier_parts(ml100k_dataset):
-    from serving.catalog import load_catalog
-    from serving.config import StateConfig
-    from serving.models import ModelHolder
-    from serving.runtime import CatalogRef
-
-    return StateConfig(), CatalogRef(load_catalog(ml100k_dataset)), ModelHolder()
-
-
 class _DiesAfter:
     """Lets the store's first `n` pipelines of script calls through, then fails like a lost connection
     (a consumer killed between two of an ingest's per-slot writes)."""

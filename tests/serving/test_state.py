@@ -188,16 +188,6 @@ def store(request):
     s.close()
 
 
-@pytest.fixture(scope="module")
-def applier_parts(ml100k_dataset):
-    from serving.catalog import load_catalog
-    from serving.config import StateConfig
-    from serving.models import ModelHolder
-    from serving.runtime import CatalogRef
-
-    return StateConfig(), CatalogRef(load_catalog(ml100k_dataset)), ModelHolder()
-
-
 def _applier(store, parts):
     from serving.metrics import ServingMetrics
     from serving.stream.events import EventApplier
