@@ -14,12 +14,17 @@ Both must produce the same thing, so the semantics live here, once:
 
 `append_event` is pure: it returns a new state. The Spark job's reference test
 folds it over events (`fold_events`) and compares with the Spark output row
-for row; the Redis consumer applies it to the state it reads.
+for row. Python applies the rules in one place, `append_behaviors` (a run of
+behaviors as arrays, in arrival order: what the streaming consumer and the
+bulk bootstrap run, through `serving.state.update.apply_user_batch`), whose
+one-event step is the one `append_event` takes; a property test checks it
+against folding `append_event` event by event. `action_codes` is
+`action_code` over arrays (Spark: `features.spark.exprs.action_code`).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -53,6 +58,27 @@ def action_code(event_type: str | int, label: float) -> int:
     """
     code = event_type if isinstance(event_type, int) else EventType.parse(event_type).value
     return 2 * int(code) + int(label >= 0.5)
+
+
+_ACTION_BASE = {e.name.lower(): 2 * int(e.value) for e in EventType}  # action_code(name, 0.0)
+
+
+def action_codes(event_types: Sequence[str] | np.ndarray, labels: Sequence[float] | np.ndarray) -> np.ndarray:
+    """`action_code` of each (event type, label) pair, vectorised: (N,) int64.
+
+    `event_types`: names (a list, or a string/object array) or `EventType` codes (an integer array).
+    """
+    pos = (np.asarray(labels) >= 0.5).astype(np.int64)  # (N,)
+    if len(event_types) != len(pos):
+        raise ValueError(f"action_codes: {len(event_types)} event types but {len(pos)} labels")
+    if isinstance(event_types, np.ndarray) and event_types.dtype.kind in "iu":
+        return 2 * event_types.astype(np.int64) + pos
+    try:
+        base = np.fromiter((_ACTION_BASE[t] for t in event_types), np.int64, len(pos))
+    except KeyError as e:  # EventType.parse says what is wrong with the name
+        EventType.parse(e.args[0])
+        raise
+    return base + pos
 
 
 def category_id(categories: Iterable[str] | None) -> int:
@@ -110,15 +136,42 @@ def append_event(state: SequenceState, event: Event, category: int, cfg: Sequenc
     """
     if not is_behavior(event, cfg):
         return state
-    pos = int(np.searchsorted(state.ts_ms, event.ts_ms, side="right"))
-    item = np.insert(state.item_ids, pos, np.int64(event.item_id))
-    ts = np.insert(state.ts_ms, pos, np.int64(event.ts_ms))
-    act = np.insert(state.actions, pos, np.int64(action_code(event.event_type, event.label)))
+    return _insert(state, event.item_id, event.ts_ms, action_code(event.event_type, event.label), category,
+                   cfg.long_cap)
+
+
+def _insert(state: SequenceState, item_id: int, ts_ms: int, action: int, category: int, cap: int) -> SequenceState:
+    """The one step: a behavior after every kept one with ts_ms <= its ts_ms, then the oldest beyond `cap` dropped."""
+    pos = int(np.searchsorted(state.ts_ms, ts_ms, side="right"))
+    item = np.insert(state.item_ids, pos, np.int64(item_id))
+    ts = np.insert(state.ts_ms, pos, np.int64(ts_ms))
+    act = np.insert(state.actions, pos, np.int64(action))
     cat = np.insert(state.categories, pos, np.int64(category))
-    if item.shape[0] > cfg.long_cap:
-        drop = item.shape[0] - cfg.long_cap
+    if item.shape[0] > cap:
+        drop = item.shape[0] - cap
         item, ts, act, cat = item[drop:], ts[drop:], act[drop:], cat[drop:]
     return SequenceState(item, ts, act, cat)
+
+
+def append_behaviors(state: SequenceState, item_ids: np.ndarray, ts_ms: np.ndarray, actions: np.ndarray,
+                     categories: np.ndarray, cfg: SequenceConfig) -> tuple[SequenceState, bool]:
+    """`state` after behaviors (parallel (B,) int64 arrays, arrival order) -> (new state, whether they were in order).
+
+    Equals folding `append_event` over them. In order (the common case: each at or after the newest kept
+    behavior) they are appended in one concatenation, which is what that fold gives (``searchsorted(side=
+    "right")`` of a timestamp >= every kept one is the end, and the cap drops from the front); otherwise they
+    are inserted one at a time by `append_event`'s step.
+    """
+    if not len(ts_ms):
+        return state, True
+    newest = int(state.ts_ms[-1]) if len(state) else None
+    if (newest is None or ts_ms[0] >= newest) and bool((ts_ms[1:] >= ts_ms[:-1]).all()):
+        out = SequenceState(np.concatenate([state.item_ids, item_ids]), np.concatenate([state.ts_ms, ts_ms]),
+                            np.concatenate([state.actions, actions]), np.concatenate([state.categories, categories]))
+        return (out.tail(cfg.long_cap) if len(out) > cfg.long_cap else out), True
+    for row in zip(item_ids.tolist(), ts_ms.tolist(), actions.tolist(), categories.tolist()):
+        state = _insert(state, *row, cfg.long_cap)
+    return state, False
 
 
 def fold_events(

@@ -1,7 +1,9 @@
 """Bulk-load the online state from a canonical dataset (events + users), as of a time.
 
 What it writes equals what the `events` consumer would hold after applying
-every event before `as_of_ms` (a test checks user by user):
+every event before `as_of_ms` (a test checks user by user): each user's
+record is the consumer's transition (`serving.state.update.EventArrays`, then
+`apply_user_batch`) applied to the user's events in (ts_ms, event_id) order:
 
 * sequence: the last `long_cap` behaviors by (ts_ms, event_id) (= folding
   `features.sequence.append_event`, the Spark path's `sort_array` + `slice`);
@@ -37,13 +39,13 @@ import pyarrow.compute as pc
 from features.datasets.common import read_table
 from features.hashing import hash_string
 from features.layout import user_attr_feature
-from features.sequence import SequenceState, action_code
+from features.sequence import SequenceState
 from serving.catalog import Catalog
 from serving.config import StateConfig
 from serving.models import ModelBundle
 from serving.state.base import OnlineStore
 from serving.state.codec import CounterLog, UserAttrs, UserRecord, encode_item_log, summary_records
-from serving.state.update import with_bucket_sums
+from serving.state.update import EventArrays, apply_user_batch, with_bucket_sums
 
 log = logging.getLogger(__name__)
 
@@ -92,31 +94,23 @@ def build_records(dataset: Path, state: StateConfig, catalog: Catalog, as_of_ms:
     label = t.column("label").to_numpy()
     if as_of_ms is None:
         as_of_ms = int(ts.max()) + 1 if len(ts) else int(time.time() * 1000)
-    beh = np.isin(et, list(state.sequence.behavior_event_types))
-    cnt = np.isin(et, list(state.stats.counted_event_types()))
-    pos = (label >= 0.5).astype(np.uint8)
-    act = np.zeros(len(et), np.int64)
-    for name in np.unique(et):
-        m = et == name
-        act[m] = action_code(str(name), 0.0) + pos[m]
-    cat = catalog.primary_categories(item)
+    arrays = EventArrays(item, ts, et, label, catalog.primary_categories, state.sequence.behavior_event_types,
+                         state.stats.counted_event_types())
+    beh, cnt, pos = arrays.beh, arrays.cnt, arrays.pos
     retention = state.retention_ms()
     attrs = _user_attrs(dataset)
+    sig_spec = bundle.sig_spec if bundle is not None else 0
+    signatures = bundle.signatures if sig_spec else None
 
     uniq, starts = np.unique(user, return_index=True)
-    ends = np.r_[starts[1:], len(user)]
     records: dict[int, UserRecord] = {}
     kept = 0
-    for u, s, e in zip(uniq.tolist(), starts.tolist(), ends.tolist()):
-        b = s + np.flatnonzero(beh[s:e])[-state.sequence.long_cap:]
-        seq = SequenceState(item[b].copy(), ts[b].copy(), act[b].copy(), cat[b].copy())
-        c = s + np.flatnonzero(cnt[s:e])
-        lts = ts[c]
-        keep = lts >= (int(lts.max()) - retention) if len(lts) else np.zeros(0, bool)
-        lg = CounterLog(lts[keep].copy(), pos[c][keep].copy(), int(len(c)), int(pos[c].sum()))
-        sigs = bundle.signatures(seq.item_ids) if bundle is not None and bundle.sig_spec else None
-        records[u] = UserRecord(seq, lg, attrs.get(u, UserAttrs()), sigs, bundle.sig_spec if sigs is not None else 0)
-        kept += len(b)
+    # each user's events are contiguous and in order: the consumer's transition from an empty record (the
+    # counter-log retention counted back from the user's newest event: every event is before as_of_ms)
+    for u, ub in zip(uniq.tolist(), arrays.spans([*starts.tolist(), len(user)])):
+        rec = UserRecord(SequenceState.empty(), CounterLog.empty(), attrs.get(u, UserAttrs()))
+        records[u] = apply_user_batch(rec, ub, state.sequence, retention, sig_spec, signatures, now_ms=as_of_ms)
+        kept += len(records[u].seq)
     if bundle is not None and bundle.sums_window:  # SDIM bucket sums beside the sequences, many users per call
         records = with_bucket_sums(records, bundle)
     wanted = None if user_ids is None else set(np.asarray(user_ids).tolist())

@@ -1,12 +1,12 @@
 """How events change a user's online state (pure functions; the Kafka consumer calls them).
 
-* Sequence: `features.sequence.append_event` semantics, exactly. Events that
-  arrive in time order (the common case: each at or after the newest kept
-  behavior) are appended in one concatenation, which is what folding
-  `append_event` over them gives (``searchsorted(side="right")`` of a
-  timestamp >= every kept one is the end, and the cap drops from the front);
-  anything else is folded through `append_event` itself. A property test
-  checks the two paths against the fold on random arrival orders.
+* Per-event arrays (`EventArrays`): built once for a run of events (the
+  consumer: a whole poll batch; the bootstrap: a whole dataset), each user's
+  events contiguous; a user's `UserBatch` is a slice of them.
+* Sequence: `features.sequence.append_behaviors`, i.e. `append_event`
+  semantics, exactly (in-order events in one concatenation, late ones one
+  insert at a time). A property test checks `apply_user_batch` against
+  folding `append_event` event by event on random arrival orders.
 * Counters: counted events (`StatsConfig.event_types`) add ``(ts, label >= 0.5)``
   to the user's counter log and totals; the log keeps the retention window
   (event time) counted back from min(newest counted event, now): the wall
@@ -39,12 +39,12 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Collection, Protocol, Sequence
 
 import numpy as np
 
 from features.schema import Event
-from features.sequence import SequenceConfig, SequenceState, action_code, append_event
+from features.sequence import SequenceConfig, SequenceState, action_codes, append_behaviors
 from features.transforms import StatsConfig
 from serving.state.codec import BucketSums, CounterLog, UserRecord
 
@@ -133,27 +133,6 @@ def update_bucket_sums(old: UserRecord, seq: SequenceState, sigs: np.ndarray, ap
     return BucketSums(sums, counts, src.sig_spec)
 
 
-def extend_sequence(state: SequenceState, behaviors: Sequence[Event], categories: Sequence[int],
-                    cfg: SequenceConfig) -> tuple[SequenceState, bool]:
-    """Appends behaviors (in arrival order) -> (new state, whether the in-order fast path was taken)."""
-    if not behaviors:
-        return state, True
-    ts = np.fromiter((e.ts_ms for e in behaviors), np.int64, len(behaviors))
-    newest = int(state.ts_ms[-1]) if len(state) else None
-    if (newest is None or ts[0] >= newest) and bool((ts[1:] >= ts[:-1]).all()):
-        items = np.fromiter((e.item_id for e in behaviors), np.int64, len(behaviors))
-        acts = np.fromiter((action_code(e.event_type, e.label) for e in behaviors), np.int64, len(behaviors))
-        cats = np.asarray(categories, dtype=np.int64)
-        out = SequenceState(
-            np.concatenate([state.item_ids, items]), np.concatenate([state.ts_ms, ts]),
-            np.concatenate([state.actions, acts]), np.concatenate([state.categories, cats]),
-        )
-        return (out.tail(cfg.long_cap) if len(out) > cfg.long_cap else out), True
-    for e, c in zip(behaviors, categories):
-        state = append_event(state, e, int(c), cfg)
-    return state, False
-
-
 def prune_cutoff(newest_ms: int, retention_ms: int, now_ms: int | None = None) -> int:
     """Log entries before this are outside the retention: counted back from the newest event, but never
     from later than the wall clock `now_ms` (default: now), whatever timestamp an event carried."""
@@ -177,16 +156,58 @@ def extend_log(log: CounterLog, ts: np.ndarray, pos: np.ndarray, retention_ms: i
 
 @dataclass(frozen=True)
 class UserBatch:
-    """One user's new events (deduplicated, arrival order) as arrays, computed for a whole poll batch at once."""
+    """One user's new events (deduplicated, arrival order) as arrays: slices of an `EventArrays`."""
 
-    events: Sequence[Event]  # kept for the out-of-order path (append_event takes events)
     beh_items: np.ndarray  # (B,) int64 behaviors only
     beh_ts: np.ndarray
     beh_actions: np.ndarray
     beh_categories: np.ndarray
-    beh_index: np.ndarray  # (B,) positions of the behaviors in `events`
     cnt_ts: np.ndarray  # (K,) counted events only
     cnt_pos: np.ndarray  # (K,) uint8
+
+
+class EventArrays:
+    """The per-event fields of a run of events, vectorised once; users' `UserBatch`es are cut from them.
+
+    `event_types`: names; `categories`: item ids -> primary category ids (`Catalog.primary_categories`),
+    or the ids themselves, parallel to the events.
+    """
+
+    def __init__(self, item_ids: np.ndarray, ts_ms: np.ndarray, event_types: Sequence[str] | np.ndarray,
+                 labels: np.ndarray, categories: Callable[[np.ndarray], np.ndarray] | Sequence[int] | np.ndarray,
+                 behavior_types: Collection[str], counted_types: Collection[str]) -> None:
+        n = len(item_ids)
+        self.item = np.asarray(item_ids, np.int64)  # (N,)
+        self.ts = np.asarray(ts_ms, np.int64)  # (N,)
+        self.pos = (np.asarray(labels) >= 0.5).astype(np.uint8)  # (N,)
+        self.act = action_codes(event_types, self.pos)  # (N,) features.sequence.action_code
+        self.cat = np.asarray(categories(self.item) if callable(categories) else categories, np.int64)  # (N,)
+        behavior_types, counted_types = frozenset(behavior_types), frozenset(counted_types)
+        self.beh = np.fromiter((t in behavior_types for t in event_types), bool, n)  # (N,)
+        self.cnt = np.fromiter((t in counted_types for t in event_types), bool, n)  # (N,)
+
+    @classmethod
+    def of_events(cls, events: Sequence[Event], categories: Callable[[np.ndarray], np.ndarray] | Sequence[int],
+                  behavior_types: Collection[str], counted_types: Collection[str]) -> "EventArrays":
+        n = len(events)
+        return cls(np.fromiter((e.item_id for e in events), np.int64, n), np.fromiter((e.ts_ms for e in events),
+                   np.int64, n), [e.event_type for e in events], np.fromiter((e.label for e in events), np.float64, n),
+                   categories, behavior_types, counted_types)
+
+    def spans(self, cuts: Sequence[int]) -> list[UserBatch]:
+        """The batch of events [cuts[k], cuts[k + 1]) for each k: slices of the run's behaviors and counted
+        events (no per-user copies)."""
+        b_idx, c_idx = np.flatnonzero(self.beh), np.flatnonzero(self.cnt)
+        bc, cc = np.searchsorted(b_idx, cuts).tolist(), np.searchsorted(c_idx, cuts).tolist()
+        item, ts, act, cat = self.item[b_idx], self.ts[b_idx], self.act[b_idx], self.cat[b_idx]
+        c_ts, c_pos = self.ts[c_idx], self.pos[c_idx]
+        return [UserBatch(item[b0:b1], ts[b0:b1], act[b0:b1], cat[b0:b1], c_ts[c0:c1], c_pos[c0:c1])
+                for b0, b1, c0, c1 in zip(bc[:-1], bc[1:], cc[:-1], cc[1:])]
+
+    def select(self, sel: np.ndarray) -> UserBatch:
+        """The batch of the events at positions `sel` (in arrival order)."""
+        bi, ci = sel[self.beh[sel]], sel[self.cnt[sel]]
+        return UserBatch(self.item[bi], self.ts[bi], self.act[bi], self.cat[bi], self.ts[ci], self.pos[ci])
 
 
 def apply_user_batch(rec: UserRecord, b: UserBatch, seq_cfg: SequenceConfig, retention_ms: int, sig_spec: int = 0,
@@ -196,21 +217,8 @@ def apply_user_batch(rec: UserRecord, b: UserBatch, seq_cfg: SequenceConfig, ret
 
     `sdim`: the served model when it keeps SDIM bucket sums (its `sig_spec` must be `sig_spec`); None keeps none.
     """
-    seq = rec.seq
     n = len(b.beh_items)
-    fast = True
-    if n:
-        newest = int(seq.ts_ms[-1]) if len(seq) else None
-        if (newest is None or b.beh_ts[0] >= newest) and bool((b.beh_ts[1:] >= b.beh_ts[:-1]).all()):
-            seq = SequenceState(np.concatenate([seq.item_ids, b.beh_items]), np.concatenate([seq.ts_ms, b.beh_ts]),
-                                np.concatenate([seq.actions, b.beh_actions]),
-                                np.concatenate([seq.categories, b.beh_categories]))
-            if len(seq) > seq_cfg.long_cap:
-                seq = seq.tail(seq_cfg.long_cap)
-        else:
-            fast = False
-            for i, c in zip(b.beh_index.tolist(), b.beh_categories.tolist()):
-                seq = append_event(seq, b.events[i], c, seq_cfg)
+    seq, fast = append_behaviors(rec.seq, b.beh_items, b.beh_ts, b.beh_actions, b.beh_categories, seq_cfg)
     log = extend_log(rec.log, b.cnt_ts, b.cnt_pos, retention_ms, now_ms)
     sigs = None
     if sig_spec and signatures is not None:
@@ -228,20 +236,6 @@ def apply_user_batch(rec: UserRecord, b: UserBatch, seq_cfg: SequenceConfig, ret
                       attrs_raw=rec.attrs_raw, sdim=sums)
 
 
-def user_batch(events: Sequence[Event], categories: Sequence[int], seq_cfg: SequenceConfig,
-               counted_types: frozenset[str]) -> UserBatch:
-    """The arrays of one user's events (the per-event reference; consumers build them for a whole batch)."""
-    beh = np.array([e.event_type in seq_cfg.behavior_event_types for e in events], bool)
-    cnt = np.array([e.event_type in counted_types for e in events], bool)
-    item = np.fromiter((e.item_id for e in events), np.int64, len(events))
-    ts = np.fromiter((e.ts_ms for e in events), np.int64, len(events))
-    act = np.fromiter((action_code(e.event_type, e.label) for e in events), np.int64, len(events))
-    pos = np.fromiter((e.label >= 0.5 for e in events), np.uint8, len(events))
-    cats = np.asarray(categories, np.int64)
-    idx = np.flatnonzero(beh)
-    return UserBatch(events, item[idx], ts[idx], act[idx], cats[idx], idx, ts[cnt], pos[cnt])
-
-
 def apply_user_events(
     rec: UserRecord,
     events: Sequence[Event],
@@ -254,6 +248,8 @@ def apply_user_events(
     now_ms: int | None = None,
     sdim: SdimSource | None = None,
 ) -> UserRecord:
-    """A user's record after `events` (one user's, in arrival order, deduplicated); `categories` parallel."""
-    b = user_batch(events, categories, seq_cfg, frozenset(stats.counted_event_types()))
+    """A user's record after `events` (one user's, in arrival order, deduplicated); `categories` parallel
+    (the consumer's path for one user: `EventArrays`, then `apply_user_batch`)."""
+    b = EventArrays.of_events(events, categories, seq_cfg.behavior_event_types, stats.counted_event_types()).spans(
+        [0, len(events)])[0]
     return apply_user_batch(rec, b, seq_cfg, retention_ms, sig_spec, signatures, now_ms, sdim)

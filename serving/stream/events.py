@@ -49,8 +49,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from features.messages import Rejection, parse_event
-from features.schema import EVENT_TYPE_NAMES, Event
-from features.sequence import action_code
+from features.schema import Event
 from serving.config import KafkaConfig, StateConfig
 from serving.errors import StateUnavailable
 from serving.metrics import ServingMetrics
@@ -58,7 +57,7 @@ from serving.models import ModelHolder
 from serving.runtime import CatalogRef
 from serving.state.base import BEHAVIOR, COUNTED, IngestWrite, ItemWrite, OnlineStore
 from serving.state.codec import UserRecord, encode_item_log
-from serving.state.update import UserBatch, apply_user_batch, prune_cutoff
+from serving.state.update import EventArrays, apply_user_batch, prune_cutoff
 from serving.stream.deadletter import DeadLetters, DeadLetterUnavailable
 from serving.stream.supervise import Backoff, RecordFailures, describe
 
@@ -94,18 +93,6 @@ class EventApplier:
         self.newest_ts = 0
         self.epoch: str | None = None  # write only while Redis holds this state epoch (serving.rebuild)
         self.recent_freshness_s: deque[float] = deque(maxlen=100_000)  # exact values, for benchmarks and debugging
-        self._codes = {t: action_code(t, 0.0) for t in EVENT_TYPE_NAMES}  # + (label >= 0.5): the action code
-
-    def _arrays(self, events: list[Event], catalog: Any) -> tuple[np.ndarray, ...]:
-        n = len(events)
-        item = np.fromiter((e.item_id for e in events), np.int64, n)
-        ts = np.fromiter((e.ts_ms for e in events), np.int64, n)
-        pos = np.fromiter((e.label >= 0.5 for e in events), np.uint8, n)
-        codes = self._codes
-        act = np.fromiter((codes[e.event_type] for e in events), np.int64, n) + pos  # features.sequence.action_code
-        beh = np.fromiter((e.event_type in self.behavior_types for e in events), bool, n)
-        cnt = np.fromiter((e.event_type in self.counted_types for e in events), bool, n)
-        return item, ts, act, catalog.primary_categories(item), beh, cnt, pos
 
     def apply(self, msgs: Sequence[Any]) -> BatchOutcome:
         out = BatchOutcome(messages=len(msgs))
@@ -139,21 +126,18 @@ class EventApplier:
         skipped = [0]
         # every per-event field for the whole batch at once (vectorized), the users' events contiguous
         flat = [e for evs in by_user.values() for e in evs]
-        arrays = item_a, ts_a, act_a, cat_a, beh_a, cnt_a, pos_a = self._arrays(flat, catalog)
+        arrays = EventArrays.of_events(flat, catalog.primary_categories, self.behavior_types, self.counted_types)
+        item_a, ts_a, beh_a, cnt_a, pos_a = arrays.item, arrays.ts, arrays.beh, arrays.cnt, arrays.pos
         eids = [e.event_id for e in flat]
         cuts = np.cumsum([0, *map(len, by_user.values())]).tolist()  # user k's events: [cuts[k], cuts[k + 1])
         flags_a = (cnt_a.astype(np.uint8) * COUNTED) | (beh_a.astype(np.uint8) * BEHAVIOR)
-        # behaviors and counted events of the whole batch; a user's are a slice of these (no per-user copies)
-        b_idx, c_idx = np.flatnonzero(beh_a), np.flatnonzero(cnt_a)
-        b_cut, c_cut = np.searchsorted(b_idx, cuts).tolist(), np.searchsorted(c_idx, cuts).tolist()
-        b_item, b_ts, b_act, b_cat = item_a[b_idx], ts_a[b_idx], act_a[b_idx], cat_a[b_idx]
-        c_ts, c_pos = ts_a[c_idx], pos_a[c_idx]
+        spans = arrays.spans(cuts)  # user k's batch: slices of the whole batch's arrays (no per-user copies)
 
         def fn(states, seen) -> IngestWrite:
             w = IngestWrite()
             skipped[0] = 0
             applied = []
-            for k, (uid, evs) in enumerate(by_user.items()):
+            for k, uid in enumerate(by_user):
                 a, b = cuts[k], cuts[k + 1]
                 keep = None
                 if seen:
@@ -163,20 +147,15 @@ class EventApplier:
                     elif not keep.any():
                         skipped[0] += b - a
                         continue
-                if keep is None:  # the common case: all new; slices of the batch arrays
-                    b0, b1, c0, c1 = b_cut[k], b_cut[k + 1], c_cut[k], c_cut[k + 1]
-                    ub = UserBatch(evs, b_item[b0:b1], b_ts[b0:b1], b_act[b0:b1], b_cat[b0:b1], b_idx[b0:b1] - a,
-                                   c_ts[c0:c1], c_pos[c0:c1])
+                if keep is None:  # the common case: all new
+                    ub = spans[k]
                     w.marks[uid] = eids[a:b]
                     applied.append((a, b))
                 else:  # some already applied (a redelivery): the rest, selected
                     skipped[0] += int((~keep).sum())
                     sel = a + np.flatnonzero(keep)
-                    evs = [e for e, x in zip(evs, keep.tolist()) if x]
-                    bi, ci = sel[beh_a[sel]], sel[cnt_a[sel]]
-                    ub = UserBatch(evs, item_a[bi], ts_a[bi], act_a[bi], cat_a[bi], np.flatnonzero(beh_a[sel]),
-                                   ts_a[ci], pos_a[ci])
-                    w.marks[uid] = [e.event_id for e in evs]
+                    ub = arrays.select(sel)
+                    w.marks[uid] = [eids[j] for j in sel.tolist()]
                     applied.append(sel)
                 rec = states.get(uid) or UserRecord.empty()
                 w.users[uid] = apply_user_batch(rec, ub, st.sequence, retention, sig_spec, signatures, now_ms, sdim)

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from features.schema import Event
+from features.schema import EVENT_TYPE_NAMES, Event, EventType
 from features.sequence import (
-    SequenceConfig, SequenceState, action_code, append_event, category_id, fold_events,
+    SequenceConfig, SequenceState, action_code, action_codes, append_behaviors, append_event, category_id, fold_events,
 )
 
 
@@ -35,6 +35,44 @@ def test_action_code_and_category():
     assert action_code("click", 1.0) == 5
     assert category_id([]) == 0 and category_id(None) == 0
     assert category_id(["Comedy", "Drama"]) == category_id(["Comedy"]) != category_id(["Drama"])
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(EVENT_TYPE_NAMES),
+                          st.one_of(st.floats(width=32), st.sampled_from([0.0, 0.5, 0.4999, 1.0]))),
+                max_size=20))
+def test_action_codes_equal_action_code_elementwise(rows):
+    types, labels = [t for t, _ in rows], np.array([x for _, x in rows], np.float64)
+    want = [action_code(t, x) for t, x in rows]
+    for given_types in (types, np.array(types, object), np.array(types, str)):
+        got = action_codes(given_types, labels)
+        assert got.dtype == np.int64 and got.tolist() == want
+    codes = np.array([EventType.parse(t).value for t in types], np.int32)
+    assert action_codes(codes, labels.astype(np.float32)).tolist() == want
+    assert action_codes(types, (labels >= 0.5).astype(np.uint8)).tolist() == want  # labels given as 0/1
+
+
+def test_action_codes_reject_unknown_types_and_mismatched_lengths():
+    with pytest.raises(ValueError, match="not one of"):
+        action_codes(["click", "CLICK"], [1.0, 1.0])
+    with pytest.raises(ValueError, match="2 event types but 1 labels"):
+        action_codes(["click", "rating"], [1.0])
+
+
+def test_in_order_behaviors_are_appended_at_once_and_late_ones_inserted():
+    cfg = SequenceConfig(long_cap=3, short_cap=1)
+
+    def arrays(*rows):  # (item, ts)
+        return (np.array([r[0] for r in rows], np.int64), np.array([r[1] for r in rows], np.int64),
+                np.full(len(rows), 5, np.int64), np.zeros(len(rows), np.int64))
+
+    s, in_order = append_behaviors(SequenceState.empty(), *arrays((1, 10), (2, 20)), cfg)
+    assert in_order and s.item_ids.tolist() == [1, 2]
+    s, in_order = append_behaviors(s, *arrays((3, 20), (4, 30)), cfg)  # a tie with the newest: still in order
+    assert in_order and s.item_ids.tolist() == [2, 3, 4]  # capped from the front
+    s, in_order = append_behaviors(s, *arrays((5, 25), (6, 15)), cfg)  # 6: older than all of a full sequence
+    assert not in_order and s.item_ids.tolist() == [3, 5, 4] and s.ts_ms.tolist() == [20, 25, 30]
+    assert append_behaviors(s, *arrays(), cfg) == (s, True)
 
 
 @settings(max_examples=100, deadline=None)

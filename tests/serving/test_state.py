@@ -6,14 +6,14 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from features.schema import Event
-from features.sequence import SequenceConfig, SequenceState, fold_events
+from features.sequence import SequenceConfig, SequenceState, append_event, fold_events
 from features.transforms import StatsConfig
 from serving.state.codec import (
     CounterLog, StateDecodeError, UserAttrs, UserRecord, decode_item_logs, decode_user, encode_item_log, encode_user,
     prune_item_log, summary_records,
 )
 from serving.state.stats import window_counters
-from serving.state.update import apply_user_events, extend_log, extend_sequence
+from serving.state.update import EventArrays, apply_user_batch, apply_user_events, extend_log
 
 DAY = 86_400_000
 
@@ -53,24 +53,56 @@ def _events(rows, user=1):
     return [Event(f"e{i:04d}", user, item, ts, etype, float(label)) for i, (item, ts, etype, label) in enumerate(rows)]
 
 
-event_rows = st.lists(st.tuples(st.integers(1, 30), st.integers(0, 40), st.sampled_from(["click", "impression", "rating"]),
-                                st.booleans()), max_size=30)
+event_rows = st.lists(st.tuples(st.integers(1, 3), st.integers(1, 30), st.integers(0, 40),
+                                st.sampled_from(["click", "impression", "rating"]), st.booleans()), max_size=40)
 
 
 @settings(max_examples=200, deadline=None)
-@given(event_rows, st.integers(1, 8), st.integers(1, 5), st.randoms(use_true_random=False))
-def test_batched_ingest_equals_folding_append_event(rows, cap, batch, rnd):
-    """Any split into poll batches and any arrival order (ties in event_id order) == the offline fold."""
-    cfg = SequenceConfig(long_cap=cap, short_cap=1)
-    events = _events(rows)
-    cats = {item: item * 7 for item, *_ in rows}
+@given(event_rows, st.integers(1, 8), st.integers(1, 6), st.randoms(use_true_random=False))
+def test_the_consumer_transition_equals_folding_append_event(rows, cap, batch, rnd):
+    """`apply_user_batch` fed as the consumer feeds it (`EventApplier.apply`: one `EventArrays` per poll batch,
+    each user's events a span of it, or a selection when a redelivery brought events applied before), over any
+    split into poll batches and any arrival order (in time order or not, equal timestamps, past the cap) ==
+    folding `append_event` event by event in arrival order == the offline fold (ties arrive in event_id
+    order); the signatures follow the sequence and the counter log has every counted event once."""
+    cfg, stats = SequenceConfig(long_cap=cap, short_cap=1), StatsConfig()
+    counted = frozenset(stats.counted_event_types())
+    events = [Event(f"e{i:04d}", u, item, ts, etype, float(label)) for i, (u, item, ts, etype, label) in enumerate(rows)]
     arrival = sorted(events, key=lambda e: (rnd.random(), e.event_id))
     arrival = sorted(arrival, key=lambda e: (e.ts_ms, e.event_id)) if rnd.random() < 0.5 else _tie_ordered(arrival)
-    state = SequenceState.empty()
+    sig = lambda ids: np.asarray(ids, np.int64) * 10 + 1  # noqa: E731 - a stand-in signature table
+    recs: dict[int, UserRecord] = {}
+    refs: dict[int, SequenceState] = {}
+    applied: list[Event] = []
     for s in range(0, len(arrival), batch):
-        part = [e for e in arrival[s:s + batch] if e.event_type in cfg.behavior_event_types]
-        state, _ = extend_sequence(state, part, [cats[e.item_id] for e in part], cfg)
-    assert state.equals(fold_events(events, cats, cfg))
+        new = arrival[s:s + batch]
+        polled = new + rnd.sample(applied, min(len(applied), rnd.randint(0, 2)))  # a redelivery brings old ones
+        rnd.shuffle(polled)
+        by_user: dict[int, list[Event]] = {}
+        for e in sorted(polled, key=lambda e: new.index(e) if e in new else -1):  # new ones in arrival order
+            by_user.setdefault(e.user_id, []).append(e)
+        flat = [e for evs in by_user.values() for e in evs]
+        arrays = EventArrays.of_events(flat, lambda items: items * 7, cfg.behavior_event_types, counted)
+        cuts = np.cumsum([0, *map(len, by_user.values())]).tolist()
+        spans = arrays.spans(cuts)
+        seen = {e.event_id for e in applied}
+        for k, (u, evs) in enumerate(by_user.items()):
+            keep = np.array([e.event_id not in seen for e in evs], bool)
+            if not keep.any():
+                continue
+            ub = spans[k] if keep.all() else arrays.select(cuts[k] + np.flatnonzero(keep))
+            recs[u] = apply_user_batch(recs.get(u, UserRecord.empty()), ub, cfg, 365 * DAY, 5, sig)
+            for e in (e for e, x in zip(evs, keep) if x):
+                refs[u] = append_event(refs.get(u, SequenceState.empty()), e, e.item_id * 7, cfg)
+            assert recs[u].seq.equals(refs[u]), f"user {u}"
+            assert recs[u].sigs.tolist() == sig(recs[u].seq.item_ids).tolist() and recs[u].sig_spec == 5
+        applied += new
+    for u, rec in recs.items():
+        mine = [e for e in arrival if e.user_id == u]
+        assert rec.seq.equals(fold_events(mine, {e.item_id: e.item_id * 7 for e in mine}, cfg)), f"user {u}"
+        assert rec.log.ts_ms.tolist() == [e.ts_ms for e in mine if e.event_type in counted]
+        assert rec.log.pos.tolist() == [int(e.label >= 0.5) for e in mine if e.event_type in counted]
+        assert (rec.log.total_cnt, rec.log.total_pos) == (len(rec.log), int(rec.log.pos.sum()))
 
 
 def _tie_ordered(events):
@@ -81,14 +113,6 @@ def _tie_ordered(events):
     for v in by_ts.values():
         v.sort(key=lambda e: e.event_id)
     return [by_ts[e.ts_ms].pop(0) for e in events]
-
-
-def test_in_order_appends_take_the_fast_path_and_late_ones_fold():
-    cfg = SequenceConfig(long_cap=3, short_cap=1)
-    s, fast = extend_sequence(SequenceState.empty(), _events([(1, 10, "click", 1), (2, 20, "click", 1)]), [0, 0], cfg)
-    assert fast and s.item_ids.tolist() == [1, 2]
-    s, fast = extend_sequence(s, _events([(3, 15, "click", 1)]), [0], cfg)
-    assert not fast and s.item_ids.tolist() == [1, 3, 2]
 
 
 def test_signatures_follow_the_sequence_and_are_rebuilt_for_another_model():
