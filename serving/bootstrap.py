@@ -94,8 +94,8 @@ def build_records(dataset: Path, state: StateConfig, catalog: Catalog, as_of_ms:
     label = t.column("label").to_numpy()
     if as_of_ms is None:
         as_of_ms = int(ts.max()) + 1 if len(ts) else int(time.time() * 1000)
-    arrays = EventArrays(item, ts, et, label, catalog.primary_categories, state.sequence.behavior_event_types,
-                         state.stats.counted_event_types())
+    arrays = EventArrays.of_columns(item, ts, et, label, catalog.primary_categories,
+                                    state.sequence.behavior_event_types, state.stats.counted_event_types())
     beh, cnt, pos = arrays.beh, arrays.cnt, arrays.pos
     retention = state.retention_ms()
     attrs = _user_attrs(dataset)

@@ -166,33 +166,41 @@ class UserBatch:
     cnt_pos: np.ndarray  # (K,) uint8
 
 
+@dataclass(frozen=True)
 class EventArrays:
-    """The per-event fields of a run of events, vectorised once; users' `UserBatch`es are cut from them.
+    """The per-event fields of a run of events, vectorised once; users' `UserBatch`es are cut from them."""
 
-    `event_types`: names; `categories`: item ids -> primary category ids (`Catalog.primary_categories`),
-    or the ids themselves, parallel to the events.
-    """
+    item: np.ndarray  # (N,) int64
+    ts: np.ndarray  # (N,) int64
+    act: np.ndarray  # (N,) int64 features.sequence.action_code
+    cat: np.ndarray  # (N,) int64 the item's primary category id
+    beh: np.ndarray  # (N,) bool a behavior (SequenceConfig.behavior_event_types)
+    cnt: np.ndarray  # (N,) bool a counted event (StatsConfig.counted_event_types)
+    pos: np.ndarray  # (N,) uint8 label >= 0.5
 
-    def __init__(self, item_ids: np.ndarray, ts_ms: np.ndarray, event_types: Sequence[str] | np.ndarray,
-                 labels: np.ndarray, categories: Callable[[np.ndarray], np.ndarray] | Sequence[int] | np.ndarray,
-                 behavior_types: Collection[str], counted_types: Collection[str]) -> None:
-        n = len(item_ids)
-        self.item = np.asarray(item_ids, np.int64)  # (N,)
-        self.ts = np.asarray(ts_ms, np.int64)  # (N,)
-        self.pos = (np.asarray(labels) >= 0.5).astype(np.uint8)  # (N,)
-        self.act = action_codes(event_types, self.pos)  # (N,) features.sequence.action_code
-        self.cat = np.asarray(categories(self.item) if callable(categories) else categories, np.int64)  # (N,)
+    @classmethod
+    def of_columns(cls, item_ids: np.ndarray, ts_ms: np.ndarray, event_types: Sequence[str] | np.ndarray,
+                   labels: np.ndarray, categories: Callable[[np.ndarray], np.ndarray] | Sequence[int] | np.ndarray,
+                   behavior_types: Collection[str], counted_types: Collection[str]) -> "EventArrays":
+        """`event_types`: names; `categories`: item ids -> primary category ids (`Catalog.primary_categories`),
+        or the ids themselves, parallel to the events."""
+        item = np.asarray(item_ids, np.int64)
+        pos = (np.asarray(labels) >= 0.5).astype(np.uint8)
+        cat = np.asarray(categories(item) if callable(categories) else categories, np.int64)
         behavior_types, counted_types = frozenset(behavior_types), frozenset(counted_types)
-        self.beh = np.fromiter((t in behavior_types for t in event_types), bool, n)  # (N,)
-        self.cnt = np.fromiter((t in counted_types for t in event_types), bool, n)  # (N,)
+        return cls(item, np.asarray(ts_ms, np.int64), action_codes(event_types, pos), cat,
+                   np.fromiter((t in behavior_types for t in event_types), bool, len(item)),
+                   np.fromiter((t in counted_types for t in event_types), bool, len(item)), pos)
 
     @classmethod
     def of_events(cls, events: Sequence[Event], categories: Callable[[np.ndarray], np.ndarray] | Sequence[int],
                   behavior_types: Collection[str], counted_types: Collection[str]) -> "EventArrays":
         n = len(events)
-        return cls(np.fromiter((e.item_id for e in events), np.int64, n), np.fromiter((e.ts_ms for e in events),
-                   np.int64, n), [e.event_type for e in events], np.fromiter((e.label for e in events), np.float64, n),
-                   categories, behavior_types, counted_types)
+        item = np.fromiter((e.item_id for e in events), np.int64, n)
+        ts = np.fromiter((e.ts_ms for e in events), np.int64, n)
+        labels = np.fromiter((e.label for e in events), np.float64, n)
+        return cls.of_columns(item, ts, [e.event_type for e in events], labels, categories, behavior_types,
+                              counted_types)
 
     def spans(self, cuts: Sequence[int]) -> list[UserBatch]:
         """The batch of events [cuts[k], cuts[k + 1]) for each k: slices of the run's behaviors and counted

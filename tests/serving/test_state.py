@@ -67,7 +67,7 @@ def test_the_consumer_transition_equals_folding_append_event(rows, cap, batch, r
     order); the signatures follow the sequence and the counter log has every counted event once."""
     cfg, stats = SequenceConfig(long_cap=cap, short_cap=1), StatsConfig()
     counted = frozenset(stats.counted_event_types())
-    events = [Event(f"e{i:04d}", u, item, ts, etype, float(label)) for i, (u, item, ts, etype, label) in enumerate(rows)]
+    events = [Event(f"e{i:04d}", u, item, ts, etype, float(lab)) for i, (u, item, ts, etype, lab) in enumerate(rows)]
     arrival = sorted(events, key=lambda e: (rnd.random(), e.event_id))
     arrival = sorted(arrival, key=lambda e: (e.ts_ms, e.event_id)) if rnd.random() < 0.5 else _tie_ordered(arrival)
     sig = lambda ids: np.asarray(ids, np.int64) * 10 + 1  # noqa: E731 - a stand-in signature table
