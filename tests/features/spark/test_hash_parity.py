@@ -1,10 +1,11 @@
 """The JVM expressions of the data contract equal the Python spec bit for bit (hash spec v1 golden
 vectors, action codes, primary category ids), so Spark-built features and serving agree."""
+import numpy as np
 from pyspark.sql import functions as F
 
 from features import hashing as h
 from features.schema import EventType
-from features.sequence import action_code, category_id
+from features.sequence import action_code, action_codes, category_id
 from features.spark import exprs
 
 
@@ -35,6 +36,8 @@ def test_action_code_and_category_id_match_python(spark):
     df = spark.createDataFrame(rows, "event_type string, label float")
     got = df.select(exprs.action_code("event_type", "label").alias("a")).collect()
     assert [r["a"] for r in got] == [action_code(t, lab) for t, lab in rows]
+    assert action_codes([t for t, _ in rows], np.array([lab for _, lab in rows], np.float32)).tolist() == [
+        r["a"] for r in got]  # the vectorised form the consumer and the bootstrap use
 
     cats = [(["Comedy", "Drama"],), ([],), (None,), (["Film-Noir"],), (["\u03a9mega", "x"],)]
     df = spark.createDataFrame(cats, "categories array<string>")
