@@ -51,6 +51,17 @@ def redis_server(tmp_path: Path):
         yield svc.redis
 
 
+@pytest.fixture()
+def memory_store():
+    """An empty `InMemoryOnlineStore`: the online store for unit tests of what runs over one (runtime,
+    consumers, rebuild); it passes the same contract suite as Redis (tests/serving/test_store_contract.py)."""
+    from serving.state.memory_store import InMemoryOnlineStore
+
+    store = InMemoryOnlineStore()
+    yield store
+    store.close()
+
+
 @pytest.fixture(scope="session")
 def redis_cluster(tmp_path_factory: pytest.TempPathFactory):
     """A real Redis Cluster: three redis-server masters in cluster mode on free loopback ports, joined by

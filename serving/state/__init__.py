@@ -1,5 +1,5 @@
-"""Online state: the store interface (`base`), its Redis implementation, the packed layout and the
-pure state transitions the consumers apply."""
+"""Online state: the store interface (`base`), its Redis and in-memory implementations, the packed layout
+and the pure state transitions the consumers apply."""
 from serving.state.base import IngestResult, IngestWrite, ItemStats, OnlineStore
 from serving.state.codec import CounterLog, UserAttrs, UserRecord
 

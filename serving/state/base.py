@@ -5,7 +5,9 @@ ranked candidates (one more); the events consumer runs `ingest`: read the
 users of a batch and the batch's already-applied event ids, compute the new
 states in Python, write each with its dedupe marks atomically (a write that fails
 and is retried if the user changed meanwhile), every event's item effect once.
-`RedisOnlineStore` is the implementation; another backend implements this.
+`RedisOnlineStore` (serving/state/redis_store.py) is the deployed implementation, `InMemoryOnlineStore`
+(serving/state/memory_store.py) the in-process one for unit tests and embedding; another backend implements
+this and passes tests/serving/test_store_contract.py, the suite both pass.
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The online state on a real three-master Redis Cluster (tests/conftest.py `redis_cluster`): a crash between
 an ingest's per-slot writes loses and double-counts nothing, and the whole server runs on it. The store's
-behaviour on a cluster and on one Redis is tested side by side in test_state.py."""
+contract on a cluster, on one Redis and in memory is tested side by side in test_store_contract.py."""
 from __future__ import annotations
 
 import uuid
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import redis
 
-from tests.serving.test_state import _applier, _assert_state, _expected, _msgs, _stream
+from tests.serving.test_store_contract import _applier, _assert_state, _expected, _msgs, _stream
 
 
 @pytest.fixture()

@@ -483,25 +483,6 @@ class _FakeConsumer:
         return 50
 
 
-class _FakeStore:
-    def __init__(self) -> None:
-        self.epochs, self.applied = {}, {}
-
-    def partition_epochs(self, keys):
-        return {k: self.epochs[k] for k in keys if k in self.epochs}
-
-    def set_partition_epochs(self, m):
-        self.epochs.update(m)
-
-    def applied_offsets(self, keys):
-        return {k: self.applied[k] for k in keys if k in self.applied}
-
-    def set_applied_offsets(self, m):
-        lost = {k: self.applied.get(k) for k, (old, _) in m.items() if self.applied.get(k) != old}
-        self.applied.update({k: new for k, (old, new) in m.items() if k not in lost})
-        return lost
-
-
 def _positions(epoch, store):
     from types import SimpleNamespace
 
@@ -512,7 +493,7 @@ def _positions(epoch, store):
     return EpochPositions(rebuilder, SimpleNamespace(epoch=None), ServingMetrics()), rebuilder
 
 
-def test_a_rewind_whose_commit_is_refused_applies_nothing_of_that_partition_until_it_succeeds():
+def test_a_rewind_whose_commit_is_refused_applies_nothing_of_that_partition_until_it_succeeds(memory_store):
     from types import SimpleNamespace
 
     from kafka.structs import TopicPartition
@@ -520,19 +501,21 @@ def test_a_rewind_whose_commit_is_refused_applies_nothing_of_that_partition_unti
     from serving.rebuild import Epoch
 
     tp0, tp1 = TopicPartition("ev", 0), TopicPartition("ev", 1)
-    store = _FakeStore()
+    store = memory_store
     pos, _ = _positions(Epoch("E2", rewind=True, topic="ev", offsets={0: 7}), store)
     c = _FakeConsumer([tp0, tp1], refuse={0: 1})
     rec = [SimpleNamespace(offset=40)]
     out = pos.after_poll(c, {tp0: rec, tp1: rec})
-    assert out == {} and store.epochs == {"ev:1": "E2"}  # p0's commit refused: not recorded, records dropped
+    assert out == {}  # p0's commit refused: not recorded, records dropped
+    assert store.partition_epochs(["ev:0", "ev:1"]) == {"ev:1": "E2"}
     assert (0, 7) in c.seeks and (1, 0) in c.seeks and pos.applier.epoch == "E2"
     out = pos.after_poll(c, {tp0: rec})  # the next poll tries p0 again before applying anything of it
-    assert out == {} and store.epochs == {"ev:0": "E2", "ev:1": "E2"} and c.commits[-1] == {0: 7}
+    assert out == {} and store.partition_epochs(["ev:0", "ev:1"]) == {"ev:0": "E2", "ev:1": "E2"}
+    assert c.commits[-1] == {0: 7}
     assert pos.after_poll(c, {tp0: rec}) == {tp0: rec}  # positioned: its records apply
 
 
-def test_a_redis_that_lost_its_last_applied_record_sends_the_partition_back_there():
+def test_a_redis_that_lost_its_last_applied_record_sends_the_partition_back_there(memory_store):
     from types import SimpleNamespace
 
     from kafka.structs import TopicPartition
@@ -540,20 +523,20 @@ def test_a_redis_that_lost_its_last_applied_record_sends_the_partition_back_ther
     from serving.rebuild import Epoch
 
     tp = TopicPartition("ev", 0)
-    store = _FakeStore()
-    store.epochs["ev:0"] = "E1"
+    store = memory_store
+    store.set_partition_epochs({"ev:0": "E1"})
     pos, rebuilder = _positions(Epoch("E1", rewind=True, topic="ev"), store)
     c = _FakeConsumer([tp])
     rec = [SimpleNamespace(offset=50)]
     assert pos.after_poll(c, {tp: rec}) == {tp: rec}
     pos.after_commit({tp: 51})
     pos.after_commit({tp: 60})
-    assert store.applied == {"ev:0": 60}
-    store.applied["ev:0"] = 51  # Redis restarted from an older snapshot
+    assert store.applied_offsets(["ev:0"]) == {"ev:0": 60}
+    store.set_applied_offsets({"ev:0": (60, 51)})  # Redis restarted from an older snapshot
     pos.after_commit({tp: 70})  # noticed at the next commit, not overwritten
-    assert store.applied == {"ev:0": 51}
+    assert store.applied_offsets(["ev:0"]) == {"ev:0": 51}
     assert pos.after_poll(c, {tp: [SimpleNamespace(offset=70)]}) == {} and c.seeks[-1] == (0, 51)
     assert c.commits[-1] == {0: 51}
     rebuilder.resyncs += 1  # a new Redis instance: every partition is checked against its record
-    store.applied["ev:0"] = 45
+    store.set_applied_offsets({"ev:0": (51, 45)})
     assert pos.after_poll(c, {}) == {} and c.seeks[-1] == (0, 45)

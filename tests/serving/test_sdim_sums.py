@@ -162,65 +162,61 @@ def test_a_backfill_builds_many_users_sums_at_once_like_one_by_one():
         np.testing.assert_allclose(built[u].sdim.sums, want.sums, rtol=1e-6, atol=1e-6)
 
 
-# ---------------------------------------------------------------- serving (real Redis, real bundles)
+# ---------------------------------------------------------------- serving (real bundles; the runtime over
+# the in-memory store, the consumer over real Kafka and Redis)
 
 
-def _runtime(redis_server, model_bundles, catalog, version="v1"):
+def _runtime(store, model_bundles, catalog, version="v1"):
     from features.config import load_config
     from serving.config import ServingConfig
     from serving.lifecycle import ModelManager
     from serving.metrics import ServingMetrics
     from serving.models import ModelHolder
     from serving.runtime import Availability, CatalogRef, Popularity, Runtime
-    from serving.state.redis_store import RedisOnlineStore
 
-    cfg = load_config(ServingConfig, None, [f"redis.url={redis_server.address}"])
+    cfg = load_config(ServingConfig, None, [])
     metrics, holder, cat = ServingMetrics(), ModelHolder(), CatalogRef(catalog)
     path, checksum = model_bundles[version]
     bundle = ModelManager(holder, cat, cfg.state, cfg.models, metrics).load(path, version, checksum)
-    store = RedisOnlineStore(cfg.redis)
     rt = Runtime(cfg.limits, cfg.runtime, store, holder, cat, Popularity(), Availability(), metrics)
-    return cfg, bundle, store, rt, metrics
+    return cfg, bundle, rt, metrics
 
 
 def _fallbacks(metrics, reason: str) -> float:
     return metrics.registry.get_sample_value("cascade_sdim_sums_fallbacks_total", {"reason": reason}) or 0.0
 
 
-@pytest.mark.integration
-def test_served_scores_from_stored_sums_equal_the_full_scan(model_bundles, catalog, ml100k_dataset, redis_server):
+def test_served_scores_from_stored_sums_equal_the_full_scan(model_bundles, catalog, ml100k_dataset, memory_store):
     """A backfill (bootstrap with the bundle) stores every user's sums; the request path serves from them, and
     the scores equal those of the scan the server falls back to when they are missing or do not fit the
     request (counted by reason)."""
     from serving.bootstrap import bootstrap_dataset
     from serving.runtime import RankQuery
 
-    cfg, bundle, store, rt, metrics = _runtime(redis_server, model_bundles, catalog)
-    try:
-        assert bundle.sums_window == 200  # the test bundles' long_len
-        bootstrap_dataset(store, ml100k_dataset, cfg.state, catalog, bundle=bundle)
-        cands = tuple(int(i) for i in catalog.item_ids[:200])
-        lengths = {u: len(store.read_user(u).seq) for u in range(1, 60)}
-        short = [u for u, n in lengths.items() if n < 200][:2]
-        users = short + [u for u, n in lengths.items() if n > 200][:2]  # within the window, and beyond it
-        assert len(users) == 4
-        for uid in users:
-            rec = store.read_user(uid)
-            _assert_matches_rebuild(rec, bundle)
-            q = RankQuery(user_id=uid, k=200, candidate_item_ids=cands)
-            served = rt.rank(q)
-            assert _fallbacks(metrics, "missing") == users.index(uid)  # only the scans below counted
-            store.put_users({uid: dataclasses.replace(rec, sdim=None)})
-            scanned = rt.rank(q)
-            np.testing.assert_allclose(served.scores[np.argsort(served.item_ids)],
-                                       scanned.scores[np.argsort(scanned.item_ids)], rtol=1e-4, atol=1e-6)
-        assert _fallbacks(metrics, "missing") == 4
+    store = memory_store
+    cfg, bundle, rt, metrics = _runtime(store, model_bundles, catalog)
+    assert bundle.sums_window == 200  # the test bundles' long_len
+    bootstrap_dataset(store, ml100k_dataset, cfg.state, catalog, bundle=bundle)
+    cands = tuple(int(i) for i in catalog.item_ids[:200])
+    lengths = {u: len(store.read_user(u).seq) for u in range(1, 60)}
+    short = [u for u, n in lengths.items() if n < 200][:2]
+    users = short + [u for u, n in lengths.items() if n > 200][:2]  # within the window, and beyond it
+    assert len(users) == 4
+    for uid in users:
+        rec = store.read_user(uid)
+        _assert_matches_rebuild(rec, bundle)
+        q = RankQuery(user_id=uid, k=200, candidate_item_ids=cands)
+        served = rt.rank(q)
+        assert _fallbacks(metrics, "missing") == users.index(uid)  # only the scans below counted
+        store.put_users({uid: dataclasses.replace(rec, sdim=None)})
+        scanned = rt.rank(q)
+        np.testing.assert_allclose(served.scores[np.argsort(served.item_ids)],
+                                   scanned.scores[np.argsort(scanned.item_ids)], rtol=1e-4, atol=1e-6)
+    assert _fallbacks(metrics, "missing") == 4
 
-        rec = store.read_user(60)
-        r = rt.rank(RankQuery(user_id=60, k=5, as_of_ms=int(rec.seq.ts_ms[len(rec.seq) // 2])))
-        assert r.fallback_reason == "" and _fallbacks(metrics, "point_in_time") == 1
-    finally:
-        store.close()
+    rec = store.read_user(60)
+    r = rt.rank(RankQuery(user_id=60, k=5, as_of_ms=int(rec.seq.ts_ms[len(rec.seq) // 2])))
+    assert r.fallback_reason == "" and _fallbacks(metrics, "point_in_time") == 1
 
 
 @pytest.mark.integration
