@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from features.batch import HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, ITEM_ID, Batch, BatchSpec, validate_batch
+from features.batch import HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, ITEM_ID, Batch, BatchSpec
 from retrieval.evaluate import empty_batch, last_queries
 from retrieval.index import search as index_search
 from retrieval.model import TwoTowerRetriever
@@ -93,13 +93,18 @@ class RetrieverInference:
         scale = meta.get("logit_scale")
         # the training softmax's logit per unit of score (1 / temperature); None: the export records none
         self.logit_scale: float | None = float(scale) if scale else None
-        self._spec = BatchSpec(user_keys=self.user_keys, history_keys=self.history_keys, candidate_keys=(),
-                               history_before_request=False)
+
+    def batch_spec(self) -> BatchSpec:
+        """What a `user_embedding` batch must hold: check a batch against it (`features.batch.validate_batch`)
+        where it is built. `user_embedding` does not validate: the reader and the server validate the batches
+        they build, once, and a model entry point that checked again would repeat that on every call."""
+        return BatchSpec(user_keys=self.user_keys, history_keys=self.history_keys, candidate_keys=(),
+                         history_before_request=False)
 
     @torch.inference_mode()
     def user_embedding(self, batch: Batch) -> torch.Tensor:
-        """(B, D) L2-normalized user vectors after each user's last behavior (>= 1 behavior per user)."""
-        validate_batch(batch, self._spec)
+        """(B, D) L2-normalized user vectors after each user's last behavior (>= 1 behavior per user); `batch`
+        is validated where it was built (`batch_spec`)."""
         return last_queries(self.model, batch)
 
     @torch.inference_mode()

@@ -22,17 +22,18 @@ from typing import Any
 import numpy as np
 import torch
 
-from features.batch import build_batch
+from features.batch import build_batch, validate_batch
 from features.candidate_lists import CandidateLists
 
 
 def _history_batch(retriever: Any, store: Any, user_ids: np.ndarray, hist_len: np.ndarray) -> Any:
     hist, lens = store.history(user_ids, hist_len, retriever.max_len)
     users = store.user_features(user_ids)
-    return build_batch(user={k: v for k, v in users.items() if k in retriever.user_keys},
-                       history={k: v for k, v in hist.items() if k in retriever.history_keys},
-                       history_lengths=lens, candidates={}, num_candidates=np.zeros(len(user_ids), np.int64),
-                       request_ts=np.zeros(len(user_ids), np.int64))
+    batch = build_batch(user={k: v for k, v in users.items() if k in retriever.user_keys},
+                        history={k: v for k, v in hist.items() if k in retriever.history_keys},
+                        history_lengths=lens, candidates={}, num_candidates=np.zeros(len(user_ids), np.int64),
+                        request_ts=np.zeros(len(user_ids), np.int64))
+    return validate_batch(batch, retriever.batch_spec())
 
 
 @torch.inference_mode()

@@ -6,6 +6,10 @@ point-in-time rule of the offline samples), the user's counters turned into
 dense features by `features.transforms.DenseLayout` (the same transform the
 reader uses), the candidates' attributes from the in-memory catalog and their
 counters from the second round trip. Nothing here re-implements a feature.
+
+A request's batch is built, and validated, in two pieces: `user_batch` (the
+user and history parts, which the user tower reads) and `with_candidates`
+(what the ranker adds); `build_request_batch` makes both calls at once.
 """
 from __future__ import annotations
 
@@ -16,8 +20,8 @@ import numpy as np
 import torch
 
 from features.batch import (
-    HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, HIST_SDIM_SIG, HIST_TS, ITEM_CATEGORY, ITEM_ID, ITEM_TAG, USER_ID, Batch,
-    build_batch,
+    HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, HIST_SDIM_SIG, HIST_TS, ITEM_ID, USER_ID, Batch, BatchSpec,
+    build_batch, validate_batch,
 )
 from features.sequence import SequenceState
 from features.transforms import DenseLayout
@@ -70,7 +74,23 @@ def candidate_dense(catalog: Catalog, item_ids: np.ndarray, stats: ItemStats | N
     return layout.candidate_dense(counters, numeric)
 
 
-def _user_and_history(view: UserView, with_sigs: np.ndarray | None, user_keys: tuple[str, ...]):
+def user_batch(view: UserView, as_of_ms: int, with_sigs: np.ndarray | None = None,
+               user_keys: tuple[str, ...] = (), validate: bool = True) -> Batch:
+    """A B = 1 batch of the user view and no candidates: what the user tower reads, and what
+    `with_candidates` extends into the ranker's batch.
+
+    `with_sigs`: the history's packed SDIM signatures to include as ``hist_sdim_sig`` (None: left out).
+    `user_keys`: user features the models read; one the user lacks is sent with no values.
+    `validate`: check the user and history parts (`features.batch.validate_batch`) here, where they are built.
+
+    Validation happens here, at the edge, once per request and piece: a request's batches share this user
+    part (the user tower's batch, the second stage's exact scoring, the ranker's batch), so checking it in
+    each model as well would walk the same up-to-10k-behavior history two or three times per request. The
+    models' entry points therefore trust their input: `RetrieverInference.user_embedding` does not validate
+    (callers that build batches by hand check them against its `batch_spec()` where they build them, as the
+    reader and `retrieval.lists` do), and the ranker keeps only its cheap key and width check, which reads no
+    data. `validate=False` (the config's `runtime.validate_batches: false`) trusts this builder entirely.
+    """
     s = view.seq
     user = {USER_ID: (np.array([view.user_id], np.int64), np.ones(1, np.int64))}
     for feat in sorted(set(view.attrs) | (set(user_keys) - {USER_ID})):
@@ -79,44 +99,46 @@ def _user_and_history(view: UserView, with_sigs: np.ndarray | None, user_keys: t
     history = {HIST_ITEM_ID: s.item_ids, HIST_TS: s.ts_ms, HIST_ACTION: s.actions, HIST_CATEGORY: s.categories}
     if with_sigs is not None:
         history[HIST_SDIM_SIG] = with_sigs
-    return user, history
+    batch = build_batch(user=user, history=history, history_lengths=np.array([len(s)], np.int64), candidates={},
+                        num_candidates=np.zeros(1, np.int64), request_ts=np.array([as_of_ms], np.int64),
+                        user_dense=view.user_dense)
+    if validate:
+        validate_batch(batch, BatchSpec(user_keys=tuple(dict.fromkeys((USER_ID, *user_keys))), candidate_keys=()))
+    return batch
 
 
-def build_request_batch(view: UserView, catalog: Catalog, item_ids: np.ndarray, cand_dense: np.ndarray | None,
-                        as_of_ms: int, with_sigs: np.ndarray | None = None, user_keys: tuple[str, ...] = (),
-                        reuse: Batch | None = None, sdim: BucketSums | None = None) -> Batch:
-    """A B = 1 batch: the user view plus candidates `item_ids` (may be empty, for the user tower).
+def with_candidates(user: Batch, catalog: Catalog, item_ids: np.ndarray, cand_dense: np.ndarray | None,
+                    sdim: BucketSums | None = None, validate: bool = True) -> Batch:
+    """`user` (a `user_batch`) plus candidates `item_ids`: their catalog features and `cand_dense` (N, Dc).
 
-    `with_sigs`: the history's packed SDIM signatures to include as ``hist_sdim_sig`` (None: left out).
-    `user_keys`: user features the models read; one the user lacks is sent with no values.
-    `reuse`: a batch of the same view (the user-tower batch) whose user and history parts are taken
-    as they are instead of being built again.
     `sdim`: the user's stored SDIM bucket sums, sent as ``sdim_sums`` / ``sdim_lengths`` (the ranker then
     gathers from them instead of scanning the history); the caller checks they fit the model and the view.
+    `validate`: check what this adds (candidates, their dense features, the sums); the user and history
+    parts were checked when `user` was built, and they share its request time, so a request's batch is
+    validated once, piece by piece, before any model reads the piece.
     """
-    batch = _request_batch(view, catalog, item_ids, cand_dense, as_of_ms, with_sigs, user_keys, reuse)
-    if sdim is None:
-        return batch
-    return dataclasses.replace(batch, sdim_sums=torch.from_numpy(np.ascontiguousarray(sdim.sums, np.float32))[None],
-                               sdim_lengths=torch.tensor([sdim.covered], dtype=torch.int64))
-
-
-def _request_batch(view: UserView, catalog: Catalog, item_ids: np.ndarray, cand_dense: np.ndarray | None,
-                   as_of_ms: int, with_sigs: np.ndarray | None, user_keys: tuple[str, ...],
-                   reuse: Batch | None) -> Batch:
     n = len(item_ids)
     candidates = {}
     if n:  # a user-tower batch has no candidate keys at all (a keyed KJT with 0 rows trips validate_batch)
         candidates = {ITEM_ID: (item_ids, np.ones(n, np.int64)), **catalog.candidate_features(catalog.rows(item_ids))}
     cand_dense = cand_dense if cand_dense is not None else np.zeros((n, 0), np.float32)
-    if reuse is not None:
-        part = build_batch(user={}, history={}, history_lengths=np.zeros(0, np.int64), candidates=candidates,
-                           num_candidates=np.array([n], np.int64), request_ts=np.array([as_of_ms], np.int64),
-                           candidate_dense=cand_dense)
-        return dataclasses.replace(part, user=reuse.user, history=reuse.history, user_dense=reuse.user_dense)
-    user, history = _user_and_history(view, with_sigs, user_keys)
-    return build_batch(
-        user=user, history=history, history_lengths=np.array([len(view.seq)], np.int64), candidates=candidates,
-        num_candidates=np.array([n], np.int64), request_ts=np.array([as_of_ms], np.int64),
-        user_dense=view.user_dense, candidate_dense=cand_dense,
-    )
+    part = build_batch(user={}, history={}, history_lengths=np.zeros(0, np.int64), candidates=candidates,
+                       num_candidates=np.array([n], np.int64), request_ts=user.request_ts, candidate_dense=cand_dense)
+    if sdim is not None:
+        part = dataclasses.replace(
+            part, sdim_sums=torch.from_numpy(np.ascontiguousarray(sdim.sums, np.float32))[None],
+            sdim_lengths=torch.tensor([sdim.covered], dtype=torch.int64))
+    if validate:
+        validate_batch(part, BatchSpec(user_keys=(), history_keys=(), candidate_dense_dim=cand_dense.shape[1]))
+    return dataclasses.replace(part, user=user.user, history=user.history, user_dense=user.user_dense)
+
+
+def build_request_batch(view: UserView, catalog: Catalog, item_ids: np.ndarray, cand_dense: np.ndarray | None,
+                        as_of_ms: int, with_sigs: np.ndarray | None = None, user_keys: tuple[str, ...] = (),
+                        sdim: BucketSums | None = None, validate: bool = True) -> Batch:
+    """A B = 1 batch: the user view plus candidates `item_ids` (may be empty, for the user tower), in one call
+    (`user_batch` then `with_candidates`; the runtime makes the two calls itself, to reuse the first)."""
+    user = user_batch(view, as_of_ms, with_sigs, user_keys, validate)
+    if not len(item_ids) and sdim is None:
+        return user  # the user tower's batch
+    return with_candidates(user, catalog, item_ids, cand_dense, sdim, validate)

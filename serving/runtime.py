@@ -1,9 +1,14 @@
 """A ranking request -> scored items. No grpc here: `serving.servicer` translates proto <-> these types.
 
-Stages (each timed into ``cascade_rank_stage_seconds{stage}``). The deadline is
-checked before every stage: a request whose deadline has passed (say, while it
-queued for a handler thread) is answered DEADLINE_EXCEEDED instead of computed,
-and counted in ``cascade_deadline_dropped_total{stage}`` by the stage it skipped:
+The request path is a sequence of stages (`Runtime.stages`), each a small
+function over one `RequestContext` (read state -> retrieve -> filter ->
+candidate features -> rank -> select). What every stage needs is done once,
+by the runner (`Runtime.rank`): it times each stage into
+``cascade_rank_stage_seconds{stage}`` (and `RankResult.timings`), checks the
+deadline before each (a request whose deadline has passed, say while it
+queued for a handler thread, is answered DEADLINE_EXCEEDED instead of
+computed, and counted in ``cascade_deadline_dropped_total{stage}`` by the
+stage it skipped), and answers degraded when Redis is unavailable:
 
     state_read   one Redis GET: sequence + SDIM signatures and bucket sums + counters + attributes
     user_tower   the retriever's user embedding of the user as of the request time
@@ -22,6 +27,9 @@ time (unknown, or only impressions) gets popular items ranked by the ranker
 (``cold_start``); Redis down -> the in-memory popularity list
 (``redis_unavailable``); the index failing -> popular items ranked by the ranker
 (``index_unavailable``). Each is counted in ``cascade_degraded_answers_total``.
+
+The request's batch is validated once, piece by piece where `serving.batching`
+builds it, before a model reads it (why the models do not: `batching.user_batch`).
 """
 from __future__ import annotations
 
@@ -30,21 +38,21 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import torch
 
-from features.batch import BatchSpec, validate_batch
+from features.batch import Batch
 from features.list_context import recent_items, second_stage_dense
-from serving.batching import UserView, build_request_batch, candidate_dense, user_view
+from serving.batching import UserView, candidate_dense, user_batch, user_view, with_candidates
 from serving.catalog import Catalog
 from serving.config import LimitsConfig, RuntimeConfig
 from serving.errors import DeadlineExceeded, InvalidRequest, NoModelLoaded, StateUnavailable
 from serving.metrics import ServingMetrics
 from serving.item_features import ItemDenseCache
 from serving.models import ModelBundle, ModelHolder
-from serving.state.base import OnlineStore
+from serving.state.base import ItemStats, OnlineStore
 from serving.state.codec import BucketSums, UserRecord
 
 log = logging.getLogger(__name__)
@@ -192,6 +200,43 @@ class _Clock:
         return self.timings
 
 
+@dataclass
+class RequestContext:
+    """One request on its way through `Runtime.stages`: what it asked, what each stage filled in (by field)."""
+
+    query: RankQuery
+    bundle: ModelBundle  # the model version answering, fixed for the whole request
+    catalog: Catalog  # the catalog snapshot, fixed for the whole request
+    as_of: int  # ms: the request time (the query's as_of_ms, or now)
+    num_candidates: int  # the query's, or the server default
+    clock: _Clock  # the timings so far
+    record: UserRecord | None = None  # state_read: the user's record (None: no state)
+    view: UserView | None = None  # user_tower: the user as of `as_of`
+    sigs: np.ndarray | None = None  # user_tower: the history's SDIM signatures (None: the ranker reads none)
+    sums: BucketSums | None = None  # user_tower: the stored SDIM bucket sums, when usable
+    seen: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # user_tower: to exclude (may repeat)
+    user: Batch | None = None  # the user part of the batches, built on first use (`Runtime._user_batch`)
+    user_vec: np.ndarray | None = None  # (1, D) the user tower's vector, when computed
+    cands: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # ann, filter_seen: (N,) item ids
+    retrieval: np.ndarray | None = None  # (N,) float32 retriever scores; filter_seen fills unknown ones with 0
+    dense: np.ndarray | None = None  # item_stats or features: (N, Dc) candidate dense features
+    stats: ItemStats | None = None  # item_stats: the candidates' counters (None: not read)
+    batch: Batch | None = None  # features: the ranker's batch
+    scores: torch.Tensor | None = None  # ranker: (N,) probabilities (a second stage's logits)
+    top: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # topk: (k,) rows of cands, best first
+    fallback: str = ""  # why the answer is degraded ("": it is not)
+
+    @property
+    def cold(self) -> bool:
+        """No behaviors before the request time: nothing for the user tower to read."""
+        return self.view.history_length == 0
+
+    @property
+    def retrieves(self) -> bool:
+        """The candidates come from the index (not the client's list, not popularity for a cold user)."""
+        return not self.query.candidate_item_ids and not self.cold
+
+
 def exact_scores(retriever, uvec: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
     """(N,) float32 retriever scores of the given items for one user vector (0 for items it does not index)."""
     rows, known = retriever.rows(item_ids)
@@ -224,6 +269,10 @@ def list_dense(bundle: ModelBundle, retrieval: np.ndarray, cands: np.ndarray, hi
 
 
 class Runtime:
+    """A `RankQuery` -> a `RankResult` through `stages`, in order, over one `RequestContext`. The runner (`rank`)
+    checks the deadline before each stage, times each, answers from popularity when Redis is unavailable and
+    counts the degraded answers; a stage only computes."""
+
     def __init__(self, limits: LimitsConfig, cfg: RuntimeConfig, store: OnlineStore, models: ModelHolder,
                  catalog: CatalogRef, popularity: Popularity, availability: Availability,
                  metrics: ServingMetrics, item_dense: ItemDenseCache | None = None) -> None:
@@ -237,136 +286,185 @@ class Runtime:
         self.popularity = popularity
         self.availability = availability
         self.metrics = metrics
+        # (name, stage) in request order; the names label the timings and the deadline drops
+        self.stages: tuple[tuple[str, Callable[[RequestContext], None]], ...] = (
+            ("state_read", self._read_state),  # read state
+            ("user_tower", self._user_tower),  # retrieve
+            ("ann", self._ann),
+            ("filter_seen", self._filter_seen),  # filter
+            ("item_stats", self._item_stats),  # candidate features
+            ("features", self._features),
+            ("ranker", self._rank),  # rank
+            ("topk", self._select),  # select
+        )
 
-    # ------------------------------------------------------------------ public
+    # ------------------------------------------------------------------ the runner
     def rank(self, q: RankQuery, deadline: Deadline = Deadline(None)) -> RankResult:
         validate_query(q, self.limits)
         bundle = self.models.current
         if bundle is None:
             raise NoModelLoaded("no model version is loaded yet (health is NOT_SERVING); retry later")
         clock = _Clock(self.metrics)
-        due = self._due
-        due(deadline, "state_read")
-        as_of = q.as_of_ms or int(time.time() * 1000)
-        n_cand = q.num_candidates or self.limits.default_num_candidates
-        catalog = self.catalog.current
-
-        if not self.availability.redis_up:
-            return self._popular(bundle, q, clock, "redis_unavailable")
+        ctx = RequestContext(q, bundle, self.catalog.current, as_of=q.as_of_ms or int(time.time() * 1000),
+                             num_candidates=q.num_candidates or self.limits.default_num_candidates, clock=clock)
         try:
-            rec = self.store.read_user(q.user_id)
-        except StateUnavailable as e:
+            for stage, run in self.stages:
+                if deadline.expired():  # counted by the stage it skips
+                    self.metrics.deadline_dropped.labels(stage=stage).inc()
+                    deadline.check(stage)
+                run(ctx)
+                clock.lap(stage)
+        except StateUnavailable as e:  # Redis down, known or found by this request: the popularity answer
             self.availability.down(str(e))
-            return self._popular(bundle, q, clock, "redis_unavailable")
-        clock.lap("state_read")
-        due(deadline, "user_tower")
-
-        view = user_view(q.user_id, rec, as_of, bundle.dense)
-        cold = view.history_length == 0  # no behaviors before as_of: nothing for the user tower to read
-        sigs = self._signatures(bundle, rec, view)
-        sums = self._bucket_sums(bundle, rec, view)
-        fallback = "cold_start" if cold else ""
-        seen = view.seq.item_ids if q.exclude_seen else np.empty(0, np.int64)  # may repeat: only sizes the ANN k
-        retrieval = None
-        ubatch = None  # the user-tower batch; its user and history parts are reused for the ranker
-        if q.candidate_item_ids:
-            cands = np.asarray(q.candidate_item_ids, np.int64)
-            clock.lap("user_tower")
-            clock.lap("ann")
-        elif cold:
-            cands = self.popularity.snapshot(bundle.retriever.item_ids)[0][: n_cand + len(seen)]
-            clock.lap("user_tower")
-            clock.lap("ann")
-        else:
-            ubatch = build_request_batch(view, catalog, np.empty(0, np.int64), None, as_of, sigs, bundle.user_keys)
-            uvec = bundle.retriever.user_embedding(ubatch).detach().float().numpy()  # (1, D)
-            clock.lap("user_tower")
-            due(deadline, "ann")
-            want = min(len(bundle.index), n_cand + min(len(seen), 4 * n_cand))
-            try:
-                ids, sc = bundle.index.search(uvec, want)
-                cands, retrieval = ids[0], sc[0]
-                ok = cands >= 0
-                cands, retrieval = cands[ok], retrieval[ok]
-                self.availability.index_ok()
-            except Exception as e:  # the index failing must not fail the request
-                log.warning("ANN search failed, answering from popularity: %s", e)
-                self.availability.index_failed(f"{type(e).__name__}: {e}")
-                fallback = "index_unavailable"
-                cands = self.popularity.snapshot(bundle.retriever.item_ids)[0][: n_cand + len(seen)]
-            clock.lap("ann")
-        due(deadline, "filter_seen")
-
-        if len(seen):
-            keep = ~np.isin(cands, seen)
-            cands = cands[keep]
-            retrieval = None if retrieval is None else retrieval[keep]
-        if not q.candidate_item_ids:
-            cands = cands[:n_cand]
-            retrieval = None if retrieval is None else retrieval[:n_cand]
-        second = bundle.ranker.second_stage
-        if second and (retrieval is None or q.candidate_item_ids) and len(cands) and not cold:
-            # a second-stage ranker corrects the retriever's logits: score client/fallback candidates exactly
-            if ubatch is None:
-                ubatch = build_request_batch(view, catalog, np.empty(0, np.int64), None, as_of, sigs,
-                                             bundle.user_keys)
-            uvec = bundle.retriever.user_embedding(ubatch).detach().float().numpy()[0]  # (D,)
-            retrieval = exact_scores(bundle.retriever, uvec, cands)
-            order = np.argsort(-retrieval, kind="stable")  # the list's order: best first
-            cands, retrieval = cands[order], retrieval[order]
-        if retrieval is None:
-            retrieval = np.zeros(len(cands), np.float32)
-        clock.lap("filter_seen")
-        due(deadline, "item_stats")
-
-        dense, stats = None, None
-        if second:
-            dense = list_dense(bundle, retrieval, cands, view.seq.item_ids, as_of)
-        elif self.cfg.item_stats == "cached" and not q.as_of_ms and self.item_dense is not None:
-            dense = self.item_dense.lookup(catalog, bundle.dense, cands, as_of, self._max_age_ms)
-        if dense is None:
-            if self.cfg.item_stats != "off" and len(cands):
-                try:
-                    stats = self.store.read_item_stats(cands)
-                except StateUnavailable as e:
-                    self.availability.down(str(e))
-                    return self._popular(bundle, q, clock, "redis_unavailable")
-        clock.lap("item_stats")
-        due(deadline, "features")
-        if dense is None:
-            dense = candidate_dense(catalog, cands, stats, as_of, bundle.dense)
-        batch = build_request_batch(view, catalog, cands, dense, as_of, sigs, bundle.user_keys, reuse=ubatch, sdim=sums)
-        if second:  # it reads the list, not the counters: no user dense features
-            batch = dataclasses.replace(batch, user_dense=batch.user_dense[:, :0])
-        if self.cfg.validate_batches:
-            validate_batch(batch, BatchSpec(user_keys=bundle.user_keys, candidate_dense_dim=dense.shape[1]))
-        clock.lap("features")
-        due(deadline, "ranker")
-
-        if not len(cands):
-            probs = torch.empty(0)
-        elif second:  # listwise logits on the retriever's scale: probabilities would saturate into ties
-            probs = bundle.ranker.logits(batch).float()
-        else:
-            probs = bundle.ranker.forward(batch).float()
-        clock.lap("ranker")
-        due(deadline, "topk")
-        k = min(q.k, len(cands))
-        top = torch.topk(probs, k).indices.numpy() if k else np.empty(0, np.int64)
-        clock.lap("topk")
+            return self._finish(self._popular(ctx, "redis_unavailable"), clock)
+        top = ctx.top
         result = RankResult(
-            item_ids=cands[top], scores=probs.numpy()[top].astype(np.float32), retrieval_scores=retrieval[top],
-            model_version=bundle.version, fallback_reason=fallback, history_length=view.history_length,
-            candidates_considered=len(cands),
+            item_ids=ctx.cands[top], scores=ctx.scores.numpy()[top].astype(np.float32),
+            retrieval_scores=ctx.retrieval[top], model_version=bundle.version, fallback_reason=ctx.fallback,
+            history_length=ctx.view.history_length, candidates_considered=len(ctx.cands),
         )
         return self._finish(result, clock)
 
-    # ------------------------------------------------------------------ internals
-    def _due(self, deadline: Deadline, stage: str) -> None:
-        """Raises DeadlineExceeded (counted by the skipped stage) when the deadline has passed."""
-        if deadline.expired():
-            self.metrics.deadline_dropped.labels(stage=stage).inc()
-            deadline.check(stage)
+    def _popular(self, ctx: RequestContext, reason: str) -> RankResult:
+        """The in-memory popularity list (the client's candidates in its order), scored relative to the top."""
+        q = ctx.query
+        ids, counts = self.popularity.snapshot(ctx.bundle.retriever.item_ids)
+        if q.candidate_item_ids:
+            want = np.asarray(q.candidate_item_ids, np.int64)
+            order = {int(i): r for r, i in enumerate(ids)}
+            rank = np.array([order.get(int(i), len(ids)) for i in want])
+            ids = want[np.argsort(rank, kind="stable")]
+            counts = np.zeros(len(ids))
+        k = min(q.k, len(ids))
+        top = counts[:k] / counts[0] if k and counts[0] > 0 else np.zeros(k)
+        ctx.clock.lap("state_read")  # timed as the stage it answers instead of
+        return RankResult(item_ids=ids[:k].astype(np.int64), scores=top.astype(np.float32),
+                          retrieval_scores=np.zeros(k, np.float32), model_version=ctx.bundle.version,
+                          fallback_reason=reason, candidates_considered=len(ids))
+
+    def _finish(self, result: RankResult, clock: _Clock) -> RankResult:
+        result.timings = clock.finish()
+        if result.fallback_reason:
+            self.metrics.degraded.labels(reason=result.fallback_reason).inc()
+        self.metrics.candidates.observe(result.candidates_considered)
+        for s in result.scores.tolist():
+            self.metrics.score.observe(s)
+        return result
+
+    # ------------------------------------------------------------------ the stages
+    def _read_state(self, ctx: RequestContext) -> None:
+        """The user's record: one Redis GET (none while Redis is known down, until the health probe sees it up)."""
+        if not self.availability.redis_up:
+            raise StateUnavailable(self.availability.last_error)  # the runner answers as for a failed read
+        ctx.record = self.store.read_user(ctx.query.user_id)
+
+    def _user_tower(self, ctx: RequestContext) -> None:
+        """The user as of the request time (``cold_start`` without behaviors before it), and the user tower's
+        vector when the index will be searched."""
+        q, bundle = ctx.query, ctx.bundle
+        ctx.view = view = user_view(q.user_id, ctx.record, ctx.as_of, bundle.dense)
+        ctx.sigs = self._signatures(bundle, ctx.record, view)
+        ctx.sums = self._bucket_sums(bundle, ctx.record, view)
+        ctx.fallback = "cold_start" if ctx.cold else ""
+        if q.exclude_seen:
+            ctx.seen = view.seq.item_ids
+        if ctx.retrieves:
+            ctx.user_vec = bundle.retriever.user_embedding(self._user_batch(ctx)).detach().float().numpy()  # (1, D)
+
+    def _ann(self, ctx: RequestContext) -> None:
+        """The candidates: the client's, popular items for a cold user, else the index's top-N plus room for the
+        seen items `filter_seen` drops; popular items when the index fails (``index_unavailable``)."""
+        q, bundle = ctx.query, ctx.bundle
+        if q.candidate_item_ids:
+            ctx.cands = np.asarray(q.candidate_item_ids, np.int64)
+            return
+        if not ctx.retrieves:
+            ctx.cands = self._popular_ids(ctx)
+            return
+        n = ctx.num_candidates
+        want = min(len(bundle.index), n + min(len(ctx.seen), 4 * n))
+        try:
+            ids, sc = bundle.index.search(ctx.user_vec, want)
+            ok = ids[0] >= 0
+            ctx.cands, ctx.retrieval = ids[0][ok], sc[0][ok]
+            self.availability.index_ok()
+        except Exception as e:  # the index failing must not fail the request
+            log.warning("ANN search failed, answering from popularity: %s", e)
+            self.availability.index_failed(f"{type(e).__name__}: {e}")
+            ctx.fallback = "index_unavailable"
+            ctx.cands = self._popular_ids(ctx)
+
+    def _filter_seen(self, ctx: RequestContext) -> None:
+        """Drops the seen items (exclude_seen) and keeps the best `num_candidates` of a server-made list; every
+        candidate gets its retriever score (0 when unknown). A second-stage ranker corrects the retriever's
+        logits, so there the client's and popularity candidates are scored exactly and put in that order."""
+        q, bundle = ctx.query, ctx.bundle
+        cands, retrieval = ctx.cands, ctx.retrieval
+        if len(ctx.seen):
+            keep = ~np.isin(cands, ctx.seen)
+            cands = cands[keep]
+            retrieval = None if retrieval is None else retrieval[keep]
+        if not q.candidate_item_ids:
+            cands = cands[:ctx.num_candidates]
+            retrieval = None if retrieval is None else retrieval[:ctx.num_candidates]
+        if bundle.ranker.second_stage and (retrieval is None or q.candidate_item_ids) and len(cands) and not ctx.cold:
+            if ctx.user_vec is None:
+                ctx.user_vec = bundle.retriever.user_embedding(self._user_batch(ctx)).detach().float().numpy()
+            retrieval = exact_scores(bundle.retriever, ctx.user_vec[0], cands)
+            order = np.argsort(-retrieval, kind="stable")  # the list's order: best first
+            cands, retrieval = cands[order], retrieval[order]
+        ctx.cands = cands
+        ctx.retrieval = retrieval if retrieval is not None else np.zeros(len(cands), np.float32)
+
+    def _item_stats(self, ctx: RequestContext) -> None:
+        """The candidates' dense features where no counters need reading (a second stage's list features; rows
+        of the refreshed catalog snapshot for a request at "now" with `item_stats: cached`), else their
+        counters: one Redis MGET, unless `item_stats: off`."""
+        bundle = ctx.bundle
+        if bundle.ranker.second_stage:
+            ctx.dense = list_dense(bundle, ctx.retrieval, ctx.cands, ctx.view.seq.item_ids, ctx.as_of)
+        elif self.cfg.item_stats == "cached" and not ctx.query.as_of_ms and self.item_dense is not None:
+            ctx.dense = self.item_dense.lookup(ctx.catalog, bundle.dense, ctx.cands, ctx.as_of, self._max_age_ms)
+        if ctx.dense is None and self.cfg.item_stats != "off" and len(ctx.cands):
+            ctx.stats = self.store.read_item_stats(ctx.cands)
+
+    def _features(self, ctx: RequestContext) -> None:
+        """The ranker's batch: the user batch plus the candidates' features (and the stored SDIM sums)."""
+        if ctx.dense is None:
+            ctx.dense = candidate_dense(ctx.catalog, ctx.cands, ctx.stats, ctx.as_of, ctx.bundle.dense)
+        batch = with_candidates(self._user_batch(ctx), ctx.catalog, ctx.cands, ctx.dense, ctx.sums,
+                                self.cfg.validate_batches)
+        if ctx.bundle.ranker.second_stage:  # it reads the list, not the counters: no user dense features
+            batch = dataclasses.replace(batch, user_dense=batch.user_dense[:, :0])
+        ctx.batch = batch
+
+    def _rank(self, ctx: RequestContext) -> None:
+        """The ranker's probabilities; a second stage's logits (on the retriever's scale, where probabilities
+        would saturate into ties)."""
+        ranker = ctx.bundle.ranker
+        if not len(ctx.cands):
+            ctx.scores = torch.empty(0)
+        elif ranker.second_stage:
+            ctx.scores = ranker.logits(ctx.batch).float()
+        else:
+            ctx.scores = ranker.forward(ctx.batch).float()
+
+    def _select(self, ctx: RequestContext) -> None:
+        """The best k."""
+        k = min(ctx.query.k, len(ctx.cands))
+        ctx.top = torch.topk(ctx.scores, k).indices.numpy() if k else np.empty(0, np.int64)
+
+    # ------------------------------------------------------------------ helpers of the stages
+    def _user_batch(self, ctx: RequestContext) -> Batch:
+        """The user part of the request's batches (user tower, second-stage scoring, ranker): built and
+        validated once, by the first stage that needs it."""
+        if ctx.user is None:
+            ctx.user = user_batch(ctx.view, ctx.as_of, ctx.sigs, ctx.bundle.user_keys, self.cfg.validate_batches)
+        return ctx.user
+
+    def _popular_ids(self, ctx: RequestContext) -> np.ndarray:
+        """The popularity list's head, with room for the seen items `filter_seen` drops."""
+        return self.popularity.snapshot(ctx.bundle.retriever.item_ids)[0][: ctx.num_candidates + len(ctx.seen)]
 
     def _signatures(self, bundle: ModelBundle, rec, view) -> np.ndarray | None:
         """The history's SDIM signatures for this model: stored ones when they match, else recomputed."""
@@ -397,28 +495,3 @@ class Runtime:
             return s
         self.metrics.sdim_sums_fallbacks.labels(reason=reason).inc()
         return None
-
-    def _popular(self, bundle: ModelBundle, q: RankQuery, clock: _Clock, reason: str) -> RankResult:
-        ids, counts = self.popularity.snapshot(bundle.retriever.item_ids)
-        if q.candidate_item_ids:
-            want = np.asarray(q.candidate_item_ids, np.int64)
-            order = {int(i): r for r, i in enumerate(ids)}
-            rank = np.array([order.get(int(i), len(ids)) for i in want])
-            ids = want[np.argsort(rank, kind="stable")]
-            counts = np.zeros(len(ids))
-        k = min(q.k, len(ids))
-        top = counts[:k] / counts[0] if k and counts[0] > 0 else np.zeros(k)
-        clock.lap("state_read")
-        result = RankResult(item_ids=ids[:k].astype(np.int64), scores=top.astype(np.float32),
-                            retrieval_scores=np.zeros(k, np.float32), model_version=bundle.version,
-                            fallback_reason=reason, candidates_considered=len(ids))
-        return self._finish(result, clock)
-
-    def _finish(self, result: RankResult, clock: _Clock) -> RankResult:
-        result.timings = clock.finish()
-        if result.fallback_reason:
-            self.metrics.degraded.labels(reason=result.fallback_reason).inc()
-        self.metrics.candidates.observe(result.candidates_considered)
-        for s in result.scores.tolist():
-            self.metrics.score.observe(s)
-        return result
