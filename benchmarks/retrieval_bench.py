@@ -298,7 +298,7 @@ def _time_steps(rank: int, world_size: int, base, variants: dict, feats: Path, m
         out[name] = {"overrides": variants[name], "steps": len(ts), "step_ms_median": round(1000 * statistics.median(ts), 1),
                      "step_ms_mean": round(1000 * statistics.mean(ts), 1), "epoch_s": round(sum(ts), 1),
                      "rows_per_s": round(run["rows"] / sum(ts), 1), "epoch_cpu_s": round(run["cpu"], 1)}
-    return {"variants": out, "batches": len(batches), "epoch_batches": data.num_train_batches(1),
+    return {"variants": out, "batches": len(batches), "epoch_batches": data.num_train_batches(0, 1),
             "rows_per_step_mean": round(sum(int(b.num_candidates.sum()) for b in batches) / len(batches), 1),
             "catalog_items": len(data.catalog), "threads": torch.get_num_threads(),
             "padding_fraction": {f"length_groups={g}": round(padding_fraction(batches, base.model.user.max_len, g), 4)
