@@ -489,37 +489,23 @@ def _config_dict(cfg: Any) -> Any:
 
 
 def train_retriever_stage(tc: TrainStage, fdir: Path, out: Path) -> dict[str, Any]:
-    from features.config import dump_config, load_config
-    from features.train.launch import run_distributed
-    from jobs.train_retriever import _worker, export_run
-    from retrieval.config import RetrieverConfig
+    from jobs.train_retriever import load_retriever_config, train
 
-    cfg = None
-    for c in tc.configs:
-        cfg = load_config(RetrieverConfig, config_path(c), base=cfg)
-    cfg = load_config(RetrieverConfig, None, list(tc.overrides), base=cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
-    res = run_distributed(_worker, tc.world_size, cfg, fdir, out, False, True,
-                          threads_per_rank=max(1, (os.cpu_count() or 1) // tc.world_size))[0]
-    manifest = export_run(cfg, fdir, out)
-    return {"export": str(out / "export"), "test": res.test, "valid": res.best_valid, "best_epoch": res.best_epoch,
-            "ann": {k: v for k, v in manifest["ann"].items() if k.startswith("recall")}}
+    cfg = load_retriever_config([config_path(c) for c in tc.configs], tc.overrides)
+    res = train(cfg, fdir, out, tc.world_size)
+    ann = json.loads((Path(res.export_dir) / "manifest.json").read_text())["ann"]
+    return {"export": res.export_dir, "test": res.test, "valid": res.best_valid, "best_epoch": res.best_epoch,
+            "ann": {k: v for k, v in ann.items() if k.startswith("recall")}}
 
 
 def train_ranker_stage(tc: TrainStage, fdir: Path, out: Path) -> dict[str, Any]:
-    from features.config import dump_config
-    from features.train.launch import run_distributed
-    from jobs.train_ranker import _worker, load_ranker_config
+    from jobs.train_ranker import load_ranker_config, train
 
-    cfg = load_ranker_config([config_path(c) for c in tc.configs], [*tc.overrides, f"data.features_dir={fdir}"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
-    res = run_distributed(_worker, tc.world_size, cfg, str(out), False, True)[0]
-    if not res["export_dir"]:
+    cfg = load_ranker_config([config_path(c) for c in tc.configs], tc.overrides)
+    res = train(cfg, fdir, out, tc.world_size)
+    if not res.export_dir:
         raise RuntimeError(f"the ranker run in {out} did not export a model")
-    return {"export": str(res["export_dir"]), "test": res["test"], "valid": res["best_valid"],
-            "best_epoch": res["best_epoch"]}
+    return {"export": res.export_dir, "test": res.test, "valid": res.best_valid, "best_epoch": res.best_epoch}
 
 
 @dataclass
