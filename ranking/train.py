@@ -7,7 +7,9 @@ same function runs at world size 1 in-process, on loopback workers
 rank its share), then AUC / GAUC / logloss on valid and test; the epoch with
 the best valid `train.select_metric` is the `best` checkpoint and its test
 metrics are the result (model selection on valid only). The best checkpoint
-is gathered into an unsharded export (ranking.export) at the end.
+is gathered into an unsharded export (ranking.export) at the end. The
+skeleton it shares with the retriever's loop (data contract, result fields,
+lock-step collectives, the checkpoint swap) is `features.train.loop`.
 
 Output directory::
 
@@ -95,7 +97,7 @@ def evaluate(model: torch.nn.Module, data: RankingData, split: str, rank: int, w
         ranks.append(list_ranks(out.logits[:, 0].float().numpy(), labels[-1], batch.num_candidates.numpy()))
     cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
     got = gather_arrays({"p": cat(probs, np.float32), "y": cat(labels, np.float32), "u": cat(users, np.int64),
-                   "r": cat(ranks, np.float64)})
+                         "r": cat(ranks, np.float64)})
     if got["y"].size == 0:
         raise ValueError(f"the {split} split is empty")
     out = ranking_metrics(got["p"], got["y"], got["u"])

@@ -7,7 +7,9 @@ pass over every user's training prefix (every position is a next-item sample),
 then the valid metrics (full ranking, history masked); the best epoch by
 `train.select_metric` is kept as the `best` checkpoint, training stops after
 `train.patience` evaluations without improvement or when `train.max_minutes`
-is spent, and the best checkpoint is evaluated on `test`.
+is spent, and the best checkpoint is evaluated on `test`. The skeleton it
+shares with the ranker's loop (data contract, result fields, lock-step
+collectives, the checkpoint swap) is `features.train.loop`.
 
 Output directory::
 
