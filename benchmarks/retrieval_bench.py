@@ -179,7 +179,6 @@ def run_dataset(name: str, args: argparse.Namespace, baselines: dict) -> dict:
 
     from features.config import load_config, to_dict
     from features.train.launch import run_distributed
-    from jobs.train_retriever import export_run
     from retrieval.config import RetrieverConfig
     from retrieval.train import train_on_features
 
@@ -211,13 +210,15 @@ def run_dataset(name: str, args: argparse.Namespace, baselines: dict) -> dict:
             print(f"  -> test hr@10 {res.test['hr@10']:.4f} ndcg@10 {res.test['ndcg@10']:.4f} "
                   f"recall@500 {res.test['recall@500']:.4f} in {wall / 60:.1f} min ({res.epochs_run} epochs)", flush=True)
             if export is None:
-                manifest = export_run(cfg, feats, out)
                 from retrieval.data import open_data
                 from retrieval.evaluate import last_queries
-                from retrieval.export import load_unsharded
+                from retrieval.export import export_from_checkpoint, load_unsharded
 
-                model = load_unsharded(out / "checkpoints" / "best", cfg)
                 data = open_data(feats, cfg)
+                manifest = export_from_checkpoint(out / "checkpoints" / "best", cfg, data, out / "export",
+                                                  extra={"metrics": {"test": res.test, "valid": res.best_valid},
+                                                         "best_epoch": res.best_epoch})
+                model = load_unsharded(out / "checkpoints" / "best", cfg)
                 with torch.no_grad():
                     q = np.concatenate([last_queries(model, eb.batch).numpy() for eb in data.eval_batches("test", 0, 1)])
                 export = {"dir": str(out / "export"), "manifest_ann": manifest["ann"],
@@ -298,7 +299,7 @@ def _time_steps(rank: int, world_size: int, base, variants: dict, feats: Path, m
         out[name] = {"overrides": variants[name], "steps": len(ts), "step_ms_median": round(1000 * statistics.median(ts), 1),
                      "step_ms_mean": round(1000 * statistics.mean(ts), 1), "epoch_s": round(sum(ts), 1),
                      "rows_per_s": round(run["rows"] / sum(ts), 1), "epoch_cpu_s": round(run["cpu"], 1)}
-    return {"variants": out, "batches": len(batches), "epoch_batches": data.num_train_batches(1),
+    return {"variants": out, "batches": len(batches), "epoch_batches": data.num_train_batches(0, 1),
             "rows_per_step_mean": round(sum(int(b.num_candidates.sum()) for b in batches) / len(batches), 1),
             "catalog_items": len(data.catalog), "threads": torch.get_num_threads(),
             "padding_fraction": {f"length_groups={g}": round(padding_fraction(batches, base.model.user.max_len, g), 4)
@@ -497,9 +498,9 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.WARNING)
-    from jobs.train_retriever import _quiet_fbgemm
+    from jobs.training import quiet_fbgemm
 
-    _quiet_fbgemm()
+    quiet_fbgemm()
     baselines = published_rows(Path(args.baselines or Path(args.data_root) / "BASELINES.md"))
     results = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform()},
                "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "datasets": {}}

@@ -98,6 +98,10 @@ def _config_kinds() -> dict[str, ConfigKind]:
         from retrieval.config import RetrieverConfig
         return RetrieverConfig
 
+    def retriever(paths: list[Path], overrides: list[str]) -> Any:
+        from jobs.train_retriever import load_retriever_config
+        return load_retriever_config(paths, overrides)
+
     def ranker_cls() -> type:
         from ranking.config import RankerConfig
         return RankerConfig
@@ -120,7 +124,7 @@ def _config_kinds() -> dict[str, ConfigKind]:
 
     return {
         "serve": ConfigKind(serve_cls, serve),
-        "retriever": ConfigKind(retriever_cls, lambda p, o: load_config(retriever_cls(), _single("retriever", p), o)),
+        "retriever": ConfigKind(retriever_cls, retriever, layered=True),
         "ranker": ConfigKind(ranker_cls, ranker, layered=True),
         "features": ConfigKind(features_cls, lambda p, o: load_config(features_cls(), _single("features", p), o)),
         "pipeline": ConfigKind(pipeline_cls, pipeline),
@@ -184,7 +188,7 @@ def _register_config(sub: argparse._SubParsersAction) -> None:
             k = ksub.add_parser(kind, help=f"the config of `cascade {CONFIG_JOBS[kind]}`")
             k.add_argument("--config", type=Path, action="append", default=[],
                            help="YAML file" + (" (repeat to layer: dataset file, then ablations)"
-                                               if kind == "ranker" else ""))
+                                               if _config_kinds()[kind].layered else ""))
             k.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, as the job takes them")
             k.set_defaults(func=func)
 

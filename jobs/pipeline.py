@@ -3,7 +3,7 @@
     cascade pipeline run --config jobs/configs/pipeline.ml-100k.yaml --date 2026-11-22
     cascade pipeline run --config pipeline.yaml --version 2026-11-22.hotfix ranker.overrides='[train.epochs=5]'
     cascade pipeline status --artifacts var/artifacts
-    cascade pipeline backfill --config pipeline.yaml --start 2026-11-01 --end 2026-11-22
+    cascade pipeline backfill --dataset data/ml-1m --start 2026-11-01 --end 2026-11-22    # jobs/backfill.py
 
 (the Helm chart's CronJob runs the same `cascade pipeline run`; on a cluster set
 ``features.spark_master`` and point ``artifacts`` at a shared volume.)
@@ -58,6 +58,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 from features import storage
 from features.storage import StorageConfig
+from jobs import backfill
 from serving.config import SaslConfig, TlsFiles
 
 if TYPE_CHECKING:
@@ -489,37 +490,23 @@ def _config_dict(cfg: Any) -> Any:
 
 
 def train_retriever_stage(tc: TrainStage, fdir: Path, out: Path) -> dict[str, Any]:
-    from features.config import dump_config, load_config
-    from features.train.launch import run_distributed
-    from jobs.train_retriever import _worker, export_run
-    from retrieval.config import RetrieverConfig
+    from jobs.train_retriever import load_retriever_config, train
 
-    cfg = None
-    for c in tc.configs:
-        cfg = load_config(RetrieverConfig, config_path(c), base=cfg)
-    cfg = load_config(RetrieverConfig, None, list(tc.overrides), base=cfg)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
-    res = run_distributed(_worker, tc.world_size, cfg, fdir, out, False, True,
-                          threads_per_rank=max(1, (os.cpu_count() or 1) // tc.world_size))[0]
-    manifest = export_run(cfg, fdir, out)
-    return {"export": str(out / "export"), "test": res.test, "valid": res.best_valid, "best_epoch": res.best_epoch,
-            "ann": {k: v for k, v in manifest["ann"].items() if k.startswith("recall")}}
+    cfg = load_retriever_config([config_path(c) for c in tc.configs], tc.overrides)
+    res = train(cfg, fdir, out, tc.world_size)
+    ann = json.loads((Path(res.export_dir) / "manifest.json").read_text())["ann"]
+    return {"export": res.export_dir, "test": res.test, "valid": res.best_valid, "best_epoch": res.best_epoch,
+            "ann": {k: v for k, v in ann.items() if k.startswith("recall")}}
 
 
 def train_ranker_stage(tc: TrainStage, fdir: Path, out: Path) -> dict[str, Any]:
-    from features.config import dump_config
-    from features.train.launch import run_distributed
-    from jobs.train_ranker import _worker, load_ranker_config
+    from jobs.train_ranker import load_ranker_config, train
 
-    cfg = load_ranker_config([config_path(c) for c in tc.configs], [*tc.overrides, f"data.features_dir={fdir}"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(dump_config(cfg))
-    res = run_distributed(_worker, tc.world_size, cfg, str(out), False, True)[0]
-    if not res["export_dir"]:
+    cfg = load_ranker_config([config_path(c) for c in tc.configs], tc.overrides)
+    res = train(cfg, fdir, out, tc.world_size)
+    if not res.export_dir:
         raise RuntimeError(f"the ranker run in {out} did not export a model")
-    return {"export": str(res["export_dir"]), "test": res["test"], "valid": res["best_valid"],
-            "best_epoch": res["best_epoch"]}
+    return {"export": res.export_dir, "test": res.test, "valid": res.best_valid, "best_epoch": res.best_epoch}
 
 
 @dataclass
@@ -715,78 +702,6 @@ def repoint(cfg: PipelineConfig, version: str, action: Literal["promote", "rollb
     return pointer
 
 
-# ---------------------------------------------------------------------------------------------- backfill
-
-
-@dataclass(frozen=True)
-class BackfillSummary:
-    users: int
-    events: int
-    signatures: bool
-    as_of_ms: int
-    seconds: float
-
-
-def _day_ms(day: str, where: str) -> int:
-    try:
-        d = dt.date.fromisoformat(day)
-    except ValueError:
-        raise ValueError(f"{where}: {day!r} is not a date (YYYY-MM-DD)") from None
-    return int(dt.datetime(d.year, d.month, d.day, tzinfo=dt.timezone.utc).timestamp() * 1000)
-
-
-def backfill(dataset: Path, bundle_dir: Path | None, redis_url: str, start: str, end: str,
-             serving_overrides: tuple[str, ...] = (), say: Callable[[str], None] = print) -> BackfillSummary:
-    """Rebuilds the online state of every user with events in [start, end) as of `end`.
-
-    After a schema change (sequence layout, hashing) or a model change (SDIM
-    hyperplanes) the users' Redis records — sequences, counters, SDIM signatures
-    — are recomputed from the canonical events with the *current* code and the
-    given bundle, through the same `serving.bootstrap` fold the server uses.
-    Users without events in the range keep their records.
-    """
-    import numpy as np
-    import pyarrow.compute as pc
-
-    from features.datasets.common import read_table
-    from serving.app import load_serving_config
-    from serving.bootstrap import build_records
-    from serving.catalog import load_catalog
-    from serving.lifecycle import ModelManager
-    from serving.metrics import ServingMetrics
-    from serving.models import MANIFEST, ModelHolder, sha256_file
-    from serving.runtime import CatalogRef
-    from serving.state.redis_store import RedisOnlineStore
-
-    t0 = time.perf_counter()
-    lo, hi = _day_ms(start, "--start"), _day_ms(end, "--end")
-    if hi <= lo:
-        raise ValueError(f"--end {end} must be after --start {start}")
-    cfg = load_serving_config(None, [f"redis.url={redis_url}", *serving_overrides])
-    catalog = load_catalog(dataset)
-    bundle = None
-    if bundle_dir is not None:
-        version = json.loads((bundle_dir / MANIFEST).read_text())["version"]
-        bundle = ModelManager(ModelHolder(), CatalogRef(catalog), cfg.state, cfg.models, ServingMetrics()).load(
-            bundle_dir, version, sha256_file(bundle_dir / MANIFEST))
-    ev = read_table(dataset, "events", ["user_id", "ts_ms"])
-    ts = ev.column("ts_ms")
-    in_range = pc.and_(pc.greater_equal(ts, lo), pc.less(ts, hi))
-    users = np.unique(ev.column("user_id").filter(in_range).to_numpy())
-    say(f"backfill     {len(users):,} users with events in [{start}, {end}) -> {redis_url} "
-        f"({'with SDIM signatures of ' + bundle.version if bundle is not None and bundle.sig_spec else 'no signatures'})")
-    if len(users) == 0:
-        return BackfillSummary(0, 0, False, hi, time.perf_counter() - t0)
-    records, _, _, s = build_records(dataset, cfg.state, catalog, hi, bundle, user_ids=users)
-    store = RedisOnlineStore(cfg.redis)
-    try:
-        store.put_users(records)
-    finally:
-        store.close()
-    return BackfillSummary(len(records), int(s["events"]), bool(bundle is not None and bundle.sig_spec), hi,
-                           time.perf_counter() - t0)
-
-
 # ---------------------------------------------------------------------------------------------- CLI
 
 
@@ -812,22 +727,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         c.add_argument("--config", type=Path, default=None, help="YAML of jobs.pipeline.PipelineConfig")
         c.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. artifacts=DIR publish.announce=false")
         c.set_defaults(func=_repoint, action=name)
-    b = psub.add_parser("backfill", help="rebuild users' online state (sequences, SDIM signatures) for a date range")
-    b.add_argument("--dataset", type=Path, required=True, help="canonical dataset directory (events/)")
-    b.add_argument("--start", required=True, help="first day (YYYY-MM-DD, UTC)")
-    b.add_argument("--end", required=True, help="day after the last (YYYY-MM-DD, UTC)")
-    b.add_argument("--bundle", type=Path, default=None,
-                   help="model bundle for SDIM signatures (default: the published one under --artifacts)")
-    b.add_argument("--artifacts", type=Path, default=Path("var/artifacts"))
-    b.add_argument("--redis", default=os.environ.get("CASCADE_REDIS_URL", "redis://127.0.0.1:6379/0"))
-    b.set_defaults(func=_backfill)
+    backfill.register(psub)
 
 
 def _run(args: argparse.Namespace) -> int:
     cfg = load_pipeline_config(args.config, args.overrides)
     storage.configure(cfg.storage, os.environ)  # s3:// artifacts: endpoint, credentials from the named variables
     day = args.date or dt.datetime.now(dt.timezone.utc).date().isoformat()
-    _day_ms(day, "--date")
+    backfill.day_ms(day, "--date")
     res = run_pipeline(cfg, args.version or day)
     print()
     print(f"version      {res.version}   gate {'passed' if res.passed else 'FAILED'}   "
@@ -859,17 +766,6 @@ def _repoint(args: argparse.Namespace) -> int:
         pub = read_published(Path(cfg.artifacts))
         version = rollback_target(read_history(Path(cfg.artifacts)), pub["version"] if pub else None)
     repoint(cfg, version, args.action)
-    return 0
-
-
-def _backfill(args: argparse.Namespace) -> int:
-    bundle = args.bundle
-    if bundle is None:
-        pub = read_published(args.artifacts)
-        bundle = Path(pub["bundle"]) if pub else None
-    s = backfill(args.dataset, bundle, args.redis, args.start, args.end)
-    print(f"backfill     {s.users:,} users rebuilt from {s.events:,} events as of {s.as_of_ms} "
-          f"(signatures {'recomputed' if s.signatures else 'not stored'}) in {s.seconds:.1f}s")
     return 0
 
 

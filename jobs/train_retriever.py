@@ -3,7 +3,7 @@
 Local, one process or N loopback workers (gloo, 127.0.0.1 only)::
 
     cascade train-retriever --features data/ml-1m-features --config retrieval/configs/ml-1m.yaml \\
-        --out runs/retriever-ml1m [--nproc 2] [train.epochs=5 loss.mode=sampled ...]
+        --out runs/retriever-ml1m [--world-size 2] [train.epochs=5 loss.mode=sampled ...]
 
 Cluster, under torchrun or a PyTorchJob (one process per CPU slot; training runs on
 CPU tensors, so the process group is gloo)::
@@ -12,23 +12,36 @@ CPU tensors, so the process group is gloo)::
         -m jobs.train_retriever --features /data/features --config retrieval/configs/ml-1m.yaml --out /runs/r1
 
 (torchrun's stores listen on every interface: use it on a cluster network,
-`--nproc` on a workstation; `features.train.launch` shows a loopback-only
-two-"node" launch.) The same `retrieval.train.train_retriever` runs in
-every case; `--resume` continues from OUT/checkpoints/last. After training,
-the best checkpoint is loaded unsharded (whatever world size wrote it) and
-exported to OUT/export (retrieval/export.py), with the ANN index's recall@500
-against exact search measured on the test users.
+`--world-size` on a workstation; `features.train.launch` shows a loopback-only
+two-"node" launch.) The flags and the config layering (defaults <- each `--config`
+in order <- `key.sub=value` overrides) are those of `cascade train-ranker`
+(jobs/training.py); `--nproc` is the deprecated name of `--world-size`. The same
+`retrieval.train.train_retriever` runs in every case (`train` here is the entry
+point the pipeline calls too); `--resume` continues from OUT/checkpoints/last.
+After training, the best checkpoint is loaded unsharded (whatever world size
+wrote it) and exported to OUT/export (`retrieval.export.export_from_checkpoint`),
+with the ANN index's recall@500 against exact search measured on the test users.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
+
+from jobs.training import add_arguments as add_training_arguments
+from jobs.training import load_layered, quiet_fbgemm, run_ranks, setup_rank, write_run_config
+
+if TYPE_CHECKING:
+    from features.train.launch import TorchrunEnv
+    from retrieval.config import RetrieverConfig
+    from retrieval.train import RetrieverTrainResult
 
 log = logging.getLogger("cascade.train_retriever")
 
@@ -39,99 +52,80 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+class _DeprecatedNproc(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None) -> None:  # type: ignore[no-untyped-def]
+        log.warning("--nproc is deprecated: use --world-size (the flag of both training jobs)")
+        setattr(namespace, self.dest, values)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--features", required=True, type=Path, help="features directory (`cascade build-features`)")
-    p.add_argument("--config", type=Path, default=None, help="YAML config, e.g. retrieval/configs/ml-1m.yaml")
-    p.add_argument("--out", required=True, type=Path, help="run directory: checkpoints, metrics, export")
-    p.add_argument("--nproc", type=int, default=1, help="local worker processes (sharded training over gloo)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoints/last")
-    p.add_argument("--no-export", action="store_true", help="skip the export step")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides, e.g. train.epochs=3")
+    add_training_arguments(p, features_required=True, features_help="features directory (`cascade build-features`)")
+    p.add_argument("--nproc", dest="world_size", type=int, default=argparse.SUPPRESS, action=_DeprecatedNproc,
+                   help=argparse.SUPPRESS)
 
 
-def _quiet_fbgemm() -> None:
-    """FBGEMM logs every table's full argument list on the root logger at INFO; keep the job's log readable."""
-    class _NoTBE(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return not str(record.msg).startswith("[TBE=")
-    for h in logging.getLogger().handlers:
-        h.addFilter(_NoTBE())
-    for name in ("torchrec", "torch.distributed", "c10d-NullHandler-dcp_logger", "MethodLogger-NullHandler"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+def load_retriever_config(paths: Sequence[Path | str], overrides: Sequence[str]) -> RetrieverConfig:
+    """defaults <- each YAML file in order <- overrides (`cascade train-retriever --config A --config B k=v`)."""
+    from retrieval.config import RetrieverConfig
+
+    return load_layered(RetrieverConfig, paths, overrides)
 
 
-def _worker(rank: int, world_size: int, cfg, features: Path, out: Path, resume: bool, progress: bool):
+def _train_rank(rank: int, world_size: int, features: str, cfg: RetrieverConfig, out: Path, resume: bool,
+                progress: bool) -> RetrieverTrainResult:
     from retrieval.train import train_on_features
 
-    _quiet_fbgemm()
-    return train_on_features(rank, world_size, cfg, features, out, resume=resume, progress=progress)
+    setup_rank(rank)
+    if rank == 0:
+        write_run_config(out, cfg)
+    return train_on_features(rank, world_size, cfg, Path(features), out, resume=resume, progress=progress)
 
 
-def export_run(cfg, features: Path, out: Path) -> dict:
-    """Gathers the best checkpoint into an unsharded model and writes OUT/export; returns the manifest."""
-    import shutil
+def train(cfg: RetrieverConfig, features: Path | str, out: Path | str, world_size: int = 1, *, resume: bool = False,
+          export: bool = True, progress: bool = True, launcher: TorchrunEnv | None = None) -> RetrieverTrainResult | None:
+    """Trains the retriever on `features` into `out` and exports the best epoch to OUT/export.
 
-    import numpy as np
-
+    world_size: loopback ranks, or `launcher`: the torchrun world this process is a rank of. Returns rank 0's
+    result (its `export_dir` set when exported); None on the other ranks of a torchrun world.
+    """
     from retrieval.data import open_data
-    from retrieval.evaluate import last_queries
-    from retrieval.export import export_retriever, load_unsharded
+    from retrieval.export import export_from_checkpoint
 
-    model = load_unsharded(out / "checkpoints" / "best", cfg)
-    data = open_data(features, cfg)
-    queries = np.concatenate([last_queries(model, eb.batch).numpy() for eb in data.eval_batches("test", 0, 1)])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    threads = max(1, (os.cpu_count() or 1) // max(world_size, 1))
+    with contextlib.ExitStack() as held:  # a versioned features root stays pinned to one version for the run
+        result, pinned = run_ranks(held, "train-retriever", features, out, resume, world_size, launcher, _train_rank,
+                                   cfg, out, resume, progress, threads_per_rank=threads)
+        if result is None or not export:
+            return result
+        export_from_checkpoint(out / "checkpoints" / "best", cfg, open_data(Path(pinned), cfg), out / "export",
+                               extra={"metrics": {"test": result.test, "valid": result.best_valid},
+                                      "best_epoch": result.best_epoch})
+    result = dataclasses.replace(result, export_dir=str(out / "export"))
     summary = json.loads((out / "summary.json").read_text())
-    dest = out / "export"
-    if dest.exists():
-        shutil.rmtree(dest)
-    return export_retriever(model, cfg, data.catalog, dest, queries=queries,
-                            extra={"metrics": {"test": summary["test"], "valid": summary["best_valid"]},
-                                   "best_epoch": summary["best_epoch"]})
+    (out / "summary.json").write_text(json.dumps({**summary, "export_dir": result.export_dir}, indent=2) + "\n")
+    return result
 
 
 def run(args: argparse.Namespace) -> int:
-    from features.config import dump_config, load_config
-    from features.train.launch import TorchrunEnv, init_from_torchrun_env, run_distributed
-    from features.versions import pin_on_rank0
-    from retrieval.config import RetrieverConfig
+    from features.train.launch import TorchrunEnv
 
-    _quiet_fbgemm()
-    cfg = load_config(RetrieverConfig, args.config, args.overrides)
+    quiet_fbgemm()
+    cfg = load_retriever_config(args.config, args.overrides)
     if not args.features.is_dir():
         raise FileNotFoundError(f"features directory {args.features} does not exist (run `cascade build-features`)")
-    if args.nproc < 1:
-        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    launcher = TorchrunEnv.parse(os.environ)  # set by torchrun or a PyTorchJob
-    rank = launcher.rank if launcher is not None else 0
-    if rank == 0:
-        (args.out / "config.yaml").write_text(dump_config(cfg))
-        log.info("config:\n%s", dump_config(cfg))
+    if args.world_size < 1:
+        raise ValueError(f"--world-size must be >= 1, got {args.world_size}")
     t0 = time.perf_counter()
-    with contextlib.ExitStack() as held:
-        if launcher is not None:
-            import torch.distributed as dist
-
-            world = launcher.world_size
-            # retrieval.train trains on CPU tensors, so gloo even where CUDA is present (NCCL needs CUDA tensors)
-            init_from_torchrun_env("gloo", launcher)
-            features = Path(pin_on_rank0(held, args.features, "train-retriever", rank, args.out, args.resume))
-            result = _worker(rank, world, cfg, features, args.out, args.resume, not args.quiet)
-            dist.barrier()
-            dist.destroy_process_group()
-            if rank != 0:
-                return 0
-        else:
-            features = Path(pin_on_rank0(held, args.features, "train-retriever", 0, args.out, args.resume))
-            result = run_distributed(_worker, args.nproc, cfg, features, args.out, args.resume, not args.quiet,
-                                     threads_per_rank=max(1, (os.cpu_count() or 1) // args.nproc))[0]
-        manifest = None if args.no_export else export_run(cfg, features, args.out)
-    print_summary(result, manifest, args.out, time.perf_counter() - t0)
+    result = train(cfg, args.features, args.out, args.world_size, resume=args.resume, export=not args.no_export,
+                   progress=not args.quiet, launcher=TorchrunEnv.parse(os.environ))  # set by torchrun or a PyTorchJob
+    if result is not None:
+        print_summary(result, args.out, time.perf_counter() - t0)
     return 0
 
 
-def print_summary(result, manifest: dict | None, out: Path, seconds: float) -> None:
+def print_summary(result: Any, out: Path, seconds: float) -> None:
     keys = ("hr@10", "ndcg@10", "hr@50", "ndcg@50", "hr@200", "ndcg@200", "recall@100", "recall@500")
     print()
     print(f"{'split':<8}" + "".join(f"{k:>11}" for k in keys))
@@ -144,10 +138,10 @@ def print_summary(result, manifest: dict | None, out: Path, seconds: float) -> N
     c = result.collisions
     print(f"id hashing   {c['items']} items, {c['hashes']} x {c['buckets']} buckets: "
           f"{c['items_sharing_all_rows']} items share all rows with another item")
-    if manifest is not None:
-        ann = manifest["ann"]
+    if result.export_dir is not None:
+        ann = json.loads((Path(result.export_dir) / "manifest.json").read_text())["ann"]
         rec = {k: v for k, v in ann.items() if k.startswith("recall@")}
-        print(f"export       {out / 'export'}  ({ann['kind']} index over {ann['items']} items, {rec})")
+        print(f"export       {result.export_dir}  ({ann['kind']} index over {ann['items']} items, {rec})")
     print(f"metrics      {out / 'metrics.json'}, {out / 'curves.png'}")
 
 

@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from features.batch import Batch
+from features.train.loop import reader_batches_per_rank
 from ranking.config import DataConfig, ModelConfig
 
 
@@ -69,9 +70,7 @@ class FeatureStoreRankingData:
         self.candidate_dense_dim = len(self.store.candidate_dense_names)
 
     def num_train_batches(self, rank: int, world_size: int) -> int:
-        rows = self.store.num_ranking_rows("train")
-        bs = self.train_cfg.batch_size
-        return (rows // world_size) // bs if world_size > 1 else -(-rows // bs)
+        return reader_batches_per_rank(self.store.num_ranking_rows("train"), self.train_cfg.batch_size, world_size)
 
     def train_batches(self, epoch: int, rank: int, world_size: int) -> Iterator[Batch]:
         return self.store.ranking_batches("train", self.train_cfg, epoch=epoch, rank=rank, world_size=world_size)

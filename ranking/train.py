@@ -7,7 +7,9 @@ same function runs at world size 1 in-process, on loopback workers
 rank its share), then AUC / GAUC / logloss on valid and test; the epoch with
 the best valid `train.select_metric` is the `best` checkpoint and its test
 metrics are the result (model selection on valid only). The best checkpoint
-is gathered into an unsharded export (ranking.export) at the end.
+is gathered into an unsharded export (ranking.export) at the end. The
+skeleton it shares with the retriever's loop (data contract, result fields,
+lock-step collectives, the checkpoint swap) is `features.train.loop`.
 
 Output directory::
 
@@ -21,11 +23,10 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -34,7 +35,10 @@ from tqdm import tqdm
 
 from features.batch import Batch
 from features.config import to_dict
-from features.train.checkpoint import load_checkpoint, save_checkpoint
+from features.train.checkpoint import load_checkpoint, replace_checkpoint
+from features.train.loop import (
+    TrainData, TrainResult, aligned, all_reduce_float, gather_arrays, improves, split_metrics,
+)
 from features.train.metrics import topk_metrics
 from features.train.report import MetricsLog
 from features.train.sharding import describe_plan, make_optimizer, shard_model
@@ -48,38 +52,23 @@ log = logging.getLogger(__name__)
 PLOT_KEYS = ("loss", "contrastive", "valid_auc", "valid_gauc", "valid_logloss", "examples_per_s")
 
 
-class RankingData(Protocol):
-    """What the loop reads (ranking.data: the shared feature reader, or batches in memory)."""
+class RankingData(TrainData, Protocol):
+    """What the loop reads (ranking.data: the shared feature reader, or batches in memory; ranking.lists:
+    candidate lists): `features.train.loop.TrainData` of `Batch`es, and the dense widths."""
 
     user_dense_dim: int
     candidate_dense_dim: int
 
-    def train_batches(self, epoch: int, rank: int, world_size: int) -> Iterator[Batch]:
-        """The training split once, shuffled by epoch; each rank its own share."""
-        ...
-
-    def num_train_batches(self, rank: int, world_size: int) -> int:
-        ...
-
     def eval_batches(self, split: str, rank: int, world_size: int) -> Iterator[Batch]:
-        """`split` ("valid" | "test") once, in a fixed order; each rank its own share."""
         ...
 
 
-@dataclass
-class TrainResult:
-    best_epoch: int
-    best_valid: dict[str, float]
-    test: dict[str, float]
-    epochs_run: int
-    stopped: str  # "epochs" | "time budget"
-    train_seconds: float  # training steps only
+@dataclass(kw_only=True)
+class RankerTrainResult(TrainResult):
+    """`TrainResult` (stopped: "epochs" | "time budget") and the ranker's own fields."""
+
     examples_per_s: float  # training examples per second over all ranks
-    wall_seconds: float
-    plan: dict[str, str]
-    model: dict[str, Any]
-    export_dir: str | None
-    history: list[dict[str, Any]] = field(default_factory=list)
+    model: dict[str, Any]  # the resolved ModelConfig
 
 
 def resolve_model_config(cfg: ModelConfig, data: RankingData) -> ModelConfig:
@@ -93,48 +82,12 @@ def resolve_model_config(cfg: ModelConfig, data: RankingData) -> ModelConfig:
     return out
 
 
-def _all_reduce(value: float, op: dist.ReduceOp) -> float:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(t, op=op)
-    return float(t.item())
-
-
-def _aligned(batches: Iterable[Batch], steps: int) -> Iterator[tuple[Batch, bool]]:
-    """Exactly `steps` batches (sharded modules need every rank in every step): the rank's own, then
-    repeats of its last one flagged as padding (their outputs are dropped)."""
-    last = None
-    n = 0
-    for b in batches:
-        if n == steps:
-            return
-        last = b
-        n += 1
-        yield b, True
-    while n < steps:
-        if last is None:
-            raise ValueError("this rank has no batch at all for an evaluation split; use fewer ranks or more data")
-        n += 1
-        yield last, False
-
-
-def _gather(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return arrays
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, arrays)
-    return {k: np.concatenate([o[k] for o in out]) for k in arrays}
-
-
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, data: RankingData, split: str, rank: int, world_size: int) -> dict[str, float]:
     """Main-task AUC / GAUC / logloss of `model` (the sharded train task) on a split, over all ranks."""
     model.eval()
-    batches = list(data.eval_batches(split, rank, world_size))
-    steps = int(_all_reduce(float(len(batches)), dist.ReduceOp.MAX))
     probs, labels, users, ranks = [], [], [], []
-    for batch, real in _aligned(batches, steps):
+    for batch, real in aligned(data.eval_batches(split, rank, world_size)):
         _, out = model(batch)
         if not real:
             continue
@@ -143,8 +96,8 @@ def evaluate(model: torch.nn.Module, data: RankingData, split: str, rank: int, w
         users.append(batch.user_ids()[batch.candidate_user_index()].numpy())
         ranks.append(list_ranks(out.logits[:, 0].float().numpy(), labels[-1], batch.num_candidates.numpy()))
     cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
-    got = _gather({"p": cat(probs, np.float32), "y": cat(labels, np.float32), "u": cat(users, np.int64),
-                   "r": cat(ranks, np.float64)})
+    got = gather_arrays({"p": cat(probs, np.float32), "y": cat(labels, np.float32), "u": cat(users, np.int64),
+                         "r": cat(ranks, np.float64)})
     if got["y"].size == 0:
         raise ValueError(f"the {split} split is empty")
     out = ranking_metrics(got["p"], got["y"], got["u"])
@@ -175,30 +128,8 @@ def list_ranks(scores: np.ndarray, labels: np.ndarray, counts: np.ndarray) -> np
     return out
 
 
-def _save(path: Path, dmp: Any, opt: Any, state: dict[str, Any], rank: int) -> None:
-    """Writes a checkpoint beside `path` and swaps it in, so a crash never leaves a half-written one."""
-    tmp = path.with_name(path.name + ".tmp")
-    if rank == 0 and tmp.exists():
-        shutil.rmtree(tmp)
-    if dist.is_initialized():
-        dist.barrier()
-    save_checkpoint(tmp, dmp, opt, state)
-    if rank == 0:
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _better(metric: str, new: float, old: float | None) -> bool:
-    if old is None or math.isnan(old):
-        return not math.isnan(new)
-    return new < old if metric == "logloss" else new > old
-
-
 def train_ranker(rank: int, world_size: int, cfg: RankerConfig, data: RankingData, out_dir: str | Path,
-                 *, resume: bool = False, export: bool = True, progress: bool = True) -> TrainResult:
+                 *, resume: bool = False, export: bool = True, progress: bool = True) -> RankerTrainResult:
     """One rank's training run (see the module docstring). Collective: every rank calls it."""
     t_wall = time.perf_counter()
     out = Path(out_dir)
@@ -223,12 +154,10 @@ def train_ranker(rank: int, world_size: int, cfg: RankerConfig, data: RankingDat
         best_score = float(state["best_score"]) if best_epoch >= 0 else None
         history = json.loads(state["history"])
     metrics_log = MetricsLog(out, f"ranker: {model_cfg.sequence.long} long, {model_cfg.moe.num_experts} expert(s)",
-                             PLOT_KEYS) if rank == 0 else None
+                             PLOT_KEYS, history) if rank == 0 else None
     if metrics_log is not None:
-        for rec in history:
-            metrics_log.records.append(rec)
         log.info("sharding plan: %s", plan)
-    steps = int(_all_reduce(float(data.num_train_batches(rank, world_size)), dist.ReduceOp.MIN))
+    steps = int(all_reduce_float(float(data.num_train_batches(rank, world_size)), dist.ReduceOp.MIN))
     if tc.max_steps_per_epoch:
         steps = min(steps, tc.max_steps_per_epoch)
     if steps <= 0:
@@ -257,14 +186,14 @@ def train_ranker(rank: int, world_size: int, cfg: RankerConfig, data: RankingDat
             if (step + 1) % tc.log_every == 0:
                 el = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{loss_sum / (step + 1):.4f}", ex_s=f"{n_examples * world_size / el:,.0f}")
-                if _all_reduce(float(time.perf_counter() > deadline), dist.ReduceOp.MAX) > 0:
+                if all_reduce_float(float(time.perf_counter() > deadline), dist.ReduceOp.MAX) > 0:
                     stopped = "time budget"
                     break
         bar.close()
         done = step + 1
         ep_seconds = time.perf_counter() - t0
         train_seconds += ep_seconds
-        ex = _all_reduce(float(n_examples), dist.ReduceOp.SUM)
+        ex = all_reduce_float(float(n_examples), dist.ReduceOp.SUM)
         examples_total += ex
         valid = evaluate(dmp, data, "valid", rank, world_size)
         test = evaluate(dmp, data, "test", rank, world_size)
@@ -272,14 +201,14 @@ def train_ranker(rank: int, world_size: int, cfg: RankerConfig, data: RankingDat
                "examples_per_s": ex / ep_seconds, "epoch_seconds": ep_seconds,
                **{f"valid_{k}": v for k, v in valid.items()}, **{f"test_{k}": v for k, v in test.items()}}
         history.append(rec)
-        improved = _better(tc.select_metric, valid[tc.select_metric], best_score)
+        improved = improves(tc.select_metric, valid[tc.select_metric], best_score)
         if improved:
             best_epoch, best_score = epoch, valid[tc.select_metric]
         state = {"epoch": epoch, "best_epoch": best_epoch, "best_score": best_score if best_score is not None else 0.0,
                  "history": json.dumps(history)}
-        _save(ckpt_last, dmp, opt, state, rank)
+        replace_checkpoint(ckpt_last, dmp, opt, state)
         if improved:
-            _save(ckpt_best, dmp, opt, state, rank)
+            replace_checkpoint(ckpt_best, dmp, opt, state)
         if metrics_log is not None:
             metrics_log.append(rec)
             log.info("epoch %d: loss %.4f  valid auc %.4f gauc %.4f logloss %.4f  test auc %.4f  %.0f ex/s%s",
@@ -293,16 +222,13 @@ def train_ranker(rank: int, world_size: int, cfg: RankerConfig, data: RankingDat
     export_dir = None
     if export:
         if rank == 0:
-            meta = {"best_epoch": best_epoch + 1, "valid": {k[6:]: v for k, v in best.items() if k.startswith("valid_")},
-                    "plan": plan}
+            meta = {"best_epoch": best_epoch + 1, "valid": split_metrics(best, "valid"), "plan": plan}
             export_dir = str(export_from_checkpoint(ckpt_best, model_cfg, out / "export", meta,
                                                     getattr(data, "context", None)))
         if dist.is_initialized():
             dist.barrier()
-    result = TrainResult(
-        best_epoch=best_epoch + 1,
-        best_valid={k[6:]: v for k, v in best.items() if k.startswith("valid_")},
-        test={k[5:]: v for k, v in best.items() if k.startswith("test_")},
+    result = RankerTrainResult(
+        best_epoch=best_epoch + 1, best_valid=split_metrics(best, "valid"), test=split_metrics(best, "test"),
         epochs_run=len(history), stopped=stopped, train_seconds=train_seconds,
         examples_per_s=examples_total / train_seconds if train_seconds else 0.0,
         wall_seconds=time.perf_counter() - t_wall, plan=plan, model=to_dict(model_cfg), export_dir=export_dir,

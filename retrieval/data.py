@@ -24,6 +24,7 @@ import torch
 
 from features.batch import HIST_ITEM_ID, Batch, make_kjt
 from features.reader import FeatureStore, ReaderConfig
+from features.train.loop import reader_batches_per_rank
 from retrieval.catalog import Catalog, validate_catalog
 from retrieval.config import RetrieverConfig
 from retrieval.evaluate import EvalBatch
@@ -42,7 +43,7 @@ def build_catalog(store: FeatureStore) -> Catalog:
 
 
 class FeatureStoreData:
-    """`retrieval.train.RetrievalData` over a FeatureStore."""
+    """`retrieval.train.RetrievalData` over a FeatureStore (`features.train.loop.TrainData`)."""
 
     def __init__(self, store: FeatureStore, cfg: RetrieverConfig) -> None:
         self.store = store
@@ -56,11 +57,9 @@ class FeatureStoreData:
         return self.store.retrieval_batches("train", self.train_cfg, self.max_len, epoch=epoch, rank=rank,
                                             world_size=world_size)
 
-    def num_train_batches(self, world_size: int) -> int:
+    def num_train_batches(self, rank: int, world_size: int) -> int:
         users = int((self.store.retrieval_train_ends(self.train_cfg.holdout_tail) >= 2).sum())
-        if world_size == 1:
-            return -(-users // self.train_cfg.batch_size)
-        return (users // world_size) // self.train_cfg.batch_size
+        return reader_batches_per_rank(users, self.train_cfg.batch_size, world_size)
 
     def eval_batches(self, split: str, rank: int, world_size: int) -> Iterator[EvalBatch]:
         for i, batch in enumerate(self.store.retrieval_batches(split, self.eval_cfg, self.max_len)):

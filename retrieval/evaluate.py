@@ -23,11 +23,11 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 from tqdm import tqdm
 
 from features.batch import HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, Batch, build_batch
+from features.train.loop import aligned
 from features.train.metrics import topk_metrics
 from retrieval.catalog import Catalog
 from retrieval.config import EvalConfig
 from retrieval.model import TwoTowerRetriever
-from retrieval.steps import aligned
 
 
 @dataclass

@@ -12,8 +12,11 @@ An export directory::
     manifest.json         format, loader, sha256 of every file above, ANN recall@k vs exact, metrics
 
 Sharded tables are gathered by DCP-loading the training checkpoint into an
-unsharded model at world size 1 (`load_unsharded`), whatever world size wrote it.
+unsharded model at world size 1 (`load_unsharded`), whatever world size wrote it;
+`export_from_checkpoint` does that and exports, measuring the index on the test users.
 
+    export_from_checkpoint("runs/ml1m/checkpoints/best", cfg, open_data(features, cfg), "runs/ml1m/export")
+    # or step by step:
     model = load_unsharded("runs/ml1m/checkpoints/best", cfg)
     export_retriever(model, cfg, catalog, "runs/ml1m/export", queries=user_vectors)
     r = load_retriever("runs/ml1m/export")            # -> RetrieverInference (retrieval/inference.py)
@@ -21,9 +24,10 @@ unsharded model at world size 1 (`load_unsharded`), whatever world size wrote it
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping
 
 import faiss
 import numpy as np
@@ -36,12 +40,15 @@ from features.schema import SCHEMA_VERSION
 from features.train.checkpoint import load_checkpoint
 from retrieval.catalog import Catalog
 from retrieval.config import CATEGORY_TABLE, ITEM_ID_TABLE, IndexConfig, ModelConfig, RetrieverConfig
-from retrieval.evaluate import item_matrix
+from retrieval.evaluate import item_matrix, last_queries
 from retrieval.index import build_index, configure_search, exact_index, recall_vs_exact, search
 from retrieval.inference import HISTORY_KEYS, CompactEmbeddingCollection, RetrieverInference
 from retrieval.model import CATEGORY_FEATURE, TwoTowerRetriever
 from retrieval.task import RetrievalTask, item_keys
 from kernels import bucketize
+
+if TYPE_CHECKING:
+    from retrieval.train import RetrievalData
 
 EXPORT_FORMAT = "cascade.retriever/1"
 LOADER = "retrieval.export"
@@ -58,6 +65,21 @@ def load_unsharded(checkpoint: Path, cfg: RetrieverConfig) -> TwoTowerRetriever:
     load_checkpoint(Path(checkpoint), task, None, restore_rng=False)
     return task.model.eval()
 
+
+def export_from_checkpoint(checkpoint: Path | str, cfg: RetrieverConfig, data: RetrievalData, out_dir: Path | str,
+                           extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Gathers a (sharded) DCP training checkpoint into an unsharded model and exports it to `out_dir` (replacing
+    an earlier export there); returns the manifest.
+
+    data: the run's data (`retrieval.data.open_data`): its catalog is exported, and its test users' query
+    vectors measure the ANN index's recall against exact search. Runs in one process (no collectives).
+    """
+    model = load_unsharded(Path(checkpoint), cfg)
+    queries = np.concatenate([last_queries(model, eb.batch).numpy() for eb in data.eval_batches("test", 0, 1)])
+    out = Path(out_dir)
+    if out.exists():
+        shutil.rmtree(out)
+    return export_retriever(model, cfg, data.catalog, out, queries=queries, extra=extra)
 
 
 def _feature_tables(model: TwoTowerRetriever) -> dict[str, str]:

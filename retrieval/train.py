@@ -7,7 +7,9 @@ pass over every user's training prefix (every position is a next-item sample),
 then the valid metrics (full ranking, history masked); the best epoch by
 `train.select_metric` is kept as the `best` checkpoint, training stops after
 `train.patience` evaluations without improvement or when `train.max_minutes`
-is spent, and the best checkpoint is evaluated on `test`.
+is spent, and the best checkpoint is evaluated on `test`. The skeleton it
+shares with the ranker's loop (data contract, result fields, lock-step
+collectives, the checkpoint swap) is `features.train.loop`.
 
 Output directory::
 
@@ -20,27 +22,25 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 import torch
-import torch.distributed as dist
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from tqdm import tqdm
 
 from features.batch import Batch
 from features.config import to_dict
-from features.train.checkpoint import load_checkpoint, save_checkpoint
+from features.train.checkpoint import load_checkpoint, replace_checkpoint
+from features.train.loop import TrainData, TrainResult, aligned, all_reduce_sums, broadcast_flag, improves, split_metrics
 from features.train.report import MetricsLog, write_convergence
 from features.train.sharding import describe_plan, make_optimizer, shard_model
 from retrieval.catalog import Catalog, validate_catalog
 from retrieval.config import RetrieverConfig, TrainConfig
 from retrieval.evaluate import EvalBatch, evaluate
 from retrieval.model import TwoTowerRetriever, id_hash_features
-from retrieval.steps import aligned
 from retrieval.task import CandidateSampler, RetrievalTask, item_keys
 from kernels import bucketize
 
@@ -49,35 +49,24 @@ log = logging.getLogger(__name__)
 PLOT_KEYS = ("loss", "valid_hr@10", "valid_ndcg@10", "valid_recall@500", "rows_per_s", "temperature")
 
 
-class RetrievalData(Protocol):
-    """What the training loop reads (features.reader's FeatureStore through retrieval.data)."""
+class RetrievalData(TrainData, Protocol):
+    """What the training loop reads (features.reader's FeatureStore through retrieval.data):
+    `features.train.loop.TrainData` (training batches: every training user once per epoch; evaluation
+    batches: `EvalBatch`es) and the catalog."""
 
     catalog: Catalog
-
-    def train_batches(self, epoch: int, rank: int, world_size: int) -> Iterator[Batch]:
-        """Every training user once, shuffled by epoch; each rank its own share."""
-        ...
 
     def eval_batches(self, split: str, rank: int, world_size: int) -> Iterator[EvalBatch]:
         ...
 
-    def num_train_batches(self, world_size: int) -> int:
-        ...
 
+@dataclass(kw_only=True)
+class RetrieverTrainResult(TrainResult):
+    """`TrainResult` (stopped: "epochs", "patience" or "time budget"; wall_seconds: training, evaluation and
+    checkpoints) and the retriever's own fields."""
 
-@dataclass
-class TrainResult:
-    best_epoch: int
-    best_valid: dict[str, float]
-    test: dict[str, float]
-    epochs_run: int
-    stopped: str  # why training stopped: "epochs", "patience", "time budget"
-    train_seconds: float  # training steps only (wall clock)
     train_cpu_seconds: float  # CPU time of the training steps, all threads of all ranks (contention-independent)
-    wall_seconds: float  # the whole run: training, evaluation, checkpoints
-    plan: dict[str, str]
     collisions: dict[str, int]
-    history: list[dict[str, Any]] = field(default_factory=list)
     loop_seconds: float = 0.0  # the training loop (steps + valid evaluations + checkpoints): the budget's clock
     budget_minutes: float = 0.0  # train.max_minutes (0: none)
     best_minutes: float = 0.0  # loop minutes when the best epoch ended
@@ -105,34 +94,10 @@ def id_collisions(catalog: Catalog, num_hashes: int, buckets: int) -> dict[str, 
     return out
 
 
-def _save(path: Path, dmp: Any, opt: Any, state: dict[str, Any], rank: int) -> None:
-    """Writes a checkpoint next to `path` and swaps it in, so a crash never leaves a half-written one."""
-    tmp = path.with_name(path.name + ".tmp")
-    if _rank0(rank) and tmp.exists():
-        shutil.rmtree(tmp)
-    if dist.is_initialized():
-        dist.barrier()
-    save_checkpoint(tmp, dmp, opt, state)
-    if _rank0(rank):
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def _broadcast_flag(value: bool) -> bool:
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return value
-    t = torch.tensor([int(value)])
-    dist.broadcast(t, src=0)
-    return bool(t.item())
-
-
 def train_retriever(
     rank: int, world_size: int, cfg: RetrieverConfig, data: RetrievalData, out_dir: Path,
     resume: bool = False, progress: bool = True,
-) -> TrainResult:
+) -> RetrieverTrainResult:
     """One rank of a training run (see the module docstring). Needs torch.distributed initialized."""
     t_wall = time.perf_counter()
     tc = cfg.train
@@ -156,14 +121,12 @@ def train_retriever(
         state.update(load_checkpoint(ckpt_dir / "last", dmp, opt))
         log.info("resumed from %s at epoch %d (step %d)", ckpt_dir / "last", state["epoch"], state["step"])
     history: list[dict[str, Any]] = json.loads(state["history"])
-    mlog = MetricsLog(out_dir, "retriever", PLOT_KEYS) if _rank0(rank) else None
+    mlog = MetricsLog(out_dir, "retriever", PLOT_KEYS, history) if _rank0(rank) else None
     if mlog is not None:
-        for rec in history:
-            mlog.records.append(rec)
         log.info("sharding plan: %s", plan)
         log.info("id hash collisions: %s", collisions)
 
-    n_batches = data.num_train_batches(world_size)
+    n_batches = data.num_train_batches(rank, world_size)
     budget_s = 60.0 * tc.max_minutes
     stopped = "epochs"
     for epoch in range(int(state["epoch"]), tc.epochs):
@@ -197,9 +160,7 @@ def train_retriever(
                     bar.set_postfix(loss=f"{float(loss_sum) / steps:.4f}")
         epoch_s = time.perf_counter() - t0
         state["train_seconds"] = float(state["train_seconds"]) + epoch_s
-        totals = torch.tensor([float(loss_sum), float(steps), float(rows), time.process_time() - c0], dtype=torch.float64)
-        if dist.is_initialized() and world_size > 1:
-            dist.all_reduce(totals)
+        totals = all_reduce_sums([float(loss_sum), float(steps), float(rows), time.process_time() - c0])
         record: dict[str, Any] = {
             "epoch": epoch + 1, "loss": float(totals[0] / max(totals[1], 1)), "rows": int(totals[2]),
             "lr": float(dense_opt.param_groups[0]["lr"]) if dense_opt is not None else tc.lr,
@@ -217,7 +178,7 @@ def train_retriever(
             record.update({f"valid_{k}": v for k, v in valid.items() if k != "n"})
             record["eval_seconds"] = round(time.perf_counter() - te, 2)
             score = valid[tc.select_metric]
-            if score > float(state["best"]):
+            if improves(tc.select_metric, score, float(state["best"])):
                 state.update(best=score, best_epoch=epoch + 1, bad_evals=0)
                 improved = True
             else:
@@ -232,12 +193,12 @@ def train_retriever(
             mlog.append(record)
             log.info("epoch %d: %s", epoch + 1, _fmt(record))
         if improved:
-            _save(ckpt_dir / "best", dmp, opt, dict(state), rank)
+            replace_checkpoint(ckpt_dir / "best", dmp, opt, dict(state))
         out_of_time = budget_s > 0 and float(state["loop_seconds"]) + epoch_loop_s > budget_s
         patience_hit = should_stop_early(history, tc.select_metric, tc.patience)
-        stop = _broadcast_flag(out_of_time or patience_hit)
+        stop = broadcast_flag(out_of_time or patience_hit)
         if stop or last_epoch or (epoch + 1) % tc.checkpoint_every == 0:
-            _save(ckpt_dir / "last", dmp, opt, dict(state), rank)
+            replace_checkpoint(ckpt_dir / "last", dmp, opt, dict(state))
         if stop:
             stopped = "patience" if patience_hit else "time budget"
             break
@@ -248,9 +209,8 @@ def train_retriever(
     test = evaluate(core.model, catalog, keys, data.eval_batches("test", rank, world_size), cfg.eval,
                     desc="test", progress=progress and _rank0(rank))
     best_valid = next((r for r in history if r["epoch"] == state["best_epoch"]), {})
-    result = TrainResult(
-        best_epoch=int(state["best_epoch"]),
-        best_valid={k[len("valid_"):]: v for k, v in best_valid.items() if k.startswith("valid_")},
+    result = RetrieverTrainResult(
+        best_epoch=int(state["best_epoch"]), best_valid=split_metrics(best_valid, "valid"),
         test=test, epochs_run=int(state["epoch"]), stopped=stopped,
         train_seconds=round(float(state["train_seconds"]), 1),
         train_cpu_seconds=round(float(state["train_cpu_seconds"]), 1),
@@ -292,7 +252,7 @@ def should_stop_early(history: list[dict[str, Any]], metric: str, patience: int)
 def train_on_features(
     rank: int, world_size: int, cfg: RetrieverConfig, features: Path, out_dir: Path, resume: bool = False,
     progress: bool = True,
-) -> TrainResult:
+) -> RetrieverTrainResult:
     """`train_retriever` on a features directory read by the shared reader; a module-level function, so
     `run_distributed` can start it on spawned ranks."""
     from retrieval.data import open_data

@@ -4,12 +4,14 @@ A checkpoint directory holds the DCP files of the model and optimizer state
 (sharded embedding tables are saved by their owners and resharded on load, so
 a checkpoint written at world size 2 loads at world size 1 and vice versa)
 plus `trainer-<rank>.pt` with the loop position and RNG states, loaded with
-`weights_only=True` (never unrestricted pickle).
+`weights_only=True` (never unrestricted pickle). `replace_checkpoint` writes one
+beside its destination and swaps it in, the way the training loops keep `best/` and `last/`.
 """
 from __future__ import annotations
 
 import json
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,28 @@ def save_checkpoint(path: Path, model: nn.Module, optimizer: Any, trainer_state:
         state["optim"] = optimizer.state_dict()
     dcp.save(state, checkpoint_id=str(path))
     torch.save({**trainer_state, "rng": rng_state()}, path / f"trainer-{_rank()}.pt")
+    if dist.is_initialized():
+        dist.barrier()
+    return path
+
+
+def replace_checkpoint(path: Path, model: nn.Module, optimizer: Any, trainer_state: dict[str, Any]) -> Path:
+    """`save_checkpoint` beside `path` (``<path>.tmp``), then swapped in: a crash never leaves a half-written one.
+
+    Collective: every rank calls it. The previous checkpoint at `path` stays whole until the new one is
+    complete on every rank; rank 0 does the removal and the rename.
+    """
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if _rank() == 0 and tmp.exists():
+        shutil.rmtree(tmp)
+    if dist.is_initialized():
+        dist.barrier()
+    save_checkpoint(tmp, model, optimizer, trainer_state)
+    if _rank() == 0:
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
     if dist.is_initialized():
         dist.barrier()
     return path

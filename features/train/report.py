@@ -8,14 +8,18 @@ from typing import Any, Sequence
 
 
 class MetricsLog:
-    """Appends one record per epoch to <dir>/metrics.json and redraws <dir>/curves.png."""
+    """Appends one record per epoch to <dir>/metrics.json and redraws <dir>/curves.png.
 
-    def __init__(self, out_dir: Path, title: str, plot_keys: Sequence[str]) -> None:
+    records: the epochs a resumed run already has (written again with the next `append`).
+    """
+
+    def __init__(self, out_dir: Path, title: str, plot_keys: Sequence[str],
+                 records: Sequence[dict[str, Any]] = ()) -> None:
         self.dir = Path(out_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.title = title
         self.plot_keys = tuple(plot_keys)
-        self.records: list[dict[str, Any]] = []
+        self.records: list[dict[str, Any]] = list(records)
 
     @property
     def json_path(self) -> Path:

@@ -1,5 +1,6 @@
-"""`cascade pipeline backfill`: the users with events in the range get their online record rebuilt as of the
-range's end, through the server's own fold; everyone else is left alone. Real redis-server, ML-100K."""
+"""`cascade pipeline backfill` (jobs/backfill.py): the users with events in the range get their online record
+rebuilt as of the range's end, through the server's own fold; everyone else is left alone. Real redis-server,
+ML-100K."""
 from __future__ import annotations
 
 import datetime as dt
@@ -17,7 +18,7 @@ def _ms(day: str) -> int:
 
 def test_backfill_rebuilds_only_the_users_active_in_the_range(ml100k_dataset, redis_server):
     from features.datasets.common import read_table
-    from jobs.pipeline import backfill
+    from jobs.backfill import backfill
     from serving.app import load_serving_config
     from serving.state.redis_store import RedisOnlineStore
 
@@ -42,7 +43,7 @@ def test_backfill_rebuilds_only_the_users_active_in_the_range(ml100k_dataset, re
 
 
 def test_an_empty_or_reversed_range_is_a_clear_error(ml100k_dataset, redis_server):
-    from jobs.pipeline import backfill
+    from jobs.backfill import backfill
 
     with pytest.raises(ValueError, match="--end 1998-03-01 must be after --start 1998-03-08"):
         backfill(ml100k_dataset, None, redis_server.address, "1998-03-08", "1998-03-01")

@@ -102,9 +102,9 @@ def test_config_validate_blames_an_override_when_the_files_are_fine(capsys) -> N
 
 
 def test_config_validate_refuses_a_second_file_for_a_single_file_job(capsys) -> None:
-    f = str(REPO / "retrieval/configs/ml-1m.yaml")
-    assert main(["config", "validate", "retriever", "--config", f, "--config", f]) == 1
-    assert "retriever takes one --config file, got 2" in capsys.readouterr().err
+    f = str(REPO / "serving/serving.example.yaml")
+    assert main(["config", "validate", "serve", "--config", f, "--config", f]) == 1
+    assert "serve takes one --config file, got 2" in capsys.readouterr().err
 
 
 def test_config_validate_reports_a_missing_file(tmp_path, capsys) -> None:
