@@ -71,68 +71,16 @@ def train_retriever(features: Path, dataset: str, seed: int, out: Path, override
     return export
 
 
-def logit_scale(export: Path) -> float:
-    """The retriever's softmax logit per unit of score: the export's, else 1 / the run's temperature."""
-    config = json.loads((export / "config.json").read_text())
-    if config.get("logit_scale"):
-        return float(config["logit_scale"])
-    from features.config import load_config
-    from retrieval.config import RetrieverConfig
-
-    cfg = load_config(RetrieverConfig, export.parent / "config.yaml")
-    if cfg.loss.learn_temperature:
-        raise ValueError(f"{export} was trained with a learned temperature and records no logit_scale")
-    return 1.0 / cfg.loss.temperature
-
-
-def build_lists(args: argparse.Namespace, store: Any, retriever_dir: Path, lists_dir: Path, work: Path) -> dict:
-    """{train, valid, test} CandidateLists (cached as .npz under `work`)."""
-    from features.candidate_lists import CandidateLists
-    from retrieval.export import load_retriever
-    from retrieval.lists import retrieve_lists
-
-    tl = store.retrieval_train_len
-    users = store.timeline_users.ids
-    ok = np.flatnonzero(tl >= 1)
-    if args.max_users:
-        ok = ok[:args.max_users]
-    k = args.holdout
-    fit = ok[tl[ok] - k >= 1]  # the request sees >= 1 behavior
-    requests = {
-        "train": (lists_dir, np.repeat(users[fit], k), (tl[fit, None] - k + np.arange(k)).ravel()),
-        "valid": (retriever_dir, users[ok], tl[ok]),
-        "test": (retriever_dir, users[ok], tl[ok] + 1),
-    }
-    out, loaded = {}, {}
-    for split, (export, u, h) in requests.items():
-        path = work / f"lists-{split}-top{args.top_n}.npz"
-        if path.exists():
-            out[split] = CandidateLists.load(path)
-            continue
-        if export not in loaded:
-            loaded[export] = (load_retriever(export), logit_scale(export))
-        r, scale = loaded[export]
-        t0 = time.perf_counter()
-        out[split] = retrieve_lists(r, store, u, h, args.top_n, scale)
-        out[split].save(path)
-        print(f"  {split}: {len(u):,} lists of {args.top_n} in {time.perf_counter() - t0:.0f}s, retriever recall "
-              f"{out[split].hit().mean():.3f}", flush=True)
-    return out
-
-
-def _train_ranker(rank: int, world: int, cfg: Any, data: Any, out: str) -> Any:
-    from ranking.train import train_ranker
-
-    return train_ranker(rank, world, cfg, data, out)
-
-
 def ranker_config(args: argparse.Namespace) -> Any:
     from features.config import load_config
     from ranking.config import RankerConfig
 
     layers = ([REPO / DATASETS[args.dataset]["config"]] if DATASETS[args.dataset].get("config") else []) + \
         [REPO / "ranking" / "configs" / "two-stage.yaml"]
-    overrides = [f"train.seed={args.seed}", f"train.threads={args.threads}", *args.ranker_overrides]
+    overrides = [f"train.seed={args.seed}", f"train.threads={args.threads}", f"lists.top_n={args.top_n}",
+                 f"lists.holdout={args.holdout}", f"lists.train_width={args.train_width}",
+                 f"lists.lists_per_batch={args.lists_per_batch}", f"lists.context_window={args.context_window}",
+                 f"lists.max_users={args.max_users}", *args.ranker_overrides]
     if args.epochs:
         overrides.append(f"train.epochs={args.epochs}")
     if args.max_steps:
@@ -170,9 +118,8 @@ def score_lists(ranker_export: str, data: Any, lists: Any) -> np.ndarray:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from features.reader import FeatureStore
-    from features.train.launch import run_distributed
     from features.train.metrics import topk_metrics
-    from ranking.lists import ListRankingData
+    from jobs.second_stage import candidate_lists, fit, list_data
 
     work = args.work_dir / args.dataset / f"seed{args.seed}"
     work.mkdir(parents=True, exist_ok=True)
@@ -185,19 +132,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     held = args.lists_retriever or train_retriever(features, args.dataset, args.seed, work / "retriever-holdout",
                                                    [*args.retriever_overrides, f"train.holdout_tail={args.holdout}"])
     retrievers_s = time.perf_counter() - t0
+    cfg = ranker_config(args)
     store = FeatureStore(features)
     print(f"[two-stage] candidate lists (top {args.top_n}, every seen item masked)", flush=True)
     t0 = time.perf_counter()
-    lists = build_lists(args, store, Path(std), Path(held), work)
+    lists = candidate_lists(store, Path(std), Path(held), cfg.lists, work)
     lists_s = time.perf_counter() - t0
-    cfg = ranker_config(args)
-    context = ListRankingData.context_counts(store, args.context_window) if args.context_window else None
-    data = ListRankingData(store, lists, history_cap=cfg.model.sequence.history_len,
-                           lists_per_batch=args.lists_per_batch, seed=args.seed, train_width=args.train_width,
-                           context=context)
+    data = list_data(store, lists, cfg)
     print(f"[two-stage] ranker: {len(data.splits['train']):,} training lists holding their target "
           f"(of {len(lists['train']):,}), width {args.train_width or args.top_n}", flush=True)
-    res = run_distributed(_train_ranker, 1, cfg, data, str(work / f"ranker{args.tag}"))[0]
+    res = fit(cfg, data, work / f"ranker{args.tag}")
     test = lists["test"]
     retr_rank = np.where(test.hit(), (test.items == test.target[:, None]).argmax(1), np.inf)
     pipe_rank = score_lists(res.export_dir, data, test)

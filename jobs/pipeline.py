@@ -350,14 +350,20 @@ class Run:
             session.stop()
         return {"dir": str(out), **_snapshot(out)}
 
-    def train(self, model: str, fdir: Path) -> dict[str, Any]:
-        """The "retriever" or "ranker" stage: train on `fdir` into VERSION/<model>/ and export."""
+    def train(self, model: str, fdir: Path, retriever: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The "retriever" or "ranker" stage: train on `fdir` into VERSION/<model>/ and export. The ranker
+        stage gets the retriever stage's record: a second-stage ranker learns from its lists."""
         tc: TrainStage = getattr(self.cfg, model)
-        inputs = _digest({"features": _file_digest(fdir / "manifest.json"), "configs": tc.configs,
-                          "files": [_file_digest(config_path(c)) for c in tc.configs], "overrides": tc.overrides,
-                          "world": tc.world_size})
-        fn = train_retriever_stage if model == "retriever" else train_ranker_stage
-        return self._stage(model, inputs, lambda: fn(tc, fdir, self.dir / model))
+        inputs = {"features": _file_digest(fdir / "manifest.json"), "configs": tc.configs,
+                  "files": [_file_digest(config_path(c)) for c in tc.configs], "overrides": tc.overrides,
+                  "world": tc.world_size}
+        if model == "retriever":
+            return self._stage(model, _digest(inputs), lambda: train_retriever_stage(tc, fdir, self.dir / model))
+        if retriever is None:
+            raise ValueError("the ranker stage needs the retriever stage's record")
+        inputs["retriever"] = retriever["inputs"]
+        return self._stage(model, _digest(inputs), lambda: train_ranker_stage(
+            tc, fdir, self.dir / model, self.cfg.retriever, Path(retriever["export"]), self.say))
 
     def evaluate(self, fdir: Path, retr: dict[str, Any], rank: dict[str, Any]) -> dict[str, Any]:
         published = read_published(self.root)
@@ -499,10 +505,33 @@ def train_retriever_stage(tc: TrainStage, fdir: Path, out: Path) -> dict[str, An
             "ann": {k: v for k, v in ann.items() if k.startswith("recall")}}
 
 
-def train_ranker_stage(tc: TrainStage, fdir: Path, out: Path) -> dict[str, Any]:
+def train_ranker_stage(tc: TrainStage, fdir: Path, out: Path, retriever: TrainStage | None = None,
+                       retriever_export: Path | None = None, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """A CTR ranker on the feature build's samples, or a second-stage ranker (`model.residual_column` >= 0) on
+    the retriever's lists (`jobs.second_stage`: the lists retriever, trained here with the retriever stage's
+    config and ``train.holdout_tail = lists.holdout``, then the listwise ranker)."""
     from jobs.train_ranker import load_ranker_config, train
 
     cfg = load_ranker_config([config_path(c) for c in tc.configs], tc.overrides)
+    if cfg.model.residual_column >= 0:
+        from features.config import dump_config
+        from jobs.second_stage import check_second_stage, train_second_stage
+
+        check_second_stage(cfg)
+        if retriever is None or retriever_export is None:
+            raise ValueError("a second-stage ranker needs the retriever stage's config and export")
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(dump_config(cfg))
+        say(f"    lists retriever (the retriever's config, its last {cfg.lists.holdout} training items held out) ...")
+        held = train_retriever_stage(
+            dataclasses.replace(retriever, overrides=(*retriever.overrides, f"train.holdout_tail={cfg.lists.holdout}")),
+            fdir, out / "lists-retriever")
+        say(f"    candidate lists (top {cfg.lists.top_n}, every seen item masked) and the listwise ranker ...")
+        res = train_second_stage(cfg, fdir, retriever_export, Path(held["export"]), out, say)
+        if not res.export_dir:
+            raise RuntimeError(f"the second-stage ranker run in {out} did not export a model")
+        return {"export": str(res.export_dir), "test": res.test, "valid": res.best_valid,
+                "best_epoch": res.best_epoch, "second_stage": True, "lists_retriever": held["export"]}
     res = train(cfg, fdir, out, tc.world_size)
     if not res.export_dir:
         raise RuntimeError(f"the ranker run in {out} did not export a model")
@@ -545,7 +574,7 @@ def _run_stages(cfg: PipelineConfig, version: str, say: Callable[[str], None]) -
         feat = run.features()
         fdir = Path(feat["dir"])
         retr = run.train("retriever", fdir)
-        rank = run.train("ranker", fdir)
+        rank = run.train("ranker", fdir, retr)
         ev = run.evaluate(fdir, retr, rank)
         pub = run.publish(fdir, retr, rank, ev)
     if pub.get("published") and not pub.get("announced"):

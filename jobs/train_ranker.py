@@ -91,6 +91,10 @@ def train(cfg: RankerConfig, features: Path | str | None, out: Path | str, world
     """
     import contextlib
 
+    if cfg.model.residual_column >= 0:
+        raise ValueError("a second-stage ranker (model.residual_column >= 0) learns from the retriever's candidate "
+                         "lists: train it with `cascade pipeline run` (its ranker stage, jobs/second_stage.py) or "
+                         "benchmarks/two_stage_bench.py")
     features = str(features) if features else cfg.data.features_dir
     if not features:
         raise ValueError("data.features_dir is not set: pass --features DIR or data.features_dir=PATH "

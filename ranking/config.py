@@ -293,11 +293,40 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class ListsConfig:
+    """How a second-stage ranker (`model.residual_column` >= 0) gets its training lists (`jobs.second_stage`).
+
+    A second retriever, the same config with ``train.holdout_tail = holdout``, is trained without each
+    user's last `holdout` training items; its top `top_n` lists at those positions are the training lists
+    (targets it never trained on, so its logit is as sharp in training as at serving). Valid and test lists
+    come from the served retriever at the validation / test positions. Every seen item is masked.
+    """
+
+    top_n: int = 100  # candidates per list (the ranker's N)
+    holdout: int = 5  # training positions per user held out of the lists retriever
+    train_width: int = 32  # sampled candidates per training list and step (0: the whole list)
+    lists_per_batch: int = 16
+    context_window: int = 5  # point-in-time context features over the last N behaviors (0: list features only)
+    max_users: int = 0  # 0: every user (a smaller number: smoke runs)
+
+    def __post_init__(self) -> None:
+        if self.top_n < 1 or self.holdout < 1 or self.lists_per_batch < 1:
+            raise ValueError(f"lists.top_n, lists.holdout and lists.lists_per_batch must be >= 1, got "
+                             f"{self.top_n}, {self.holdout}, {self.lists_per_batch}")
+        if not 0 <= self.train_width <= self.top_n:
+            raise ValueError(f"lists.train_width must be in [0, lists.top_n={self.top_n}], got {self.train_width}")
+        if self.context_window < 0 or self.max_users < 0:
+            raise ValueError(f"lists.context_window and lists.max_users must be >= 0, got "
+                             f"{self.context_window}, {self.max_users}")
+
+
+@dataclass(frozen=True)
 class RankerConfig:
     model: ModelConfig = ModelConfig()
     loss: LossConfig = LossConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
+    lists: ListsConfig = ListsConfig()  # second-stage rankers only
 
     def __post_init__(self) -> None:
         if self.loss.contrastive_weight > 0 and self.model.moe.num_experts == 1:

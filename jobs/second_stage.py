@@ -1,0 +1,141 @@
+"""The second stage's training recipe: one for the scheduled pipeline and for the two-stage benchmark.
+
+A second-stage ranker (`ranking.config.ModelConfig.residual_column` >= 0) scores the served retriever's
+top-N list of each request as the retriever's logit plus a learned correction. What it learns from
+(`ranking.config.ListsConfig`):
+
+* training lists: the top-N lists of a second retriever, the same config trained with
+  ``train.holdout_tail = lists.holdout``, at each user's last `holdout` training positions — targets that
+  retriever never trained on, so its logit is as sharp in training as the served retriever's is at
+  serving (lists at positions the retriever trained on make its score look far better than it is);
+* valid lists: the served retriever at the validation position (it never trained on that item): the
+  ranker's epoch is chosen on their NDCG@10, which is the two-stage system's valid NDCG@10;
+* test lists: the served retriever at the test position, reported once;
+* the point-in-time context counts (`features.list_context`) over every user's retrieval-training prefix,
+  exported with the ranker (`context.npz`) so the server computes the same features.
+
+Every list is the top N of every item the user has not seen. Lists are cached as ``.npz`` under the run's
+directory, so a resumed run does not retrieve again.
+
+    lists = candidate_lists(store, retriever_export, lists_retriever_export, cfg.lists, cache_dir=out / "lists")
+    data = list_data(store, lists, cfg)
+    result = train_second_stage(cfg, features_dir, retriever_export, lists_retriever_export, out)
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+SPLITS = ("train", "valid", "test")
+
+
+def logit_scale(export: Path) -> float:
+    """The retriever's softmax logit per unit of score: the export's, else 1 / its run's temperature."""
+    export = Path(export)
+    config = json.loads((export / "config.json").read_text())
+    if config.get("logit_scale"):
+        return float(config["logit_scale"])
+    from features.config import load_config
+    from retrieval.config import RetrieverConfig
+
+    cfg = load_config(RetrieverConfig, export.parent / "config.yaml")
+    if cfg.loss.learn_temperature:
+        raise ValueError(f"{export} was trained with a learned temperature and records no logit_scale")
+    return 1.0 / cfg.loss.temperature
+
+
+def list_requests(store: Any, lc: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{split: (user_ids, hist_len)} of the requests whose lists the second stage reads (module docstring)."""
+    tl = store.retrieval_train_len
+    users = store.timeline_users.ids
+    ok = np.flatnonzero(tl >= 1)
+    if lc.max_users:
+        ok = ok[:lc.max_users]
+    k = lc.holdout
+    fit = ok[tl[ok] - k >= 1]  # each training request sees >= 1 behavior
+    return {"train": (np.repeat(users[fit], k), (tl[fit, None] - k + np.arange(k)).ravel()),
+            "valid": (users[ok], tl[ok]),
+            "test": (users[ok], tl[ok] + 1)}
+
+
+def candidate_lists(store: Any, retriever: Path, lists_retriever: Path, lc: Any, cache_dir: Path | None = None,
+                    say: Callable[[str], None] = print) -> dict[str, Any]:
+    """{train, valid, test} `CandidateLists`: training lists from `lists_retriever` (the holdout one), valid and
+    test lists from `retriever` (the served one); cached under `cache_dir` when given."""
+    from features.candidate_lists import CandidateLists
+    from retrieval.export import load_retriever
+    from retrieval.lists import retrieve_lists
+
+    exports = {"train": Path(lists_retriever), "valid": Path(retriever), "test": Path(retriever)}
+    out, loaded = {}, {}
+    for split, (users, hist) in list_requests(store, lc).items():
+        path = None if cache_dir is None else Path(cache_dir) / f"lists-{split}-top{lc.top_n}.npz"
+        if path is not None and path.exists():
+            out[split] = CandidateLists.load(path)
+            continue
+        export = exports[split]
+        if export not in loaded:
+            loaded[export] = (load_retriever(export), logit_scale(export))
+        r, scale = loaded[export]
+        t0 = time.perf_counter()
+        out[split] = retrieve_lists(r, store, users, hist, lc.top_n, scale)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            out[split].save(path)
+        say(f"    {split}: {len(users):,} lists of {lc.top_n} in {time.perf_counter() - t0:.0f}s, "
+            f"retriever recall@{lc.top_n} {out[split].hit().mean():.3f}")
+    return out
+
+
+def list_data(store: Any, lists: dict[str, Any], cfg: Any) -> Any:
+    """The ranker's `ListRankingData` over `lists`, with the context counts when `cfg.lists.context_window` > 0."""
+    from ranking.lists import ListRankingData
+
+    lc = cfg.lists
+    context = ListRankingData.context_counts(store, lc.context_window) if lc.context_window else None
+    return ListRankingData(store, lists, history_cap=cfg.model.sequence.history_len,
+                           lists_per_batch=lc.lists_per_batch, seed=cfg.train.seed, train_width=lc.train_width,
+                           context=context)
+
+
+def _train(rank: int, world: int, cfg: Any, data: Any, out: str) -> Any:
+    from ranking.train import train_ranker
+
+    return train_ranker(rank, world, cfg, data, out)
+
+
+def fit(cfg: Any, data: Any, out: Path) -> Any:
+    """The listwise ranker on `data` (one rank: the lists are in memory) into `out`; -> its TrainResult."""
+    from features.train.launch import run_distributed
+
+    check_second_stage(cfg)
+    return run_distributed(_train, 1, cfg, data, str(out))[0]
+
+
+def check_second_stage(cfg: Any) -> None:
+    if cfg.model.residual_column < 0:
+        raise ValueError("not a second-stage ranker config: set model.residual_column (e.g. layer "
+                         "ranking/configs/two-stage.yaml)")
+    if cfg.loss.kind != "listwise":
+        raise ValueError(f"a second-stage ranker trains listwise over its lists: loss.kind={cfg.loss.kind!r}")
+
+
+def train_second_stage(cfg: Any, features: Path, retriever: Path, lists_retriever: Path, out: Path,
+                       say: Callable[[str], None] = print) -> Any:
+    """Lists (cached under OUT/lists), then the listwise ranker into OUT (checkpoints, export with its context
+    counts); -> `ranking.train.TrainResult` (best valid = the two-stage valid metrics, test at that epoch)."""
+    from features.reader import FeatureStore
+
+    check_second_stage(cfg)
+    out = Path(out)
+    store = FeatureStore(Path(features))
+    lists = candidate_lists(store, retriever, lists_retriever, cfg.lists, out / "lists", say)
+    data = list_data(store, lists, cfg)
+    say(f"    ranker: {len(data.splits['train']):,} training lists holding their target (of "
+        f"{len(lists['train']):,}), width {cfg.lists.train_width or cfg.lists.top_n}, "
+        f"context window {cfg.lists.context_window}")
+    return fit(cfg, data, out)
