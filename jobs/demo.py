@@ -26,10 +26,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
-# The full ranker, small (one epoch on the dataset's sizes) but complete: DARE's decoupled attention and
-# representation tables, SDIM long-term interest (signatures computed at ingest by the server), and a
-# 4-expert AW-MoE with the contrastive gate loss. Layered on the dataset's ranking config.
-RANKER_FULL = ("ranking/configs/ablations/full.yaml",)
+# The full ranker as the second stage, small (two epochs on the dataset's sizes) but complete: DARE's decoupled
+# attention and representation tables, SDIM long-term interest (signatures and bucket sums kept at ingest by the
+# server), a 4-expert AW-MoE with the contrastive gate loss, scoring the retriever's logit plus a learned
+# correction, trained listwise on a held-out retriever's lists with the point-in-time context features
+# (jobs/second_stage.py). Layered on the dataset's ranking config.
+RANKER_FULL = ("ranking/configs/two-stage.yaml",)
 RANKER_FULL_OVERRIDES = ("model.sequence.long=sdim",)
 
 
@@ -178,7 +180,7 @@ def run_demo(cfg: DemoConfig) -> int:
             dataset=str(dataset), artifacts=str(art),
             features=FeaturesStage(spark_master="local[2]", overrides=("spark.shuffle_partitions=4",)),
             retriever=TrainStage(configs=(rconf,), overrides=("train.epochs=3",)),
-            ranker=TrainStage(configs=(kconf, *RANKER_FULL), overrides=(*RANKER_FULL_OVERRIDES, "train.epochs=1")),
+            ranker=TrainStage(configs=(kconf, *RANKER_FULL), overrides=(*RANKER_FULL_OVERRIDES, "train.epochs=2")),
             publish=PublishConfig(kafka_bootstrap=svc.kafka.address, models_topic=models_topic))
 
         _banner(3, total, "pipeline v1: Spark features -> retriever -> ranker -> gate -> publish")
@@ -275,8 +277,10 @@ def run_demo(cfg: DemoConfig) -> int:
     for v in ("v1", "v2", "v3"):
         vdir = art / "versions" / v
         ev = json.loads((vdir / "evaluation.json").read_text())
+        # the retriever alone (test split; valid lists) beside the cascade on the same valid lists
         rows_ev = [{"model": m, "which": w, **{k: x for k, x in ev[w][m].items() if k != "positive_rate"}}
-                   for m in ("retriever", "ranker") for w in ("candidate", "published") if ev.get(w)]
+                   for m in ("retriever", "ranker", "retriever_valid", "two_stage") for w in ("candidate", "published")
+                   if ev.get(w) and m in ev[w]]
         report.section(f"Pipeline {v}: evaluation gate ({'passed' if ev['passed'] else 'REFUSED'})",
                        text="; ".join(ev["reasons"]), table=rows_ev)
         report.section(f"Pipeline {v}: training curves",
@@ -307,7 +311,9 @@ def _ranker_summary(bundle: Path) -> str:
     """What the served ranker is made of, from its export's config.json."""
     m = json.loads((bundle / "ranker" / "config.json").read_text())["model"]
     e, s, moe = m["embedding"], m["sequence"], m["moe"]
-    return (f"{'DARE decoupled attention/representation tables' if e['decoupled'] else 'coupled tables'}; "
+    stage = ("second stage: the retriever's logit + a learned correction over its list, with point-in-time context "
+             "features; " if m.get("residual_column", -1) >= 0 else "")
+    return (f"{stage}{'DARE decoupled attention/representation tables' if e['decoupled'] else 'coupled tables'}; "
             f"short-term target attention over {s['short_len']}; long-term {s['long']} over {s['long_len']}; "
             f"AW-MoE with {moe['num_experts']} expert(s) {list(moe['expert_hidden'])}")
 

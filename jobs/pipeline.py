@@ -120,6 +120,8 @@ class GateConfig:
         GateRule("ranker", "logloss", 0.005),
         GateRule("retriever", "ndcg@10", 0.002),
         GateRule("retriever", "recall@100", 0.005),
+        GateRule("two_stage", "ndcg@10", 0.002),  # second-stage rankers: the cascade on the validation lists
+        GateRule("two_stage", "hr@10", 0.005),
     )
     # With nothing published yet the first version is published when its ranker AUC reaches this.
     min_auc: float = 0.55
@@ -178,7 +180,8 @@ class PipelineConfig:
     storage: StorageConfig = StorageConfig()  # endpoint and credential variable names of s3:// artifacts
     features: FeaturesStage = FeaturesStage()
     retriever: TrainStage = TrainStage(configs=("retrieval/configs/ml-100k.yaml",))
-    ranker: TrainStage = TrainStage(configs=("ranking/configs/ml-100k.yaml",))
+    # the second stage by default (jobs/second_stage.py); ranking/configs/ml-100k.yaml alone trains a CTR ranker
+    ranker: TrainStage = TrainStage(configs=("ranking/configs/ml-100k.yaml", "ranking/configs/two-stage.yaml"))
     gate: GateConfig = GateConfig()
     publish: PublishConfig = PublishConfig()
     metrics: MetricsConfig = MetricsConfig()
