@@ -58,7 +58,7 @@ OUTPUTS: tuple[str, ...] = (
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 SPLIT_COLUMN = "split"
 
-CATEGORY_FEATURE = "category"  # == features.sequence.CATEGORY_FEATURE
+CATEGORY_FEATURE = "category"  # hash-spec feature name (the seed) of category ids, everywhere
 TAG_FEATURE = "tag"
 TIMELINE_FIELDS: tuple[str, ...] = ("item_id", "ts_ms", "action", "category")
 

@@ -32,6 +32,7 @@ import torch
 from features.config import from_mapping, to_dict
 from features.datasets.common import sha256_file
 from features.hashing import HASH_SPEC_VERSION
+from features.layout import CATEGORY_FEATURE
 from features.schema import SCHEMA_VERSION
 from features.train.checkpoint import load_checkpoint
 from retrieval.catalog import Catalog
@@ -39,7 +40,7 @@ from retrieval.config import CATEGORY_TABLE, ITEM_ID_TABLE, IndexConfig, ModelCo
 from retrieval.evaluate import item_matrix
 from retrieval.index import build_index, configure_search, exact_index, recall_vs_exact, search
 from retrieval.inference import HISTORY_KEYS, CompactEmbeddingCollection, RetrieverInference
-from retrieval.model import CATEGORY_FEATURE, TwoTowerRetriever
+from retrieval.model import TwoTowerRetriever
 from retrieval.task import RetrievalTask, item_keys
 from kernels import bucketize
 

@@ -38,11 +38,10 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection, Embedding
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from features.batch import HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, ITEM_CATEGORY, ITEM_ID, Batch, jagged_tail
+from features.layout import CATEGORY_FEATURE
 from features.sequence import NUM_ACTIONS
 from kernels import bucketize
 from retrieval.config import CATEGORY_TABLE, ITEM_ID_TABLE, ModelConfig
-
-CATEGORY_FEATURE = "category"  # hash spec feature name of category ids (features.sequence.CATEGORY_FEATURE)
 
 
 def id_hash_features(num_hashes: int) -> tuple[str, ...]:

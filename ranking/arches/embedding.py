@@ -34,11 +34,11 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from features.batch import HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, HIST_SDIM_SIG, ITEM_CATEGORY, ITEM_ID, Batch
+from features.layout import CATEGORY_FEATURE
 from features.sequence import NUM_ACTIONS
 from kernels import bucketize, make_hyperplanes, simhash, unpack_codes
 from ranking.config import (
     CATEGORY_ATT_TABLE,
-    CATEGORY_FEATURE,
     CATEGORY_REP_TABLE,
     ITEM_ATT_TABLE,
     ITEM_FEATURE,
