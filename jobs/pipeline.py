@@ -58,6 +58,8 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 from features import storage
 from features.storage import StorageConfig
+from serving.artifacts import PUBLISHED
+from serving.artifacts import VERSION_MANIFEST as MANIFEST
 from serving.config import SaslConfig, TlsFiles
 
 if TYPE_CHECKING:
@@ -65,8 +67,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cascade.pipeline")
 
-MANIFEST = "manifest.json"
-PUBLISHED = "published.json"
 HISTORY = "history.jsonl"
 STAGES = ("features", "retriever", "ranker", "evaluate", "publish")
 

@@ -46,6 +46,7 @@ from kernels import bucketize
 
 EXPORT_FORMAT = "cascade.retriever/1"
 LOADER = "retrieval.export"
+MANIFEST = "manifest.json"  # format, loader, every file's sha256, ANN recall; written last
 FILES = ("config.json", "model.pt", "item_ids.npy", "item_embeddings.npy", "index.faiss")
 
 
@@ -99,7 +100,7 @@ def export_retriever(
     if logit_scale is None and not cfg.loss.learn_temperature:
         logit_scale = 1.0 / cfg.loss.temperature
     out = Path(out)
-    if (out / "manifest.json").exists():
+    if (out / MANIFEST).exists():
         raise FileExistsError(f"{out} already holds an export; exports are immutable, pick a new directory")
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval()
@@ -140,14 +141,14 @@ def export_retriever(
         "files": {name: sha256_file(out / name) for name in FILES},
         "ann": ann, **dict(extra or {}),
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
 def load_retriever(path: Path | str) -> RetrieverInference:
     """An export directory -> RetrieverInference; verifies every checksum first (restricted loaders only)."""
     path = Path(path)
-    mpath = path / "manifest.json"
+    mpath = path / MANIFEST
     if not mpath.is_file():
         raise ExportError(f"{mpath} does not exist: not a retriever export")
     try:
