@@ -57,6 +57,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 from features import storage
+from features.datasets.common import DATASET_MANIFEST
+from features.layout import MANIFEST as FEATURES_MANIFEST
 from features.storage import StorageConfig
 from serving.artifacts import PUBLISHED
 from serving.artifacts import VERSION_MANIFEST as MANIFEST
@@ -317,17 +319,17 @@ class Run:
         fc = self.cfg.features
         if fc.dir:
             fdir = Path(fc.dir)
-            inputs = _digest({"dir": str(fdir.resolve()), "manifest": _file_digest(fdir / "manifest.json")})
+            inputs = _digest({"dir": str(fdir.resolve()), "manifest": _file_digest(fdir / FEATURES_MANIFEST)})
             return self._stage("features", inputs, lambda: self._prebuilt(fdir))
         dataset = Path(self.cfg.dataset)
-        inputs = _digest({"dataset": _file_digest(dataset / "manifest.json"), "config": fc.config,
+        inputs = _digest({"dataset": _file_digest(dataset / DATASET_MANIFEST), "config": fc.config,
                           "config_file": _file_digest(config_path(fc.config)) if fc.config else "",
                           "overrides": fc.overrides})
         return self._stage("features", inputs, lambda: self._build_features(dataset))
 
     def _prebuilt(self, fdir: Path) -> dict[str, Any]:
-        if not (fdir / "manifest.json").is_file():
-            raise FileNotFoundError(f"features.dir {fdir} has no manifest.json: is it a `cascade build-features` output?")
+        if not (fdir / FEATURES_MANIFEST).is_file():
+            raise FileNotFoundError(f"features.dir {fdir} has no {FEATURES_MANIFEST}: is it a `cascade build-features` output?")
         return {"dir": str(fdir), **_snapshot(fdir)}
 
     def _build_features(self, dataset: Path) -> dict[str, Any]:
@@ -352,7 +354,7 @@ class Run:
     def train(self, model: str, fdir: Path) -> dict[str, Any]:
         """The "retriever" or "ranker" stage: train on `fdir` into VERSION/<model>/ and export."""
         tc: TrainStage = getattr(self.cfg, model)
-        inputs = _digest({"features": _file_digest(fdir / "manifest.json"), "configs": tc.configs,
+        inputs = _digest({"features": _file_digest(fdir / FEATURES_MANIFEST), "configs": tc.configs,
                           "files": [_file_digest(config_path(c)) for c in tc.configs], "overrides": tc.overrides,
                           "world": tc.world_size})
         fn = train_retriever_stage if model == "retriever" else train_ranker_stage
@@ -421,7 +423,7 @@ class Run:
         from serving.models import MANIFEST as BUNDLE_MANIFEST
         from serving.models import write_bundle
 
-        layout = DenseLayout.from_manifest(json.loads((fdir / "manifest.json").read_text()))
+        layout = DenseLayout.from_manifest(json.loads((fdir / FEATURES_MANIFEST).read_text()))
         bundle = self.dir / "bundle"
         if bundle.exists():  # a crash between write_bundle and the pointer update: rebuild it
             shutil.rmtree(bundle)
@@ -458,9 +460,9 @@ class Run:
 
 
 def _snapshot(fdir: Path) -> dict[str, Any]:
-    m = json.loads((fdir / "manifest.json").read_text())
+    m = json.loads((fdir / FEATURES_MANIFEST).read_text())
     inp = m.get("input", {})
-    return {"snapshot": {"features_manifest_sha256": _file_digest(fdir / "manifest.json"),
+    return {"snapshot": {"features_manifest_sha256": _file_digest(fdir / FEATURES_MANIFEST),
                          "dataset": inp.get("dataset"), "time_range": inp.get("time_range"),
                          "tables": inp.get("tables"), "feature_set_version": m.get("feature_set_version")}}
 
@@ -676,6 +678,7 @@ def repoint(cfg: PipelineConfig, version: str, action: Literal["promote", "rollb
     """
     from features.transforms import DenseLayout
     from serving.errors import ArtifactError
+    from serving.models import MANIFEST as BUNDLE_MANIFEST
     from serving.models import verify_bundle
 
     if storage.is_remote(cfg.artifacts):
@@ -691,7 +694,7 @@ def repoint(cfg: PipelineConfig, version: str, action: Literal["promote", "rollb
     rec = records[-1]
     bundle = Path(rec["bundle"])
     try:
-        manifest = json.loads((bundle / "manifest.json").read_text())
+        manifest = json.loads((bundle / BUNDLE_MANIFEST).read_text())
         stats = DenseLayout.from_manifest(manifest.get("features", {})).stats
         verify_bundle(bundle, rec["checksum"], version, stats, retention_ms=2**62)
     except (OSError, ValueError, KeyError, ArtifactError) as e:
