@@ -21,7 +21,7 @@ from features.batch import (
 )
 from features.sequence import SequenceState
 from features.transforms import DenseLayout
-from serving.catalog import Catalog
+from serving.catalog import ItemCatalog
 from serving.state.base import ItemStats
 from serving.state.codec import BucketSums, CounterLog, UserRecord
 from serving.state.stats import window_counters
@@ -57,7 +57,7 @@ def user_view(user_id: int, rec: UserRecord | None, as_of_ms: int, layout: Dense
     return UserView(user_id, seq, sigs, layout.user_dense(counters), dict(rec.attrs.sparse))
 
 
-def candidate_dense(catalog: Catalog, item_ids: np.ndarray, stats: ItemStats | None, as_of_ms: int,
+def candidate_dense(catalog: ItemCatalog, item_ids: np.ndarray, stats: ItemStats | None, as_of_ms: int,
                     layout: DenseLayout) -> np.ndarray:
     """(N, Dc) dense features of the candidates; `stats` None = no counters (zeros, the cold answer)."""
     n = len(item_ids)
@@ -82,7 +82,7 @@ def _user_and_history(view: UserView, with_sigs: np.ndarray | None, user_keys: t
     return user, history
 
 
-def build_request_batch(view: UserView, catalog: Catalog, item_ids: np.ndarray, cand_dense: np.ndarray | None,
+def build_request_batch(view: UserView, catalog: ItemCatalog, item_ids: np.ndarray, cand_dense: np.ndarray | None,
                         as_of_ms: int, with_sigs: np.ndarray | None = None, user_keys: tuple[str, ...] = (),
                         reuse: Batch | None = None, sdim: BucketSums | None = None) -> Batch:
     """A B = 1 batch: the user view plus candidates `item_ids` (may be empty, for the user tower).
@@ -101,7 +101,7 @@ def build_request_batch(view: UserView, catalog: Catalog, item_ids: np.ndarray, 
                                sdim_lengths=torch.tensor([sdim.covered], dtype=torch.int64))
 
 
-def _request_batch(view: UserView, catalog: Catalog, item_ids: np.ndarray, cand_dense: np.ndarray | None,
+def _request_batch(view: UserView, catalog: ItemCatalog, item_ids: np.ndarray, cand_dense: np.ndarray | None,
                    as_of_ms: int, with_sigs: np.ndarray | None, user_keys: tuple[str, ...],
                    reuse: Batch | None) -> Batch:
     n = len(item_ids)

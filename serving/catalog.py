@@ -4,9 +4,10 @@ Item attributes are read on every request (the candidates' features) and
 change rarely (the `items` topic), so they live in process memory, not in
 Redis: sorted ids for a vectorized id -> row lookup, the primary category (for
 appending behaviors), all categories and tags as hashed ids (the candidate
-features of the batch), numeric attributes. `Catalog.with_items` returns a new
+features of the batch), numeric attributes. `ItemCatalog.with_items` returns a new
 catalog (copy-on-write): readers keep the reference they started with, a swap
-is one assignment.
+is one assignment. (Not `retrieval.catalog.Catalog`: that one is the retriever's
+training/export view of the items, a candidates KeyedJaggedTensor plus logq.)
 
 Hashed ids follow `features.layout`: ``category`` and ``tag`` features of
 `features.hashing` spec v1; the primary category equals
@@ -32,7 +33,7 @@ def _hash_list(values: Iterable[str], feature: str) -> list[int]:
 
 
 @dataclass(frozen=True)
-class Catalog:
+class ItemCatalog:
     item_ids: np.ndarray  # (N,) int64, sorted, unique
     category: np.ndarray  # (N,) int64 primary category id, 0 = none
     cat_values: np.ndarray  # (sum,) int64 hashed ids of all categories, row-major
@@ -92,15 +93,15 @@ class Catalog:
         return out
 
     @classmethod
-    def empty(cls) -> "Catalog":
+    def empty(cls) -> "ItemCatalog":
         z = np.empty(0, np.int64)
         return cls(z, z, z, z, z, z, {}, ())
 
     @classmethod
-    def from_items(cls, items: Sequence[Item]) -> "Catalog":
+    def from_items(cls, items: Sequence[Item]) -> "ItemCatalog":
         return cls.empty().with_items(items)
 
-    def with_items(self, items: Sequence[Item]) -> "Catalog":
+    def with_items(self, items: Sequence[Item]) -> "ItemCatalog":
         """A new catalog with `items` added or replaced (by id)."""
         if not items:
             return self
@@ -137,9 +138,9 @@ class Catalog:
         order = np.argsort(ids, kind="stable")
         cat_values, cat_lengths = _reorder(cat_values, cat_lengths, order)
         tag_values, tag_lengths = _reorder(tag_values, tag_lengths, order)
-        return Catalog(ids[order], category[order], cat_values, cat_lengths, tag_values, tag_lengths,
-                       {k: v[order] for k, v in numeric.items()}, tuple(titles[i] for i in order),
-                       {k: v[order] for k, v in attrs.items()})
+        return ItemCatalog(ids[order], category[order], cat_values, cat_lengths, tag_values, tag_lengths,
+                           {k: v[order] for k, v in numeric.items()}, tuple(titles[i] for i in order),
+                           {k: v[order] for k, v in attrs.items()})
 
     def candidate_features(self, rows: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """The item features of catalog `rows` as jagged (values, lengths), keyed like the reader's candidates KJT
@@ -163,7 +164,7 @@ def _reorder(values: np.ndarray, lengths: np.ndarray, order: np.ndarray) -> tupl
     return values[idx], lens
 
 
-def load_catalog(path: Path) -> Catalog:
+def load_catalog(path: Path) -> ItemCatalog:
     """Items of a canonical dataset directory (``items/``, `features.schema.ITEMS_SCHEMA`)."""
     d = Path(path) / "items"
     if not d.exists():
@@ -179,4 +180,4 @@ def load_catalog(path: Path) -> Catalog:
         for i, title, c, g, a, n in zip(cols["item_id"], cols.get("title", [None] * t.num_rows), cols["categories"],
                                         cols["tags"], cols.get("attributes", [None] * t.num_rows), cols["numeric"])
     ]
-    return Catalog.from_items(items)
+    return ItemCatalog.from_items(items)

@@ -38,7 +38,7 @@ import torch
 from features.batch import BatchSpec, validate_batch
 from features.list_context import recent_items, second_stage_dense
 from serving.batching import UserView, build_request_batch, candidate_dense, user_view
-from serving.catalog import Catalog
+from serving.catalog import ItemCatalog
 from serving.config import LimitsConfig, RuntimeConfig
 from serving.errors import DeadlineExceeded, InvalidRequest, NoModelLoaded, StateUnavailable
 from serving.metrics import ServingMetrics
@@ -125,7 +125,7 @@ class Availability:
 class CatalogRef:
     """The current catalog; replaced (never mutated) by the items consumer."""
 
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: ItemCatalog) -> None:
         self.current = catalog
         self.lock = threading.Lock()  # serializes writers
 
