@@ -58,8 +58,8 @@ BUNDLE_FORMAT = "cascade.model-bundle/1"
 MANIFEST = "manifest.json"
 
 
-class RetrieverInference(Protocol):
-    """What serving needs from a retriever export (retrieval/export.py implements it)."""
+class ServableRetriever(Protocol):
+    """What serving needs from a retriever export (`retrieval.inference.RetrieverInference` implements it)."""
 
     item_ids: np.ndarray  # (N,) ids in its exported index
     dim: int
@@ -77,8 +77,8 @@ class RetrieverInference(Protocol):
         ...
 
 
-class RankerInference(Protocol):
-    """What serving needs from a ranker export (ranking/export.py implements it)."""
+class ServableRanker(Protocol):
+    """What serving needs from a ranker export (`ranking.inference.RankerInference` implements it)."""
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """(N,) probabilities for the batch's candidates."""
@@ -181,8 +181,8 @@ class ModelBundle:
     path: Path
     checksum: str
     manifest: Mapping[str, Any]
-    retriever: Any  # RetrieverInference
-    ranker: Any  # RankerInference
+    retriever: ServableRetriever
+    ranker: ServableRanker
     index: ItemIndex
     dense: DenseLayout
     sig_spec: int  # 0: the ranker has no SDIM signatures
