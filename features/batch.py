@@ -335,21 +335,3 @@ def validate_batch(batch: Batch, spec: BatchSpec = BatchSpec()) -> Batch:
         if b and int(lens.min()) < 0:
             _fail("sdim_lengths has negative entries")
     return batch
-
-
-def jagged_tail(values: torch.Tensor, lengths: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The last `n` elements of every row of a jagged tensor (e.g. the short-term history).
-
-    values: (sum L,), lengths: (B,) -> (values', lengths') with lengths' = min(L, n).
-    Vectorized: no loop over rows.
-    """
-    lengths = lengths.to(torch.int64)
-    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=values.device)
-    offsets[1:] = torch.cumsum(lengths, 0)
-    new_len = lengths.clamp(max=n)
-    row = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), new_len)
-    new_off = torch.zeros_like(offsets)
-    new_off[1:] = torch.cumsum(new_len, 0)
-    pos = torch.arange(int(new_len.sum()), device=values.device) - new_off[:-1][row]
-    src = offsets[1:][row] - new_len[row] + pos
-    return values[src], new_len

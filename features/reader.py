@@ -59,6 +59,7 @@ from features.batch import (
     HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, HIST_TS, HISTORY_KEYS, ITEM_CATEGORY, ITEM_ID, ITEM_TAG, USER_ID,
     Batch, BatchSpec, build_batch, validate_batch,
 )
+from features.jagged import segment_indices
 from features.sequence import SequenceState
 from features.transforms import DenseLayout, counter_columns
 
@@ -87,16 +88,6 @@ class ReaderConfig:
 
 class FeatureStoreError(ValueError):
     """The features directory is missing something or is inconsistent; the message says what and where."""
-
-
-def segment_indices(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Flat indices of the segments [starts[i], starts[i] + lengths[i]), concatenated in order."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    total = int(lengths.sum())
-    if total == 0:
-        return np.empty(0, dtype=np.int64)
-    out_start = np.cumsum(lengths) - lengths  # (B,) where each segment lands in the output
-    return np.arange(total, dtype=np.int64) + np.repeat(np.asarray(starts, dtype=np.int64) - out_start, lengths)
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,8 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from features.batch import HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, ITEM_CATEGORY, ITEM_ID, Batch, jagged_tail
+from features.batch import HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, ITEM_CATEGORY, ITEM_ID, Batch
+from features.jagged import jagged_tail, offsets_of, segment_rows
 from features.layout import CATEGORY_FEATURE
 from features.sequence import NUM_ACTIONS
 from kernels import bucketize
@@ -85,13 +86,6 @@ def _segment_mean(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     seg = torch.repeat_interleave(torch.arange(k, device=values.device), lengths)
     out = values.new_zeros(k, values.shape[1]).index_add_(0, seg, values)
     return out / lengths.clamp(min=1).unsqueeze(1).to(values.dtype)
-
-
-def _excl_cumsum(x: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros_like(x)
-    if x.numel() > 1:
-        out[1:] = torch.cumsum(x[:-1], 0)
-    return out
 
 
 def _right_pad_index(lengths: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -265,13 +259,11 @@ class TwoTowerRetriever(nn.Module):
         groups = min(self.cfg.user.length_groups, b)
         if groups <= 1:
             return self._encode_padded(tokens, lengths)
-        starts = torch.zeros(b, dtype=torch.int64, device=lengths.device)
-        starts[1:] = torch.cumsum(lengths, 0)[:-1]
+        starts = offsets_of(lengths)[:-1]
         idx, enc = [], []
         for g in torch.tensor_split(torch.argsort(lengths, stable=True), groups):
             lg = lengths[g]
-            rows = torch.repeat_interleave(starts[g] - _excl_cumsum(lg), lg)
-            rows = rows + torch.arange(int(lg.sum()), device=lengths.device)  # the group's tokens in `tokens`
+            rows = segment_rows(starts[g], lg)  # the group's tokens in `tokens`
             idx.append(rows)
             enc.append(self._encode_padded(tokens[rows], lg))
         return torch.zeros_like(tokens).index_copy(0, torch.cat(idx), torch.cat(enc).to(tokens.dtype))

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 
 from features.hashing import hash_string
 from features.batch import ITEM_CATEGORY, ITEM_TAG
+from features.jagged import segment_indices
 from features.layout import CATEGORY_FEATURE, TAG_FEATURE, item_attr_feature
 from features.schema import Item
 
@@ -71,9 +72,7 @@ class ItemCatalog:
         if lens.sum() == 0:
             return np.empty(0, np.int64), lens
         starts = np.where(rows >= 0, offsets[np.maximum(rows, 0)], 0)
-        out_off = np.concatenate([[0], np.cumsum(lens)[:-1]])
-        idx = np.repeat(starts - out_off, lens) + np.arange(int(lens.sum()))
-        return values[idx], lens
+        return values[segment_indices(starts, lens)], lens
 
     def _offsets(self, which: str) -> np.ndarray:
         key = "_cat_off" if which == "category" else "_tag_off"
@@ -159,9 +158,7 @@ def _reorder(values: np.ndarray, lengths: np.ndarray, order: np.ndarray) -> tupl
     lens = lengths[order]
     if lens.sum() == 0:
         return np.empty(0, np.int64), lens
-    out_off = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    idx = np.repeat(offsets[order] - out_off, lens) + np.arange(int(lens.sum()))
-    return values[idx], lens
+    return values[segment_indices(offsets[order], lens)], lens
 
 
 def load_catalog(path: Path) -> ItemCatalog:
