@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from features.batch import (
-    HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, HIST_SDIM_SIG, HIST_TS, ITEM_CATEGORY, ITEM_ID, ITEM_TAG, USER_ID, Batch,
+    HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, HIST_SDIM_SIG, HIST_TS, USER_ID, Batch,
     build_batch,
 )
 from features.sequence import SequenceState
@@ -107,7 +107,7 @@ def _request_batch(view: UserView, catalog: ItemCatalog, item_ids: np.ndarray, c
     n = len(item_ids)
     candidates = {}
     if n:  # a user-tower batch has no candidate keys at all (a keyed KJT with 0 rows trips validate_batch)
-        candidates = {ITEM_ID: (item_ids, np.ones(n, np.int64)), **catalog.candidate_features(catalog.rows(item_ids))}
+        candidates = catalog.candidate_features(item_ids)
     cand_dense = cand_dense if cand_dense is not None else np.zeros((n, 0), np.float32)
     if reuse is not None:
         part = build_batch(user={}, history={}, history_lengths=np.zeros(0, np.int64), candidates=candidates,

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from features.hashing import hash_string
-from features.batch import ITEM_CATEGORY, ITEM_TAG
+from features.batch import build_candidate_features
 from features.jagged import segment_indices
 from features.layout import CATEGORY_FEATURE, TAG_FEATURE, item_attr_feature
 from features.schema import Item
@@ -141,16 +141,16 @@ class ItemCatalog:
                            {k: v[order] for k, v in numeric.items()}, tuple(titles[i] for i in order),
                            {k: v[order] for k, v in attrs.items()})
 
-    def candidate_features(self, rows: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """The item features of catalog `rows` as jagged (values, lengths), keyed like the reader's candidates KJT
-        (``item_category``, ``item_tag``, ``item_attr_<key>``); -1 rows and missing attributes get no values."""
-        rows = np.asarray(rows, dtype=np.int64)
-        out = {ITEM_CATEGORY: self.jagged(rows, "category"), ITEM_TAG: self.jagged(rows, "tag")}
+    def candidate_features(self, item_ids: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The candidates KJT's {key: (values, lengths)} of `item_ids` (`features.batch.build_candidate_features`,
+        as the reader builds them); ids not in the catalog and missing attributes get no values."""
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        rows = self.rows(item_ids)
+        attrs = {}
         for f, ids in self.attrs.items():
             v = np.where(rows >= 0, ids[np.maximum(rows, 0)], 0)
-            present = v != 0
-            out[f] = (v[present], present.astype(np.int64))
-        return out
+            attrs[f] = (v, v != 0)
+        return build_candidate_features(item_ids, self.jagged(rows, "category"), self.jagged(rows, "tag"), attrs)
 
 
 def _reorder(values: np.ndarray, lengths: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
