@@ -39,7 +39,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from features.batch import HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, ITEM_CATEGORY, ITEM_ID, Batch
 from features.jagged import jagged_tail, offsets_of, segment_rows
-from features.layout import CATEGORY_FEATURE
+from features.layout import CATEGORY_FEATURE, ITEM_FEATURE
 from features.sequence import NUM_ACTIONS
 from kernels import bucketize
 from retrieval.config import CATEGORY_TABLE, ITEM_ID_TABLE, ModelConfig
@@ -47,7 +47,7 @@ from retrieval.config import CATEGORY_TABLE, ITEM_ID_TABLE, ModelConfig
 
 def id_hash_features(num_hashes: int) -> tuple[str, ...]:
     """Hash-spec feature names of the item-id hashes: "item_id", "item_id#1", ..."""
-    return tuple(ITEM_ID if h == 0 else f"{ITEM_ID}#{h}" for h in range(num_hashes))
+    return tuple(ITEM_FEATURE if h == 0 else f"{ITEM_FEATURE}#{h}" for h in range(num_hashes))
 
 
 class TowerOutput(NamedTuple):

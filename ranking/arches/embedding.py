@@ -35,14 +35,13 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from features.batch import HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, HIST_SDIM_SIG, ITEM_CATEGORY, ITEM_ID, Batch
 from features.jagged import offsets_of, tail_index
-from features.layout import CATEGORY_FEATURE
+from features.layout import CATEGORY_FEATURE, ITEM_FEATURE
 from features.sequence import NUM_ACTIONS
 from kernels import bucketize, make_hyperplanes, simhash, unpack_codes
 from ranking.config import (
     CATEGORY_ATT_TABLE,
     CATEGORY_REP_TABLE,
     ITEM_ATT_TABLE,
-    ITEM_FEATURE,
     ITEM_REP_TABLE,
     EmbeddingArchConfig,
     SequenceArchConfig,
