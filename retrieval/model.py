@@ -92,8 +92,7 @@ def _right_pad_index(lengths: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Flat index into a (B, T) right-padded layout for every jagged element, and T = max length."""
     b = lengths.numel()
     t = int(lengths.max()) if b else 0
-    offsets = torch.zeros(b + 1, dtype=torch.int64, device=lengths.device)
-    offsets[1:] = torch.cumsum(lengths, 0)
+    offsets = offsets_of(lengths)
     row = torch.repeat_interleave(torch.arange(b, device=lengths.device), lengths)
     col = torch.arange(int(offsets[-1]), device=lengths.device) - offsets[:-1][row]
     return row * t + col, t
