@@ -85,7 +85,7 @@ def build_bundle(catalog, out: Path, model: str) -> Path:
         return path
     r_over, k_over = MODEL_OVERRIDES[model]
     rcfg = load_config(RetrieverConfig, REPO / "retrieval/configs/ml-100k.yaml", [*r_over, "index.kind=flat"])
-    feats = catalog.candidate_features(np.arange(len(catalog)))
+    feats = catalog.candidate_features(catalog.item_ids)
     kjt = make_kjt({ITEM_ID: (catalog.item_ids, np.ones(len(catalog), np.int64)),
                     **{k: feats[k] for k in item_keys(rcfg.model) if k != ITEM_ID}})
     torch.manual_seed(0)

@@ -90,6 +90,21 @@ def make_kjt(features: Mapping[str, tuple[ArrayLike, ArrayLike]], stride: int | 
     return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, stride=stride)
 
 
+def build_candidate_features(
+    item_ids: np.ndarray,  # (N,) int64
+    categories: tuple[np.ndarray, np.ndarray],  # (values, (N,) lengths): hashed ids of all categories
+    tags: tuple[np.ndarray, np.ndarray],  # (values, (N,) lengths): hashed tag ids
+    attrs: Mapping[str, tuple[np.ndarray, np.ndarray]],  # item_attr_<key> -> ((N,) hashed ids, (N,) bool present)
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """The candidates KJT's {key: (values, lengths)} for N items, the one builder of it (the reader from Spark's
+    items table, the server from its in-memory catalog): item_id (one each), item_category and item_tag (jagged),
+    then one value per item attribute where present and none where missing, in `attrs`' order."""
+    out = {ITEM_ID: (item_ids, np.ones(len(item_ids), dtype=np.int64)), ITEM_CATEGORY: categories, ITEM_TAG: tags}
+    for key, (ids, present) in attrs.items():
+        out[key] = (ids[present], present.astype(np.int64))
+    return out
+
+
 @dataclass
 class Batch(Pipelineable):
     """See the module docstring for the layout. Shapes: B users, N candidates, T tasks."""
@@ -335,21 +350,3 @@ def validate_batch(batch: Batch, spec: BatchSpec = BatchSpec()) -> Batch:
         if b and int(lens.min()) < 0:
             _fail("sdim_lengths has negative entries")
     return batch
-
-
-def jagged_tail(values: torch.Tensor, lengths: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The last `n` elements of every row of a jagged tensor (e.g. the short-term history).
-
-    values: (sum L,), lengths: (B,) -> (values', lengths') with lengths' = min(L, n).
-    Vectorized: no loop over rows.
-    """
-    lengths = lengths.to(torch.int64)
-    offsets = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=values.device)
-    offsets[1:] = torch.cumsum(lengths, 0)
-    new_len = lengths.clamp(max=n)
-    row = torch.repeat_interleave(torch.arange(lengths.numel(), device=values.device), new_len)
-    new_off = torch.zeros_like(offsets)
-    new_off[1:] = torch.cumsum(new_len, 0)
-    pos = torch.arange(int(new_len.sum()), device=values.device) - new_off[:-1][row]
-    src = offsets[1:][row] - new_len[row] + pos
-    return values[src], new_len

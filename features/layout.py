@@ -58,7 +58,9 @@ OUTPUTS: tuple[str, ...] = (
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 SPLIT_COLUMN = "split"
 
-CATEGORY_FEATURE = "category"  # == features.sequence.CATEGORY_FEATURE
+# Hash-spec feature names (the seeds of features.hashing), the same in Spark, the models and serving.
+ITEM_FEATURE = "item_id"  # item ids (a model hashing them several times adds "item_id#1", ...)
+CATEGORY_FEATURE = "category"  # category ids
 TAG_FEATURE = "tag"
 TIMELINE_FIELDS: tuple[str, ...] = ("item_id", "ts_ms", "action", "category")
 

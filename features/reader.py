@@ -57,8 +57,9 @@ import pyarrow.parquet as pq
 from features import layout, storage
 from features.batch import (
     HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, HIST_TS, HISTORY_KEYS, ITEM_CATEGORY, ITEM_ID, ITEM_TAG, USER_ID,
-    Batch, BatchSpec, build_batch, validate_batch,
+    Batch, BatchSpec, build_batch, build_candidate_features, validate_batch,
 )
+from features.jagged import segment_indices
 from features.sequence import SequenceState
 from features.transforms import DenseLayout, counter_columns
 
@@ -87,16 +88,6 @@ class ReaderConfig:
 
 class FeatureStoreError(ValueError):
     """The features directory is missing something or is inconsistent; the message says what and where."""
-
-
-def segment_indices(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-    """Flat indices of the segments [starts[i], starts[i] + lengths[i]), concatenated in order."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    total = int(lengths.sum())
-    if total == 0:
-        return np.empty(0, dtype=np.int64)
-    out_start = np.cumsum(lengths) - lengths  # (B,) where each segment lands in the output
-    return np.arange(total, dtype=np.int64) + np.repeat(np.asarray(starts, dtype=np.int64) - out_start, lengths)
 
 
 @dataclass(frozen=True)
@@ -324,13 +315,9 @@ class FeatureStore:
 
     def _candidate_kjt(self, item_ids: np.ndarray) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray]:
         rows, found = self.items.rows(item_ids)
-        out = {ITEM_ID: (item_ids, np.ones(len(item_ids), dtype=np.int64))}
-        out[ITEM_CATEGORY] = self.item_categories.gather(rows, found)
-        out[ITEM_TAG] = self.item_tags.gather(rows, found)
-        for k in self.item_attr_keys:
-            vals, present = self.item_attrs[k]
-            ok = found & present[rows]
-            out[k] = (vals[rows][ok], ok.astype(np.int64))
+        attrs = {k: (self.item_attrs[k][0][rows], found & self.item_attrs[k][1][rows]) for k in self.item_attr_keys}
+        out = build_candidate_features(item_ids, self.item_categories.gather(rows, found),
+                                       self.item_tags.gather(rows, found), attrs)
         return out, rows, found
 
     def _history(self, user_ids: np.ndarray, end: np.ndarray, cap: int | None, where: str) -> tuple[dict[str, np.ndarray], np.ndarray]:

@@ -29,9 +29,9 @@ from typing import Iterable, Mapping, Sequence
 import numpy as np
 
 from features.hashing import hash_string
+from features.layout import CATEGORY_FEATURE
 from features.schema import Event, EventType
 
-CATEGORY_FEATURE = "category"
 DEFAULT_BEHAVIOR_TYPES: tuple[str, ...] = ("click", "purchase", "rating", "interaction", "like", "add_to_cart", "view")
 NUM_ACTIONS = 2 * (max(e.value for e in EventType) + 1)  # vocabulary size of action codes
 

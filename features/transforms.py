@@ -58,6 +58,20 @@ def parse_window(name: str) -> int | None:
     return int(m.group(1)) * _UNIT_MS[m.group(2)]
 
 
+def window_start(t_ms: int, window_ms: int | None) -> int | None:
+    """The counter window rule, the one Python statement of it: a counter over `window_ms` at time t counts
+    the events with ``window_start <= ts < t`` (None, the ``all`` window: no lower bound). Strictly before
+    t: a sample never counts itself or anything at its own millisecond. Spark states the same rule as JVM
+    range frames (`features.spark.stats`); the Spark-vs-Python parity tests keep the two equal."""
+    return None if window_ms is None else t_ms - window_ms
+
+
+def in_window(ts: np.ndarray, t_ms: int, window_ms: int | None) -> np.ndarray:
+    """(M,) bool: which of the timestamps `ts` a counter over `window_ms` at time t counts (`window_start`)."""
+    lo = window_start(t_ms, window_ms)
+    return ts < t_ms if lo is None else (ts >= lo) & (ts < t_ms)
+
+
 @dataclass(frozen=True)
 class StatsConfig:
     """Which counters exist and how they become features (shared by Spark, reader and server)."""

@@ -43,13 +43,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from features.layout import MANIFEST  # a version is a complete features directory
+
 log = logging.getLogger("cascade.features.versions")
 
 POINTER = "current.json"
 LEASES = "leases"
 LOCK = ".lock"
 VERSION_PREFIX = "v-"
-MANIFEST = "manifest.json"
 DEFAULT_LEASE_TTL_S = 600.0
 RUN_RECORD = "features_version.json"  # in a training run's directory: the version it reads
 

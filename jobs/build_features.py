@@ -37,6 +37,8 @@ import sys
 import time
 from pathlib import Path
 
+from features import layout
+
 log = logging.getLogger("cascade.build_features")
 
 
@@ -147,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{s.name:<18} {s.seconds:8.1f}  {', '.join(f'{k}={v:,}' for k, v in s.rows.items())}")
     print(f"{'total':<18} {total:8.1f}  (Spark start included)")
     print(f"features  {res.out}")
-    print(f"manifest  {res.out}/manifest.json")
+    print(f"manifest  {res.out}/{layout.MANIFEST}")
     if res.report is not None:
         print(f"report    {res.out}/report/validation.txt (+ .json, .png)")
         for w in res.report["warnings"]:

@@ -43,6 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _print_summary(manifest: dict, seconds: float, out: Path) -> None:
+    from features.datasets.common import DATASET_MANIFEST
+
     stats = manifest["stats"]
     q = manifest["tables"]["quarantine"]
     print(f"dataset      {manifest['dataset']}  ->  {out}")
@@ -53,7 +55,7 @@ def _print_summary(manifest: dict, seconds: float, out: Path) -> None:
     print(f"time range   {tr['min_utc']} .. {tr['max_utc']}  ({manifest['timestamps']})")
     print(f"quarantined  {q['rows']:,}" + (f"  by reason: {json.dumps(q['by_reason'])}" if q["rows"] else ""))
     print(f"took         {seconds:.1f}s   peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
-    print(f"manifest     {out / 'manifest.json'}")
+    print(f"manifest     {out / DATASET_MANIFEST}")
 
 
 def run_import(args: argparse.Namespace) -> int:

@@ -25,6 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from features.datasets.common import DATASET_MANIFEST
+from serving.artifacts import VERSION_MANIFEST, VERSIONS
+
 REPO = Path(__file__).resolve().parent.parent
 # The full ranker as the second stage, small (two epochs on the dataset's sizes) but complete: DARE's decoupled
 # attention and representation tables, SDIM long-term interest (signatures and bucket sums kept at ingest by the
@@ -68,7 +71,7 @@ def _dataset(cfg: DemoConfig) -> tuple[Path, str]:
     src = None if cfg.synthetic else (cfg.source if cfg.source is not None else _default_source())
     if src is not None:
         out = cfg.workdir / "data" / src.name
-        if not (out / "manifest.json").is_file():
+        if not (out / DATASET_MANIFEST).is_file():
             import_dataset(src, out, overwrite=True)
         return out, f"{src.name} (real, from {src})"
     from tqdm import tqdm
@@ -76,7 +79,7 @@ def _dataset(cfg: DemoConfig) -> tuple[Path, str]:
     from features.datasets.synthetic import SynthConfig, generate
 
     out = cfg.workdir / "data" / f"synth-{cfg.synthetic_events}"
-    if not (out / "manifest.json").is_file():
+    if not (out / DATASET_MANIFEST).is_file():
         with tqdm(total=cfg.synthetic_events, unit="ev", unit_scale=True, desc="synth") as bar:
             generate(SynthConfig(events=cfg.synthetic_events, seed=0), out, overwrite=True,
                      progress=lambda done, total: bar.update(done - bar.n))
@@ -85,7 +88,7 @@ def _dataset(cfg: DemoConfig) -> tuple[Path, str]:
 
 
 def _configs(dataset: Path) -> tuple[str, str]:
-    name = json.loads((dataset / "manifest.json").read_text()).get("dataset", "")
+    name = json.loads((dataset / DATASET_MANIFEST).read_text()).get("dataset", "")
     if name in ("ml-1m",):
         return "retrieval/configs/ml-1m.yaml", "ranking/configs/ml-1m.yaml"
     return "retrieval/configs/ml-100k.yaml", "ranking/configs/ml-100k.yaml"
@@ -164,7 +167,7 @@ def run_demo(cfg: DemoConfig) -> int:
 
     _banner(1, total, "dataset")
     dataset, what = _dataset(cfg)
-    man = json.loads((dataset / "manifest.json").read_text())
+    man = json.loads((dataset / DATASET_MANIFEST).read_text())
     rows = {k: v.get("rows") for k, v in man.get("tables", {}).items()}
     _say(f"dataset      {dataset}: {what}; rows {rows}")
     report.section("Dataset", text=f"{dataset} — {what}", table=[{"table": k, "rows": v} for k, v in rows.items()])
@@ -187,7 +190,7 @@ def run_demo(cfg: DemoConfig) -> int:
         v1 = run_pipeline(base, "v1", _say)
         if not v1.published:
             raise RuntimeError(f"v1 was not published: {v1.reasons}")
-        fdir = json.loads((art / "versions" / "v1" / "manifest.json").read_text())["stages"]["features"]["dir"]
+        fdir = json.loads((art / VERSIONS / "v1" / VERSION_MANIFEST).read_text())["stages"]["features"]["dir"]
 
         _banner(4, total, "gRPC ranking server on v1")
         cutoff, users, live, sample = _cutoff_and_users(dataset, cfg.users_shown)

@@ -57,8 +57,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
 
 from features import storage
+from features.datasets.common import DATASET_MANIFEST
+from features.layout import MANIFEST as FEATURES_MANIFEST
 from features.storage import StorageConfig
 from jobs import backfill
+from serving.artifacts import PUBLISHED
+from serving.artifacts import VERSION_MANIFEST as MANIFEST
 from serving.config import SaslConfig, TlsFiles
 
 if TYPE_CHECKING:
@@ -66,8 +70,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("cascade.pipeline")
 
-MANIFEST = "manifest.json"
-PUBLISHED = "published.json"
 HISTORY = "history.jsonl"
 STAGES = ("features", "retriever", "ranker", "evaluate", "publish")
 
@@ -321,17 +323,17 @@ class Run:
         fc = self.cfg.features
         if fc.dir:
             fdir = Path(fc.dir)
-            inputs = _digest({"dir": str(fdir.resolve()), "manifest": _file_digest(fdir / "manifest.json")})
+            inputs = _digest({"dir": str(fdir.resolve()), "manifest": _file_digest(fdir / FEATURES_MANIFEST)})
             return self._stage("features", inputs, lambda: self._prebuilt(fdir))
         dataset = Path(self.cfg.dataset)
-        inputs = _digest({"dataset": _file_digest(dataset / "manifest.json"), "config": fc.config,
+        inputs = _digest({"dataset": _file_digest(dataset / DATASET_MANIFEST), "config": fc.config,
                           "config_file": _file_digest(config_path(fc.config)) if fc.config else "",
                           "overrides": fc.overrides})
         return self._stage("features", inputs, lambda: self._build_features(dataset))
 
     def _prebuilt(self, fdir: Path) -> dict[str, Any]:
-        if not (fdir / "manifest.json").is_file():
-            raise FileNotFoundError(f"features.dir {fdir} has no manifest.json: is it a `cascade build-features` output?")
+        if not (fdir / FEATURES_MANIFEST).is_file():
+            raise FileNotFoundError(f"features.dir {fdir} has no {FEATURES_MANIFEST}: is it a `cascade build-features` output?")
         return {"dir": str(fdir), **_snapshot(fdir)}
 
     def _build_features(self, dataset: Path) -> dict[str, Any]:
@@ -357,7 +359,7 @@ class Run:
         """The "retriever" or "ranker" stage: train on `fdir` into VERSION/<model>/ and export. The ranker
         stage gets the retriever stage's record: a second-stage ranker learns from its lists."""
         tc: TrainStage = getattr(self.cfg, model)
-        inputs = {"features": _file_digest(fdir / "manifest.json"), "configs": tc.configs,
+        inputs = {"features": _file_digest(fdir / FEATURES_MANIFEST), "configs": tc.configs,
                   "files": [_file_digest(config_path(c)) for c in tc.configs], "overrides": tc.overrides,
                   "world": tc.world_size}
         if model == "retriever":
@@ -431,7 +433,7 @@ class Run:
         from serving.models import MANIFEST as BUNDLE_MANIFEST
         from serving.models import write_bundle
 
-        layout = DenseLayout.from_manifest(json.loads((fdir / "manifest.json").read_text()))
+        layout = DenseLayout.from_manifest(json.loads((fdir / FEATURES_MANIFEST).read_text()))
         bundle = self.dir / "bundle"
         if bundle.exists():  # a crash between write_bundle and the pointer update: rebuild it
             shutil.rmtree(bundle)
@@ -468,9 +470,9 @@ class Run:
 
 
 def _snapshot(fdir: Path) -> dict[str, Any]:
-    m = json.loads((fdir / "manifest.json").read_text())
+    m = json.loads((fdir / FEATURES_MANIFEST).read_text())
     inp = m.get("input", {})
-    return {"snapshot": {"features_manifest_sha256": _file_digest(fdir / "manifest.json"),
+    return {"snapshot": {"features_manifest_sha256": _file_digest(fdir / FEATURES_MANIFEST),
                          "dataset": inp.get("dataset"), "time_range": inp.get("time_range"),
                          "tables": inp.get("tables"), "feature_set_version": m.get("feature_set_version")}}
 
@@ -500,10 +502,11 @@ def _config_dict(cfg: Any) -> Any:
 
 def train_retriever_stage(tc: TrainStage, fdir: Path, out: Path) -> dict[str, Any]:
     from jobs.train_retriever import load_retriever_config, train
+    from retrieval.export import MANIFEST as RETRIEVER_MANIFEST
 
     cfg = load_retriever_config([config_path(c) for c in tc.configs], tc.overrides)
     res = train(cfg, fdir, out, tc.world_size)
-    ann = json.loads((Path(res.export_dir) / "manifest.json").read_text())["ann"]
+    ann = json.loads((Path(res.export_dir) / RETRIEVER_MANIFEST).read_text())["ann"]
     return {"export": res.export_dir, "test": res.test, "valid": res.best_valid, "best_epoch": res.best_epoch,
             "ann": {k: v for k, v in ann.items() if k.startswith("recall")}}
 
@@ -695,6 +698,7 @@ def repoint(cfg: PipelineConfig, version: str, action: Literal["promote", "rollb
     """
     from features.transforms import DenseLayout
     from serving.errors import ArtifactError
+    from serving.models import MANIFEST as BUNDLE_MANIFEST
     from serving.models import verify_bundle
 
     if storage.is_remote(cfg.artifacts):
@@ -710,7 +714,7 @@ def repoint(cfg: PipelineConfig, version: str, action: Literal["promote", "rollb
     rec = records[-1]
     bundle = Path(rec["bundle"])
     try:
-        manifest = json.loads((bundle / "manifest.json").read_text())
+        manifest = json.loads((bundle / BUNDLE_MANIFEST).read_text())
         stats = DenseLayout.from_manifest(manifest.get("features", {})).stats
         verify_bundle(bundle, rec["checksum"], version, stats, retention_ms=2**62)
     except (OSError, ValueError, KeyError, ArtifactError) as e:

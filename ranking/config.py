@@ -17,10 +17,6 @@ from typing import Literal
 
 from features.train.sharding import ShardingConfig
 
-# Hash-spec feature names (features.hashing): ids map to table rows with pmod(xxhash64(feature, id), buckets).
-ITEM_FEATURE = "item_id"  # the same name the retriever and serving use for item ids
-CATEGORY_FEATURE = "category"  # == features.sequence.CATEGORY_FEATURE
-
 # TorchRec table names.
 ITEM_REP_TABLE = "item_rep"
 ITEM_ATT_TABLE = "item_att"

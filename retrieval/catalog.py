@@ -15,13 +15,7 @@ import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from features.batch import ITEM_ID
-
-
-def _excl_cumsum(x: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros_like(x)
-    if x.numel() > 1:
-        out[1:] = torch.cumsum(x[:-1], 0)
-    return out
+from features.jagged import segment_rows
 
 
 def select_rows(kjt: KeyedJaggedTensor, rows: torch.Tensor, keys: Sequence[str] | None = None) -> KeyedJaggedTensor:
@@ -33,9 +27,7 @@ def select_rows(kjt: KeyedJaggedTensor, rows: torch.Tensor, keys: Sequence[str] 
         jt = kjt[key]
         ln = jt.lengths().to(torch.int64)[rows]
         start = jt.offsets().to(torch.int64)[rows]
-        total = int(ln.sum())
-        idx = torch.repeat_interleave(start - _excl_cumsum(ln), ln) + torch.arange(total)
-        values.append(jt.values()[idx])
+        values.append(jt.values()[segment_rows(start, ln)])
         lengths.append(ln)
     return KeyedJaggedTensor(keys=keys, values=torch.cat(values) if values else torch.empty(0, dtype=torch.int64),
                              lengths=torch.cat(lengths) if lengths else torch.empty(0, dtype=torch.int64),

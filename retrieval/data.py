@@ -33,7 +33,7 @@ from retrieval.evaluate import EvalBatch
 def build_catalog(store: FeatureStore) -> Catalog:
     """Every item of the timelines, with its candidate features (the reader's layout) and logq."""
     ids = np.unique(store.timeline_values["item_id"]).astype(np.int64)
-    features, _, found = store._candidate_kjt(ids)
+    features, found = store.candidate_features(ids), store.items.rows(ids)[1]
     if not found.all():
         missing = ids[~found]
         raise ValueError(f"{store.root}: {len(missing)} item(s) of the timelines are missing from the items "

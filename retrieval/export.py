@@ -36,6 +36,7 @@ import torch
 from features.config import from_mapping, to_dict
 from features.datasets.common import sha256_file
 from features.hashing import HASH_SPEC_VERSION
+from features.layout import CATEGORY_FEATURE
 from features.schema import SCHEMA_VERSION
 from features.train.checkpoint import load_checkpoint
 from retrieval.catalog import Catalog
@@ -43,7 +44,7 @@ from retrieval.config import CATEGORY_TABLE, ITEM_ID_TABLE, IndexConfig, ModelCo
 from retrieval.evaluate import item_matrix, last_queries
 from retrieval.index import build_index, configure_search, exact_index, recall_vs_exact, search
 from retrieval.inference import HISTORY_KEYS, CompactEmbeddingCollection, RetrieverInference
-from retrieval.model import CATEGORY_FEATURE, TwoTowerRetriever
+from retrieval.model import TwoTowerRetriever
 from retrieval.task import RetrievalTask, item_keys
 from kernels import bucketize
 
@@ -52,6 +53,7 @@ if TYPE_CHECKING:
 
 EXPORT_FORMAT = "cascade.retriever/1"
 LOADER = "retrieval.export"
+MANIFEST = "manifest.json"  # format, loader, every file's sha256, ANN recall; written last
 FILES = ("config.json", "model.pt", "item_ids.npy", "item_embeddings.npy", "index.faiss")
 
 
@@ -120,7 +122,7 @@ def export_retriever(
     if logit_scale is None and not cfg.loss.learn_temperature:
         logit_scale = 1.0 / cfg.loss.temperature
     out = Path(out)
-    if (out / "manifest.json").exists():
+    if (out / MANIFEST).exists():
         raise FileExistsError(f"{out} already holds an export; exports are immutable, pick a new directory")
     out.mkdir(parents=True, exist_ok=True)
     model = model.eval()
@@ -161,14 +163,14 @@ def export_retriever(
         "files": {name: sha256_file(out / name) for name in FILES},
         "ann": ann, **dict(extra or {}),
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
 def load_retriever(path: Path | str) -> RetrieverInference:
     """An export directory -> RetrieverInference; verifies every checksum first (restricted loaders only)."""
     path = Path(path)
-    mpath = path / "manifest.json"
+    mpath = path / MANIFEST
     if not mpath.is_file():
         raise ExportError(f"{mpath} does not exist: not a retriever export")
     try:

@@ -10,7 +10,7 @@ the offline reader uses (history keys hist_item_id / hist_category /
 hist_action / hist_ts, user keys user_id + the attribute features listed in
 `RetrieverInference.user_keys`); the model truncates the history to its last
 `max_len` behaviors itself. These method names are a stable interface
-(`serving.models.RetrieverInference`).
+(`serving.models.ServableRetriever`).
 """
 from __future__ import annotations
 

@@ -37,17 +37,17 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from features.batch import HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, ITEM_CATEGORY, ITEM_ID, Batch, jagged_tail
+from features.batch import HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, ITEM_CATEGORY, ITEM_ID, Batch
+from features.jagged import jagged_tail, offsets_of, segment_rows
+from features.layout import CATEGORY_FEATURE, ITEM_FEATURE
 from features.sequence import NUM_ACTIONS
 from kernels import bucketize
 from retrieval.config import CATEGORY_TABLE, ITEM_ID_TABLE, ModelConfig
 
-CATEGORY_FEATURE = "category"  # hash spec feature name of category ids (features.sequence.CATEGORY_FEATURE)
-
 
 def id_hash_features(num_hashes: int) -> tuple[str, ...]:
     """Hash-spec feature names of the item-id hashes: "item_id", "item_id#1", ..."""
-    return tuple(ITEM_ID if h == 0 else f"{ITEM_ID}#{h}" for h in range(num_hashes))
+    return tuple(ITEM_FEATURE if h == 0 else f"{ITEM_FEATURE}#{h}" for h in range(num_hashes))
 
 
 class TowerOutput(NamedTuple):
@@ -88,19 +88,11 @@ def _segment_mean(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return out / lengths.clamp(min=1).unsqueeze(1).to(values.dtype)
 
 
-def _excl_cumsum(x: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros_like(x)
-    if x.numel() > 1:
-        out[1:] = torch.cumsum(x[:-1], 0)
-    return out
-
-
 def _right_pad_index(lengths: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Flat index into a (B, T) right-padded layout for every jagged element, and T = max length."""
     b = lengths.numel()
     t = int(lengths.max()) if b else 0
-    offsets = torch.zeros(b + 1, dtype=torch.int64, device=lengths.device)
-    offsets[1:] = torch.cumsum(lengths, 0)
+    offsets = offsets_of(lengths)
     row = torch.repeat_interleave(torch.arange(b, device=lengths.device), lengths)
     col = torch.arange(int(offsets[-1]), device=lengths.device) - offsets[:-1][row]
     return row * t + col, t
@@ -266,13 +258,11 @@ class TwoTowerRetriever(nn.Module):
         groups = min(self.cfg.user.length_groups, b)
         if groups <= 1:
             return self._encode_padded(tokens, lengths)
-        starts = torch.zeros(b, dtype=torch.int64, device=lengths.device)
-        starts[1:] = torch.cumsum(lengths, 0)[:-1]
+        starts = offsets_of(lengths)[:-1]
         idx, enc = [], []
         for g in torch.tensor_split(torch.argsort(lengths, stable=True), groups):
             lg = lengths[g]
-            rows = torch.repeat_interleave(starts[g] - _excl_cumsum(lg), lg)
-            rows = rows + torch.arange(int(lg.sum()), device=lengths.device)  # the group's tokens in `tokens`
+            rows = segment_rows(starts[g], lg)  # the group's tokens in `tokens`
             idx.append(rows)
             enc.append(self._encode_padded(tokens[rows], lg))
         return torch.zeros_like(tokens).index_copy(0, torch.cat(idx), torch.cat(enc).to(tokens.dtype))

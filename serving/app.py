@@ -28,7 +28,7 @@ from typing import Mapping, Sequence
 
 from features import storage
 from features.config import dump_config, load_config, parse_overrides
-from serving.catalog import Catalog, load_catalog
+from serving.catalog import ItemCatalog, load_catalog
 from serving.config import ServingConfig
 from serving.errors import StateUnavailable
 from serving.item_features import ItemDenseCache
@@ -81,14 +81,14 @@ class Addresses:
 class ServingApp:
     """Everything of one server process. `start()` returns once it listens; `stop()` is graceful."""
 
-    def __init__(self, cfg: ServingConfig, catalog: Catalog | None = None) -> None:
+    def __init__(self, cfg: ServingConfig, catalog: ItemCatalog | None = None) -> None:
         check_model_roots(cfg.models)  # no announced bundle from just any directory
         storage.configure(cfg.storage, os.environ)  # s3:// bundle URIs: endpoint, credentials named in the config
         self.cfg = cfg
         self.metrics = ServingMetrics()
         self.store = RedisOnlineStore(cfg.redis)
         self.catalog = CatalogRef(catalog if catalog is not None else
-                                  (load_catalog(cfg.catalog) if cfg.catalog else Catalog.empty()))
+                                  (load_catalog(cfg.catalog) if cfg.catalog else ItemCatalog.empty()))
         self.models = ModelHolder()
         self.availability = Availability()
         self.popularity = Popularity()

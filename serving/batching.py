@@ -25,7 +25,7 @@ from features.batch import (
 )
 from features.sequence import SequenceState
 from features.transforms import DenseLayout
-from serving.catalog import Catalog
+from serving.catalog import ItemCatalog
 from serving.state.base import ItemStats
 from serving.state.codec import BucketSums, CounterLog, UserRecord
 from serving.state.stats import window_counters
@@ -61,7 +61,7 @@ def user_view(user_id: int, rec: UserRecord | None, as_of_ms: int, layout: Dense
     return UserView(user_id, seq, sigs, layout.user_dense(counters), dict(rec.attrs.sparse))
 
 
-def candidate_dense(catalog: Catalog, item_ids: np.ndarray, stats: ItemStats | None, as_of_ms: int,
+def candidate_dense(catalog: ItemCatalog, item_ids: np.ndarray, stats: ItemStats | None, as_of_ms: int,
                     layout: DenseLayout) -> np.ndarray:
     """(N, Dc) dense features of the candidates; `stats` None = no counters (zeros, the cold answer)."""
     n = len(item_ids)
@@ -107,7 +107,7 @@ def user_batch(view: UserView, as_of_ms: int, with_sigs: np.ndarray | None = Non
     return batch
 
 
-def with_candidates(user: Batch, catalog: Catalog, item_ids: np.ndarray, cand_dense: np.ndarray | None,
+def with_candidates(user: Batch, catalog: ItemCatalog, item_ids: np.ndarray, cand_dense: np.ndarray | None,
                     sdim: BucketSums | None = None, validate: bool = True) -> Batch:
     """`user` (a `user_batch`) plus candidates `item_ids`: their catalog features and `cand_dense` (N, Dc).
 
@@ -120,7 +120,7 @@ def with_candidates(user: Batch, catalog: Catalog, item_ids: np.ndarray, cand_de
     n = len(item_ids)
     candidates = {}
     if n:  # a user-tower batch has no candidate keys at all (a keyed KJT with 0 rows trips validate_batch)
-        candidates = {ITEM_ID: (item_ids, np.ones(n, np.int64)), **catalog.candidate_features(catalog.rows(item_ids))}
+        candidates = catalog.candidate_features(item_ids)
     cand_dense = cand_dense if cand_dense is not None else np.zeros((n, 0), np.float32)
     part = build_batch(user={}, history={}, history_lengths=np.zeros(0, np.int64), candidates=candidates,
                        num_candidates=np.array([n], np.int64), request_ts=user.request_ts, candidate_dense=cand_dense)
@@ -133,7 +133,7 @@ def with_candidates(user: Batch, catalog: Catalog, item_ids: np.ndarray, cand_de
     return dataclasses.replace(part, user=user.user, history=user.history, user_dense=user.user_dense)
 
 
-def build_request_batch(view: UserView, catalog: Catalog, item_ids: np.ndarray, cand_dense: np.ndarray | None,
+def build_request_batch(view: UserView, catalog: ItemCatalog, item_ids: np.ndarray, cand_dense: np.ndarray | None,
                         as_of_ms: int, with_sigs: np.ndarray | None = None, user_keys: tuple[str, ...] = (),
                         sdim: BucketSums | None = None, validate: bool = True) -> Batch:
     """A B = 1 batch: the user view plus candidates `item_ids` (may be empty, for the user tower), in one call

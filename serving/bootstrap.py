@@ -40,7 +40,7 @@ from features.datasets.common import read_table
 from features.hashing import hash_string
 from features.layout import user_attr_feature
 from features.sequence import SequenceState
-from serving.catalog import Catalog
+from serving.catalog import ItemCatalog
 from serving.config import StateConfig
 from serving.models import ModelBundle
 from serving.state.base import OnlineStore
@@ -74,7 +74,7 @@ def _user_attrs(dataset: Path) -> dict[int, UserAttrs]:
     return out
 
 
-def build_records(dataset: Path, state: StateConfig, catalog: Catalog, as_of_ms: int | None = None,
+def build_records(dataset: Path, state: StateConfig, catalog: ItemCatalog, as_of_ms: int | None = None,
                   bundle: ModelBundle | None = None, user_ids: np.ndarray | None = None):
     """-> (records {user: UserRecord}, item logs {item: bytes}, popularity {item: behaviors}, summary fields)."""
     t = read_table(Path(dataset), "events", ["event_id", "user_id", "item_id", "ts_ms", "event_type", "label"])
@@ -139,7 +139,7 @@ def build_records(dataset: Path, state: StateConfig, catalog: Catalog, as_of_ms:
     return records, logs, popularity, summary
 
 
-def bootstrap_dataset(store: OnlineStore, dataset: Path, state: StateConfig, catalog: Catalog,
+def bootstrap_dataset(store: OnlineStore, dataset: Path, state: StateConfig, catalog: ItemCatalog,
                       as_of_ms: int | None = None, bundle: ModelBundle | None = None,
                       progress: Callable[[str], None] | None = None, marks: bool = False,
                       set_epoch: bool = True) -> BootstrapSummary:

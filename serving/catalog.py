@@ -4,9 +4,10 @@ Item attributes are read on every request (the candidates' features) and
 change rarely (the `items` topic), so they live in process memory, not in
 Redis: sorted ids for a vectorized id -> row lookup, the primary category (for
 appending behaviors), all categories and tags as hashed ids (the candidate
-features of the batch), numeric attributes. `Catalog.with_items` returns a new
+features of the batch), numeric attributes. `ItemCatalog.with_items` returns a new
 catalog (copy-on-write): readers keep the reference they started with, a swap
-is one assignment.
+is one assignment. (Not `retrieval.catalog.Catalog`: that one is the retriever's
+training/export view of the items, a candidates KeyedJaggedTensor plus logq.)
 
 Hashed ids follow `features.layout`: ``category`` and ``tag`` features of
 `features.hashing` spec v1; the primary category equals
@@ -22,7 +23,8 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from features.hashing import hash_string
-from features.batch import ITEM_CATEGORY, ITEM_TAG
+from features.batch import build_candidate_features
+from features.jagged import segment_indices
 from features.layout import CATEGORY_FEATURE, TAG_FEATURE, item_attr_feature
 from features.schema import Item
 
@@ -32,7 +34,7 @@ def _hash_list(values: Iterable[str], feature: str) -> list[int]:
 
 
 @dataclass(frozen=True)
-class Catalog:
+class ItemCatalog:
     item_ids: np.ndarray  # (N,) int64, sorted, unique
     category: np.ndarray  # (N,) int64 primary category id, 0 = none
     cat_values: np.ndarray  # (sum,) int64 hashed ids of all categories, row-major
@@ -70,9 +72,7 @@ class Catalog:
         if lens.sum() == 0:
             return np.empty(0, np.int64), lens
         starts = np.where(rows >= 0, offsets[np.maximum(rows, 0)], 0)
-        out_off = np.concatenate([[0], np.cumsum(lens)[:-1]])
-        idx = np.repeat(starts - out_off, lens) + np.arange(int(lens.sum()))
-        return values[idx], lens
+        return values[segment_indices(starts, lens)], lens
 
     def _offsets(self, which: str) -> np.ndarray:
         key = "_cat_off" if which == "category" else "_tag_off"
@@ -92,15 +92,15 @@ class Catalog:
         return out
 
     @classmethod
-    def empty(cls) -> "Catalog":
+    def empty(cls) -> "ItemCatalog":
         z = np.empty(0, np.int64)
         return cls(z, z, z, z, z, z, {}, ())
 
     @classmethod
-    def from_items(cls, items: Sequence[Item]) -> "Catalog":
+    def from_items(cls, items: Sequence[Item]) -> "ItemCatalog":
         return cls.empty().with_items(items)
 
-    def with_items(self, items: Sequence[Item]) -> "Catalog":
+    def with_items(self, items: Sequence[Item]) -> "ItemCatalog":
         """A new catalog with `items` added or replaced (by id)."""
         if not items:
             return self
@@ -137,20 +137,20 @@ class Catalog:
         order = np.argsort(ids, kind="stable")
         cat_values, cat_lengths = _reorder(cat_values, cat_lengths, order)
         tag_values, tag_lengths = _reorder(tag_values, tag_lengths, order)
-        return Catalog(ids[order], category[order], cat_values, cat_lengths, tag_values, tag_lengths,
-                       {k: v[order] for k, v in numeric.items()}, tuple(titles[i] for i in order),
-                       {k: v[order] for k, v in attrs.items()})
+        return ItemCatalog(ids[order], category[order], cat_values, cat_lengths, tag_values, tag_lengths,
+                           {k: v[order] for k, v in numeric.items()}, tuple(titles[i] for i in order),
+                           {k: v[order] for k, v in attrs.items()})
 
-    def candidate_features(self, rows: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """The item features of catalog `rows` as jagged (values, lengths), keyed like the reader's candidates KJT
-        (``item_category``, ``item_tag``, ``item_attr_<key>``); -1 rows and missing attributes get no values."""
-        rows = np.asarray(rows, dtype=np.int64)
-        out = {ITEM_CATEGORY: self.jagged(rows, "category"), ITEM_TAG: self.jagged(rows, "tag")}
+    def candidate_features(self, item_ids: np.ndarray) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """The candidates KJT's {key: (values, lengths)} of `item_ids` (`features.batch.build_candidate_features`,
+        as the reader builds them); ids not in the catalog and missing attributes get no values."""
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        rows = self.rows(item_ids)
+        attrs = {}
         for f, ids in self.attrs.items():
             v = np.where(rows >= 0, ids[np.maximum(rows, 0)], 0)
-            present = v != 0
-            out[f] = (v[present], present.astype(np.int64))
-        return out
+            attrs[f] = (v, v != 0)
+        return build_candidate_features(item_ids, self.jagged(rows, "category"), self.jagged(rows, "tag"), attrs)
 
 
 def _reorder(values: np.ndarray, lengths: np.ndarray, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -158,12 +158,10 @@ def _reorder(values: np.ndarray, lengths: np.ndarray, order: np.ndarray) -> tupl
     lens = lengths[order]
     if lens.sum() == 0:
         return np.empty(0, np.int64), lens
-    out_off = np.concatenate([[0], np.cumsum(lens)[:-1]])
-    idx = np.repeat(offsets[order] - out_off, lens) + np.arange(int(lens.sum()))
-    return values[idx], lens
+    return values[segment_indices(offsets[order], lens)], lens
 
 
-def load_catalog(path: Path) -> Catalog:
+def load_catalog(path: Path) -> ItemCatalog:
     """Items of a canonical dataset directory (``items/``, `features.schema.ITEMS_SCHEMA`)."""
     d = Path(path) / "items"
     if not d.exists():
@@ -179,4 +177,4 @@ def load_catalog(path: Path) -> Catalog:
         for i, title, c, g, a, n in zip(cols["item_id"], cols.get("title", [None] * t.num_rows), cols["categories"],
                                         cols["tags"], cols.get("attributes", [None] * t.num_rows), cols["numeric"])
     ]
-    return Catalog.from_items(items)
+    return ItemCatalog.from_items(items)

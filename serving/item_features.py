@@ -25,7 +25,7 @@ import numpy as np
 
 from features.transforms import DenseLayout
 from serving.batching import candidate_dense
-from serving.catalog import Catalog
+from serving.catalog import ItemCatalog
 from serving.state.base import ItemStats, OnlineStore
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class ItemDenseSnapshot:
-    catalog: Catalog
+    catalog: ItemCatalog
     layout: DenseLayout
     as_of_ms: int
     dense: np.ndarray  # (N, Dc) float32, row i = catalog row i
@@ -45,7 +45,7 @@ class ItemDenseCache:
         self.chunk = chunk
         self.snapshot: ItemDenseSnapshot | None = None
 
-    def refresh(self, catalog: Catalog, layout: DenseLayout, now_ms: int | None = None) -> ItemDenseSnapshot:
+    def refresh(self, catalog: ItemCatalog, layout: DenseLayout, now_ms: int | None = None) -> ItemDenseSnapshot:
         """Reads every catalog item's counter log (chunked MGETs) and recomputes the matrix. Raises StateUnavailable."""
         now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
         ids = catalog.item_ids
@@ -61,7 +61,7 @@ class ItemDenseCache:
         self.snapshot = snap
         return snap
 
-    def lookup(self, catalog: Catalog, layout: DenseLayout, item_ids: np.ndarray, now_ms: int,
+    def lookup(self, catalog: ItemCatalog, layout: DenseLayout, item_ids: np.ndarray, now_ms: int,
                max_age_ms: int) -> np.ndarray | None:
         """(N, Dc) rows of `item_ids`, or None when there is no usable snapshot (the caller reads Redis)."""
         snap = self.snapshot

@@ -23,7 +23,7 @@ import torch
 from features.schema import Item
 from features.sequence import SequenceState
 from serving.batching import build_request_batch, candidate_dense, user_view
-from serving.catalog import Catalog
+from serving.catalog import ItemCatalog
 from serving.config import ModelsConfig, StateConfig
 from serving.errors import ArtifactError
 from serving.metrics import ServingMetrics
@@ -35,7 +35,7 @@ from serving.state.codec import CounterLog, UserRecord
 log = logging.getLogger(__name__)
 
 
-def _embed_items(bundle: ModelBundle, catalog: Catalog, ids: np.ndarray) -> np.ndarray:
+def _embed_items(bundle: ModelBundle, catalog: ItemCatalog, ids: np.ndarray) -> np.ndarray:
     view = user_view(0, None, 1, bundle.dense)
     batch = build_request_batch(view, catalog, ids, np.zeros((len(ids), 0), np.float32), 1, None, bundle.user_keys)
     vecs = bundle.retriever.item_embedding(batch.candidates).detach().float().numpy()
@@ -45,7 +45,7 @@ def _embed_items(bundle: ModelBundle, catalog: Catalog, ids: np.ndarray) -> np.n
     return vecs
 
 
-def smoke_test(bundle: ModelBundle, catalog: Catalog, num_candidates: int) -> None:
+def smoke_test(bundle: ModelBundle, catalog: ItemCatalog, num_candidates: int) -> None:
     """One synthetic request through user tower, ANN and ranker; raises ArtifactError on a bad output."""
     ids = bundle.retriever.item_ids
     if len(ids) == 0:

@@ -58,8 +58,8 @@ BUNDLE_FORMAT = "cascade.model-bundle/1"
 MANIFEST = "manifest.json"
 
 
-class RetrieverInference(Protocol):
-    """What serving needs from a retriever export (retrieval/export.py implements it)."""
+class ServableRetriever(Protocol):
+    """What serving needs from a retriever export (`retrieval.inference.RetrieverInference` implements it)."""
 
     item_ids: np.ndarray  # (N,) ids in its exported index
     dim: int
@@ -77,8 +77,8 @@ class RetrieverInference(Protocol):
         ...
 
 
-class RankerInference(Protocol):
-    """What serving needs from a ranker export (ranking/export.py implements it)."""
+class ServableRanker(Protocol):
+    """What serving needs from a ranker export (`ranking.inference.RankerInference` implements it)."""
 
     def forward(self, batch: Batch) -> torch.Tensor:
         """(N,) probabilities for the batch's candidates."""
@@ -181,8 +181,8 @@ class ModelBundle:
     path: Path
     checksum: str
     manifest: Mapping[str, Any]
-    retriever: Any  # RetrieverInference
-    ranker: Any  # RankerInference
+    retriever: ServableRetriever
+    ranker: ServableRanker
     index: ItemIndex
     dense: DenseLayout
     sig_spec: int  # 0: the ranker has no SDIM signatures
@@ -562,6 +562,14 @@ def describe_error(e: BaseException, limit: int = 500) -> str:
     return f"{type(e).__name__}: {msg[:limit]}"
 
 
+def part_digest(manifest: Mapping[str, Any], part: str) -> bytes:
+    """sha256 of a part's ("retriever" or "ranker") ``relpath=sha256`` file entries, sorted: names the part's exact
+    contents whatever else the bundle holds (GetModelInfo's per-model checksum; the ranker's seeds `sig_spec`)."""
+    prefix = str(manifest[part]["path"]).rstrip("/") + "/"
+    return hashlib.sha256("".join(f"{k}={v}" for k, v in sorted(manifest["files"].items())
+                                  if k.startswith(prefix)).encode()).digest()
+
+
 def load_bundle(path: Path, manifest: Mapping[str, Any], checksum: str, dense: DenseLayout) -> ModelBundle:
     """Loads both models of a verified bundle (restricted loaders only). Raises ArtifactError."""
     parts = {}
@@ -582,9 +590,7 @@ def load_bundle(path: Path, manifest: Mapping[str, Any], checksum: str, dense: D
     retriever, ranker = parts["retriever"], parts["ranker"]
     sig_spec = 0
     if callable(getattr(ranker, "behavior_signatures", None)):
-        rdir = str(manifest["ranker"]["path"]).rstrip("/") + "/"
-        h = hashlib.sha256("".join(f"{k}={v}" for k, v in sorted(manifest["files"].items()) if k.startswith(rdir)).encode())
-        sig_spec = int.from_bytes(h.digest()[:8], "little") & ((1 << 63) - 1) or 1
+        sig_spec = int.from_bytes(part_digest(manifest, "ranker")[:8], "little") & ((1 << 63) - 1) or 1
     user_keys = list(getattr(retriever, "user_keys", ("user_id",)))
     spec = getattr(ranker, "batch_spec", None)
     if callable(spec):

@@ -49,6 +49,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from features import layout
+from serving.artifacts import PUBLISHED, VERSION_MANIFEST, VERSIONS
 from serving.bootstrap import bootstrap_dataset, new_epoch_id
 from serving.config import RebuildConfig, StateConfig
 from serving.errors import StateUnavailable
@@ -91,7 +93,7 @@ def _from_dataset(dataset: Path, as_of_ms: int | None, described: str) -> Snapsh
 
 
 def _from_features(fdir: Path, described: str) -> Snapshot:
-    m = json.loads((fdir / "manifest.json").read_text())
+    m = json.loads((fdir / layout.MANIFEST).read_text())
     path = (m.get("input") or {}).get("path")
     if not path or "://" in str(path):
         raise ValueError(f"features snapshot {fdir}: its manifest's input.path {path!r} is not a local dataset directory")
@@ -104,9 +106,9 @@ def resolve_snapshot(path: Path) -> Snapshot:
     features snapshot), a `cascade build-features` output (its input dataset, up to its snapshot end) or
     a canonical dataset directory. Raises FileNotFoundError / ValueError naming what is missing."""
     path = Path(path)
-    if (path / "published.json").is_file():
-        version = json.loads((path / "published.json").read_text())["version"]
-        man = path / "versions" / version / "manifest.json"
+    if (path / PUBLISHED).is_file():
+        version = json.loads((path / PUBLISHED).read_text())["version"]
+        man = path / VERSIONS / version / VERSION_MANIFEST
         if not man.is_file():
             raise FileNotFoundError(f"published version {version} has no {man}")
         fdir = (json.loads(man.read_text()).get("stages", {}).get("features") or {}).get("dir")
@@ -115,10 +117,10 @@ def resolve_snapshot(path: Path) -> Snapshot:
         return _from_features(Path(fdir), f"published version {version}: ")
     if (path / "events").is_dir():
         return _from_dataset(path, None, f"dataset {path}")
-    if (path / "manifest.json").is_file():
+    if (path / layout.MANIFEST).is_file():
         return _from_features(path, "")
-    raise FileNotFoundError(f"rebuild.snapshot {path} is neither a pipeline artifacts directory (published.json), "
-                            "a features directory (manifest.json) nor a canonical dataset (events/)")
+    raise FileNotFoundError(f"rebuild.snapshot {path} is neither a pipeline artifacts directory ({PUBLISHED}), "
+                            f"a features directory ({layout.MANIFEST}) nor a canonical dataset (events/)")
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ import torch
 from features.batch import Batch
 from features.list_context import recent_items, second_stage_dense
 from serving.batching import UserView, candidate_dense, user_batch, user_view, with_candidates
-from serving.catalog import Catalog
+from serving.catalog import ItemCatalog
 from serving.config import LimitsConfig, RuntimeConfig
 from serving.errors import DeadlineExceeded, InvalidRequest, NoModelLoaded, StateUnavailable
 from serving.metrics import ServingMetrics
@@ -133,7 +133,7 @@ class Availability:
 class CatalogRef:
     """The current catalog; replaced (never mutated) by the items consumer."""
 
-    def __init__(self, catalog: Catalog) -> None:
+    def __init__(self, catalog: ItemCatalog) -> None:
         self.current = catalog
         self.lock = threading.Lock()  # serializes writers
 
@@ -206,7 +206,7 @@ class RequestContext:
 
     query: RankQuery
     bundle: ModelBundle  # the model version answering, fixed for the whole request
-    catalog: Catalog  # the catalog snapshot, fixed for the whole request
+    catalog: ItemCatalog  # the catalog snapshot, fixed for the whole request
     as_of: int  # ms: the request time (the query's as_of_ms, or now)
     num_candidates: int  # the query's, or the server default
     clock: _Clock  # the timings so far

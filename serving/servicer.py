@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from serving.models import ModelHolder
+from serving.models import ModelHolder, part_digest
 from serving.proto import ranking_pb2, ranking_pb2_grpc
 from serving.runtime import CatalogRef, Deadline, RankQuery, Runtime
 
@@ -50,16 +50,9 @@ class RankingServicer(ranking_pb2_grpc.RankingServicer):
         b = self.models.current
         if b is None:
             return ranking_pb2.ModelInfo()
-        files = b.manifest.get("files", {})
-
-        def part_checksum(part: str) -> str:
-            import hashlib
-
-            prefix = str(b.manifest[part]["path"]).rstrip("/") + "/"
-            return hashlib.sha256("".join(f"{k}={v}" for k, v in sorted(files.items()) if k.startswith(prefix)).encode()).hexdigest()
-
         return ranking_pb2.ModelInfo(
-            model_version=b.version, retriever_checksum=part_checksum("retriever"), ranker_checksum=part_checksum("ranker"),
+            model_version=b.version, retriever_checksum=part_digest(b.manifest, "retriever").hex(),
+            ranker_checksum=part_digest(b.manifest, "ranker").hex(),
             loaded_at_ms=int(b.loaded_at * 1000), num_items=len(b.index), index_type=type(b.retriever).__name__,
             metadata={"bundle_checksum": b.checksum, "path": str(b.path), "sdim": "yes" if b.sig_spec else "no",
                       "pid": str(os.getpid()),

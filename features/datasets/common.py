@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 from features.hashing import HASH_SPEC_VERSION
 from features.schema import QUARANTINE_SCHEMA, SCHEMA_VERSION, TABLE_SCHEMAS
 
-MANIFEST = "manifest.json"
+DATASET_MANIFEST = "manifest.json"  # <out>/manifest.json of a canonical dataset directory
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -120,7 +120,7 @@ def prepare_out_dir(out: Path, overwrite: bool) -> Path:
             raise FileExistsError(f"{out} is not empty; pass --overwrite to replace it")
         for sub in ("events", "items", "users", "quarantine"):
             shutil.rmtree(out / sub, ignore_errors=True)
-        (out / MANIFEST).unlink(missing_ok=True)
+        (out / DATASET_MANIFEST).unlink(missing_ok=True)
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -156,7 +156,7 @@ def write_manifest(
             {"path": str(p), "bytes": Path(p).stat().st_size, "sha256": sha256_file(Path(p))} for p in sources
         ],
     }
-    (Path(out) / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    (Path(out) / DATASET_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 
@@ -168,9 +168,9 @@ def _utc(ms: int | None) -> str | None:
 
 def read_manifest(path: Path) -> dict[str, Any]:
     p = Path(path)
-    p = p / MANIFEST if p.is_dir() else p
+    p = p / DATASET_MANIFEST if p.is_dir() else p
     if not p.exists():
-        raise FileNotFoundError(f"no {MANIFEST} in {p.parent}: is this a canonical dataset directory?")
+        raise FileNotFoundError(f"no {DATASET_MANIFEST} in {p.parent}: is this a canonical dataset directory?")
     return json.loads(p.read_text())
 
 

@@ -34,6 +34,7 @@ from pyspark.sql import functions as F
 
 from features import layout
 from features.config import to_dict
+from features.datasets.common import DATASET_MANIFEST
 from features.hashing import HASH_SPEC_VERSION
 from features.schema import SCHEMA_VERSION
 from features.spark import events as ev
@@ -408,9 +409,9 @@ def build_features(
     unknown = sorted(set(only or ()) - set(STAGES))
     if unknown:
         raise ValueError(f"unknown stage(s) {unknown}; stages are: {', '.join(STAGES)}")
-    in_manifest = _read_json(f"{dataset.rstrip('/')}/{layout.MANIFEST}")
+    in_manifest = _read_json(f"{dataset.rstrip('/')}/{DATASET_MANIFEST}")
     if in_manifest is None:
-        raise FileNotFoundError(f"no {layout.MANIFEST} in {dataset}: is it a canonical dataset directory (cascade data import|synth)?")
+        raise FileNotFoundError(f"no {DATASET_MANIFEST} in {dataset}: is it a canonical dataset directory (cascade data import|synth)?")
     digest = input_digest(dataset)
     previous = _prepare_out(out, cfg, digest, full=selected == STAGES, overwrite=overwrite)
     b = _Build(spark, dataset, out, cfg)

@@ -14,7 +14,9 @@ items). All windows of one entity share one sort (one Window spec, several
 frames), in the JVM.
 
 Column names and the meaning of the counters are defined in
-`features.transforms` (shared with the reader and the server).
+`features.transforms` (shared with the reader and the server); the window rule
+above is the JVM-side statement of `features.transforms.window_start`, which
+every Python reader uses, and the Spark-vs-Python parity tests keep them equal.
 """
 from __future__ import annotations
 

@@ -34,14 +34,14 @@ from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from features.batch import HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, HIST_SDIM_SIG, ITEM_CATEGORY, ITEM_ID, Batch
+from features.jagged import offsets_of, tail_index
+from features.layout import CATEGORY_FEATURE, ITEM_FEATURE
 from features.sequence import NUM_ACTIONS
 from kernels import bucketize, make_hyperplanes, simhash, unpack_codes
 from ranking.config import (
     CATEGORY_ATT_TABLE,
-    CATEGORY_FEATURE,
     CATEGORY_REP_TABLE,
     ITEM_ATT_TABLE,
-    ITEM_FEATURE,
     ITEM_REP_TABLE,
     EmbeddingArchConfig,
     SequenceArchConfig,
@@ -65,26 +65,6 @@ class EmbeddedBatch(NamedTuple):
     long_sums: torch.Tensor | None = None  # (B, m, K, D) SDIM bucket sums from the batch (serving); rows then
     #                                        hold only the last short_len behaviors
     seen_lengths: torch.Tensor | None = None  # (B,) behaviors the model reads per user; None: offsets.diff()
-
-
-def offsets_of(lengths: torch.Tensor) -> torch.Tensor:
-    out = torch.zeros(lengths.numel() + 1, dtype=torch.int64, device=lengths.device)
-    torch.cumsum(lengths, 0, out=out[1:])
-    return out
-
-
-def tail_index(lengths: torch.Tensor, n: int) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Rows of the last `n` elements of every jagged row (None when nothing is cut) and the new lengths."""
-    lengths = lengths.to(torch.int64)
-    new_len = lengths.clamp(max=n)
-    if lengths.numel() == 0 or bool(torch.equal(new_len, lengths)):
-        return None, lengths
-    ends = torch.cumsum(lengths, 0)
-    new_off = offsets_of(new_len)
-    row = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), new_len,
-                                  output_size=int(new_off[-1]))
-    pos = torch.arange(int(new_off[-1]), device=lengths.device) - new_off[:-1][row]
-    return ends[row] - new_len[row] + pos, new_len
 
 
 def first_values(values: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:

@@ -37,8 +37,9 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from features.jagged import offsets_of, segment_rows, tail_index
 from kernels import collision_gather, dare_topk_attention, gather_buckets, jagged_target_attention, sdim_bucket_sums
-from ranking.arches.embedding import EmbeddedBatch, offsets_of, tail_index
+from ranking.arches.embedding import EmbeddedBatch
 from ranking.config import SequenceArchConfig
 
 
@@ -179,12 +180,3 @@ class LongTermArch(nn.Module):
                              None if emb.cand_codes is None else emb.cand_codes[cands])
             out = out.index_copy(0, cands, res)
         return out
-
-
-def segment_rows(starts: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Row indices of the segments [starts[i], starts[i] + lengths[i]), concatenated."""
-    lengths = lengths.to(torch.int64)
-    total = int(lengths.sum())
-    out_start = torch.cumsum(lengths, 0) - lengths
-    return torch.arange(total, device=starts.device) + torch.repeat_interleave(starts - out_start, lengths,
-                                                                               output_size=total)

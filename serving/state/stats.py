@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from features.transforms import StatsConfig, cnt_column, pos_column
+from features.transforms import StatsConfig, cnt_column, in_window, pos_column
 
 
 def window_counters(
@@ -36,12 +36,12 @@ def window_counters(
     posf = pos.astype(np.float64)
     out: dict[str, np.ndarray] = {}
     for w, ms in zip(cfg.windows, cfg.window_ms()):
-        if ms is None:
-            future = ts >= t_ms
+        inside = in_window(ts, t_ms, ms)
+        if ms is None:  # the log keeps the retention only: everything before t = totals ever - the log from t on
+            future = ~inside
             cnt = total_cnt.astype(np.float64) - np.bincount(owner[future], minlength=n)
             p = total_pos.astype(np.float64) - np.bincount(owner[future], weights=posf[future], minlength=n)
         else:
-            inside = (ts >= t_ms - ms) & (ts < t_ms)
             cnt = np.bincount(owner[inside], minlength=n).astype(np.float64)
             p = np.bincount(owner[inside], weights=posf[inside], minlength=n)
         out[cnt_column(entity, w)] = cnt

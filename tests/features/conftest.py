@@ -27,7 +27,7 @@ import xxhash
 
 from features.schema import EVENTS_SCHEMA, ITEMS_SCHEMA, USERS_SCHEMA, Event
 from features.sequence import SequenceConfig, SequenceState, action_code, category_id, fold_events
-from features.transforms import StatsConfig, cnt_column, pos_column
+from features.transforms import StatsConfig, cnt_column, pos_column, window_start
 
 SMALL_OVERRIDES = [
     "sequence.long_cap=4", "sequence.short_cap=2",
@@ -252,7 +252,7 @@ def counters(events: list[Event], key: str, stats: StatsConfig) -> dict[int, _Co
 def counter_values(c: _Counter | None, entity: str, t: int, stats: StatsConfig) -> dict[str, int]:
     out = {}
     for w, ms in zip(stats.windows, stats.window_ms()):
-        n, p = (0, 0) if c is None else c.count(None if ms is None else t - ms, t)
+        n, p = (0, 0) if c is None else c.count(window_start(t, ms), t)
         out[cnt_column(entity, w)] = n
         out[pos_column(entity, w)] = p
     return out

@@ -3,7 +3,7 @@ import torch
 
 from features.batch import (
     HIST_CATEGORY, HIST_ACTION, HIST_ITEM_ID, HIST_TS, ITEM_CATEGORY, ITEM_ID, USER_ID,
-    BatchSpec, BatchValidationError, build_batch, jagged_tail, validate_batch,
+    BatchSpec, BatchValidationError, build_batch, validate_batch,
 )
 
 
@@ -78,14 +78,3 @@ def test_missing_key_and_candidate_count_errors():
 def test_batch_moves_devices_and_keeps_meta():
     b = _batch(meta={"split": "train"}).to(torch.device("cpu"))
     assert b.meta == {"split": "train"} and b.history_values(HIST_TS).dtype == torch.int64
-
-
-@pytest.mark.parametrize("n", [0, 1, 2, 5])
-def test_jagged_tail_takes_last_n_per_row(n):
-    values = torch.arange(10)
-    lengths = torch.tensor([4, 0, 1, 5])
-    v, l = jagged_tail(values, lengths, n)
-    rows = torch.split(values, lengths.tolist())
-    expected = [r[max(len(r) - n, 0):] for r in rows] if n else [r[:0] for r in rows]
-    assert l.tolist() == [len(e) for e in expected]
-    assert v.tolist() == torch.cat(expected).tolist()

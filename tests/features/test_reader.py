@@ -9,12 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from features import layout
 from features.batch import HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, HIST_TS, ITEM_CATEGORY, ITEM_ID, ITEM_TAG, validate_batch
-from features.reader import FeatureStore, FeatureStoreError, ReaderConfig, segment_indices
+from features.reader import FeatureStore, FeatureStoreError, ReaderConfig
 from features.transforms import counter_columns
 
 pytestmark = pytest.mark.integration  # the features directories are built by Spark
@@ -215,12 +213,3 @@ def test_inconsistent_directory_is_rejected(small_features, tmp_path):
     (bad / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(FeatureStoreError, match="feature_set_version 99"):
         FeatureStore(bad)
-
-
-@settings(max_examples=200, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 50), st.integers(0, 6)), max_size=30))
-def test_segment_indices_equal_a_loop(segs):
-    starts = np.array([s for s, _ in segs], dtype=np.int64)
-    lens = np.array([n for _, n in segs], dtype=np.int64)
-    want = [s + k for s, n in segs for k in range(n)]
-    assert segment_indices(starts, lens).tolist() == want

@@ -15,9 +15,9 @@ def test_catalog_candidate_features_equal_the_readers(ml100k_features, ml100k_da
     store = FeatureStore(ml100k_features)
     catalog = load_catalog(ml100k_dataset)
     ids = np.concatenate([catalog.item_ids, [10_000_000]])  # every item + one the catalog lacks
-    want, _, _ = store._candidate_kjt(ids)
-    got = catalog.candidate_features(catalog.rows(ids))
-    assert set(got) == set(want) - {"item_id"}
+    want = store.candidate_features(ids)
+    got = catalog.candidate_features(ids)
+    assert set(got) == set(want)
     assert any(k.startswith("item_attr_") for k in got)
     for key, (values, lengths) in got.items():
         assert np.array_equal(lengths, want[key][1]), f"{key}: lengths"

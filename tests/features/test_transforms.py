@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from features.transforms import (
-    DenseLayout, StatsConfig, counter_columns, parse_window, signed_log1p, stats_dense, stats_dense_names,
+    DenseLayout, StatsConfig, counter_columns, in_window, parse_window, signed_log1p, stats_dense, stats_dense_names,
 )
 
 
@@ -89,3 +89,9 @@ def test_dense_layout_manifest_block_round_trips_through_json():
     lay = DenseLayout(StatsConfig(windows=("1d", "all"), event_types=("click", "rating"), prior_weight=3.0), 0.37,
                       ("year", "price"))
     assert DenseLayout.from_manifest(json.loads(json.dumps(lay.to_manifest()))) == lay
+
+
+def test_counter_window_is_half_open_and_strictly_before_t():
+    ts = np.array([89, 90, 99, 100, 101], np.int64)
+    assert in_window(ts, 100, 10).tolist() == [False, True, True, False, False]
+    assert in_window(ts, 100, None).tolist() == [True, True, True, False, False]

@@ -7,8 +7,9 @@ from hypothesis import given, settings, strategies as st
 
 import kernels
 from kernels.reference import dare_topk_attention as dare_ref
+from tests.kernels.cases import TOL, assert_triton_matches_reference, ragged, run_with_grads
 
-TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=4e-2, rtol=4e-2)}
+LEAVES = ("q_att", "k_att", "v_rep")
 
 
 def _oracle(q_att, k_att, v_rep, offsets, cand_user, top_k, scale):
@@ -25,26 +26,10 @@ def _oracle(q_att, k_att, v_rep, offsets, cand_user, top_k, scale):
 
 @st.composite
 def dare_cases(draw, max_users=3, max_len=40, max_cands=10):
-    lengths = draw(st.lists(st.integers(0, max_len), min_size=1, max_size=max_users))
-    n = draw(st.integers(1, max_cands))
+    r = draw(ragged(max_users, max_len, max_cands))
     dim_att, dim_rep = draw(st.integers(1, 16)), draw(st.integers(1, 24))
-    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
-    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
-    num_rows = int(offsets[-1])
-    return dict(q_att=torch.randn(n, dim_att, generator=gen), k_att=torch.randn(num_rows, dim_att, generator=gen),
-                v_rep=torch.randn(num_rows, dim_rep, generator=gen), offsets=offsets,
-                cand_user=torch.randint(0, len(lengths), (n,), generator=gen), max_len=max(lengths),
-                top_k=draw(st.integers(1, 20)))
-
-
-def _run(args, backend, grad_out=None, dtype=torch.float32):
-    names = ("q_att", "k_att", "v_rep")
-    leaves = {name: args[name].to(dtype).requires_grad_() for name in names}
-    out = kernels.dare_topk_attention(**{**args, **leaves}, backend=backend)
-    if grad_out is None:
-        return out.detach(), None
-    (out.float() * grad_out).sum().backward()
-    return out.detach(), [leaves[name].grad for name in names]
+    return dict(q_att=r.candidates(dim_att), k_att=r.rows(dim_att), v_rep=r.rows(dim_rep), offsets=r.offsets,
+                cand_user=r.cand_user(), max_len=r.max_len, top_k=draw(st.integers(1, 20)))
 
 
 @settings(max_examples=12, deadline=None, derandomize=True, database=None)
@@ -54,7 +39,7 @@ def test_reference_matches_the_oracle(case, dtype):
                for k, v in case.items()}
     want = _oracle(rounded["q_att"], rounded["k_att"], rounded["v_rep"], case["offsets"], case["cand_user"],
                    case["top_k"], case["q_att"].shape[1] ** -0.5)
-    got, _ = _run(case, "torch", dtype=dtype)
+    got, _ = run_with_grads(kernels.dare_topk_attention, case, LEAVES, "torch", dtype=dtype)
     assert got.dtype == dtype and got.shape == want.shape
     torch.testing.assert_close(got.double(), want, **TOL[dtype])
 
@@ -63,11 +48,7 @@ def test_reference_matches_the_oracle(case, dtype):
 @given(case=dare_cases())
 def test_triton_matches_the_reference_forward_and_gradients(case):
     grad_out = torch.randn(case["q_att"].shape[0], case["v_rep"].shape[1], generator=torch.Generator().manual_seed(0))
-    ref_out, ref_grads = _run(case, "torch", grad_out)
-    tri_out, tri_grads = _run(case, "triton", grad_out)
-    torch.testing.assert_close(tri_out, ref_out, **TOL[torch.float32])
-    for name, got, want in zip(("q_att", "k_att", "v_rep"), tri_grads, ref_grads):
-        torch.testing.assert_close(got, want, **TOL[torch.float32], msg=lambda m: f"grad {name}: {m}")
+    assert_triton_matches_reference(kernels.dare_topk_attention, case, LEAVES, grad_out)
 
 
 def test_triton_with_many_candidate_blocks_and_tiles():
@@ -77,12 +58,7 @@ def test_triton_with_many_candidate_blocks_and_tiles():
     case = dict(q_att=torch.randn(40, 8, generator=gen), k_att=torch.randn(120, 8, generator=gen),
                 v_rep=torch.randn(120, 16, generator=gen), offsets=offsets,
                 cand_user=torch.randint(0, 3, (40,), generator=gen), max_len=75, top_k=11)
-    grad_out = torch.randn(40, 16, generator=gen)
-    ref_out, ref_grads = _run(case, "torch", grad_out)
-    tri_out, tri_grads = _run(case, "triton", grad_out)
-    torch.testing.assert_close(tri_out, ref_out, **TOL[torch.float32])
-    for got, want in zip(tri_grads, ref_grads):
-        torch.testing.assert_close(got, want, **TOL[torch.float32])
+    assert_triton_matches_reference(kernels.dare_topk_attention, case, LEAVES, torch.randn(40, 16, generator=gen))
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])

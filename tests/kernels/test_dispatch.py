@@ -11,13 +11,14 @@ import pytest
 import torch
 
 import kernels
+from features.jagged import offsets_of
 from kernels import BackendUnavailableError
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 def _attention_args(n=3, lengths=(4, 0, 5), d=8):
-    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
+    offsets = offsets_of(torch.tensor(lengths))
     num_rows = int(offsets[-1])
     return torch.randn(n, d), torch.randn(num_rows, d), torch.randn(num_rows, d), offsets, torch.tensor([0, 2, 2])
 

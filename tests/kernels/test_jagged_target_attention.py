@@ -6,8 +6,9 @@ import torch
 from hypothesis import given, settings, strategies as st
 
 import kernels
+from tests.kernels.cases import TOL, assert_triton_matches_reference, ragged, run_with_grads
 
-TOL = {torch.float32: dict(atol=2e-5, rtol=2e-5), torch.bfloat16: dict(atol=4e-2, rtol=4e-2)}
+LEAVES = ("q", "k", "v")
 
 
 def _oracle(q, k, v, offsets, cand_user, scale):
@@ -23,31 +24,17 @@ def _oracle(q, k, v, offsets, cand_user, scale):
 
 @st.composite
 def attention_cases(draw, max_users=4, max_len=45, max_cands=12):
-    lengths = draw(st.lists(st.integers(0, max_len), min_size=1, max_size=max_users))
-    n = draw(st.integers(1, max_cands))
+    r = draw(ragged(max_users, max_len, max_cands))
     dim, dim_v = draw(st.integers(1, 32)), draw(st.integers(1, 24))
-    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
-    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()])
-    num_rows = int(offsets[-1])
-    return dict(q=torch.randn(n, dim, generator=gen), k=torch.randn(num_rows, dim, generator=gen),
-                v=torch.randn(num_rows, dim_v, generator=gen), offsets=offsets,
-                cand_user=torch.randint(0, len(lengths), (n,), generator=gen), max_len=max(lengths))
-
-
-def _run(args, backend, grad_out=None, dtype=torch.float32):
-    leaves = {name: args[name].to(dtype).requires_grad_() for name in ("q", "k", "v")}
-    out = kernels.jagged_target_attention(**{**args, **leaves}, backend=backend)
-    if grad_out is None:
-        return out.detach(), None
-    (out.float() * grad_out).sum().backward()
-    return out.detach(), [leaves[name].grad for name in ("q", "k", "v")]
+    return dict(q=r.candidates(dim), k=r.rows(dim), v=r.rows(dim_v), offsets=r.offsets, cand_user=r.cand_user(),
+                max_len=r.max_len)
 
 
 @settings(max_examples=12, deadline=None, derandomize=True, database=None)
 @given(case=attention_cases(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
 def test_reference_matches_the_oracle(case, dtype):
     want = _oracle(case["q"], case["k"], case["v"], case["offsets"], case["cand_user"], case["q"].shape[1] ** -0.5)
-    got, _ = _run(case, "torch", dtype=dtype)
+    got, _ = run_with_grads(kernels.jagged_target_attention, case, LEAVES, "torch", dtype=dtype)
     assert got.dtype == dtype and got.shape == want.shape
     torch.testing.assert_close(got.double(), want, **TOL[dtype])
 
@@ -56,11 +43,7 @@ def test_reference_matches_the_oracle(case, dtype):
 @given(case=attention_cases())
 def test_triton_matches_the_reference_forward_and_gradients(case):
     grad_out = torch.randn(case["q"].shape[0], case["v"].shape[1], generator=torch.Generator().manual_seed(0))
-    ref_out, ref_grads = _run(case, "torch", grad_out)
-    tri_out, tri_grads = _run(case, "triton", grad_out)
-    torch.testing.assert_close(tri_out, ref_out, **TOL[torch.float32])
-    for name, got, want in zip("qkv", tri_grads, ref_grads):
-        torch.testing.assert_close(got, want, **TOL[torch.float32], msg=lambda m: f"grad {name}: {m}")
+    assert_triton_matches_reference(kernels.jagged_target_attention, case, LEAVES, grad_out)
 
 
 def test_triton_with_many_candidate_and_row_blocks():
@@ -70,12 +53,7 @@ def test_triton_with_many_candidate_and_row_blocks():
     case = dict(q=torch.randn(150, 32, generator=gen), k=torch.randn(230, 32, generator=gen),
                 v=torch.randn(230, 16, generator=gen), offsets=offsets,
                 cand_user=torch.randint(0, 4, (150,), generator=gen), max_len=129)
-    grad_out = torch.randn(150, 16, generator=gen)
-    ref_out, ref_grads = _run(case, "torch", grad_out)
-    tri_out, tri_grads = _run(case, "triton", grad_out)
-    torch.testing.assert_close(tri_out, ref_out, **TOL[torch.float32])
-    for got, want in zip(tri_grads, ref_grads):
-        torch.testing.assert_close(got, want, **TOL[torch.float32])
+    assert_triton_matches_reference(kernels.jagged_target_attention, case, LEAVES, torch.randn(150, 16, generator=gen))
 
 
 def test_reference_gradients_are_exact_in_float64():

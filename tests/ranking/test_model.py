@@ -202,7 +202,8 @@ def test_config_errors_name_the_key(tmp_path):
 def test_length_groups_give_the_one_call_result():
     """Full attention runs one kernel call per group of similar history lengths; same result as one call."""
     from kernels import jagged_target_attention
-    from ranking.arches.embedding import EmbeddedBatch, offsets_of
+    from features.jagged import offsets_of
+    from ranking.arches.embedding import EmbeddedBatch
     from ranking.arches.sequence import LongTermArch, length_buckets
 
     g = torch.Generator().manual_seed(0)

@@ -50,8 +50,7 @@ def write_real_bundle(catalog, out: Path, version: str, seed: int, second_stage:
     from serving.models import write_bundle
 
     rcfg = load_config(RetrieverConfig, REPO / "retrieval/configs/ml-100k.yaml", RETRIEVER_SMALL)
-    rows = np.arange(len(catalog))
-    feats = catalog.candidate_features(rows)
+    feats = catalog.candidate_features(catalog.item_ids)
     kjt = make_kjt({ITEM_ID: (catalog.item_ids, np.ones(len(catalog), np.int64)),
                     **{k: feats[k] for k in item_keys(rcfg.model) if k != ITEM_ID}})
     rcat = RetrievalCatalog(catalog.item_ids.copy(), kjt, torch.zeros(len(catalog)))
