@@ -129,7 +129,8 @@ def with_candidates(user: Batch, catalog: ItemCatalog, item_ids: np.ndarray, can
             part, sdim_sums=torch.from_numpy(np.ascontiguousarray(sdim.sums, np.float32))[None],
             sdim_lengths=torch.tensor([sdim.covered], dtype=torch.int64))
     if validate:
-        validate_batch(part, BatchSpec(user_keys=(), history_keys=(), candidate_dense_dim=cand_dense.shape[1]))
+        validate_batch(part, BatchSpec(user_keys=(), history_keys=(), candidate_keys=(ITEM_ID,) if n else (),
+                                       candidate_dense_dim=cand_dense.shape[1]))  # n = 0: all filtered out
     return dataclasses.replace(part, user=user.user, history=user.history, user_dense=user.user_dense)
 
 

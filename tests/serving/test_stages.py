@@ -127,3 +127,16 @@ def test_a_request_validates_each_piece_of_its_batch_once_before_a_model_reads_i
     r = rt.rank(RankQuery(user_id=1, k=5, exclude_seen=True))
     assert r.fallback_reason == "" and len(r.item_ids) == 5
     assert events == ["validate user part", "user_tower", "validate candidate part", "ranker"]
+
+
+@pytest.mark.integration
+def test_client_candidates_all_seen_and_excluded_get_an_empty_answer(served):
+    """Every client candidate filtered out (the user has seen them all): an empty list, not an error — the
+    candidate part of the batch is then empty and is checked as such."""
+    from serving.runtime import RankQuery
+
+    rt, _, _ = served
+    seen = tuple(dict.fromkeys(int(i) for i in rt.store.read_user(1).seq.item_ids[-3:]))
+    r = rt.rank(RankQuery(user_id=1, k=5, candidate_item_ids=seen, exclude_seen=True))
+    assert len(r.item_ids) == 0 and r.fallback_reason == "" and r.candidates_considered == 0
+    assert [s for s, _ in r.timings] == STAGES + ["total"]
