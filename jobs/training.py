@@ -76,12 +76,13 @@ def setup_rank(rank: int) -> None:
 
 
 def write_run_config(out: Path, cfg: Any) -> None:
-    """OUT/config.yaml: the config the run trains with (rank 0), also logged once."""
+    """OUT/config.yaml: the config the run trains with (rank 0); its path logged (the whole text at DEBUG)."""
     from features.config import dump_config
 
     text = dump_config(cfg)
     (Path(out) / "config.yaml").write_text(text)
-    log.info("config:\n%s", text)
+    log.info("config: %s", Path(out) / "config.yaml")
+    log.debug("config:\n%s", text)
 
 
 def run_ranks(held: contextlib.ExitStack, job: str, features: str | Path, out: Path, resume: bool, world_size: int,

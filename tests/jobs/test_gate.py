@@ -111,3 +111,13 @@ def test_second_stage_lift_and_published_rules_both_apply():
     assert any("two_stage ndcg@10 0.1060 vs published v1 0.1100" in r for r in d["reasons"])
     lift = [c for c in d["checks"] if "minimum_lift" in c]
     assert len(lift) == 2 and all(c["passed"] for c in lift)  # 0.106 > 1.05 x 0.10: the lift alone would pass
+
+
+def test_a_second_stage_ranker_that_beats_its_retriever_and_the_published_cascade_passes_with_the_numbers():
+    """The default rules compare the cascade with the published one; the lift checks sit beside them."""
+    better = {**TWO_STAGE, "two_stage": {"hr@10": 0.23, "ndcg@10": 0.112}}
+    d = gate_decision(GateConfig(), better, TWO_STAGE, "v1")
+    assert d["passed"], d["reasons"]
+    assert {(c["model"], c["metric"]) for c in d["checks"] if "published" in c} == {
+        ("two_stage", "ndcg@10"), ("two_stage", "hr@10"), ("retriever", "ndcg@10"), ("retriever", "recall@100")}
+    assert "two_stage ndcg@10 0.1120 vs 0.1100" in d["reasons"][-1]
