@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import time
@@ -192,6 +193,7 @@ def run_demo(cfg: DemoConfig) -> int:
             raise RuntimeError(f"v1 was not published: {v1.reasons}")
         fdir = json.loads((art / VERSIONS / "v1" / VERSION_MANIFEST).read_text())["stages"]["features"]["dir"]
 
+        logging.getLogger().setLevel(logging.WARNING)  # the training ranks set INFO: the demo's own lines say it
         _banner(4, total, "gRPC ranking server on v1")
         cutoff, users, live, sample = _cutoff_and_users(dataset, cfg.users_shown)
         catalog = load_catalog(dataset)
