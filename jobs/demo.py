@@ -8,7 +8,7 @@ Steps: import the dataset -> start local Kafka (tansu) + Redis on loopback ports
 -> `cascade pipeline run` v1 (Spark features, both models trained sharded: the
 retriever and the full ranker, `RANKER_FULL`; gate, publish) -> a gRPC ranking server on v1 with the online state bootstrapped as of
 a cutoff -> a few users' recommendations -> their later events replayed live on
-Kafka -> their recommendations again -> pipeline v2 (more ranker training), gated,
+Kafka -> their recommendations again -> pipeline v2 (the retriever trained longer), gated,
 announced, hot-swapped by the running server -> latency sample over gRPC -> an
 HTML report (training curves, evaluation tables, recommendation changes, latency
 histograms) -> services stopped. Everything lives under ``--workdir`` (var/demo).
