@@ -4,7 +4,8 @@ What runs (all on 127.0.0.1, real tansu + redis-server + the `cascade serve` pro
 
 1. ML-1M (canonical import of ../shared/data/ml-1m, or --dataset) -> model bundle (--bundle, or by default
    the product's own: `cascade pipeline run` on ML-1M, Spark features -> retriever -> full ranker (DARE
-   tables + SDIM + 4-expert AW-MoE) -> gate -> bundle, with short training since only speed is measured
+   tables + SDIM + 4-expert AW-MoE as the second stage over the retriever's logit, trained on a held-out
+   retriever's lists) -> gate -> bundle, with short training since only speed is measured
    here; built once and cached under var/serving_bench/, see `pipeline_config`) -> online state
    bootstrapped into Redis (sequences with SDIM signatures, counter logs, popularity).
 2. Query sets: "L=1000" real ML-1M users with >= 1000 behaviors, their last 1000 kept; "L=10000"
@@ -35,7 +36,7 @@ The default bundle is what this command line builds (the first run of the benchm
     cascade pipeline run --version ml1m-serving-bench dataset=var/serving_bench/ml-1m \
         artifacts=var/serving_bench/artifacts features.spark_master='local[2]' publish.announce=false \
         'retriever.configs=[retrieval/configs/ml-1m.yaml]' 'retriever.overrides=[train.epochs=2]' \
-        'ranker.configs=[ranking/configs/ml-1m.yaml,ranking/configs/ablations/full.yaml]' \
+        'ranker.configs=[ranking/configs/ml-1m.yaml,ranking/configs/two-stage.yaml]' \
         'ranker.overrides=[model.sequence.long=sdim,train.epochs=1,train.max_minutes=10]'
 """
 from __future__ import annotations
@@ -59,10 +60,12 @@ import numpy as np
 import psutil
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 BENCH_VAR = REPO / "var" / "serving_bench"
 BUNDLE_VERSION = "ml1m-serving-bench"
 TARGETS = {"p99_ms_at_c1": 15.0, "qps": 150.0, "p99_ms_at_qps": 50.0, "events_per_s": 20_000.0,
-           "freshness_p99_ms": 500.0}
+           "freshness_p99_ms": 500.0, "heavy_p99_ms_at_c1": 30.0}
+HEAVY_SET = "L=10000 (synthetic users)"  # the heavy case: these users with --heavy-candidates candidates, C = 1
 
 
 def pct(xs, q) -> float:
@@ -118,7 +121,7 @@ def pipeline_config(dataset: Path, artifacts: Path):
     return PipelineConfig(
         dataset=str(dataset), artifacts=str(artifacts), features=FeaturesStage(spark_master="local[2]"),
         retriever=TrainStage(configs=("retrieval/configs/ml-1m.yaml",), overrides=("train.epochs=2",)),
-        ranker=TrainStage(configs=("ranking/configs/ml-1m.yaml", "ranking/configs/ablations/full.yaml"),
+        ranker=TrainStage(configs=("ranking/configs/ml-1m.yaml", "ranking/configs/two-stage.yaml"),
                           overrides=("model.sequence.long=sdim", "train.epochs=1", "train.max_minutes=10")),
         publish=PublishConfig(announce=False))
 
@@ -434,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--build-bundle-only", action="store_true", help="build (or find) the default bundle and exit")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--candidates", type=int, default=500)
+    p.add_argument("--heavy-candidates", type=int, default=1000,
+                   help="the heavy case: 10k-behavior users with this many candidates at C = 1 (0: skip)")
     p.add_argument("--users-per-set", type=int, default=64)
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--duration", type=float, default=10.0, help="seconds measured per (set, concurrency)")
@@ -519,6 +524,18 @@ def main(argv: list[str] | None = None) -> int:
                         "stages_ms": {s: {"p50": pct(v, 50) * 1e3, "p99": pct(v, 99) * 1e3} for s, v in r.stages.items()},
                         "cpu": cpu,
                     })
+            if args.heavy_candidates:
+                print(f"load heavy: {HEAVY_SET}, {args.heavy_candidates} candidates, concurrency 1 ...", flush=True)
+                meter.start()
+                r = closed_loop(address, sets[HEAVY_SET], 1, args.warmup, args.duration, args.heavy_candidates)
+                cpu = meter.stop()
+                loads.append({
+                    "set": f"{HEAVY_SET}, {args.heavy_candidates} candidates", "heavy": True, "concurrency": 1,
+                    "requests": r.requests, "qps": r.requests / r.seconds, "errors": dict(r.errors),
+                    "fallbacks": dict(r.fallbacks), "p50_ms": pct(r.latencies, 50) * 1e3,
+                    "p99_ms": pct(r.latencies, 99) * 1e3,
+                    "stages_ms": {s: {"p50": pct(v, 50) * 1e3, "p99": pct(v, 99) * 1e3} for s, v in r.stages.items()},
+                    "cpu": cpu})
             report["load"] = loads
         finally:
             proc.send_signal(signal.SIGTERM)
@@ -535,6 +552,10 @@ def main(argv: list[str] | None = None) -> int:
         store.close()
     report["machine"]["load_at_end"] = os.getloadavg()
     print_report(report)
+    if not args.quick:
+        from benchmarks.results_file import write_results
+
+        print(f"wrote {write_results('serving/serving-ml1m', report, benchmark='serving')}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, default=float))
@@ -566,13 +587,16 @@ def print_report(r: dict) -> None:
     print(f"freshness   {fr['events']:,} events at {fr['rate']:.0f}/s: p50 {fr['p50_ms']:.1f} ms, p99 {fr['p99_ms']:.1f} ms, "
           f"max {fr['max_ms']:.1f} ms")
     tg = r["targets"]
-    c1 = [l for l in r["load"] if l["concurrency"] == 1]
+    c1 = [l for l in r["load"] if l["concurrency"] == 1 and not l.get("heavy")]
     best = max(r["load"], key=lambda l: l["qps"] if l["p99_ms"] <= tg["p99_ms_at_qps"] else -1)
     print("\n== against the targets ==")
     for l in c1:
         print(f"p99 at C=1 ({l['set']}): {l['p99_ms']:.1f} ms  (target <= {tg['p99_ms_at_c1']:.0f}) "
               f"{'MET' if l['p99_ms'] <= tg['p99_ms_at_c1'] else 'MISSED'}")
-    for name in {l["set"] for l in r["load"]}:
+    for l in [l for l in r["load"] if l.get("heavy")]:
+        print(f"heavy p99 at C=1 ({l['set']}): {l['p99_ms']:.1f} ms  (target <= {tg['heavy_p99_ms_at_c1']:.0f}) "
+              f"{'MET' if l['p99_ms'] <= tg['heavy_p99_ms_at_c1'] else 'MISSED'}")
+    for name in {l["set"] for l in r["load"] if not l.get("heavy")}:
         ok = [l for l in r["load"] if l["set"] == name and l["p99_ms"] <= tg["p99_ms_at_qps"]]
         q = max((l["qps"] for l in ok), default=0.0)
         print(f"best QPS with p99 <= {tg['p99_ms_at_qps']:.0f} ms ({name}): {q:.0f}  (target >= {tg['qps']:.0f}) "
