@@ -31,7 +31,7 @@ Kafka was down, announces on the re-run). Changed inputs for an existing version
 refused: pick a new version.
 
 With ``metrics.pushgateway`` set, every run pushes its outcome (published, gate refused or failed; see
-`push_outcome`) to a Prometheus Pushgateway when it ends, for the chart's pipeline alerts.
+`jobs.outcome.push_outcome`) to a Prometheus Pushgateway when it ends, for the chart's pipeline alerts.
 
 The gate evaluates the candidate *and* the published models on the candidate's
 held-out test split (the same rows for both, so data drift cannot pass a regression)
@@ -54,19 +54,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping
 
 from features import storage
 from features.datasets.common import DATASET_MANIFEST
 from features.layout import MANIFEST as FEATURES_MANIFEST
 from features.storage import StorageConfig
 from jobs import backfill
+from jobs.outcome import OUTCOMES, PIPELINE_METRIC_NAMES, outcome_registry, push_outcome  # noqa: F401 (re-exported)
 from serving.artifacts import PUBLISHED
 from serving.artifacts import VERSION_MANIFEST as MANIFEST
 from serving.config import SaslConfig, TlsFiles
-
-if TYPE_CHECKING:
-    from prometheus_client import CollectorRegistry
 
 log = logging.getLogger("cascade.pipeline")
 
@@ -593,151 +591,6 @@ def _run_stages(cfg: PipelineConfig, version: str, say: Callable[[str], None]) -
                           time.perf_counter() - t0)
 
 
-# ---------------------------------------------------------------------------------------------- outcome metrics
-
-OUTCOMES = ("published", "gate_refused", "failed")
-# What a run pushes (one group per metrics.job + metrics.grouping; the chart's alerts read these).
-PIPELINE_METRIC_NAMES = (
-    "cascade_pipeline_last_run_timestamp_seconds",
-    "cascade_pipeline_last_success_timestamp_seconds",
-    "cascade_pipeline_last_outcome",
-    "cascade_pipeline_gate_refused",
-    "cascade_pipeline_duration_seconds",
-)
-
-
-def outcome_registry(outcome: str, started: float, finished: float) -> CollectorRegistry:
-    """The metrics of one finished run, in a registry of their own (never the process' default one).
-
-    A run that did not fail (published, or completed with its gate refusing) is a success and sets
-    cascade_pipeline_last_success_timestamp_seconds; a failed run leaves that metric out, so the push (which
-    replaces only the metrics it carries) keeps the previous success's timestamp on the Pushgateway.
-    """
-    from prometheus_client import CollectorRegistry, Gauge
-
-    if outcome not in OUTCOMES:
-        raise ValueError(f"pipeline outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
-    registry = CollectorRegistry(auto_describe=True)
-    Gauge("cascade_pipeline_last_run_timestamp_seconds", "When the last pipeline run ended (Unix time).",
-          registry=registry).set(finished)
-    if outcome != "failed":
-        Gauge("cascade_pipeline_last_success_timestamp_seconds",
-              "When the last pipeline run that did not fail ended (published or gate refused; Unix time).",
-              registry=registry).set(finished)
-    last = Gauge("cascade_pipeline_last_outcome", "1 for the outcome of the last pipeline run, 0 for the others.",
-                 ["outcome"], registry=registry)
-    for o in OUTCOMES:
-        last.labels(outcome=o).set(1 if o == outcome else 0)
-    Gauge("cascade_pipeline_gate_refused", "1 when the last run's evaluation gate refused to publish its model.",
-          registry=registry).set(1 if outcome == "gate_refused" else 0)
-    Gauge("cascade_pipeline_duration_seconds", "Wall time of the last pipeline run.",
-          registry=registry).set(max(finished - started, 0.0))
-    return registry
-
-
-def push_outcome(mc: MetricsConfig, outcome: str, started: float, finished: float) -> bool:
-    """Pushes a run's outcome to ``mc.pushgateway`` (POST: replaces the metrics it carries, keeps the last
-    success's timestamp after a failure). True when pushed; a push that fails logs a warning and never fails
-    the run (the chart also alerts on the CronJob's failed Jobs, which covers a run that could not push)."""
-    if not mc.pushgateway:
-        return False
-    from prometheus_client import pushadd_to_gateway
-
-    registry = outcome_registry(outcome, started, finished)
-    try:
-        pushadd_to_gateway(mc.pushgateway, job=mc.job, registry=registry, grouping_key=dict(mc.grouping),
-                           timeout=mc.timeout_s)
-    except Exception as e:  # noqa: BLE001 — any push error (refused, timeout, HTTP 5xx, bad reply) is only reported
-        log.warning("could not push the pipeline outcome (%s) to %s: %s: %s", outcome, mc.pushgateway,
-                    type(e).__name__, e)
-        return False
-    log.info("pushed the pipeline outcome (%s) to %s (job %s)", outcome, mc.pushgateway, mc.job)
-    return True
-
-
-# ---------------------------------------------------------------------------------------------- promote / rollback
-
-
-def read_history(artifacts: Path) -> list[dict[str, Any]]:
-    """Every record of ARTIFACTS/history.jsonl, oldest first (a publish, promote or rollback each)."""
-    p = Path(artifacts) / HISTORY
-    records = []
-    for i, line in enumerate(p.read_text().splitlines() if p.is_file() else [], 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{p}:{i}: not a JSON history record ({e})") from None
-    return records
-
-
-def rollback_target(history: list[dict[str, Any]], current: str | None) -> str:
-    """The version published before the current one, skipping versions that were rolled back from (until
-    published or promoted again), so repeated rollbacks walk back instead of alternating between two."""
-    rolled_back: set[str] = set()
-    for rec in history:
-        if rec.get("action") == "rollback":
-            rolled_back.add(rec.get("rolled_back_from", ""))
-        else:
-            rolled_back.discard(rec["version"])
-    for rec in reversed(history):
-        if rec["version"] != current and rec["version"] not in rolled_back:
-            return rec["version"]
-    raise ValueError(f"nothing to roll back to: history.jsonl has no version published before {current}")
-
-
-def repoint(cfg: PipelineConfig, version: str, action: Literal["promote", "rollback"],
-            say: Callable[[str], None] = print) -> dict[str, Any]:
-    """Makes `version` the published one again (`cascade pipeline promote|rollback`).
-
-    The version must have been published before (a record in history.jsonl) and its bundle must still pass
-    the server's checksum verification (`serving.models.verify_bundle`: the manifest's sha256 equals the
-    recorded one, every file its listed sha256). ARTIFACTS/published.json is replaced atomically, a record
-    is appended to history.jsonl and the bundle is announced on the models topic as `publish` does, so the
-    servers verify, smoke-test and hot-swap it through their normal path.
-    """
-    from features.transforms import DenseLayout
-    from serving.errors import ArtifactError
-    from serving.models import MANIFEST as BUNDLE_MANIFEST
-    from serving.models import verify_bundle
-
-    if storage.is_remote(cfg.artifacts):
-        raise ValueError(f"pipeline {action}: artifacts {cfg.artifacts} are on an object store; promote and rollback "
-                         f"read and verify local bundles only (publish a fresh run, or {action} from a local mirror)")
-    root = Path(cfg.artifacts)
-    history = read_history(root)
-    records = [r for r in history if r["version"] == version]
-    if not records:
-        known = sorted({r["version"] for r in history})
-        raise ValueError(f"version {version!r} was never published under {root} (published versions: "
-                         f"{', '.join(known) if known else 'none'})")
-    rec = records[-1]
-    bundle = Path(rec["bundle"])
-    try:
-        manifest = json.loads((bundle / BUNDLE_MANIFEST).read_text())
-        stats = DenseLayout.from_manifest(manifest.get("features", {})).stats
-        verify_bundle(bundle, rec["checksum"], version, stats, retention_ms=2**62)
-    except (OSError, ValueError, KeyError, ArtifactError) as e:
-        raise ValueError(f"version {version}: its bundle {bundle} fails verification, not {action}d: {e}") from None
-    current = read_published(root)
-    pointer = {"version": version, "bundle": rec["bundle"], "checksum": rec["checksum"],
-               "published_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-               "metrics": rec.get("metrics"), "action": action,
-               **({"rolled_back_from": current["version"]} if action == "rollback" and current else {})}
-    record_published(root, pointer)
-    say(f"published    {version} ({action}; was {current['version'] if current else 'none'})")
-    pc = cfg.publish
-    if pc.announce:
-        from serving.models import announce_bundle
-        from serving.security import kafka_client_kwargs
-
-        ann = announce_bundle(bundle, pc.kafka_bootstrap, pc.models_topic, client_kwargs=kafka_client_kwargs(pc))
-        say(f"announced    {ann.version} on {pc.models_topic} ({pc.kafka_bootstrap})")
-    else:
-        say("announce     off (publish.announce=false): servers load it on their next start or announcement")
-    return pointer
-
-
 # ---------------------------------------------------------------------------------------------- CLI
 
 
@@ -796,6 +649,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _repoint(args: argparse.Namespace) -> int:
+    from jobs.promote import read_history, repoint, rollback_target
+
     cfg = load_pipeline_config(args.config, args.overrides, need_dataset=False)
     version = args.version
     if version is None:
