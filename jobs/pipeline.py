@@ -518,14 +518,14 @@ def train_ranker_stage(tc: TrainStage, fdir: Path, out: Path, retriever: TrainSt
 
     cfg = load_ranker_config([config_path(c) for c in tc.configs], tc.overrides)
     if cfg.model.residual_column >= 0:
-        from features.config import dump_config
         from jobs.second_stage import check_second_stage, train_second_stage
+        from jobs.training import write_run_config
 
         check_second_stage(cfg)
         if retriever is None or retriever_export is None:
             raise ValueError("a second-stage ranker needs the retriever stage's config and export")
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(dump_config(cfg))
+        write_run_config(out, cfg)
         say(f"    lists retriever (the retriever's config, its last {cfg.lists.holdout} training items held out) ...")
         held = train_retriever_stage(
             dataclasses.replace(retriever, overrides=(*retriever.overrides, f"train.holdout_tail={cfg.lists.holdout}")),

@@ -23,7 +23,6 @@ directory, so a resumed run does not retrieve again.
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -31,21 +30,6 @@ from typing import Any, Callable
 import numpy as np
 
 SPLITS = ("train", "valid", "test")
-
-
-def logit_scale(export: Path) -> float:
-    """The retriever's softmax logit per unit of score: the export's, else 1 / its run's temperature."""
-    export = Path(export)
-    config = json.loads((export / "config.json").read_text())
-    if config.get("logit_scale"):
-        return float(config["logit_scale"])
-    from features.config import load_config
-    from retrieval.config import RetrieverConfig
-
-    cfg = load_config(RetrieverConfig, export.parent / "config.yaml")
-    if cfg.loss.learn_temperature:
-        raise ValueError(f"{export} was trained with a learned temperature and records no logit_scale")
-    return 1.0 / cfg.loss.temperature
 
 
 def list_requests(store: Any, lc: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -79,10 +63,9 @@ def candidate_lists(store: Any, retriever: Path, lists_retriever: Path, lc: Any,
             continue
         export = exports[split]
         if export not in loaded:
-            loaded[export] = (load_retriever(export), logit_scale(export))
-        r, scale = loaded[export]
+            loaded[export] = load_retriever(export)
         t0 = time.perf_counter()
-        out[split] = retrieve_lists(r, store, users, hist, lc.top_n, scale)
+        out[split] = retrieve_lists(loaded[export], store, users, hist, lc.top_n)  # the export's logit scale
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             out[split].save(path)
