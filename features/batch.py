@@ -90,6 +90,18 @@ def make_kjt(features: Mapping[str, tuple[ArrayLike, ArrayLike]], stride: int | 
     return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, stride=stride)
 
 
+def concat_rows(kjts: Sequence[KeyedJaggedTensor], keys: Sequence[str]) -> KeyedJaggedTensor:
+    """Stacks the rows of several KJTs (each must have every key in `keys`), in order."""
+    values, lengths = [], []
+    for key in keys:
+        for k in kjts:
+            jt = k[key]
+            values.append(jt.values())
+            lengths.append(jt.lengths().to(torch.int64))
+    stride = sum(k.stride() for k in kjts)
+    return KeyedJaggedTensor(keys=list(keys), values=torch.cat(values), lengths=torch.cat(lengths), stride=stride)
+
+
 def build_candidate_features(
     item_ids: np.ndarray,  # (N,) int64
     categories: tuple[np.ndarray, np.ndarray],  # (values, (N,) lengths): hashed ids of all categories
@@ -350,3 +362,40 @@ def validate_batch(batch: Batch, spec: BatchSpec = BatchSpec()) -> Batch:
         if b and int(lens.min()) < 0:
             _fail("sdim_lengths has negative entries")
     return batch
+
+
+def concat_batches(batches: Sequence[Batch]) -> Batch:
+    """One batch holding the users of several, in order (user b of batch i follows every user of batches < i):
+    the server's micro-batching runs concurrent requests' rankers as one forward. The batches must have the
+    same keys and dense widths, and either all or none carry SDIM bucket sums; raises ValueError naming what
+    differs. Labels, weights and meta of the parts are kept (meta: the first batch's)."""
+    if not batches:
+        raise ValueError("concat_batches: no batches")
+    if len(batches) == 1:
+        return batches[0]
+    first = batches[0]
+    for i, b in enumerate(batches[1:], 1):
+        for name in ("user", "history", "candidates"):
+            if getattr(b, name).keys() != getattr(first, name).keys():
+                raise ValueError(f"concat_batches: batch {i}'s {name} keys {getattr(b, name).keys()} differ from "
+                                 f"batch 0's {getattr(first, name).keys()}")
+        for name in ("user_dense", "candidate_dense", "labels"):
+            if getattr(b, name).shape[1:] != getattr(first, name).shape[1:]:
+                raise ValueError(f"concat_batches: batch {i}'s {name} has shape {tuple(getattr(b, name).shape)}, "
+                                 f"batch 0's {tuple(getattr(first, name).shape)}")
+        if (b.sdim_sums is None) != (first.sdim_sums is None):
+            raise ValueError(f"concat_batches: batch {i} {'lacks' if b.sdim_sums is None else 'has'} SDIM bucket "
+                             f"sums, batch 0 {'has' if b.sdim_sums is None else 'lacks'} them")
+
+    def cat(name: str) -> torch.Tensor:
+        return torch.cat([getattr(b, name) for b in batches])
+
+    sums = first.sdim_sums is not None
+    return Batch(
+        user=concat_rows([b.user for b in batches], first.user.keys()),
+        history=concat_rows([b.history for b in batches], first.history.keys()),
+        candidates=concat_rows([b.candidates for b in batches], first.candidates.keys()),
+        num_candidates=cat("num_candidates"), request_ts=cat("request_ts"), user_dense=cat("user_dense"),
+        candidate_dense=cat("candidate_dense"), labels=cat("labels"), weights=cat("weights"), meta=dict(first.meta),
+        sdim_sums=cat("sdim_sums") if sums else None, sdim_lengths=cat("sdim_lengths") if sums else None,
+    )

@@ -34,18 +34,6 @@ def select_rows(kjt: KeyedJaggedTensor, rows: torch.Tensor, keys: Sequence[str] 
                              stride=int(rows.numel()))
 
 
-def concat_rows(kjts: Sequence[KeyedJaggedTensor], keys: Sequence[str]) -> KeyedJaggedTensor:
-    """Stacks the rows of several KJTs (each must have every key in `keys`)."""
-    values, lengths = [], []
-    for key in keys:
-        for k in kjts:
-            jt = k[key]
-            values.append(jt.values())
-            lengths.append(jt.lengths().to(torch.int64))
-    stride = sum(k.stride() for k in kjts)
-    return KeyedJaggedTensor(keys=list(keys), values=torch.cat(values), lengths=torch.cat(lengths), stride=stride)
-
-
 @dataclass(frozen=True)
 class Catalog:
     """item_ids (N,) sorted unique; features: stride-N KJT in that order; logq (N,) float32."""

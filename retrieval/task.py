@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from features.batch import ITEM_CATEGORY, ITEM_ID, Batch
-from retrieval.catalog import Catalog, concat_rows, select_rows
+from features.batch import concat_rows
+from retrieval.catalog import Catalog, select_rows
 from retrieval.config import LossConfig, ModelConfig
 from retrieval.loss import CandidateSet, log_q, sampled_softmax_loss
 from retrieval.model import TwoTowerRetriever

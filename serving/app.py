@@ -257,6 +257,7 @@ class ServingApp:
             self.server.stop(grace).wait(grace + 1.0)  # stop accepting, let in-flight requests finish
         if self._probe_server is not None:
             self._probe_server.stop(0)
+        self.runtime.close()
         for c in self.consumers:
             c.stop()
         for c in self.consumers:

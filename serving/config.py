@@ -338,12 +338,20 @@ class RuntimeConfig:
     item_stats_max_age_s: float = 5.0  # an older snapshot is not used (the request reads Redis)
     validate_batches: bool = True  # features.batch.validate_batch on every request batch
     popularity_refresh_s: float = 10.0  # how often the in-memory popularity list is re-read from Redis
+    # Micro-batching (serving/microbatch.py): concurrent requests' ranker forwards run as one, up to
+    # ranker_batch_max requests; a forward waits at most ranker_batch_wait_ms for more (0: only those already
+    # waiting, so a lone request never waits). ranker_batch_max 1 = every request runs its own forward.
+    ranker_batch_max: int = 8
+    ranker_batch_wait_ms: float = 0.0
 
     def __post_init__(self) -> None:
         if self.torch_threads <= 0 or self.popularity_size <= 0 or self.popularity_refresh_s <= 0:
             raise ValueError("runtime.torch_threads, popularity_size and popularity_refresh_s must be positive")
         if self.item_stats_refresh_s <= 0 or self.item_stats_max_age_s < self.item_stats_refresh_s:
             raise ValueError("runtime.item_stats_refresh_s must be > 0 and <= runtime.item_stats_max_age_s")
+        if self.ranker_batch_max < 1 or not 0 <= self.ranker_batch_wait_ms <= 1000:
+            raise ValueError(f"runtime.ranker_batch_max must be >= 1 (got {self.ranker_batch_max}) and "
+                             f"runtime.ranker_batch_wait_ms in [0, 1000] (got {self.ranker_batch_wait_ms})")
 
 
 @dataclass(frozen=True)

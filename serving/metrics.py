@@ -21,6 +21,7 @@ RANK_REQUESTS_TOTAL = "cascade_rank_requests_total"
 RANK_STAGE_SECONDS = "cascade_rank_stage_seconds"
 RANK_CANDIDATES = "cascade_rank_candidates"
 RANKING_SCORE = "cascade_ranking_score"
+RANKER_BATCH_SIZE = "cascade_ranker_batch_size"
 REQUESTS_IN_FLIGHT = "cascade_requests_in_flight"
 REQUESTS_SHED_TOTAL = "cascade_requests_shed_total"
 DEGRADED_ANSWERS_TOTAL = "cascade_degraded_answers_total"
@@ -52,7 +53,7 @@ STATE_REBUILDING = "cascade_state_rebuilding"
 CONSUMER_REWINDS_TOTAL = "cascade_consumer_rewinds_total"
 
 METRIC_NAMES: tuple[str, ...] = (
-    RANK_REQUESTS_TOTAL, RANK_STAGE_SECONDS, RANK_CANDIDATES, RANKING_SCORE, REQUESTS_IN_FLIGHT,
+    RANK_REQUESTS_TOTAL, RANK_STAGE_SECONDS, RANK_CANDIDATES, RANKING_SCORE, RANKER_BATCH_SIZE, REQUESTS_IN_FLIGHT,
     REQUESTS_SHED_TOTAL, DEGRADED_ANSWERS_TOTAL, REDIS_UP, CONSUMER_LAG, CONSUMER_BATCH_SECONDS,
     CONSUMER_RESTARTS_TOTAL, CONSUMER_SKIPPED_RECORDS_TOTAL, CONSUMER_COMMIT_FAILURES_TOTAL,
     EVENT_FRESHNESS_SECONDS, EVENTS_APPLIED_TOTAL, EVENTS_DEDUPLICATED_TOTAL, EVENTS_DEAD_LETTERED_TOTAL,
@@ -91,6 +92,8 @@ class ServingMetrics:
                                        ["stage"], buckets=_LATENCY_BUCKETS, registry=r)
         self.candidates = Histogram(RANK_CANDIDATES, "Candidates ranked per request (after dropping seen items)",
                                     buckets=(0, 10, 50, 100, 200, 500, 1000, 2000, 5000), registry=r)
+        self.ranker_batch = Histogram(RANKER_BATCH_SIZE, "Requests per ranker forward (micro-batching; 1 = alone)",
+                                      buckets=(1, 2, 3, 4, 6, 8, 12, 16, 32), registry=r)
         self.score = Histogram(RANKING_SCORE, "Ranker scores of the returned items",
                                buckets=tuple(i / 10 for i in range(1, 11)), registry=r)
         self.in_flight = Gauge(REQUESTS_IN_FLIGHT, "Requests accepted and not finished (queued for a handler or running)",

@@ -17,7 +17,8 @@ stage it skipped), and answers degraded when Redis is unavailable:
     item_stats   the candidates' counters: rows of the refreshed catalog snapshot (serving/item_features.py),
                  or one Redis MGET (point-in-time requests, no fresh snapshot, `item_stats: request`)
     features     the candidates' dense features and the batch
-    ranker       the ranker's probabilities; with an SDIM ranker, from the user's stored bucket sums (each
+    ranker       the ranker's probabilities, in one forward with the other requests waiting for theirs
+                 (micro-batching, serving/microbatch.py); with an SDIM ranker, from the user's stored bucket sums (each
                  candidate gathers its m buckets, the L behaviors are not scanned) when they are this model's
                  and cover what the request sees, else by the scan (``cascade_sdim_sums_fallbacks_total``)
     topk         the best k
@@ -50,6 +51,7 @@ from serving.catalog import ItemCatalog
 from serving.config import LimitsConfig, RuntimeConfig
 from serving.errors import DeadlineExceeded, InvalidRequest, NoModelLoaded, StateUnavailable
 from serving.metrics import ServingMetrics
+from serving.microbatch import RankerBatcher
 from serving.item_features import ItemDenseCache
 from serving.models import ModelBundle, ModelHolder
 from serving.state.base import ItemStats, OnlineStore
@@ -268,6 +270,14 @@ def list_dense(bundle: ModelBundle, retrieval: np.ndarray, cands: np.ndarray, hi
                               hist_len, request_ts=np.array([as_of], np.int64))
 
 
+def _ranker_logits(ranker, batch: Batch) -> torch.Tensor:
+    return ranker.logits(batch).float()
+
+
+def _ranker_probabilities(ranker, batch: Batch) -> torch.Tensor:
+    return ranker.forward(batch).float()
+
+
 class Runtime:
     """A `RankQuery` -> a `RankResult` through `stages`, in order, over one `RequestContext`. The runner (`rank`)
     checks the deadline before each stage, times each, answers from popularity when Redis is unavailable and
@@ -286,6 +296,8 @@ class Runtime:
         self.popularity = popularity
         self.availability = availability
         self.metrics = metrics
+        self.batcher = (RankerBatcher(cfg.ranker_batch_max, cfg.ranker_batch_wait_ms, metrics.ranker_batch.observe)
+                        if cfg.ranker_batch_max > 1 else None)
         # (name, stage) in request order; the names label the timings and the deadline drops
         self.stages: tuple[tuple[str, Callable[[RequestContext], None]], ...] = (
             ("state_read", self._read_state),  # read state
@@ -297,6 +309,11 @@ class Runtime:
             ("ranker", self._rank),  # rank
             ("topk", self._select),  # select
         )
+
+    def close(self) -> None:
+        """Stops the ranker's micro-batching worker (after the forwards already submitted)."""
+        if self.batcher is not None:
+            self.batcher.close()
 
     # ------------------------------------------------------------------ the runner
     def rank(self, q: RankQuery, deadline: Deadline = Deadline(None)) -> RankResult:
@@ -440,14 +457,15 @@ class Runtime:
 
     def _rank(self, ctx: RequestContext) -> None:
         """The ranker's probabilities; a second stage's logits (on the retriever's scale, where probabilities
-        would saturate into ties)."""
+        would saturate into ties). Micro-batched with the other requests waiting, when the batcher is on."""
         ranker = ctx.bundle.ranker
+        score = _ranker_logits if ranker.second_stage else _ranker_probabilities
         if not len(ctx.cands):
             ctx.scores = torch.empty(0)
-        elif ranker.second_stage:
-            ctx.scores = ranker.logits(ctx.batch).float()
+        elif self.batcher is not None:
+            ctx.scores = self.batcher.score(ranker, ctx.batch, score)
         else:
-            ctx.scores = ranker.forward(ctx.batch).float()
+            ctx.scores = score(ranker, ctx.batch)
 
     def _select(self, ctx: RequestContext) -> None:
         """The best k."""
