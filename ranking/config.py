@@ -265,7 +265,10 @@ class TrainConfig:
         "hr@10" / "ndcg@10" rank each request's list (listwise second stage: the
         target's position among the retrieved candidates, a miss when the
         retriever did not retrieve it).
-    max_steps_per_epoch: 0 = a full pass over the training split.
+    max_steps_per_epoch: 0 = a full pass over the training split; with a smaller number every "epoch" is
+        that many steps and an evaluation (a listwise ranker peaks within a fraction of a pass).
+    patience: stop after that many evaluations without a valid `select_metric` improvement; the best
+        evaluation is the one exported either way.
     """
 
     epochs: int = 3
@@ -276,6 +279,7 @@ class TrainConfig:
     select_metric: Literal["auc", "gauc", "logloss", "hr@10", "ndcg@10"] = "auc"
     max_steps_per_epoch: int = 0
     max_minutes: float = 0.0  # 0 = no time budget
+    patience: int = 0  # evaluations (epochs) without a valid improvement before stopping (0: never)
     log_every: int = 50
     threads: int = 0  # torch threads per rank; 0 = leave as is
 
@@ -284,8 +288,8 @@ class TrainConfig:
             raise ValueError(f"train.epochs must be positive, got {self.epochs}")
         if self.dense_lr <= 0:
             raise ValueError(f"train.dense_lr must be positive, got {self.dense_lr}")
-        if self.max_steps_per_epoch < 0 or self.max_minutes < 0:
-            raise ValueError("train.max_steps_per_epoch and train.max_minutes must be >= 0")
+        if self.max_steps_per_epoch < 0 or self.max_minutes < 0 or self.patience < 0:
+            raise ValueError("train.max_steps_per_epoch, train.max_minutes and train.patience must be >= 0")
 
 
 @dataclass(frozen=True)

@@ -37,7 +37,7 @@ from features.batch import Batch
 from features.config import to_dict
 from features.train.checkpoint import load_checkpoint, replace_checkpoint
 from features.train.loop import (
-    TrainData, TrainResult, aligned, all_reduce_float, gather_arrays, improves, split_metrics,
+    TrainData, TrainResult, aligned, all_reduce_float, gather_arrays, improves, should_stop_early, split_metrics,
 )
 from features.train.metrics import topk_metrics
 from features.train.report import MetricsLog
@@ -65,7 +65,7 @@ class RankingData(TrainData, Protocol):
 
 @dataclass(kw_only=True)
 class RankerTrainResult(TrainResult):
-    """`TrainResult` (stopped: "epochs" | "time budget") and the ranker's own fields."""
+    """`TrainResult` (stopped: "epochs" | "patience" | "time budget") and the ranker's own fields."""
 
     examples_per_s: float  # training examples per second over all ranks
     model: dict[str, Any]  # the resolved ModelConfig
@@ -214,6 +214,8 @@ def train_ranker(rank: int, world_size: int, cfg: RankerConfig, data: RankingDat
             log.info("epoch %d: loss %.4f  valid auc %.4f gauc %.4f logloss %.4f  test auc %.4f  %.0f ex/s%s",
                      epoch + 1, rec["loss"], valid["auc"], valid["gauc"], valid["logloss"], test["auc"],
                      rec["examples_per_s"], "  (best)" if improved else "")
+        if stopped == "epochs" and should_stop_early(history, tc.select_metric, tc.patience):
+            stopped = "patience"
         if stopped != "epochs":
             break
     if best_epoch < 0:

@@ -34,7 +34,8 @@ from tqdm import tqdm
 from features.batch import Batch
 from features.config import to_dict
 from features.train.checkpoint import load_checkpoint, replace_checkpoint
-from features.train.loop import TrainData, TrainResult, aligned, all_reduce_sums, broadcast_flag, improves, split_metrics
+from features.train.loop import (TrainData, TrainResult, aligned, all_reduce_sums, broadcast_flag, improves,
+                                 should_stop_early, split_metrics)
 from features.train.report import MetricsLog, write_convergence
 from features.train.sharding import describe_plan, make_optimizer, shard_model
 from retrieval.catalog import Catalog, validate_catalog
@@ -234,19 +235,6 @@ def build_training(cfg: RetrieverConfig, catalog: Catalog) -> tuple[Any, Combine
     dmp = shard_model(task, tc.sharding, torch.device("cpu"))
     opt = make_optimizer(dmp, dense_lr=tc.lr, weight_decay=tc.weight_decay)
     return dmp, opt, CandidateSampler(cfg.loss, catalog, item_keys(cfg.model), seed=tc.seed)
-
-
-def should_stop_early(history: list[dict[str, Any]], metric: str, patience: int) -> bool:
-    """True when the last `patience` evaluations of valid `metric` are all below the best one before them.
-
-    history: the per-epoch records (epochs without an evaluation have no `valid_<metric>`). patience 0: never.
-    """
-    if patience <= 0:
-        return False
-    scores = [r[f"valid_{metric}"] for r in history if f"valid_{metric}" in r]
-    if len(scores) <= patience:
-        return False
-    return max(scores[-patience:]) <= max(scores[:-patience])
 
 
 def train_on_features(

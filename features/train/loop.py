@@ -152,6 +152,24 @@ def improves(metric: str, new: float, best: float | None) -> bool:
     return new < best if metric in LOWER_IS_BETTER else new > best
 
 
+def should_stop_early(history: list[dict[str, Any]], metric: str, patience: int) -> bool:
+    """True when none of the last `patience` evaluations of valid `metric` improves on the best one before them
+    (`improves`: a tie is no improvement; logloss is lower-is-better).
+
+    history: the per-epoch records (epochs without an evaluation have no `valid_<metric>`). patience 0: never.
+    """
+    if patience <= 0:
+        return False
+    scores = [r[f"valid_{metric}"] for r in history if f"valid_{metric}" in r]
+    if len(scores) <= patience:
+        return False
+    best = None
+    for s in scores[:-patience]:
+        if improves(metric, s, best):
+            best = s
+    return not any(improves(metric, s, best) for s in scores[-patience:])
+
+
 def split_metrics(record: dict[str, Any], split: str) -> dict[str, Any]:
     """The `<split>_<metric>` entries of an epoch record, without the prefix."""
     prefix = split + "_"

@@ -14,7 +14,7 @@ from features.train.checkpoint import load_checkpoint, replace_checkpoint
 from features.train.launch import run_distributed
 from features.train.loop import (
     aligned, all_reduce_float, all_reduce_sums, broadcast_flag, gather_arrays, improves, reader_batches_per_rank,
-    split_metrics,
+    should_stop_early, split_metrics,
 )
 
 
@@ -84,3 +84,21 @@ def test_split_metrics_takes_one_splits_entries_of_an_epoch_record():
 @pytest.mark.parametrize("rows, batch, world, want", [(10, 4, 1, 3), (10, 4, 2, 1), (7, 4, 2, 0), (16, 4, 2, 2)])
 def test_reader_batches_per_rank_keeps_the_partial_batch_only_at_world_size_one(rows, batch, world, want):
     assert reader_batches_per_rank(rows, batch, world) == want
+
+
+def _hist(scores: list[float | None]) -> list[dict]:
+    return [{"epoch": i + 1, **({"valid_ndcg@10": s} if s is not None else {})} for i, s in enumerate(scores)]
+
+
+def test_early_stopping_waits_patience_evaluations_after_the_best():
+    assert not should_stop_early(_hist([0.1, 0.2, 0.19, 0.18]), "ndcg@10", 3)
+    assert should_stop_early(_hist([0.1, 0.2, 0.19, 0.18, 0.2]), "ndcg@10", 3)  # a tie is no improvement
+    assert not should_stop_early(_hist([0.1, 0.2, 0.19, 0.18, 0.21]), "ndcg@10", 3)
+    assert not should_stop_early(_hist([0.3, 0.1, 0.1, 0.1]), "ndcg@10", 0)  # 0: never
+    # epochs without an evaluation do not count
+    assert not should_stop_early(_hist([0.2, None, 0.1, None, 0.1]), "ndcg@10", 3)
+    assert should_stop_early(_hist([0.2, None, 0.1, None, 0.1, 0.1]), "ndcg@10", 3)
+    # lower-is-better metrics stop when the loss stops falling
+    logloss = [{"epoch": i + 1, "valid_logloss": s} for i, s in enumerate([0.5, 0.4, 0.45, 0.41])]
+    assert should_stop_early(logloss, "logloss", 2) and not should_stop_early(logloss[:3] + [
+        {"epoch": 4, "valid_logloss": 0.39}], "logloss", 2)

@@ -16,7 +16,7 @@ from retrieval.config import ItemTowerConfig, LossConfig, ModelConfig, TrainConf
 from retrieval.loss import CandidateSet, sampled_softmax_loss
 from retrieval.model import TwoTowerRetriever
 from retrieval.task import CandidateSampler, RetrievalTask
-from retrieval.train import dense_lr, should_stop_early
+from retrieval.train import dense_lr
 
 N = 12
 IDS = np.arange(500, 500 + N, dtype=np.int64)
@@ -137,20 +137,6 @@ def test_the_dot_score_leaves_vectors_unnormalized():
     out = TwoTowerRetriever(replace(CFG, score="dot"), "cpu").eval()(_user_batch(), _user_batch().candidates)
     assert not torch.allclose(out.items.norm(dim=1), torch.ones(7))
     assert not torch.allclose(out.queries.norm(dim=1), torch.ones(7))
-
-
-def _hist(scores: list[float | None]) -> list[dict]:
-    return [{"epoch": i + 1, **({"valid_ndcg@10": s} if s is not None else {})} for i, s in enumerate(scores)]
-
-
-def test_early_stopping_waits_patience_evaluations_after_the_best():
-    assert not should_stop_early(_hist([0.1, 0.2, 0.19, 0.18]), "ndcg@10", 3)
-    assert should_stop_early(_hist([0.1, 0.2, 0.19, 0.18, 0.2]), "ndcg@10", 3)  # a tie is no improvement
-    assert not should_stop_early(_hist([0.1, 0.2, 0.19, 0.18, 0.21]), "ndcg@10", 3)
-    assert not should_stop_early(_hist([0.3, 0.1, 0.1, 0.1]), "ndcg@10", 0)  # 0: never
-    # epochs without an evaluation do not count
-    assert not should_stop_early(_hist([0.2, None, 0.1, None, 0.1]), "ndcg@10", 3)
-    assert should_stop_early(_hist([0.2, None, 0.1, None, 0.1, 0.1]), "ndcg@10", 3)
 
 
 def test_the_budget_horizon_anneals_with_the_time_spent_not_the_epochs():
