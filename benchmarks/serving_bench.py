@@ -211,7 +211,8 @@ def start_server(work: Path, services, bundle: Path, dataset: Path, prefix: str,
         f"kafka:\n  bootstrap: {services.kafka.address}\n  topics:\n    events: bench-events-{u}\n"
         f"    items: bench-items-{u}\n    models: bench-models-{u}\n    dead_letter: bench-dlq-{u}\n"
         f"  events_group: bench-{u}\n  session_timeout_ms: 2000\n  heartbeat_interval_ms: 200\n"
-        f"runtime:\n  torch_threads: {args.torch_threads}\n  validate_batches: {str(args.validate_batches).lower()}\n")
+        f"runtime:\n  torch_threads: {args.torch_threads}\n  validate_batches: {str(args.validate_batches).lower()}\n"
+        f"  ranker_batch_max: {args.ranker_batch_max}\n  ranker_batch_wait_ms: {args.ranker_batch_wait_ms}\n")
     log = work / "serve.log"
     lf = open(log, "w")
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--dev", "--config", str(cfg), "--model-bundle", str(bundle),
@@ -450,9 +451,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--processes", type=int, default=1, help="server processes sharing the port (grpc.processes)")
     p.add_argument("--torch-threads", type=int, default=1)
     p.add_argument("--validate-batches", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--ranker-batch-max", type=int, default=8,
+                   help="runtime.ranker_batch_max: requests per ranker forward (micro-batching; 1 = off)")
+    p.add_argument("--ranker-batch-wait-ms", type=float, default=0.0, help="runtime.ranker_batch_wait_ms")
     p.add_argument("--quick", action="store_true", help="duration 4 s, 50k consumer events, 5 s freshness")
     p.add_argument("--wait-quiet", action="store_true", help="wait (<= 30 min) for a 1-minute load <= 2.5 first")
     p.add_argument("--json", type=Path, default=None)
+    p.add_argument("--tag", default="", help="suffix of the results file (results/serving/serving-ml1m<tag>.json)")
+    p.add_argument("--consumer", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the consumer phase (throughput, freshness)")
     args = p.parse_args(argv)
     if args.quick:
         args.duration, args.consumer_events, args.fresh_seconds = 4.0, 50_000, 5.0
@@ -479,7 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     report["setup"] = {"dataset": str(dataset), "bundle": str(bundle_dir), "server_processes": args.processes,
                        "server_workers": args.server_workers, "torch_threads": args.torch_threads,
-                       "validate_batches": args.validate_batches}
+                       "validate_batches": args.validate_batches, "ranker_batch_max": args.ranker_batch_max,
+                       "ranker_batch_wait_ms": args.ranker_batch_wait_ms}
     if args.bundle is None:
         from features.config import to_dict
 
@@ -543,19 +551,20 @@ def main(argv: list[str] | None = None) -> int:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-        print("consumer ...", flush=True)
-        holder = ModelHolder()
-        holder.swap(bundle)
-        users = np.array(sorted(set(range(1, 6041))), np.int64)
-        report["consumer"] = consumer_phase(svc, cfg, store, CatalogRef(catalog), holder, args.consumer_events,
-                                            args.fresh_rate, args.fresh_seconds, users, catalog.item_ids, meter)
+        if args.consumer:
+            print("consumer ...", flush=True)
+            holder = ModelHolder()
+            holder.swap(bundle)
+            users = np.array(sorted(set(range(1, 6041))), np.int64)
+            report["consumer"] = consumer_phase(svc, cfg, store, CatalogRef(catalog), holder, args.consumer_events,
+                                                args.fresh_rate, args.fresh_seconds, users, catalog.item_ids, meter)
         store.close()
     report["machine"]["load_at_end"] = os.getloadavg()
     print_report(report)
     if not args.quick:
         from benchmarks.results_file import write_results
 
-        print(f"wrote {write_results('serving/serving-ml1m', report, benchmark='serving')}")
+        print(f"wrote {write_results('serving/serving-ml1m' + args.tag, report, benchmark='serving')}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2, default=float))
@@ -579,13 +588,14 @@ def print_report(r: dict) -> None:
                        for s in stages)
         print(f"{l['set']:<26}{l['concurrency']:>3}{l['qps']:>7.0f}{l['p50_ms']:>7.1f}{l['p99_ms']:>7.1f}"
               f"{sum(l['errors'].values()):>5}  {st}{l['cpu']['foreign_cores']:>9}")
-    c = r["consumer"]
-    t, fr = c["throughput"], c["freshness"]
-    print("\n== events consumer (one process) ==")
-    print(f"throughput  {t['events']:,} events in {t['seconds']}s = {t['events_per_s']:,.0f} events/s "
-          f"({t['batches']} batches; foreign CPU {t['cpu']['foreign_cores']} cores)")
-    print(f"freshness   {fr['events']:,} events at {fr['rate']:.0f}/s: p50 {fr['p50_ms']:.1f} ms, p99 {fr['p99_ms']:.1f} ms, "
-          f"max {fr['max_ms']:.1f} ms")
+    c = r.get("consumer")
+    t, fr = (c["throughput"], c["freshness"]) if c else ({}, {})
+    if c:
+        print("\n== events consumer (one process) ==")
+        print(f"throughput  {t['events']:,} events in {t['seconds']}s = {t['events_per_s']:,.0f} events/s "
+              f"({t['batches']} batches; foreign CPU {t['cpu']['foreign_cores']} cores)")
+        print(f"freshness   {fr['events']:,} events at {fr['rate']:.0f}/s: p50 {fr['p50_ms']:.1f} ms, p99 {fr['p99_ms']:.1f} ms, "
+              f"max {fr['max_ms']:.1f} ms")
     tg = r["targets"]
     c1 = [l for l in r["load"] if l["concurrency"] == 1 and not l.get("heavy")]
     best = max(r["load"], key=lambda l: l["qps"] if l["p99_ms"] <= tg["p99_ms_at_qps"] else -1)
@@ -601,10 +611,11 @@ def print_report(r: dict) -> None:
         q = max((l["qps"] for l in ok), default=0.0)
         print(f"best QPS with p99 <= {tg['p99_ms_at_qps']:.0f} ms ({name}): {q:.0f}  (target >= {tg['qps']:.0f}) "
               f"{'MET' if q >= tg['qps'] else 'MISSED'}")
-    print(f"consumer: {t['events_per_s']:,.0f} events/s (target >= {tg['events_per_s']:,.0f}) "
-          f"{'MET' if t['events_per_s'] >= tg['events_per_s'] else 'MISSED'}")
-    print(f"freshness p99: {fr['p99_ms']:.0f} ms (target <= {tg['freshness_p99_ms']:.0f}) "
-          f"{'MET' if fr['p99_ms'] <= tg['freshness_p99_ms'] else 'MISSED'}")
+    if c:
+        print(f"consumer: {t['events_per_s']:,.0f} events/s (target >= {tg['events_per_s']:,.0f}) "
+              f"{'MET' if t['events_per_s'] >= tg['events_per_s'] else 'MISSED'}")
+        print(f"freshness p99: {fr['p99_ms']:.0f} ms (target <= {tg['freshness_p99_ms']:.0f}) "
+              f"{'MET' if fr['p99_ms'] <= tg['freshness_p99_ms'] else 'MISSED'}")
     del best
 
 
