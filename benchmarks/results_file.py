@@ -18,6 +18,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+if str(RESULTS_DIR.parents[1]) not in sys.path:
+    sys.path.insert(0, str(RESULTS_DIR.parents[1]))
+
+from features.hardware import cpu_info  # noqa: E402
 
 
 def _git(*args: str) -> str:
@@ -36,15 +40,7 @@ def commit() -> str:
 
 def machine() -> dict[str, Any]:
     """CPU model, cores and the instruction-set flags that decide the speed of fp32/bf16 kernels."""
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("unknown", "", platform.machine()):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
+    model, flags = cpu_info()
     info: dict[str, Any] = {
         "cpu_model": model, "cores": os.cpu_count(), "platform": platform.platform(),
         "python": platform.python_version(),

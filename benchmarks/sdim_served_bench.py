@@ -42,6 +42,7 @@ from results_file import machine, write_results  # noqa: E402
 from features.batch import (  # noqa: E402
     HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, HIST_SDIM_SIG, HIST_TS, ITEM_CATEGORY, ITEM_ID, build_batch,
 )
+from features.hardware import native_bf16  # noqa: E402
 from features.transforms import DenseLayout, StatsConfig  # noqa: E402
 from ranking.inference import make_inference  # noqa: E402
 from ranking.model import RankerModel  # noqa: E402
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.threads, args.min_time, args.max_wait = [1], 0.3, 5.0
     cpu = machine()
-    bf16 = {"on": True, "off": False}.get(args.bf16_mlp, bool(cpu["avx512_bf16"] or cpu["amx_bf16"]))
+    bf16 = {"on": True, "off": False}.get(args.bf16_mlp, native_bf16())
     rows = measure(args.length, args.cands, args.threads, args.min_time, args.max_wait, bf16)
     print_report(rows)
     if args.json:

@@ -178,7 +178,9 @@ class ModelConfig:
     heads: HeadsConfig = HeadsConfig()
     user_dense_dim: int = -1
     candidate_dense_dim: int = -1
-    bf16_mlp: bool = True  # experts and heads under bf16 autocast (about 2x on AVX-512 BF16 CPUs)
+    # experts under bf16 autocast where the CPU computes bf16 natively (AVX-512 BF16 / AMX: about 2x); elsewhere
+    # fp32, since emulated bf16 is tens of times slower (features/hardware.py)
+    bf16_mlp: bool = True
     residual_column: int = -1
 
     def __post_init__(self) -> None:

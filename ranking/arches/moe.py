@@ -24,6 +24,7 @@ import math
 import torch
 from torch import nn
 
+from features.hardware import native_bf16
 from ranking.config import MoEArchConfig
 
 
@@ -64,7 +65,8 @@ class AWMoEArch(nn.Module):
         value_dim: D, the behaviors' representation width (the gate unit's input).
         base_dim: width of [candidate, user] features for the gate's base term.
         num_tasks: T.
-        bf16: run the experts under bf16 autocast.
+        bf16: run the experts under bf16 autocast on CPUs that compute bf16 natively (`features.hardware`);
+            elsewhere fp32 (emulated bf16 is tens of times slower).
     """
 
     def __init__(self, cfg: MoEArchConfig, in_dim: int, value_dim: int, base_dim: int, num_tasks: int,
@@ -93,7 +95,7 @@ class AWMoEArch(nn.Module):
         return self.gate_unit(values)
 
     def forward(self, x: torch.Tensor, gate_logits: torch.Tensor) -> torch.Tensor:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16 and x.device.type == "cpu"):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16 and x.device.type == "cpu" and native_bf16()):
             h = self.experts(x)  # (E, N, H)
         h = h.float()
         if not self.gated:

@@ -222,3 +222,38 @@ def test_length_groups_give_the_one_call_result():
     rq, rk = torch.autograd.grad(ref.square().sum(), [q, k])
     torch.testing.assert_close(gq, rq, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(gk, rk, rtol=1e-4, atol=1e-5)
+
+
+def test_bf16_experts_only_where_the_cpu_computes_bf16_natively(monkeypatch):
+    """`model.bf16_mlp` autocasts the experts only on CPUs with native bf16 (features.hardware.native_bf16):
+    emulated bf16 is tens of times slower than fp32 (AVX2-only CPUs), so there the experts stay fp32."""
+    from ranking.arches import moe
+    from ranking.config import MoEArchConfig
+
+    torch.manual_seed(0)
+    arch = moe.AWMoEArch(MoEArchConfig(num_experts=2, expert_hidden=(16, 8)), in_dim=12, value_dim=4, base_dim=3,
+                         num_tasks=1, bf16=True)
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        w0, b0 = arch.experts.weights[0], arch.experts.biases[0]
+        w1, b1 = arch.experts.weights[1], arch.experts.biases[1]
+        h = torch.relu(torch.einsum("nf,efh->enh", x, w0) + b0)
+        fp32 = torch.relu(torch.baddbmm(b1, h, w1))
+        monkeypatch.setattr(moe, "native_bf16", lambda: False)
+        off = _experts_under_arch_autocast(arch, x)
+        torch.testing.assert_close(off, fp32, rtol=1e-5, atol=1e-5)
+        monkeypatch.setattr(moe, "native_bf16", lambda: True)
+        on = _experts_under_arch_autocast(arch, x)
+    assert not torch.equal(on, fp32)  # bf16 rounding: the autocast ran
+    torch.testing.assert_close(on, fp32, rtol=0.05, atol=0.05)
+
+
+def _experts_under_arch_autocast(arch, x):
+    """The experts' output through `AWMoEArch.forward`'s autocast decision (captured by a forward hook)."""
+    out = {}
+    handle = arch.experts.register_forward_hook(lambda m, i, o: out.setdefault("h", o.float()))
+    try:
+        arch(x, torch.zeros(x.shape[0], arch.gate_dim))
+    finally:
+        handle.remove()
+    return out["h"]
