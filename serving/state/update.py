@@ -100,37 +100,79 @@ def with_bucket_sums(records: dict[int, UserRecord], src: SdimSource, chunk: int
     return out
 
 
-def update_bucket_sums(old: UserRecord, seq: SequenceState, sigs: np.ndarray, appended: int, in_order: bool,
-                       src: SdimSource, cap: int) -> BucketSums | None:
-    """The sums of `seq`, the sequence after `appended` behaviors were added to `old.seq` (see the module
-    docstring); `sigs` parallel to `seq`; `cap` the sequence cap (the window never reaches past it)."""
-    prev = old.sdim
-    if not (in_order and prev is not None and prev.spec == src.sig_spec and old.sig_spec == src.sig_spec
-            and old.sigs is not None and prev.covered == min(len(old.seq), src.sums_window)):
-        return rebuild_bucket_sums(seq, sigs, src)
-    if appended == 0:
-        return prev
+@dataclass(frozen=True)
+class _SumsPlan:
+    """One user's SDIM sums update: the stored record before, the sequence after, `appended` behaviors."""
+
+    old: UserRecord
+    seq: SequenceState
+    sigs: np.ndarray
+    appended: int
+    in_order: bool
+
+
+def update_bucket_sums(plans: Sequence[_SumsPlan], src: SdimSource, cap: int) -> list[BucketSums | None]:
+    """The sums of each plan's `seq` (see the module docstring), for many users at once: the incremental ones
+    in one value lookup (`src.behavior_values`, cached per token) and one grouped scatter over every entering
+    and leaving behavior of the batch, the rebuilds in one model call. `cap`: the sequence cap (the window
+    never reaches past it)."""
+    out: list[BucketSums | None] = [None] * len(plans)
+    rebuild: list[int] = []
+    inc: list[tuple[int, slice, slice]] = []  # (plan, entering slice of seq, leaving slice of old.seq)
     w = min(src.sums_window, cap)
-    lo, total = len(old.seq), len(old.seq) + appended  # positions in old.seq + the appended behaviors
-    leave = slice(max(0, lo - w), min(lo, max(0, total - w)))  # in old.seq
-    enter = slice(max(lo, total - w) - total + len(seq), len(seq))  # in seq (its last behaviors)
-    o = old.seq
-    n_in, n_out = enter.stop - enter.start, leave.stop - leave.start
-    items = np.concatenate([seq.item_ids[enter], o.item_ids[leave]])
-    values = src.behavior_values(items, np.concatenate([seq.categories[enter], o.categories[leave]]),
-                                 np.concatenate([seq.actions[enter], o.actions[leave]]))  # (E, D)
-    codes = src.signature_codes(np.concatenate([sigs[enter], old.sigs[leave]]))  # (E, m)
-    sign = np.concatenate([np.ones(n_in, np.int32), -np.ones(n_out, np.int32)])  # +1 entering, -1 leaving
-    m, k, dim = prev.sums.shape
-    slot = (codes + np.arange(m) * k).reshape(-1)  # (E*m,): behavior e goes to bucket (j, codes[e, j]) for every j
-    onehot = np.zeros((m * k, slot.size), np.float32)  # bucket <- (behavior, hash function): a tiny scatter matrix
-    onehot[slot, np.arange(slot.size)] = 1.0  # (np.add.at is ~50x slower at these sizes)
-    sums = prev.sums + (onehot @ np.repeat(values * sign[:, None], m, axis=0)).reshape(m, k, dim)
-    counts = prev.counts + np.bincount(slot, np.repeat(sign, m), m * k).astype(np.int32).reshape(m, k)
-    if counts.min() < 0:  # stored sums that do not match the stored sequence: start over from the sequence
-        return rebuild_bucket_sums(seq, sigs, src)
-    sums[counts == 0] = 0.0
-    return BucketSums(sums, counts, src.sig_spec)
+    for i, p in enumerate(plans):
+        prev, old = p.old.sdim, p.old
+        if not (p.in_order and prev is not None and prev.spec == src.sig_spec and old.sig_spec == src.sig_spec
+                and old.sigs is not None and prev.covered == min(len(old.seq), src.sums_window)):
+            rebuild.append(i)
+        elif p.appended == 0:
+            out[i] = prev
+        else:
+            lo, total = len(old.seq), len(old.seq) + p.appended  # positions in old.seq + the appended behaviors
+            leave = slice(max(0, lo - w), min(lo, max(0, total - w)))  # in old.seq
+            enter = slice(max(lo, total - w) - total + len(p.seq), len(p.seq))  # in seq (its last behaviors)
+            inc.append((i, enter, leave))
+    if inc:
+        def cols(name: str) -> np.ndarray:
+            return np.concatenate([a for i, enter, leave in inc
+                                   for a in (getattr(plans[i].seq, name)[enter], getattr(plans[i].old.seq, name)[leave])])
+
+        values = src.behavior_values(cols("item_ids"), cols("categories"), cols("actions"))  # (E, D)
+        codes = src.signature_codes(np.concatenate([a for i, enter, leave in inc
+                                                    for a in (plans[i].sigs[enter], plans[i].old.sigs[leave])]))
+        n_in = [e.stop - e.start for _, e, _ in inc]
+        n_out = [lv.stop - lv.start for _, _, lv in inc]
+        sign = np.concatenate([np.repeat(np.array([1, -1], np.int32), [a, b]) for a, b in zip(n_in, n_out)])
+        owner = np.repeat(np.arange(len(inc)), np.add(n_in, n_out))  # (E,) row of each behavior's user
+        m, k, dim = plans[inc[0][0]].old.sdim.sums.shape
+        # behavior e goes to bucket (j, codes[e, j]) of its user for every hash function j: one flat slot each
+        slot = ((owner[:, None] * m + np.arange(m)) * k + codes).reshape(-1)  # (E*m,)
+        weighted = np.repeat(values * sign[:, None], m, axis=0)  # (E*m, D), parallel to slot
+        order = np.argsort(slot, kind="stable")
+        used, starts = np.unique(slot[order], return_index=True)
+        delta = np.zeros((len(inc) * m * k, dim), np.float32)
+        delta[used] = np.add.reduceat(weighted[order], starts, axis=0)
+        dcount = np.bincount(slot, np.repeat(sign, m), len(inc) * m * k).astype(np.int32)
+        delta, dcount = delta.reshape(len(inc), m, k, dim), dcount.reshape(len(inc), m, k)
+        for r, (i, _, _) in enumerate(inc):
+            prev = plans[i].old.sdim
+            counts = prev.counts + dcount[r]
+            if counts.min() < 0:  # stored sums that do not match the stored sequence: start over from the sequence
+                rebuild.append(i)
+                continue
+            sums = prev.sums + delta[r]
+            sums[counts == 0] = 0.0
+            out[i] = BucketSums(sums, counts, src.sig_spec)
+    todo = [i for i in rebuild if len(plans[i].seq)]
+    if todo:
+        tails = [slice(max(0, len(plans[i].seq) - src.sums_window), len(plans[i].seq)) for i in todo]
+        got = src.bucket_sums(*(np.concatenate([getattr(plans[i].seq, name)[t] for i, t in zip(todo, tails)])
+                                for name in ("item_ids", "categories", "actions")),
+                              np.concatenate([plans[i].sigs[t] for i, t in zip(todo, tails)]),
+                              lengths=np.array([t.stop - t.start for t in tails], np.int64))
+        for r, i in enumerate(todo):
+            out[i] = BucketSums(got[0][r], got[1][r], src.sig_spec)
+    return out
 
 
 def prune_cutoff(newest_ms: int, retention_ms: int, now_ms: int | None = None) -> int:
@@ -221,27 +263,43 @@ class EventArrays:
 def apply_user_batch(rec: UserRecord, b: UserBatch, seq_cfg: SequenceConfig, retention_ms: int, sig_spec: int = 0,
                      signatures: SignatureLookup | None = None, now_ms: int | None = None,
                      sdim: SdimSource | None = None) -> UserRecord:
-    """A user's record after the events of `b` (see the module docstring).
+    """A user's record after the events of `b` (see the module docstring): `apply_user_batches` of one user.
 
     `sdim`: the served model when it keeps SDIM bucket sums (its `sig_spec` must be `sig_spec`); None keeps none.
     """
-    n = len(b.beh_items)
-    seq, fast = append_behaviors(rec.seq, b.beh_items, b.beh_ts, b.beh_actions, b.beh_categories, seq_cfg)
-    log = extend_log(rec.log, b.cnt_ts, b.cnt_pos, retention_ms, now_ms)
-    sigs = None
-    if sig_spec and signatures is not None:
-        if fast and rec.sig_spec == sig_spec and rec.sigs is not None:
-            new = signatures(seq.item_ids[len(seq) - min(n, len(seq)):]) if n else np.empty(0, np.int64)
-            sigs = np.concatenate([rec.sigs, new])[-len(seq):] if len(seq) else np.empty(0, np.int64)
-        else:
-            sigs = signatures(seq.item_ids)
-    sums = None
-    if sdim is not None and sigs is not None and sdim.sums_window > 0:
-        if sdim.sig_spec != sig_spec:
-            raise ValueError(f"apply_user_batch: the SDIM source has spec {sdim.sig_spec}, the signatures {sig_spec}")
-        sums = update_bucket_sums(rec, seq, sigs, n, fast, sdim, seq_cfg.long_cap)
-    return UserRecord(seq=seq, log=log, attrs=rec.attrs, sigs=sigs, sig_spec=sig_spec if sigs is not None else 0,
-                      attrs_raw=rec.attrs_raw, sdim=sums)
+    return apply_user_batches([rec], [b], seq_cfg, retention_ms, sig_spec, signatures, now_ms, sdim)[0]
+
+
+def apply_user_batches(recs: Sequence[UserRecord], batches: Sequence[UserBatch], seq_cfg: SequenceConfig,
+                       retention_ms: int, sig_spec: int = 0, signatures: SignatureLookup | None = None,
+                       now_ms: int | None = None, sdim: SdimSource | None = None) -> list[UserRecord]:
+    """Each user's record after its batch of events (user i: `recs[i]`, `batches[i]`); the SDIM sums of all of
+    them together (`update_bucket_sums`: the consumer's poll batch costs a few array operations, not a model
+    call per user)."""
+    if sdim is not None and sdim.sums_window > 0 and sdim.sig_spec != sig_spec:
+        raise ValueError(f"apply_user_batch: the SDIM source has spec {sdim.sig_spec}, the signatures {sig_spec}")
+    out: list[UserRecord] = []
+    plans: list[tuple[int, _SumsPlan]] = []
+    for rec, b in zip(recs, batches):
+        n = len(b.beh_items)
+        seq, fast = append_behaviors(rec.seq, b.beh_items, b.beh_ts, b.beh_actions, b.beh_categories, seq_cfg)
+        log = extend_log(rec.log, b.cnt_ts, b.cnt_pos, retention_ms, now_ms)
+        sigs = None
+        if sig_spec and signatures is not None:
+            if fast and rec.sig_spec == sig_spec and rec.sigs is not None:
+                new = signatures(seq.item_ids[len(seq) - min(n, len(seq)):]) if n else np.empty(0, np.int64)
+                sigs = np.concatenate([rec.sigs, new])[-len(seq):] if len(seq) else np.empty(0, np.int64)
+            else:
+                sigs = signatures(seq.item_ids)
+        if sdim is not None and sigs is not None and sdim.sums_window > 0:
+            plans.append((len(out), _SumsPlan(rec, seq, sigs, n, fast)))
+        out.append(UserRecord(seq=seq, log=log, attrs=rec.attrs, sigs=sigs,
+                              sig_spec=sig_spec if sigs is not None else 0, attrs_raw=rec.attrs_raw, sdim=None))
+    if plans:
+        sums = update_bucket_sums([p for _, p in plans], sdim, seq_cfg.long_cap)
+        for (i, _), s in zip(plans, sums):
+            out[i] = dataclasses.replace(out[i], sdim=s)
+    return out
 
 
 def apply_user_events(

@@ -7,7 +7,7 @@ Per polled batch (up to `KafkaConfig.max_poll_records` messages):
 2. drop duplicates inside the batch (first occurrence wins, like the Spark path),
    group the events by user in arrival order;
 3. `OnlineStore.ingest`: read the users and which event ids are already
-   applied, apply the new events (`serving.state.update.apply_user_batch`:
+   applied, apply the new events (`serving.state.update.apply_user_batches`:
    `append_event` semantics, counters, SDIM signatures from the served model;
    a user's events are slices of arrays computed once for the batch), write
    each user with its dedupe marks atomically, and each event's item counters
@@ -57,7 +57,7 @@ from serving.models import ModelHolder
 from serving.runtime import CatalogRef
 from serving.state.base import BEHAVIOR, COUNTED, IngestWrite, ItemWrite, OnlineStore
 from serving.state.codec import UserRecord, encode_item_log
-from serving.state.update import EventArrays, apply_user_batch, prune_cutoff
+from serving.state.update import EventArrays, apply_user_batches, prune_cutoff
 from serving.stream.deadletter import DeadLetters, DeadLetterUnavailable
 from serving.stream.supervise import Backoff, RecordFailures, describe
 
@@ -137,6 +137,9 @@ class EventApplier:
             w = IngestWrite()
             skipped[0] = 0
             applied = []
+            uids: list[int] = []
+            recs: list[UserRecord] = []
+            ubs: list = []
             for k, uid in enumerate(by_user):
                 a, b = cuts[k], cuts[k + 1]
                 keep = None
@@ -157,8 +160,12 @@ class EventApplier:
                     ub = arrays.select(sel)
                     w.marks[uid] = [eids[j] for j in sel.tolist()]
                     applied.append(sel)
-                rec = states.get(uid) or UserRecord.empty()
-                w.users[uid] = apply_user_batch(rec, ub, st.sequence, retention, sig_spec, signatures, now_ms, sdim)
+                uids.append(uid)
+                recs.append(states.get(uid) or UserRecord.empty())
+                ubs.append(ub)
+            # every user of the batch at once (their SDIM sums in a few array operations)
+            w.users.update(zip(uids, apply_user_batches(recs, ubs, st.sequence, retention, sig_spec, signatures,
+                                                         now_ms, sdim)))
             if applied:  # per item: its applied events' counter records and behaviors, in arrival order
                 idx = np.concatenate([np.arange(*x) if isinstance(x, tuple) else x for x in applied])
                 idx = idx[flags_a[idx] != 0]

@@ -251,3 +251,45 @@ def test_the_consumer_keeps_the_sums_and_rebuilds_them_for_a_new_model(make_serv
     _assert_matches_rebuild(rec, v2)
     h.rank(uid, k=5)
     assert h.metric("cascade_sdim_sums_fallbacks_total", {"reason": "version"}) == 1
+
+
+def test_many_users_at_once_equal_their_rebuilds():
+    """The consumer's path: one poll batch of many users (`apply_user_batches`) mixes first writes (rebuilds),
+    in-order appends that slide the window (the grouped scatter), users whose batch holds no behavior, and a
+    late event (rebuild); every user's sums equal the rebuild of its sequence, and equal what the user alone
+    would get."""
+    from serving.state.update import EventArrays, apply_user_batch, apply_user_batches
+
+    src = RankerSums(5, long_len=6, spec=41)
+    cfg = SequenceConfig(long_cap=40, short_cap=10)
+    rng = np.random.default_rng(3)
+    recs = {u: UserRecord.empty() for u in range(12)}
+    t = 1_000
+    for round_ in range(6):
+        users, batches = [], []
+        events: list[Event] = []
+        cuts = [0]
+        for u in range(12):
+            n = int(rng.integers(0, 4))
+            kinds = ["impression"] * n if u == 11 else ["click"] * n  # user 11: no behaviors ever
+            late = round_ == 4 and u == 3  # one user's event arrives out of order
+            for j in range(n):
+                t += 1
+                events.append(Event(f"r{round_}-u{u}-{j}", u, int(rng.integers(1, 30)), t - (500 if late else 0),
+                                    kinds[j], 1.0))
+            cuts.append(len(events))
+            users.append(u)
+        arrays = EventArrays.of_events(events, [e.item_id % 7 + 100 for e in events], cfg.behavior_event_types,
+                                       StatsConfig().counted_event_types())
+        batches = arrays.spans(cuts)
+        together = apply_user_batches([recs[u] for u in users], batches, cfg, DAY, src.sig_spec, src.signatures,
+                                      sdim=src)
+        for u, b, got in zip(users, batches, together):
+            alone = apply_user_batch(recs[u], b, cfg, DAY, src.sig_spec, src.signatures, sdim=src)
+            _assert_matches_rebuild(got, src)
+            assert (got.sdim is None) == (alone.sdim is None)
+            if got.sdim is not None:
+                np.testing.assert_array_equal(got.sdim.counts, alone.sdim.counts)
+                np.testing.assert_allclose(got.sdim.sums, alone.sdim.sums, **SUMS_TOL)
+            recs[u] = got
+    assert recs[11].sdim is None and all(recs[u].sdim is not None for u in range(11) if len(recs[u].seq))
