@@ -53,6 +53,9 @@ def _check_key_range(what: str, a: int, b: int) -> None:
                          f"fewer items or events (e.g. a recent window of the log)")
 
 
+PAIR_LOOKUPS_PER_CHUNK = 1 << 20  # bounds the (requests, recent, candidates, distance) keys held at once
+
+
 @dataclass(frozen=True)
 class ContextCounts:
     """Counts over an event log, indexed for point-in-time lookups (see the module docstring).
@@ -119,8 +122,8 @@ class ContextCounts:
 
     def _count_before(self, keys: np.ndarray, group: np.ndarray, point: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(count of keys in [group * G, group * G + point), index of the last of them)."""
-        lo = np.searchsorted(keys, group * self.horizon)
-        hi = np.searchsorted(keys, group * self.horizon + np.minimum(point, self.horizon))
+        lo = _searchsorted(keys, group * self.horizon)
+        hi = _searchsorted(keys, group * self.horizon + np.minimum(point, self.horizon))
         return hi - lo, hi - 1
 
     def features(self, hist_items: np.ndarray, hist_lengths: np.ndarray, points: np.ndarray, request_ts: np.ndarray,
@@ -154,19 +157,21 @@ class ContextCounts:
         age_h = np.where(has_last, np.maximum(request_ts[:, None] - last_ts, 0) / 3.6e6, AGE_CAP_H)
 
         a_idx, a_found = self._index(recent)
-        distance = w - np.arange(w)  # column j of `recent` is `distance[j]` behaviors before the request
+        # pair counts of (recent item j, candidate, distance d) for every j and d in one lookup per chunk of
+        # requests; the last recent item (one behavior before the request) at distance 1 is the transition
         trans = np.zeros((r, n), np.int64)
         cooc = np.zeros((r, n), np.int64)
         n_items, win1 = len(self.items), self.window + 1
-        for j in range(w):
-            ok = (a_found[:, j] & real[:, j])[:, None] & c_found
-            base = (a_idx[:, j, None] * n_items + c_idx) * win1
-            for d in range(1, self.window + 1):
-                cnt, _ = self._count_before(self.pair_keys, base + d, pt)
-                cnt = np.where(ok, cnt, 0)
-                cooc += cnt
-                if distance[j] == 1 and d == 1:
-                    trans += cnt
+        dist = np.arange(1, self.window + 1)
+        step = max(1, PAIR_LOOKUPS_PER_CHUNK // max(w * n * self.window, 1))
+        for s in range(0, r, step):
+            q = slice(s, min(r, s + step))
+            ok = (a_found[q] & real[q])[:, :, None] & c_found[q][:, None, :]  # (r', w, n)
+            base = (a_idx[q][:, :, None] * n_items + c_idx[q][:, None, :]) * win1  # (r', w, n)
+            cnt, _ = self._count_before(self.pair_keys, base[..., None] + dist, pt[q][:, None, :, None])
+            cnt = np.where(ok[..., None], cnt, 0)  # (r', w, n, window)
+            cooc[q] = cnt.sum(axis=(1, 3))
+            trans[q] = cnt[:, w - 1, :, 0]
 
         if hist_categories is None:
             hist_cat = np.where(a_found, self.item_category[a_idx], -1)
@@ -203,6 +208,18 @@ class ContextCounts:
         if window < 1 or horizon < 1:
             raise ValueError(f"{path}: context counts meta (horizon {horizon}, window {window}) must be positive")
         return out
+
+
+def _searchsorted(keys: np.ndarray, q: np.ndarray) -> np.ndarray:
+    """np.searchsorted(keys, q) with the needles sorted first: numpy walks sorted needles from the previous
+    position, about twice as fast over a log of millions of keys (fewer cache misses)."""
+    flat = np.ravel(q)
+    if flat.size < 64:
+        return np.searchsorted(keys, q)
+    order = np.argsort(flat, kind="stable")
+    out = np.empty(flat.size, np.int64)
+    out[order] = np.searchsorted(keys, flat[order])
+    return out.reshape(np.shape(q))
 
 
 def event_order(ts_ms: np.ndarray, total: int) -> np.ndarray:
