@@ -231,8 +231,8 @@ class ServingApp:
 
     def refresh_item_features(self) -> None:
         bundle = self.models.current
-        if bundle is None or not self.availability.redis_up:
-            return
+        if bundle is None or not self.availability.redis_up or bundle.ranker.second_stage:
+            return  # a second stage reads its list's features, never the counters: nothing to refresh
         try:
             self.item_dense.refresh(self.catalog.current, bundle.dense)
         except StateUnavailable as e:
