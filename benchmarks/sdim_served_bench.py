@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_common import write_json  # noqa: E402
 from kernels_bench import ForeignLoad, quiet_time_ms  # noqa: E402
-from results_file import machine, write_results  # noqa: E402
+from results_file import write_results  # noqa: E402
 
 from features.batch import (  # noqa: E402
     HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, HIST_SDIM_SIG, HIST_TS, ITEM_CATEGORY, ITEM_ID, build_batch,
@@ -161,7 +161,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.threads, args.min_time, args.max_wait = [1], 0.3, 5.0
-    cpu = machine()
     bf16 = {"on": True, "off": False}.get(args.bf16_mlp, native_bf16())
     rows = measure(args.length, args.cands, args.threads, args.min_time, args.max_wait, bf16)
     print_report(rows)

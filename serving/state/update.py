@@ -78,11 +78,19 @@ class SdimSource(Protocol):
 
 def rebuild_bucket_sums(seq: SequenceState, sigs: np.ndarray, src: SdimSource) -> BucketSums | None:
     """The sums of the last `src.sums_window` behaviors of `seq` (signatures `sigs`, parallel); None if empty."""
-    if not len(seq):
-        return None
-    w = slice(max(0, len(seq) - src.sums_window), len(seq))
-    sums, counts = src.bucket_sums(seq.item_ids[w], seq.categories[w], seq.actions[w], sigs[w])
-    return BucketSums(sums, counts, src.sig_spec)
+    return rebuild_many([(seq, sigs)], src)[0] if len(seq) else None
+
+
+def rebuild_many(users: Sequence[tuple[SequenceState, np.ndarray]], src: SdimSource) -> list[BucketSums]:
+    """`rebuild_bucket_sums` of many non-empty (sequence, signatures) pairs in one model call."""
+    if not users:
+        return []
+    tails = [slice(max(0, len(seq) - src.sums_window), len(seq)) for seq, _ in users]
+    cols = [np.concatenate([getattr(seq, name)[t] for (seq, _), t in zip(users, tails)])
+            for name in ("item_ids", "categories", "actions")]
+    sums, counts = src.bucket_sums(*cols, np.concatenate([g[t] for (_, g), t in zip(users, tails)]),
+                                   lengths=np.array([t.stop - t.start for t in tails], np.int64))
+    return [BucketSums(sums[i], counts[i], src.sig_spec) for i in range(len(users))]
 
 
 def with_bucket_sums(records: dict[int, UserRecord], src: SdimSource, chunk: int = 4096) -> dict[int, UserRecord]:
@@ -91,12 +99,8 @@ def with_bucket_sums(records: dict[int, UserRecord], src: SdimSource, chunk: int
     out = dict(records)
     for c in range(0, len(users), chunk):
         part = users[c:c + chunk]
-        tails = [(records[u].seq.tail(src.sums_window), records[u].sigs[-src.sums_window:]) for u in part]
-        cols = [np.concatenate([getattr(t, name) for t, _ in tails]) for name in ("item_ids", "categories", "actions")]
-        sums, counts = src.bucket_sums(*cols, np.concatenate([g for _, g in tails]),
-                                       lengths=np.array([len(t) for t, _ in tails], np.int64))
-        for i, u in enumerate(part):
-            out[u] = dataclasses.replace(records[u], sdim=BucketSums(sums[i], counts[i], src.sig_spec))
+        for u, sums in zip(part, rebuild_many([(records[u].seq, records[u].sigs) for u in part], src)):
+            out[u] = dataclasses.replace(records[u], sdim=sums)
     return out
 
 
@@ -164,14 +168,8 @@ def update_bucket_sums(plans: Sequence[_SumsPlan], src: SdimSource, cap: int) ->
             sums[counts == 0] = 0.0
             out[i] = BucketSums(sums, counts, src.sig_spec)
     todo = [i for i in rebuild if len(plans[i].seq)]
-    if todo:
-        tails = [slice(max(0, len(plans[i].seq) - src.sums_window), len(plans[i].seq)) for i in todo]
-        got = src.bucket_sums(*(np.concatenate([getattr(plans[i].seq, name)[t] for i, t in zip(todo, tails)])
-                                for name in ("item_ids", "categories", "actions")),
-                              np.concatenate([plans[i].sigs[t] for i, t in zip(todo, tails)]),
-                              lengths=np.array([t.stop - t.start for t in tails], np.int64))
-        for r, i in enumerate(todo):
-            out[i] = BucketSums(got[0][r], got[1][r], src.sig_spec)
+    for i, sums in zip(todo, rebuild_many([(plans[i].seq, plans[i].sigs) for i in todo], src)):
+        out[i] = sums
     return out
 
 
