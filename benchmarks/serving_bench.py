@@ -13,7 +13,7 @@ What runs (all on 127.0.0.1, real tansu + redis-server + the `cascade serve` pro
 3. Floors, measured in the same run with the same client: an (almost) empty gRPC call (Health/Check
    on the same server) and one Redis round trip (GET of a user's packed state; MGET of 500 items'
    counter logs).
-4. Closed loop: C client threads, each with one request in flight (Rank k=10, 500 candidates,
+4. Closed loop: C client threads, each with one request in flight (Rank k=--k (20), 500 candidates,
    exclude_seen, debug timings), C in --concurrency; client-side latency and QPS, server-side
    per-stage latency from the debug timings.
 5. Consumer: a backlog of --consumer-events events on a fresh topic, applied by one `EventsConsumer`
@@ -284,7 +284,7 @@ class LoadResult:
 
 
 def closed_loop(address: str, users: list[int], concurrency: int, warmup_s: float, duration_s: float,
-                candidates: int) -> LoadResult:
+                candidates: int, k: int = 20) -> LoadResult:
     import grpc
 
     from serving.proto import ranking_pb2, ranking_pb2_grpc
@@ -306,7 +306,7 @@ def closed_loop(address: str, users: list[int], concurrency: int, warmup_s: floa
             now = time.monotonic()
             if now >= end:
                 return
-            req = ranking_pb2.RankRequest(user_id=rnd.choice(users), k=10, num_candidates=candidates,
+            req = ranking_pb2.RankRequest(user_id=rnd.choice(users), k=k, num_candidates=candidates,
                                           exclude_seen=True, debug=True)
             t = time.perf_counter()
             try:
@@ -437,6 +437,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="pipeline artifacts of the default bundle (its published version is reused)")
     p.add_argument("--build-bundle-only", action="store_true", help="build (or find) the default bundle and exit")
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    p.add_argument("--k", type=int, default=20, help="items per answer (the issue's k = 20)")
     p.add_argument("--candidates", type=int, default=500)
     p.add_argument("--heavy-candidates", type=int, default=1000,
                    help="the heavy case: 10k-behavior users with this many candidates at C = 1 (0: skip)")
@@ -487,7 +488,8 @@ def main(argv: list[str] | None = None) -> int:
     report["setup"] = {"dataset": str(dataset), "bundle": str(bundle_dir), "server_processes": args.processes,
                        "server_workers": args.server_workers, "torch_threads": args.torch_threads,
                        "validate_batches": args.validate_batches, "ranker_batch_max": args.ranker_batch_max,
-                       "ranker_batch_wait_ms": args.ranker_batch_wait_ms}
+                       "ranker_batch_wait_ms": args.ranker_batch_wait_ms, "k": args.k,
+                       "candidates": args.candidates}
     if args.bundle is None:
         from features.config import to_dict
 
@@ -523,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
                 for c in args.concurrency:
                     print(f"load {name} concurrency {c} ...", flush=True)
                     meter.start()
-                    r = closed_loop(address, users, c, args.warmup, args.duration, args.candidates)
+                    r = closed_loop(address, users, c, args.warmup, args.duration, args.candidates, args.k)
                     cpu = meter.stop()
                     loads.append({
                         "set": name, "concurrency": c, "requests": r.requests, "qps": r.requests / r.seconds,
@@ -535,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.heavy_candidates:
                 print(f"load heavy: {HEAVY_SET}, {args.heavy_candidates} candidates, concurrency 1 ...", flush=True)
                 meter.start()
-                r = closed_loop(address, sets[HEAVY_SET], 1, args.warmup, args.duration, args.heavy_candidates)
+                r = closed_loop(address, sets[HEAVY_SET], 1, args.warmup, args.duration, args.heavy_candidates, args.k)
                 cpu = meter.stop()
                 loads.append({
                     "set": f"{HEAVY_SET}, {args.heavy_candidates} candidates", "heavy": True, "concurrency": 1,
@@ -580,7 +582,7 @@ def print_report(r: dict) -> None:
         print(f"{k:<28}{f[k]['p50_ms']:>9.2f}{f[k]['p99_ms']:>9.2f}")
     print(f"(foreign CPU during floors: {f['cpu']['foreign_cores']} cores, load {f['cpu']['load1']})")
     stages = ["state_read", "user_tower", "ann", "filter_seen", "item_stats", "features", "ranker", "topk", "total"]
-    print("\n== closed-loop Rank (k=10, 500 candidates, exclude_seen); client latency and server stages (p50/p99 ms) ==")
+    print(f"\n== closed-loop Rank (k={r['setup'].get('k', 10)}, {r['setup'].get('candidates', 500)} candidates, exclude_seen); client latency and server stages (p50/p99 ms) ==")
     head = f"{'set':<26}{'C':>3}{'QPS':>7}{'p50':>7}{'p99':>7}{'err':>5}  " + "  ".join(f"{s[:9]:>11}" for s in stages)
     print(head + f"{'foreign':>9}")
     for l in r["load"]:

@@ -195,8 +195,12 @@ class KafkaConfig:
     heartbeat_interval_ms: int = 1_000
     max_poll_records: int = 5_000
     poll_timeout_ms: int = 100
-    # how long the broker may hold a fetch with no new data: the floor of event-to-visible latency
-    fetch_max_wait_ms: int = 20
+    # how long the broker may hold a fetch while no new data arrives. The broker answers as soon as a record
+    # arrives (fetch_min_bytes 1), so this is not a floor of event-to-visible latency (produce -> poll measured
+    # 5.5 ms at p50 with 20 and with 500); what it sets is how often an idle consumer asks again, and each ask
+    # is Python work under the GIL the request path shares: 20 ms cost ~11 % of a core per idle consumer (the
+    # server runs three: events, items, models), 500 ms ~1.4 %.
+    fetch_max_wait_ms: int = 500
     fetch_max_bytes: int = 32 << 20
     max_partition_fetch_bytes: int = 8 << 20
     client_id: str = "cascade-serving"
