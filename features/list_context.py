@@ -164,10 +164,20 @@ class ContextCounts:
         n_items, win1 = len(self.items), self.window + 1
         dist = np.arange(1, self.window + 1)
         step = max(1, PAIR_LOOKUPS_PER_CHUNK // max(w * n * self.window, 1))
+        # at the serve point every pair counts, and the distances 1..window of one (a, b) are adjacent key
+        # groups: one range per (a, b) (and one more for the transition) instead of one per distance
+        served = bool((points >= self.horizon).all())
         for s in range(0, r, step):
             q = slice(s, min(r, s + step))
             ok = (a_found[q] & real[q])[:, :, None] & c_found[q][:, None, :]  # (r', w, n)
             base = (a_idx[q][:, :, None] * n_items + c_idx[q][:, None, :]) * win1  # (r', w, n)
+            if served:
+                lo = _searchsorted(self.pair_keys, (base + 1) * self.horizon)
+                hi = _searchsorted(self.pair_keys, (base + self.window + 1) * self.horizon)
+                cooc[q] = np.where(ok, hi - lo, 0).sum(axis=1)
+                t_hi = _searchsorted(self.pair_keys, (base[:, w - 1, :] + 2) * self.horizon)  # distance 1 only
+                trans[q] = np.where(ok[:, w - 1, :], t_hi - lo[:, w - 1, :], 0)
+                continue
             cnt, _ = self._count_before(self.pair_keys, base[..., None] + dist, pt[q][:, None, :, None])
             cnt = np.where(ok[..., None], cnt, 0)  # (r', w, n, window)
             cooc[q] = cnt.sum(axis=(1, 3))

@@ -70,13 +70,21 @@ class CausalBlock(nn.Module):
         self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Linear(ffn_mult * dim, dim))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, T, D)
+    def forward(self, x: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, T, D) -> (B, T, D); with `last` (B,) each row's last real position: (B, D), the output at that
+        position only (keys and values of every position, one query, one FFN row: what a user vector needs)."""
         b, t, d = x.shape
         q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, T, Dh)
-        a = F.scaled_dot_product_attention(
-            q, k, v, is_causal=True, dropout_p=self.attn_dropout if self.training else 0.0
-        )  # (B, H, T, Dh)
-        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, t, d)))
+        p = self.attn_dropout if self.training else 0.0
+        if last is None:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)  # (B, H, T, Dh)
+            x = x + self.drop(self.proj(a.transpose(1, 2).reshape(b, t, d)))
+            return x + self.drop(self.ffn(self.ln2(x)))
+        rows = torch.arange(b, device=x.device)
+        visible = torch.arange(t, device=x.device)[None, :] <= last[:, None]  # (B, T): causal for that query
+        a = F.scaled_dot_product_attention(q[rows, :, last].unsqueeze(2), k, v, attn_mask=visible[:, None, None, :],
+                                           dropout_p=p)  # (B, H, 1, Dh)
+        x = x[rows, last] + self.drop(self.proj(a.reshape(b, d)))  # (B, D)
         return x + self.drop(self.ffn(self.ln2(x)))
 
 
@@ -145,8 +153,11 @@ class TwoTowerRetriever(nn.Module):
         self.final_ln = nn.LayerNorm(d)
         self.user_proj = nn.Linear(d, d) if ut.user_features else None
 
-    def forward(self, batch: Batch, items: KeyedJaggedTensor) -> TowerOutput:
+    def forward(self, batch: Batch, items: KeyedJaggedTensor, last_only: bool = False) -> TowerOutput:
         """Queries after every (kept) history position of batch's users, and vectors of `items`.
+
+        last_only: only each user's query after its last behavior (queries (B, D), query_offsets 0..B), the
+            user vector serving and evaluation read; the last block then computes one position per user.
 
         batch: only `history` (hist_item_id, hist_category, hist_action) and `user`
             are read; histories longer than max_len keep their last max_len behaviors.
@@ -196,12 +207,13 @@ class TwoTowerRetriever(nn.Module):
             tokens = tokens + cat_emb[:s]
         if self.actions is not None:
             tokens = tokens + self.actions(hist[HIST_ACTION])
-        h = self._encode(tokens, hist_len)  # (S, D)
+        h = self._encode(tokens, hist_len, last_only)  # (S, D), or (B, D) last_only
         if self.user_ebc is not None:
-            u = self._pooled(self.user_ebc, batch.user, cfg.user.user_features, cfg.user.user_feature_buckets)
-            h = h + torch.repeat_interleave(self.user_proj(u), hist_len, dim=0)
+            u = self.user_proj(self._pooled(self.user_ebc, batch.user, cfg.user.user_features,
+                                            cfg.user.user_feature_buckets))
+            h = h + (u if last_only else torch.repeat_interleave(u, hist_len, dim=0))
         offsets = torch.zeros(b + 1, dtype=torch.int64, device=h.device)
-        offsets[1:] = torch.cumsum(hist_len, 0)
+        offsets[1:] = torch.cumsum(torch.ones_like(hist_len) if last_only else hist_len, 0)
         return TowerOutput(self._output(h.float()), offsets, item_vecs)
 
     def _history(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -246,8 +258,9 @@ class TwoTowerRetriever(nn.Module):
         pooled = ebc(inp).values()  # (stride, F * D)
         return pooled.view(pooled.shape[0], len(features), self.cfg.dim).sum(1)
 
-    def _encode(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(S, D) jagged tokens -> (S, D) causal encoder outputs.
+    def _encode(self, tokens: torch.Tensor, lengths: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """(S, D) jagged tokens -> (S, D) causal encoder outputs; (B, D) of each user's last position with
+        `last_only`.
 
         Users are sorted by length and encoded in `length_groups` groups, each
         right-padded only to its own longest history: with skewed lengths (Beauty:
@@ -257,21 +270,27 @@ class TwoTowerRetriever(nn.Module):
         b = lengths.numel()
         groups = min(self.cfg.user.length_groups, b)
         if groups <= 1:
-            return self._encode_padded(tokens, lengths)
+            return self._encode_padded(tokens, lengths, last_only)
         starts = offsets_of(lengths)[:-1]
         idx, enc = [], []
         for g in torch.tensor_split(torch.argsort(lengths, stable=True), groups):
             lg = lengths[g]
             rows = segment_rows(starts[g], lg)  # the group's tokens in `tokens`
-            idx.append(rows)
-            enc.append(self._encode_padded(tokens[rows], lg))
-        return torch.zeros_like(tokens).index_copy(0, torch.cat(idx), torch.cat(enc).to(tokens.dtype))
+            idx.append(g if last_only else rows)
+            enc.append(self._encode_padded(tokens[rows], lg, last_only))
+        out = tokens.new_zeros(b, tokens.shape[1]) if last_only else torch.zeros_like(tokens)
+        return out.index_copy(0, torch.cat(idx), torch.cat(enc).to(tokens.dtype))
 
-    def _encode_padded(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def _encode_padded(self, tokens: torch.Tensor, lengths: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         b, d = lengths.numel(), self.cfg.dim
         idx, t = _right_pad_index(lengths)
         x = tokens.new_zeros(b * t, d).index_copy(0, idx, tokens).view(b, t, d)
         x = self.input_dropout(x + self.positions.weight[:t])  # (B, T, D)
+        if last_only:
+            last = (lengths - 1).clamp(min=0)
+            for block in self.blocks[:-1]:
+                x = block(x)
+            return self.final_ln(self.blocks[-1](x, last))  # (B, D)
         for block in self.blocks:
             x = block(x)
         x = self.final_ln(x)

@@ -114,3 +114,23 @@ def test_bad_shapes_are_named() -> None:
         c.features(np.zeros((3, 2), np.int64), np.zeros(3), 0, 0, np.zeros((2, 4), np.int64))
     with pytest.raises(ValueError, match="window must be"):
         ContextCounts.from_timelines(np.array([0, 0]), np.zeros(0), np.zeros(0), np.zeros(0), np.zeros(1), window=0)
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), window=st.integers(1, 4))
+def test_served_features_match_brute_force(seed: int, window: int) -> None:
+    """At the serve point (every event of the log counts) pair counts are read as one key range per (recent
+    item, candidate) over all distances; they equal counting every pair."""
+    rng = np.random.default_rng(seed)
+    offsets, item_ids, ts, cats, visible = _log(rng, users=6, items=5, max_len=12)
+    counts = ContextCounts.from_timelines(offsets, item_ids, ts, cats, visible, window=window)
+    hist = rng.integers(0, 6, (3, 7)) * 7 + 3
+    h = rng.integers(0, 8, 3)
+    cand = rng.integers(0, 6, (3, 4)) * 7 + 3
+    req_ts = rng.integers(0, 40_000, 3)
+    got = counts.features(hist, h, SERVE_POINT, req_ts, cand).reshape(3, 4, -1)
+    for r in range(3):
+        for n in range(4):
+            want = _brute(offsets, item_ids, ts, cats, visible, window, hist[r, 7 - h[r]:], int(h[r]), SERVE_POINT,
+                          req_ts[r], cand[r, n])
+            np.testing.assert_allclose(got[r, n], want, rtol=1e-6, atol=1e-6, err_msg=f"request {r}, candidate {n}")

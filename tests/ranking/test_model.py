@@ -257,3 +257,37 @@ def _experts_under_arch_autocast(arch, x):
     finally:
         handle.remove()
     return out["h"]
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_direct_table_calls_equal_the_torchrec_path(variant, make_batch, monkeypatch):
+    """An unsharded model calls its tables directly (`embedding._plain`); the scores and every gradient equal
+    the KeyedJaggedTensor path a sharded model takes."""
+    import ranking.arches.embedding as E
+
+    batch = make_batch(3, [0, 5, 40], [4, 6, 3])
+
+    def run(plain: bool):
+        monkeypatch.setattr(E, "_plain", (lambda ec: type(ec) is E.EmbeddingCollection) if plain else (lambda ec: False))
+        model = build(variant).train(False)
+        out = model(batch).logits
+        out.sum().backward()
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    (direct, g_direct), (kjt, g_kjt) = run(True), run(False)
+    assert torch.equal(direct, kjt)
+    assert g_direct.keys() == g_kjt.keys() and g_direct
+    for name in g_direct:
+        assert torch.equal(g_direct[name], g_kjt[name]), name
+
+
+def test_kjt_columns_equal_the_per_key_views(make_batch):
+    from ranking.arches.embedding import kjt_columns
+
+    batch = make_batch(4, [3, 0, 7], [2, 5, 1])
+    for kjt in (batch.user, batch.history, batch.candidates):
+        cols = kjt_columns(kjt)
+        assert list(cols) == kjt.keys()
+        for key, (values, lengths) in cols.items():
+            assert torch.equal(values, kjt[key].values())
+            assert torch.equal(lengths, kjt[key].lengths().to(torch.int64))

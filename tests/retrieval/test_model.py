@@ -86,3 +86,22 @@ def test_item_vectors_do_not_depend_on_the_history_in_the_same_call():
 def test_an_empty_history_is_a_clear_error():
     with pytest.raises(ValueError, match="user row 1 has an empty history"):
         last_queries(_model(), _batch([[1], []]))
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+@pytest.mark.parametrize("layers", [1, 2])
+def test_last_only_equals_the_last_position_of_the_full_forward(groups, layers):
+    """The user vector (serving, evaluation, candidate lists: `last_queries`) computes only the last position in
+    the last block; it equals the full forward's query after each user's last behavior, for every length
+    (including ones cut to max_len) and grouping."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(CFG, user=dataclasses.replace(CFG.user, num_layers=layers, length_groups=groups))
+    m = TwoTowerRetriever(cfg, "cpu").eval()
+    b = _batch([[2, 4, 6, 8, 10], [5], [7, 9, 11, 13, 15, 17, 19, 21], [3, 1]])
+    full = m(b, empty_items())
+    last = m(b, empty_items(), last_only=True)
+    torch.testing.assert_close(last.queries, full.queries[full.query_offsets[1:] - 1], rtol=1e-5, atol=1e-6)
+    assert last.query_offsets.tolist() == [0, 1, 2, 3, 4]
+    torch.testing.assert_close(last_queries(m, b), last.queries)
