@@ -75,13 +75,16 @@ def candidate_dense(catalog: ItemCatalog, item_ids: np.ndarray, stats: ItemStats
 
 
 def user_batch(view: UserView, as_of_ms: int, with_sigs: np.ndarray | None = None,
-               user_keys: tuple[str, ...] = (), validate: bool = True) -> Batch:
+               user_keys: tuple[str, ...] = (), validate: bool = True, max_len: int = 0) -> Batch:
     """A B = 1 batch of the user view and no candidates: what the user tower reads, and what
     `with_candidates` extends into the ranker's batch.
 
     `with_sigs`: the history's packed SDIM signatures to include as ``hist_sdim_sig`` (None: left out).
     `user_keys`: user features the models read; one the user lacks is sent with no values.
     `validate`: check the user and history parts (`features.batch.validate_batch`) here, where they are built.
+    `max_len`: send only the latest `max_len` behaviors (0: all) — the most any model of the request reads
+    (`Runtime._history_needed`): the models truncate to their own lengths anyway, and a 10k-behavior history
+    is then neither copied into the batch nor validated per request.
 
     Validation happens here, at the edge, once per request and piece: a request's batches share this user
     part (the user tower's batch, the second stage's exact scoring, the ranker's batch), so checking it in
@@ -92,6 +95,9 @@ def user_batch(view: UserView, as_of_ms: int, with_sigs: np.ndarray | None = Non
     data. `validate=False` (the config's `runtime.validate_batches: false`) trusts this builder entirely.
     """
     s = view.seq
+    if max_len and len(s) > max_len:
+        s = s.tail(max_len)
+        with_sigs = None if with_sigs is None else with_sigs[len(with_sigs) - max_len:]
     user = {USER_ID: (np.array([view.user_id], np.int64), np.ones(1, np.int64))}
     for feat in sorted(set(view.attrs) | (set(user_keys) - {USER_ID})):
         vals = np.asarray(view.attrs.get(feat, ()), np.int64)

@@ -477,8 +477,19 @@ class Runtime:
         """The user part of the request's batches (user tower, second-stage scoring, ranker): built and
         validated once, by the first stage that needs it."""
         if ctx.user is None:
-            ctx.user = user_batch(ctx.view, ctx.as_of, ctx.sigs, ctx.bundle.user_keys, self.cfg.validate_batches)
+            ctx.user = user_batch(ctx.view, ctx.as_of, ctx.sigs, ctx.bundle.user_keys, self.cfg.validate_batches,
+                                  self._history_needed(ctx))
         return ctx.user
+
+    @staticmethod
+    def _history_needed(ctx: RequestContext) -> int:
+        """The most behaviors a model of this request reads (0: unknown, send all): the user tower's `max_len`
+        and the ranker's `history_len` — only its `short_len` when the long-term part comes from the stored
+        SDIM sums (the history length the ranker sees is then the sums' coverage, the same either way)."""
+        retriever, ranker = ctx.bundle.retriever, ctx.bundle.ranker
+        lens = (getattr(retriever, "max_len", None),
+                getattr(ranker, "short_len" if ctx.sums is not None else "history_len", None))
+        return max(lens) if all(isinstance(n, int) and n > 0 for n in lens) else 0
 
     def _popular_ids(self, ctx: RequestContext) -> np.ndarray:
         """The popularity list's head, with room for the seen items `filter_seen` drops."""

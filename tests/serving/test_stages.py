@@ -140,3 +140,40 @@ def test_client_candidates_all_seen_and_excluded_get_an_empty_answer(served):
     r = rt.rank(RankQuery(user_id=1, k=5, candidate_item_ids=seen, exclude_seen=True))
     assert len(r.item_ids) == 0 and r.fallback_reason == "" and r.candidates_considered == 0
     assert [s for s, _ in r.timings] == STAGES + ["total"]
+
+
+@pytest.mark.integration
+def test_the_batch_holds_only_the_history_the_models_read_and_scores_do_not_change(served, monkeypatch):
+    """The request's batch carries the latest `_history_needed` behaviors (the user tower's max_len; the ranker's
+    short_len with stored SDIM sums, its history_len without); the answer equals sending the whole history, for
+    requests at now (sums used) and point-in-time ones (the ranker scans)."""
+    import serving.runtime
+    from serving.runtime import RankQuery, Runtime
+
+    rt, bundle, _ = served
+    lengths = {u: len(rt.store.read_user(u).seq) for u in range(1, 120)}
+    users = sorted(lengths, key=lengths.get)[-4:]  # the longest ML-100K histories
+    r, k = bundle.retriever, bundle.ranker
+    assert min(lengths[u] for u in users) > max(r.max_len, k.history_len) > max(r.max_len, k.short_len)
+    sent: list[int] = []
+    real = serving.runtime.user_batch
+
+    def spy(view, *a, **kw):
+        batch = real(view, *a, **kw)
+        sent.append(int(batch.history_lengths()[0]))
+        return batch
+
+    monkeypatch.setattr(serving.runtime, "user_batch", spy)
+    for u in users:
+        newest = int(rt.store.read_user(u).seq.ts_ms[-1])
+        for as_of, want in ((0, max(r.max_len, k.short_len)), (newest, max(r.max_len, k.history_len))):
+            q = RankQuery(user_id=u, k=10, exclude_seen=True, as_of_ms=as_of)
+            sent.clear()
+            trimmed = rt.rank(q)
+            assert sent == [want], (u, as_of)
+            with monkeypatch.context() as m:
+                m.setattr(Runtime, "_history_needed", staticmethod(lambda ctx: 0))
+                whole = rt.rank(q)
+            assert sent[-1] > want  # the whole history before the request time (ties at `newest` excluded)
+            assert trimmed.item_ids.tolist() == whole.item_ids.tolist(), (u, as_of)
+            np.testing.assert_allclose(trimmed.scores, whole.scores, rtol=1e-6, atol=1e-6)
