@@ -18,7 +18,8 @@ Results: every finished (dataset, variant, seed) run writes
 `benchmarks/results/ranking/ctr/<dataset>/<variant>-seed<seed>.json` (a failed
 run writes nothing and keeps an earlier file). The summary table (mean ± std
 over seeds, paired ΔAUC vs DIN) is then rebuilt from ALL run files of the
-dataset that share this invocation's training budget (epochs, steps per epoch),
+dataset that share this invocation's training budget (epochs, steps per epoch,
+patience; a non-default budget's files carry it in their names, e.g. `full-seed0-e4-p1.json`),
 whichever session wrote them, so a 3-seed table is built up run by run; it is
 printed and written to `.../ctr/<dataset>/summary.json`. A `--quick` run writes
 under `.../ranking/ctr/quick/<dataset>/` instead (never mixed with real runs; not
@@ -87,6 +88,8 @@ def ctr_config(dataset: str, variant: str, features: Path, seed: int, args: argp
         overrides.append(f"train.epochs={args.epochs}")
     if args.max_steps:
         overrides.append(f"train.max_steps_per_epoch={args.max_steps}")
+    if args.patience:
+        overrides.append(f"train.patience={args.patience}")
     return load_config(RankerConfig, REPO / "ranking/configs/ablations" / f"{variant}.yaml", overrides, base=cfg)
 
 
@@ -97,7 +100,18 @@ def results_root(quick: bool) -> str:
 
 def budget(args: argparse.Namespace) -> dict[str, int]:
     """What makes two runs comparable (0: the dataset config's own value)."""
-    return {"epochs": args.epochs, "max_steps_per_epoch": args.max_steps}
+    return {"epochs": args.epochs, "max_steps_per_epoch": args.max_steps, "patience": args.patience}
+
+
+def same_budget(recorded: dict[str, int], args: argparse.Namespace) -> bool:
+    """Files written before `patience` was a budget field ran with the config's (0)."""
+    return {"patience": 0, **recorded} == budget(args)
+
+
+def budget_suffix(args: argparse.Namespace) -> str:
+    """File-name suffix of a non-default budget, so its runs never overwrite the default budget's files."""
+    parts = [f"{k}{v}" for k, v in (("e", args.epochs), ("s", args.max_steps), ("p", args.patience)) if v]
+    return "-" + "-".join(parts) if parts and not args.quick else ""
 
 
 def run_one(dataset: str, variant: str, seed: int, features: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -128,7 +142,7 @@ def run_ctr(args: argparse.Namespace) -> dict[str, Any]:
         rec = run_one(dataset, variant, seed, features, args)
         doc["runs"].setdefault(dataset, {}).setdefault(variant, {})[str(seed)] = rec
         if "error" not in rec:
-            path = write_results(f"{root}/{dataset}/{variant}-seed{seed}", rec, benchmark="ranking_ctr_bench")
+            path = write_results(f"{root}/{dataset}/{variant}-seed{seed}{budget_suffix(args)}", rec, benchmark="ranking_ctr_bench")
             doc["written"].append(str(path))
             print(f"  test AUC {rec['test']['auc']:.4f}  GAUC {rec['test']['gauc']:.4f}  logloss "
                   f"{rec['test']['logloss']:.4f}  -> {path.relative_to(REPO)}", flush=True)
@@ -153,8 +167,8 @@ def summarize(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
     """Mean ± std over seeds and ΔAUC vs DIN paired by seed, over all run files with this budget; printed
     and written next to the run files as summary.json."""
     runs = load_runs(dataset, args.quick)
-    same = [r for r in runs if r.get("budget") == budget(args)]
-    excluded = [r["file"] for r in runs if r.get("budget") != budget(args)]
+    same = [r for r in runs if same_budget(r.get("budget", {}), args)]
+    excluded = [r["file"] for r in runs if not same_budget(r.get("budget", {}), args)]
     by_variant: dict[str, dict[int, dict[str, Any]]] = {}
     for r in same:
         by_variant.setdefault(r["variant"], {})[int(r["seed"])] = r
@@ -193,7 +207,7 @@ def summarize(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
               f"{len(summary['target_full_vs_din']['seeds'])} paired seed(s): "
               f"{'met' if d[0] >= TARGET_AUC_GAIN else 'MISSED'}")
     if table:
-        path = write_results(f"{results_root(args.quick)}/{dataset}/summary", summary, benchmark="ranking_ctr_bench")
+        path = write_results(f"{results_root(args.quick)}/{dataset}/summary{budget_suffix(args)}", summary, benchmark="ranking_ctr_bench")
         print(f"  -> {path.relative_to(REPO)}")
     return summary
 
@@ -206,6 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=0, help="0: the dataset config's")
     p.add_argument("--max-steps", type=int, default=0, help="cap on training steps per epoch (0: full epochs)")
+    p.add_argument("--patience", type=int, default=0,
+                   help="stop after that many epochs without a valid AUC gain (0: the dataset config's)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads of the training runs (1 is far faster than 2 on a contended 2-core machine)")
     p.add_argument("--shared-data", type=Path, default=REPO.parent / "shared" / "data")

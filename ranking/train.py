@@ -86,7 +86,7 @@ def resolve_model_config(cfg: ModelConfig, data: RankingData) -> ModelConfig:
 def evaluate(model: torch.nn.Module, data: RankingData, split: str, rank: int, world_size: int) -> dict[str, float]:
     """Main-task AUC / GAUC / logloss of `model` (the sharded train task) on a split, over all ranks."""
     model.eval()
-    probs, labels, users, ranks = [], [], [], []
+    probs, labels, users, ranks, longest = [], [], [], [], 0
     for batch, real in aligned(data.eval_batches(split, rank, world_size)):
         _, out = model(batch)
         if not real:
@@ -95,14 +95,16 @@ def evaluate(model: torch.nn.Module, data: RankingData, split: str, rank: int, w
         labels.append(batch.labels[:, 0].numpy())
         users.append(batch.user_ids()[batch.candidate_user_index()].numpy())
         ranks.append(list_ranks(out.logits[:, 0].float().numpy(), labels[-1], batch.num_candidates.numpy()))
+        longest = max(longest, int(batch.num_candidates.max()) if batch.num_candidates.numel() else 0)
     cat = (lambda xs, dt: np.concatenate(xs) if xs else np.zeros(0, dt))
     got = gather_arrays({"p": cat(probs, np.float32), "y": cat(labels, np.float32), "u": cat(users, np.int64),
-                         "r": cat(ranks, np.float64)})
+                         "r": cat(ranks, np.float64), "longest": np.array([longest], np.int64)})
     if got["y"].size == 0:
         raise ValueError(f"the {split} split is empty")
     out = ranking_metrics(got["p"], got["y"], got["u"])
-    lm = topk_metrics(got["r"], ks=(10, 50), recall_ks=())
-    out.update({"hr@10": lm["hr@10"], "ndcg@10": lm["ndcg@10"], "hr@50": lm["hr@50"], "ndcg@50": lm["ndcg@50"]})
+    if got["longest"].max() > 1:  # list metrics only where requests carry lists: with one candidate each they
+        lm = topk_metrics(got["r"], ks=(10, 50), recall_ks=())  # would just restate the positive rate
+        out.update({"hr@10": lm["hr@10"], "ndcg@10": lm["ndcg@10"], "hr@50": lm["hr@50"], "ndcg@50": lm["ndcg@50"]})
     return out
 
 
@@ -201,6 +203,9 @@ def train_ranker(rank: int, world_size: int, cfg: RankerConfig, data: RankingDat
                "examples_per_s": ex / ep_seconds, "epoch_seconds": ep_seconds,
                **{f"valid_{k}": v for k, v in valid.items()}, **{f"test_{k}": v for k, v in test.items()}}
         history.append(rec)
+        if tc.select_metric not in valid:
+            raise ValueError(f"train.select_metric={tc.select_metric} ranks candidate lists, but every request in "
+                             f"{cfg.data.features_dir} carries one candidate: select on auc, gauc or logloss")
         improved = improves(tc.select_metric, valid[tc.select_metric], best_score)
         if improved:
             best_epoch, best_score = epoch, valid[tc.select_metric]

@@ -133,3 +133,30 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
     resumed = run_distributed(_train_epochs, 1, str(tmp_path / "b"), 2, True)[0]
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
     assert resumed.test == straight.test and resumed.epochs_run == 2
+
+
+def _pointwise_data() -> InMemoryRankingData:
+    def batches(s: int, n: int):
+        g = torch.Generator().manual_seed(s)
+        return [random_batch(1000 * s + i, torch.randint(0, 30, (6,), generator=g).tolist(), [1] * 6)
+                for i in range(n)]
+    return InMemoryRankingData(batches(0, 3), batches(1, 2), batches(2, 2), seed=0)
+
+
+def _train_pointwise(rank: int, world: int, out: str, select: str):
+    cfg = _cfg()
+    cfg = RankerConfig(model=cfg.model, loss=cfg.loss, data=cfg.data,
+                       train=TrainConfig(epochs=1, dense_lr=3e-3, select_metric=select))
+    try:
+        return train_ranker(rank, world, cfg, _pointwise_data(), out, progress=False, export=False)
+    except ValueError as e:
+        return e
+
+
+def test_one_candidate_requests_report_no_list_metrics(tmp_path):
+    """With one candidate per request a list's HR@10 would only restate the positive rate: it is not reported,
+    and selecting on it is refused with the reason."""
+    res = run_distributed(_train_pointwise, 1, str(tmp_path / "a"), "auc")[0]
+    assert {"auc", "gauc", "logloss"} <= set(res.test) and not any(k.startswith(("hr@", "ndcg@")) for k in res.test)
+    err = run_distributed(_train_pointwise, 1, str(tmp_path / "b"), "hr@10")[0]
+    assert isinstance(err, ValueError) and "one candidate" in str(err)
