@@ -90,14 +90,34 @@ def make_kjt(features: Mapping[str, tuple[ArrayLike, ArrayLike]], stride: int | 
     return KeyedJaggedTensor(keys=keys, values=values, lengths=lengths, stride=stride)
 
 
+def kjt_columns(kjt: KeyedJaggedTensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{key: (values, (stride,) int64 lengths)} of a KeyedJaggedTensor, split in one pass.
+
+    `kjt[key]` recomputes the per-key offsets and builds a JaggedTensor on every call (~70 µs each on this
+    CPU); a served request reads five to ten keys per forward, a micro-batch stacks them per request. Equal to ``kjt[key].values()`` /
+    ``kjt[key].lengths()`` for every key (a test checks it)."""
+    keys = kjt.keys()
+    if not keys:
+        return {}
+    lengths = kjt.lengths().to(torch.int64)
+    values = kjt.values()
+    stride = kjt.stride()
+    if lengths.numel() != len(keys) * stride:  # variable stride per key: the KJT's own split
+        return {k: (kjt[k].values(), kjt[k].lengths().to(torch.int64)) for k in keys}
+    per_key = lengths.view(len(keys), stride)
+    counts = per_key.sum(1).tolist()
+    return dict(zip(keys, zip(torch.split(values[:sum(counts)], counts), per_key.unbind(0))))
+
+
 def concat_rows(kjts: Sequence[KeyedJaggedTensor], keys: Sequence[str]) -> KeyedJaggedTensor:
     """Stacks the rows of several KJTs (each must have every key in `keys`), in order."""
     values, lengths = [], []
+    cols = [kjt_columns(k) for k in kjts]
     for key in keys:
-        for k in kjts:
-            jt = k[key]
-            values.append(jt.values())
-            lengths.append(jt.lengths().to(torch.int64))
+        for c in cols:
+            v, n = c[key]
+            values.append(v)
+            lengths.append(n)
     stride = sum(k.stride() for k in kjts)
     return KeyedJaggedTensor(keys=list(keys), values=torch.cat(values), lengths=torch.cat(lengths), stride=stride)
 

@@ -33,7 +33,8 @@ from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.modules.embedding_modules import EmbeddingCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from features.batch import HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, HIST_SDIM_SIG, ITEM_CATEGORY, ITEM_ID, Batch
+from features.batch import (HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, HIST_SDIM_SIG, ITEM_CATEGORY, ITEM_ID, Batch,
+                            kjt_columns)
 from features.jagged import offsets_of, tail_index
 from features.layout import CATEGORY_FEATURE, ITEM_FEATURE
 from features.sequence import NUM_ACTIONS
@@ -122,25 +123,6 @@ def _plain(ec: EmbeddingCollection) -> bool:
     called directly. Training wraps the model in DistributedModelParallel, which replaces the collections
     with sharded ones; those are called through their KeyedJaggedTensor interface."""
     return type(ec) is EmbeddingCollection
-
-
-def kjt_columns(kjt: KeyedJaggedTensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """{key: (values, (stride,) int64 lengths)} of a KeyedJaggedTensor, split in one pass.
-
-    `kjt[key]` recomputes the per-key offsets and builds a JaggedTensor on every call (~70 µs each on this
-    CPU); a served request reads five to ten keys per forward. Equal to ``kjt[key].values()`` /
-    ``kjt[key].lengths()`` for every key (a test checks it)."""
-    keys = kjt.keys()
-    if not keys:
-        return {}
-    lengths = kjt.lengths().to(torch.int64)
-    values = kjt.values()
-    stride = kjt.stride()
-    if lengths.numel() != len(keys) * stride:  # variable stride per key: the KJT's own split
-        return {k: (kjt[k].values(), kjt[k].lengths().to(torch.int64)) for k in keys}
-    per_key = lengths.view(len(keys), stride)
-    counts = per_key.sum(1).tolist()
-    return dict(zip(keys, zip(torch.split(values[:sum(counts)], counts), per_key.unbind(0))))
 
 
 def _pooled(ec: EmbeddingCollection, kjt: KeyedJaggedTensor, features: tuple[str, ...], buckets: int,

@@ -3,7 +3,7 @@ import torch
 
 from features.batch import (
     HIST_CATEGORY, HIST_ACTION, HIST_ITEM_ID, HIST_TS, ITEM_CATEGORY, ITEM_ID, USER_ID,
-    BatchSpec, BatchValidationError, build_batch, validate_batch,
+    BatchSpec, BatchValidationError, build_batch, concat_rows, kjt_columns, validate_batch,
 )
 
 
@@ -78,3 +78,24 @@ def test_missing_key_and_candidate_count_errors():
 def test_batch_moves_devices_and_keeps_meta():
     b = _batch(meta={"split": "train"}).to(torch.device("cpu"))
     assert b.meta == {"split": "train"} and b.history_values(HIST_TS).dtype == torch.int64
+
+
+def test_kjt_columns_equal_the_per_key_views():
+    batch = _batch(hist_lengths=(3, 0, 7), num_candidates=(2, 5, 1))
+    for kjt in (batch.user, batch.history, batch.candidates):
+        cols = kjt_columns(kjt)
+        assert list(cols) == kjt.keys()
+        for key, (values, lengths) in cols.items():
+            assert torch.equal(values, kjt[key].values())
+            assert torch.equal(lengths, kjt[key].lengths().to(torch.int64))
+
+
+def test_concat_rows_stacks_every_key_in_order():
+    a, b = _batch(hist_lengths=(3, 0)), _batch(hist_lengths=(1, 4, 2), num_candidates=(1, 2, 1))
+    for name in ("user", "history", "candidates"):
+        ka, kb = getattr(a, name), getattr(b, name)
+        got = concat_rows([ka, kb], ka.keys())
+        assert got.stride() == ka.stride() + kb.stride()
+        for key in ka.keys():
+            assert torch.equal(got[key].values(), torch.cat([ka[key].values(), kb[key].values()]))
+            assert torch.equal(got[key].lengths().long(), torch.cat([ka[key].lengths(), kb[key].lengths()]).long())

@@ -279,15 +279,3 @@ def test_direct_table_calls_equal_the_torchrec_path(variant, make_batch, monkeyp
     assert g_direct.keys() == g_kjt.keys() and g_direct
     for name in g_direct:
         assert torch.equal(g_direct[name], g_kjt[name]), name
-
-
-def test_kjt_columns_equal_the_per_key_views(make_batch):
-    from ranking.arches.embedding import kjt_columns
-
-    batch = make_batch(4, [3, 0, 7], [2, 5, 1])
-    for kjt in (batch.user, batch.history, batch.candidates):
-        cols = kjt_columns(kjt)
-        assert list(cols) == kjt.keys()
-        for key, (values, lengths) in cols.items():
-            assert torch.equal(values, kjt[key].values())
-            assert torch.equal(lengths, kjt[key].lengths().to(torch.int64))
