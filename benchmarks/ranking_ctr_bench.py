@@ -19,7 +19,8 @@ Results: every finished (dataset, variant, seed) run writes
 run writes nothing and keeps an earlier file). The summary table (mean ± std
 over seeds, paired ΔAUC vs DIN) is then rebuilt from ALL run files of the
 dataset that share this invocation's training budget (epochs, steps per epoch,
-patience; a non-default budget's files carry it in their names, e.g. `full-seed0-e4-p1.json`),
+patience, config overrides; a non-default budget's files carry it in their names, e.g.
+`full-seed0-e4-p1.json`, or `--tag`'s for overrides),
 whichever session wrote them, so a 3-seed table is built up run by run; it is
 printed and written to `.../ctr/<dataset>/summary.json`. A `--quick` run writes
 under `.../ranking/ctr/quick/<dataset>/` instead (never mixed with real runs; not
@@ -90,7 +91,8 @@ def ctr_config(dataset: str, variant: str, features: Path, seed: int, args: argp
         overrides.append(f"train.max_steps_per_epoch={args.max_steps}")
     if args.patience:
         overrides.append(f"train.patience={args.patience}")
-    return load_config(RankerConfig, REPO / "ranking/configs/ablations" / f"{variant}.yaml", overrides, base=cfg)
+    return load_config(RankerConfig, REPO / "ranking/configs/ablations" / f"{variant}.yaml",
+                       overrides + list(args.overrides), base=cfg)
 
 
 def results_root(quick: bool) -> str:
@@ -98,20 +100,24 @@ def results_root(quick: bool) -> str:
     return "ranking/ctr/quick" if quick else "ranking/ctr"
 
 
-def budget(args: argparse.Namespace) -> dict[str, int]:
-    """What makes two runs comparable (0: the dataset config's own value)."""
-    return {"epochs": args.epochs, "max_steps_per_epoch": args.max_steps, "patience": args.patience}
+def budget(args: argparse.Namespace) -> dict[str, Any]:
+    """What makes two runs comparable (0: the dataset config's own value; the config overrides, in order)."""
+    return {"epochs": args.epochs, "max_steps_per_epoch": args.max_steps, "patience": args.patience,
+            "overrides": list(args.overrides)}
 
 
-def same_budget(recorded: dict[str, int], args: argparse.Namespace) -> bool:
-    """Files written before `patience` was a budget field ran with the config's (0)."""
-    return {"patience": 0, **recorded} == budget(args)
+def same_budget(recorded: dict[str, Any], args: argparse.Namespace) -> bool:
+    """Files written before `patience` and `overrides` were budget fields ran with the config's."""
+    return {"patience": 0, "overrides": [], **recorded} == budget(args)
 
 
 def budget_suffix(args: argparse.Namespace) -> str:
-    """File-name suffix of a non-default budget, so its runs never overwrite the default budget's files."""
+    """File-name suffix of a non-default budget, so its runs never overwrite the default budget's files
+    (`--tag` names a run with overrides)."""
     parts = [f"{k}{v}" for k, v in (("e", args.epochs), ("s", args.max_steps), ("p", args.patience)) if v]
-    return "-" + "-".join(parts) if parts and not args.quick else ""
+    if args.overrides and not args.tag:
+        raise SystemExit("--overrides needs a --tag that names them in the run files (e.g. --tag=-drop0.1)")
+    return ("-" + "-".join(parts) if parts else "") + args.tag if not args.quick else ""
 
 
 def run_one(dataset: str, variant: str, seed: int, features: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -142,7 +148,8 @@ def run_ctr(args: argparse.Namespace) -> dict[str, Any]:
         rec = run_one(dataset, variant, seed, features, args)
         doc["runs"].setdefault(dataset, {}).setdefault(variant, {})[str(seed)] = rec
         if "error" not in rec:
-            path = write_results(f"{root}/{dataset}/{variant}-seed{seed}{budget_suffix(args)}", rec, benchmark="ranking_ctr_bench")
+            path = write_results(f"{root}/{dataset}/{variant}-seed{seed}{budget_suffix(args)}", rec,
+                                 benchmark="ranking_ctr_bench")
             doc["written"].append(str(path))
             print(f"  test AUC {rec['test']['auc']:.4f}  GAUC {rec['test']['gauc']:.4f}  logloss "
                   f"{rec['test']['logloss']:.4f}  -> {path.relative_to(REPO)}", flush=True)
@@ -207,7 +214,8 @@ def summarize(dataset: str, args: argparse.Namespace) -> dict[str, Any]:
               f"{len(summary['target_full_vs_din']['seeds'])} paired seed(s): "
               f"{'met' if d[0] >= TARGET_AUC_GAIN else 'MISSED'}")
     if table:
-        path = write_results(f"{results_root(args.quick)}/{dataset}/summary{budget_suffix(args)}", summary, benchmark="ranking_ctr_bench")
+        path = write_results(f"{results_root(args.quick)}/{dataset}/summary{budget_suffix(args)}", summary,
+                             benchmark="ranking_ctr_bench")
         print(f"  -> {path.relative_to(REPO)}")
     return summary
 
@@ -220,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--epochs", type=int, default=0, help="0: the dataset config's")
     p.add_argument("--max-steps", type=int, default=0, help="cap on training steps per epoch (0: full epochs)")
+    p.add_argument("--overrides", nargs="*", default=[],
+                   help="config overrides (key=value) for every variant, after its ablation file; need --tag")
+    p.add_argument("--tag", default="", help="suffix of the run and summary file names (with --overrides)")
     p.add_argument("--patience", type=int, default=0,
                    help="stop after that many epochs without a valid AUC gain (0: the dataset config's)")
     p.add_argument("--threads", type=int, default=1,
@@ -242,6 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     if bad_d or bad_v:
         p.error(f"unknown dataset(s) {bad_d} (known: {list(CTR_DATASETS)}) / variant(s) {bad_v} "
                 f"(known: {list(VARIANT_NAMES)})")
+    budget_suffix(args)  # refuses overrides without a tag before anything runs
     args.work_dir.mkdir(parents=True, exist_ok=True)
     t0, l0 = time.perf_counter(), load1()
     doc = run_ctr(args)
