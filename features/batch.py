@@ -311,7 +311,7 @@ def validate_batch(batch: Batch, spec: BatchSpec = BatchSpec()) -> Batch:
 
     _check_kjt("user", batch.user, spec.user_keys, b)
     if USER_ID in batch.user.keys():
-        ul = batch.user[USER_ID].lengths()
+        ul = kjt_columns(batch.user)[USER_ID][1]
         if b and not bool((ul == 1).all()):
             row = int((ul != 1).nonzero()[0])
             _fail(f"user.{USER_ID}: every user needs exactly one id, row {row} has {int(ul[row])}")
@@ -319,9 +319,10 @@ def validate_batch(batch: Batch, spec: BatchSpec = BatchSpec()) -> Batch:
     _check_kjt("history", batch.history, spec.history_keys, b)
     hkeys = batch.history.keys()
     if hkeys:
-        ref = batch.history[hkeys[0]].lengths()
+        hcols = kjt_columns(batch.history)  # one split (the lengths' layout was checked above)
+        ref = hcols[hkeys[0]][1]
         for k in hkeys[1:]:
-            lk = batch.history[k].lengths()
+            lk = hcols[k][1]
             if not torch.equal(lk, ref):
                 row = int((lk != ref).nonzero()[0])
                 _fail(
@@ -332,7 +333,7 @@ def validate_batch(batch: Batch, spec: BatchSpec = BatchSpec()) -> Batch:
             row = int(ref.argmax())
             _fail(f"history.{hkeys[0]}: row {row} has {int(ref[row])} behaviors, max is {spec.max_history}")
         if spec.history_before_request and HIST_TS in hkeys and b:
-            ts = batch.history[HIST_TS].values()
+            ts = hcols[HIST_TS][0]
             owner = torch.repeat_interleave(torch.arange(b), ref.to(torch.int64))
             bad = ts >= batch.request_ts[owner] if batch.request_ts.numel() == b else None
             if bad is not None and bool(bad.any()):
@@ -344,7 +345,7 @@ def validate_batch(batch: Batch, spec: BatchSpec = BatchSpec()) -> Batch:
 
     _check_kjt("candidates", batch.candidates, spec.candidate_keys, n)
     if ITEM_ID in batch.candidates.keys() and n:
-        cl = batch.candidates[ITEM_ID].lengths()
+        cl = kjt_columns(batch.candidates)[ITEM_ID][1]
         if not bool((cl == 1).all()):
             row = int((cl != 1).nonzero()[0])
             _fail(f"candidates.{ITEM_ID}: every candidate needs exactly one id, candidate {row} has {int(cl[row])}")

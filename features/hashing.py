@@ -34,6 +34,7 @@ new `HASH_SPEC_VERSION` (and rebuilding every table hashed with the old one).
 """
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -64,6 +65,7 @@ def hash_raw_id(raw: str | bytes) -> int:
     return _signed(xxhash.xxh64_intdigest(data, SPARK_SEED))
 
 
+@functools.lru_cache(maxsize=4096)
 def feature_seed(feature: str) -> int:
     """The XXH64 seed for a feature name (signed int64). Spark: ``xxhash64(lit(feature))``."""
     return hash_raw_id(feature)

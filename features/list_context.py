@@ -33,8 +33,10 @@ training prefix, so the held-out valid/test items of other users never leak into
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -51,6 +53,16 @@ def _check_key_range(what: str, a: int, b: int) -> None:
     if a * b >= _MAX_KEY:
         raise ValueError(f"ContextCounts: {what} ({a:,} x {b:,}) does not fit an int64 key; build the counts over "
                          f"fewer items or events (e.g. a recent window of the log)")
+
+
+class _ServedCounts(NamedTuple):
+    """`ContextCounts` totals at the serve point (`ContextCounts._at_serve_point`)."""
+
+    item_count: np.ndarray  # (I,) events per item
+    item_last_ts: np.ndarray  # (I,) ms of the item's last event (0: none)
+    pairs: np.ndarray  # (Q,) sorted distinct a * I + b of the pair log
+    pair_cooc: np.ndarray  # (Q,) the pair's events at any distance 1..window
+    pair_trans: np.ndarray  # (Q,) at distance 1
 
 
 PAIR_LOOKUPS_PER_CHUNK = 1 << 20  # bounds the (requests, recent, candidates, distance) keys held at once
@@ -114,6 +126,29 @@ class ContextCounts:
         return cls(items, cat, ikeys[srt], np.asarray(ts_ms, np.int64)[flat][srt], pairs, horizon, window)
 
     # ------------------------------------------------------------ lookups
+    @functools.cached_property
+    def _at_serve_point(self) -> "_ServedCounts":
+        """Everything counts at the serve point, so the point-in-time ranges collapse to per-item and per-pair
+        totals: computed once (O(E + P)), a served request then reads the items' totals by index and makes one
+        lookup per (recent item, candidate) pair in the distinct pairs instead of three in the pair log."""
+        item = self.item_keys // self.horizon  # item index, sorted
+        n = len(self.items)
+        count = np.bincount(item, minlength=n).astype(np.int64)
+        last = np.cumsum(count) - 1  # the item's last event (order within an item is ascending)
+        last_ts = np.where(count > 0, self.item_ts[np.clip(last, 0, max(len(self.item_ts) - 1, 0))], 0)
+        pair = self.pair_keys // self.horizon  # (a * I + b) * (window + 1) + distance, sorted
+        ab, dist = pair // (self.window + 1), pair % (self.window + 1)
+        starts = np.flatnonzero(np.r_[True, ab[1:] != ab[:-1]]) if len(ab) else np.zeros(0, np.int64)
+        cooc = np.diff(np.r_[starts, len(ab)]).astype(np.int64)  # every distance 1..window
+        trans = (np.add.reduceat((dist == 1).astype(np.int64), starts) if len(starts)
+                 else np.zeros(0, np.int64))
+        return _ServedCounts(count, last_ts, ab[starts], cooc, trans)
+
+    def prepare_serving(self) -> None:
+        """Computes the serve-point totals now (a server calls it when it loads the bundle, so that the first
+        request does not pay for them)."""
+        self._at_serve_point  # noqa: B018 (the cached property's side effect)
+
     def _index(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         pos = np.searchsorted(self.items, item_ids)
         pos = np.minimum(pos, max(len(self.items) - 1, 0))
@@ -150,10 +185,17 @@ class ContextCounts:
 
         c_idx, c_found = self._index(cand_items)
         pt = np.repeat(points, n).reshape(r, n)
-        count, last = self._count_before(self.item_keys, c_idx, pt)
-        count = np.where(c_found, count, 0)
+        served = bool((points >= self.horizon).all())  # a served request: every event of the log counts
+        if served:
+            at = self._at_serve_point
+            count = np.where(c_found, at.item_count[c_idx] if len(self.items) else 0, 0)
+            last_ts = np.where(c_found & (count > 0), at.item_last_ts[c_idx] if len(self.items) else 0, 0)
+        else:
+            count, last = self._count_before(self.item_keys, c_idx, pt)
+            count = np.where(c_found, count, 0)
+            last_ts = np.where(c_found & (count > 0),
+                               self.item_ts[np.clip(last, 0, max(len(self.item_ts) - 1, 0))], 0)
         has_last = c_found & (count > 0)
-        last_ts = np.where(has_last, self.item_ts[np.clip(last, 0, max(len(self.item_ts) - 1, 0))], 0)
         age_h = np.where(has_last, np.maximum(request_ts[:, None] - last_ts, 0) / 3.6e6, AGE_CAP_H)
 
         a_idx, a_found = self._index(recent)
@@ -164,20 +206,18 @@ class ContextCounts:
         n_items, win1 = len(self.items), self.window + 1
         dist = np.arange(1, self.window + 1)
         step = max(1, PAIR_LOOKUPS_PER_CHUNK // max(w * n * self.window, 1))
-        # at the serve point every pair counts, and the distances 1..window of one (a, b) are adjacent key
-        # groups: one range per (a, b) (and one more for the transition) instead of one per distance
-        served = bool((points >= self.horizon).all())
         for s in range(0, r, step):
             q = slice(s, min(r, s + step))
             ok = (a_found[q] & real[q])[:, :, None] & c_found[q][:, None, :]  # (r', w, n)
-            base = (a_idx[q][:, :, None] * n_items + c_idx[q][:, None, :]) * win1  # (r', w, n)
-            if served:
-                lo = _searchsorted(self.pair_keys, (base + 1) * self.horizon)
-                hi = _searchsorted(self.pair_keys, (base + self.window + 1) * self.horizon)
-                cooc[q] = np.where(ok, hi - lo, 0).sum(axis=1)
-                t_hi = _searchsorted(self.pair_keys, (base[:, w - 1, :] + 2) * self.horizon)  # distance 1 only
-                trans[q] = np.where(ok[:, w - 1, :], t_hi - lo[:, w - 1, :], 0)
+            if served:  # the pair's totals over every distance (cooccurrence) and at distance 1 (transition)
+                at = self._at_serve_point
+                pair = a_idx[q][:, :, None] * n_items + c_idx[q][:, None, :]  # (r', w, n)
+                pos = np.minimum(_searchsorted(at.pairs, pair), max(len(at.pairs) - 1, 0))
+                hit = ok & (at.pairs[pos] == pair) if len(at.pairs) else np.zeros_like(ok)
+                cooc[q] = np.where(hit, at.pair_cooc[pos] if len(at.pairs) else 0, 0).sum(axis=1)
+                trans[q] = np.where(hit[:, w - 1, :], at.pair_trans[pos[:, w - 1, :]] if len(at.pairs) else 0, 0)
                 continue
+            base = (a_idx[q][:, :, None] * n_items + c_idx[q][:, None, :]) * win1  # (r', w, n)
             cnt, _ = self._count_before(self.pair_keys, base[..., None] + dist, pt[q][:, None, :, None])
             cnt = np.where(ok[..., None], cnt, 0)  # (r', w, n, window)
             cooc[q] = cnt.sum(axis=(1, 3))

@@ -6,9 +6,10 @@ checked against every backend (tests/kernels/test_hash_ids.py).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from features.hashing import HASH_SPEC_VERSION, feature_seed
+from features.hashing import HASH_SPEC_VERSION, feature_seed, hash_int64
 from kernels import _dispatch as d
 from kernels.reference import hash_ids as ref
 
@@ -29,7 +30,8 @@ def hash_ids(
         ids: integer tensor of any shape (values are read as int64).
         seed: signed int64 seed, e.g. ``features.hashing.feature_seed("item_id")``.
         num_buckets: optional positive table size.
-        backend: "auto" | "torch" | "triton" (see `kernels._dispatch`).
+        backend: "auto" | "torch" | "triton" (see `kernels._dispatch`); "auto" runs CPU tensors through
+            numpy (`features.hashing.hash_int64`), "torch" through the int64 emulation in plain torch ops.
 
     Returns:
         int64 tensor of the shape of `ids`, on its device.
@@ -45,6 +47,11 @@ def hash_ids(
         d.check_int(op, "num_buckets", num_buckets, 1, _INT64_MAX)
     if d.resolve_backend(op, backend, ids.device) == "triton":
         return d.triton_module(op, "hash_ids").hash_ids(ids, seed, num_buckets)
+    if backend == "auto" and ids.device.type == "cpu":
+        # numpy's uint64 arithmetic is the spec itself (`features.hashing.hash_int64`) in fewer, cheaper ops
+        # than the int64 emulation: about half the time per call on the small arrays a request hashes
+        h = hash_int64(ids.to(torch.int64).numpy(), seed)
+        return torch.from_numpy(h if num_buckets is None else np.mod(h, np.int64(num_buckets)))
     return ref.hash_ids(ids, seed, num_buckets)
 
 

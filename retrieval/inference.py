@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from features.batch import HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, ITEM_ID, Batch, BatchSpec
+from features.batch import HIST_ACTION, HIST_CATEGORY, HIST_ITEM_ID, ITEM_ID, Batch, BatchSpec, kjt_columns
 from retrieval.evaluate import empty_batch, last_queries
 from retrieval.index import search as index_search
 from retrieval.model import TwoTowerRetriever
@@ -48,18 +48,16 @@ class CompactEmbeddingCollection(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> dict[str, JaggedTensor]:
         out = {}
-        for key in features.keys():
-            jt = features[key]
+        for key, (v, lengths) in kjt_columns(features).items():
             table = self.feature_to_table[key]
             rows, weight = self.rows[table], self.weights[table]
-            v = jt.values()
             if rows.numel() == 0:
                 emb = weight.new_zeros(v.numel(), weight.shape[1])
             else:
                 pos = torch.searchsorted(rows, v).clamp(max=rows.numel() - 1)
                 hit = (rows[pos] == v).unsqueeze(1)
                 emb = torch.where(hit, weight[pos], weight.new_zeros(()))
-            out[key] = JaggedTensor(values=emb, lengths=jt.lengths())
+            out[key] = JaggedTensor(values=emb, lengths=lengths)
         return out
 
 

@@ -588,6 +588,9 @@ def load_bundle(path: Path, manifest: Mapping[str, Any], checksum: str, dense: D
         except Exception as e:  # a loader failing on a bad artifact is a rejection, not a crash
             raise ArtifactError("load_failed", f"{part} ({spec['loader']}) from {part_dir}: {describe_error(e)}") from e
     retriever, ranker = parts["retriever"], parts["ranker"]
+    context = getattr(ranker, "context", None)
+    if context is not None:  # a second stage's context counts: their serve-point totals, before any request
+        context.prepare_serving()
     sig_spec = 0
     if callable(getattr(ranker, "behavior_signatures", None)):
         sig_spec = int.from_bytes(part_digest(manifest, "ranker")[:8], "little") & ((1 << 63) - 1) or 1

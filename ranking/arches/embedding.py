@@ -140,6 +140,9 @@ def _pooled(ec: EmbeddingCollection, kjt: KeyedJaggedTensor, features: tuple[str
         looked = [(out[f].values(), out[f].lengths().to(torch.int64)) for f in features]
     parts = []
     for values, lengths in looked:
+        if values.shape[0] == lengths.numel() and bool((lengths == 1).all()):
+            parts.append(values)  # one id per row (user ids, single-valued attributes): the pool is the row
+            continue
         rows = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths,
                                        output_size=values.shape[0])
         pooled = values.new_zeros(lengths.numel(), values.shape[1]).index_add(0, rows, values)

@@ -9,7 +9,7 @@ from hypothesis import given, settings, strategies as st
 import kernels
 from features import hashing
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["auto", "torch", "triton"]  # auto on CPU: numpy
 INT64 = st.integers(min_value=-(2**63), max_value=2**63 - 1)
 
 
