@@ -18,7 +18,7 @@ Query set: real ML-1M users with >= 1,000 behaviors, their last 1,000 (the servi
 "L=1000" set), 500 candidates, k = 20, exclude_seen.
 
     python benchmarks/request_bench.py                  # writes results/serving/request-ml1m.json
-    python benchmarks/request_bench.py --n 100 --tag=-probe
+    python benchmarks/request_bench.py --quick          # 100 requests (results/serving/quick/, not committed)
 """
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from bench_common import load1, print_table  # noqa: E402
+from bench_common import load1, print_table, write_json  # noqa: E402
 from results_file import write_results  # noqa: E402
 
 
@@ -95,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=20)
     p.add_argument("--ranker-batch-max", type=int, default=8, help="the server default (micro-batching on)")
     p.add_argument("--tag", default="", help="suffix of results/serving/request-ml1m<tag>.json")
+    p.add_argument("--quick", action="store_true", help="100 requests, 50 repeats, 8 users")
+    p.add_argument("--json", default=None, help="also write this run's raw document here")
     args = p.parse_args(argv)
+    if args.quick:
+        args.n, args.repeats, args.users = 100, 50, 8
     from serving.runtime import RankQuery
 
     t0 = time.perf_counter()
@@ -143,8 +147,11 @@ def main(argv: list[str] | None = None) -> int:
     u = res["per_user_median_ms"]
     print(f"per-user medians: min {u['min']:.2f}  p50 {u['p50']:.2f}  max {u['max']:.2f} ms; "
           f"{calls:,.0f} Python calls per request on the handler thread")
-    path = write_results(f"serving/request-ml1m{args.tag}", res, benchmark="request_bench")
+    name = "serving/quick/request-ml1m" if args.quick else f"serving/request-ml1m{args.tag}"  # quick: never committed
+    path = write_results(name, res, benchmark="request_bench")
     print(f"wrote {path}")
+    if args.json:
+        write_json(args.json, res)
     return 0
 
 

@@ -29,6 +29,7 @@ BENCHMARKS: dict[str, tuple[str, list[str]]] = {
     "ranking_long": ("ranking_long_bench.py", ["--quick"]),
     "two_stage": ("two_stage_bench.py", ["--quick"]),
     "serving": ("serving_bench.py", ["--quick"]),
+    "request": ("request_bench.py", ["--quick"]),  # after serving: it reads the bundle serving builds
     "flood": ("flood_bench.py", ["--quick"]),
     "rebuild": ("rebuild_bench.py", ["--dataset", "ml-100k"]),
 }
