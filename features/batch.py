@@ -94,8 +94,8 @@ def kjt_columns(kjt: KeyedJaggedTensor) -> dict[str, tuple[torch.Tensor, torch.T
     """{key: (values, (stride,) int64 lengths)} of a KeyedJaggedTensor, split in one pass.
 
     `kjt[key]` recomputes the per-key offsets and builds a JaggedTensor on every call (~70 µs each on this
-    CPU); a served request reads five to ten keys per forward, a micro-batch stacks them per request. Equal to ``kjt[key].values()`` /
-    ``kjt[key].lengths()`` for every key (a test checks it)."""
+    CPU); a served request reads five to ten keys per forward, a micro-batch stacks them per request. Equal
+    to ``kjt[key].values()`` / ``kjt[key].lengths()`` for every key (a test checks it)."""
     keys = kjt.keys()
     if not keys:
         return {}
