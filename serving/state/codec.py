@@ -8,12 +8,20 @@ Columns are stored contiguously, so decoding is a handful of zero-copy
 
 Layout (little-endian)::
 
-    header  <4s B B H I I I q q q>  magic b"CSU1", format 1, flags, reserved,
+    header  <4s B B H I I I q q q>  magic b"CSU1", format 2, flags, reserved,
                                     n_seq, n_log, attrs_len, sig_spec, total_cnt, total_pos
+    gen     8 bytes                 (format 2) the write's generation: random per encoding, so a writer
+                                    compares 8 bytes (GETRANGE) to know the value is still the one it
+                                    read, instead of hashing the whole value (`cas_token`)
     seq     item_id i8[n] | ts_ms i8[n] | category i8[n] | action u1[n] | sdim_sig i8[n] (flag HAS_SIGS)
     sums    (flag HAS_SUMS) <q H H H H> sums_spec, m, K, D, 0 | count i4[m*K] | sum f4[m*K*D]
     log     ts_ms i8[m] | pos u1[m]      counted events within the retention (event time), chronological
     attrs   JSON {"sparse": {feature: [ids]}, "numeric": {key: value}}
+
+Format 1 (the same without `gen`) is still read; its compare-and-set token is
+the value's SHA-1. Readers of format 1 only (servers before format 2) cannot
+read format 2: upgrade every reader before a format-2 writer (the consumer)
+runs, or give the new servers their own `key_prefix`.
 
 `sig_spec` identifies the signature function (the ranker's SDIM hyperplanes)
 the stored signatures were computed with; 0 = none stored.
@@ -37,7 +45,9 @@ both the windows and the all-time totals.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import struct
 from dataclasses import dataclass, field
 from typing import Mapping
@@ -47,12 +57,14 @@ import numpy as np
 from features.sequence import SequenceState
 
 MAGIC = b"CSU1"
-FORMAT = 1
+FORMAT = 2
 HAS_SIGS = 1
 HAS_SUMS = 2
 _HEADER = struct.Struct("<4sBBHIIIqqq")
 _SUMS_HEADER = struct.Struct("<qHHHH")
-HEADER_BYTES = _HEADER.size
+GEN_OFFSET = _HEADER.size  # format 2: the generation's 8 bytes follow the format-1 header
+GEN_BYTES = 8
+HEADER_BYTES = GEN_OFFSET + GEN_BYTES
 ITEM_LOG_DTYPE = np.dtype([("ts", "<i8"), ("pos", "u1")])  # 9 bytes, packed
 
 
@@ -128,7 +140,13 @@ class UserRecord:
         return cls(SequenceState.empty(), CounterLog.empty())
 
 
-def encode_user(rec: UserRecord) -> bytes:
+def encode_user(rec: UserRecord, gen: bytes | None = None) -> bytes:
+    """The record in format 2; `gen`: its 8-byte generation (default: random, so two encodings of one record
+    differ only there)."""
+    if gen is None:
+        gen = os.urandom(GEN_BYTES)
+    elif len(gen) != GEN_BYTES:
+        raise ValueError(f"gen has {len(gen)} bytes, expected {GEN_BYTES}")
     seq = rec.seq
     n = len(seq)
     has_sigs = rec.sigs is not None and rec.sig_spec != 0
@@ -147,6 +165,7 @@ def encode_user(rec: UserRecord) -> bytes:
                           rec.sig_spec if has_sigs else 0, log.total_cnt, log.total_pos)
     parts = [
         header,
+        gen,
         np.ascontiguousarray(seq.item_ids, dtype="<i8").tobytes(),
         np.ascontiguousarray(seq.ts_ms, dtype="<i8").tobytes(),
         np.ascontiguousarray(seq.categories, dtype="<i8").tobytes(),
@@ -164,15 +183,16 @@ def encode_user(rec: UserRecord) -> bytes:
 
 def decode_user(blob: bytes, where: str = "user state", decode_attrs: bool = True) -> UserRecord:
     """The inverse of `encode_user`. Arrays are read-only views into `blob` (actions widened to int64)."""
-    if len(blob) < HEADER_BYTES:
-        raise StateDecodeError(f"{where}: {len(blob)} bytes is shorter than the {HEADER_BYTES}-byte header")
+    if len(blob) < GEN_OFFSET:
+        raise StateDecodeError(f"{where}: {len(blob)} bytes is shorter than the {GEN_OFFSET}-byte header")
     blob = bytearray(blob)  # one copy: writable arrays (torch.from_numpy of read-only memory is undefined)
     magic, fmt, flags, _, n, m, alen, sig_spec, tcnt, tpos = _HEADER.unpack_from(blob, 0)
-    if magic != MAGIC or fmt != FORMAT:
-        raise StateDecodeError(f"{where}: bad magic/format {magic!r}/{fmt} (expected {MAGIC!r}/{FORMAT})")
+    if magic != MAGIC or fmt not in (1, FORMAT):
+        raise StateDecodeError(f"{where}: bad magic/format {magic!r}/{fmt} (expected {MAGIC!r}/1 or {FORMAT})")
+    head = HEADER_BYTES if fmt == FORMAT else GEN_OFFSET
     has_sigs = bool(flags & HAS_SIGS)
-    expected = HEADER_BYTES + n * (25 + (8 if has_sigs else 0)) + m * 9 + alen
-    sums_at = HEADER_BYTES + n * (25 + (8 if has_sigs else 0))
+    expected = head + n * (25 + (8 if has_sigs else 0)) + m * 9 + alen
+    sums_at = head + n * (25 + (8 if has_sigs else 0))
     sums_dims = None
     if flags & HAS_SUMS:
         if len(blob) < sums_at + _SUMS_HEADER.size:
@@ -183,7 +203,7 @@ def decode_user(blob: bytes, where: str = "user state", decode_attrs: bool = Tru
     if len(blob) != expected:
         raise StateDecodeError(f"{where}: {len(blob)} bytes, the header says {expected} (n_seq={n}, n_log={m})")
     body = np.frombuffer(blob, np.uint8)  # one buffer; each column is a typed view of its section
-    o = HEADER_BYTES
+    o = head
     item = body[o:o + 8 * n].view("<i8"); o += 8 * n
     ts = body[o:o + 8 * n].view("<i8"); o += 8 * n
     cat = body[o:o + 8 * n].view("<i8"); o += 8 * n
@@ -210,6 +230,17 @@ def decode_user(blob: bytes, where: str = "user state", decode_attrs: bool = Tru
         attrs_raw=raw_attrs,
         sdim=sdim,
     )
+
+
+def cas_token(blob: bytes | None) -> bytes:
+    """What a writer compares to know a stored user value is still `blob` (redis_store's APPLY script): b""
+    for no value; a format-2 value's 8-byte generation; else (format 1, or not a user value) the value's SHA-1
+    as 40 hex digits."""
+    if blob is None:
+        return b""
+    if len(blob) >= HEADER_BYTES and blob[:4] == MAGIC and blob[4] == FORMAT:
+        return bytes(blob[GEN_OFFSET:HEADER_BYTES])
+    return hashlib.sha1(blob).hexdigest().encode()
 
 
 def encode_item_log(ts_ms: np.ndarray, pos: np.ndarray) -> bytes:

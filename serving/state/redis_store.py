@@ -25,7 +25,8 @@ a cluster, one MGET per slot, pipelined per node by redis-py).
 Ingest: one read (MGET of the batch's users, their events' marks and the
 epoch), `fn` computes the writes in Python, then `APPLY_LUA` writes them with
 compare-and-set: a user is written only if its value is still the one read
-(SHA-1 of the value, checked inside the script), together with its marks. A
+(its 8-byte generation, `codec.cas_token`: one GETRANGE inside the script, not
+a hash of the whole value; a format-1 value: its SHA-1), together with its marks. A
 user that changed meanwhile (another consumer wrote it: a rebalance) is a
 conflict: the batch is read again and recomputed; its already-applied events
 are then marked and skipped. Item keys are never read-modify-written, so
@@ -77,14 +78,16 @@ from serving.config import RedisConfig
 from serving.errors import StateUnavailable
 from serving.security import redis_connection_kwargs
 from serving.state.base import EpochChanged, IngestFn, IngestResult, IngestWrite, ItemStats, OnlineStore, UserEvents
-from serving.state.codec import UserRecord, decode_item_logs, decode_user, encode_user, prune_item_log
+from serving.state.codec import (GEN_BYTES, GEN_OFFSET, UserRecord, cas_token, decode_item_logs, decode_user, encode_user,
+                                 prune_item_log)
 
 # Writes one slot's share of an ingest (one Redis: all of it). Returns {1, item log sizes...} when written,
 # {0, 1-based indices of users whose value changed since it was read...} when nothing was written (conflict),
 # {-1} when the epoch is not ARGV[1] (nothing written).
 # KEYS: epoch (if ARGV[1] ~= '') | users (nu) | their marks | popularity shards (ns) | items (ni) | item marks
 # ARGV: epoch nu ni ns user_ttl_ms mark_ttl_s mark_items(0/1)
-#       | per user: sha1 of the value read ('' = none), new value, number of marks
+#       | per user: the value read's codec.cas_token ('' = none; 8 bytes: its generation; else its SHA-1),
+#         new value, number of marks
 #       | per item: member, popularity shard (1-based), records, behaviors, flags (mark_items: 1 byte per event)
 APPLY_LUA = """
 local nu, ni, ns = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -97,12 +100,14 @@ end
 local a = 8
 local bad = {}
 for i = 1, nu do
-  local cur = redis.call('GET', KEYS[k + i - 1])
-  local want = ARGV[a + 3 * (i - 1)]
-  if cur then
-    if redis.sha1hex(cur) ~= want then bad[#bad + 1] = i end
-  elseif want ~= '' then
-    bad[#bad + 1] = i
+  local key, want = KEYS[k + i - 1], ARGV[a + 3 * (i - 1)]
+  if want == '' then
+    if redis.call('EXISTS', key) == 1 then bad[#bad + 1] = i end
+  elseif #want == GEN_BYTES then
+    if redis.call('GETRANGE', key, GEN_FIRST, GEN_LAST) ~= want then bad[#bad + 1] = i end
+  else
+    local cur = redis.call('GET', key)
+    if not cur or redis.sha1hex(cur) ~= want then bad[#bad + 1] = i end
   end
 end
 if #bad > 0 then return {0, unpack(bad)} end
@@ -143,7 +148,8 @@ for i = 1, ni do
   if beh > 0 then redis.call('ZINCRBY', KEYS[shard + s - 1], beh, member) end
 end
 return out
-"""
+""".replace("GEN_BYTES", str(GEN_BYTES)).replace("GEN_FIRST", str(GEN_OFFSET)).replace(
+    "GEN_LAST", str(GEN_OFFSET + GEN_BYTES - 1))
 
 # KEYS: dedupe marks to set; ARGV: their TTL in seconds
 MARKS_LUA = """
@@ -468,7 +474,7 @@ class RedisOnlineStore(OnlineStore):
         args: list[Any] = [epoch or "", len(users), len(items), len(groups), self.cfg.user_ttl_s * 1000,
                            self.cfg.dedupe_ttl_s, "1" if mark_items else "0"]
         for u in users:
-            args += [_sha1(blobs.get(u)), encode_user(write.users[u]), len(marks.get(u, ()))]
+            args += [cas_token(blobs.get(u)), encode_user(write.users[u]), len(marks.get(u, ()))]
         for i in items:
             w = write.items[i]
             g = k.item_group(i)

@@ -49,6 +49,24 @@ def test_truncated_or_foreign_values_fail_naming_the_key():
         decode_user(b"CSU1", where="k")
 
 
+def test_format_1_values_still_decode_and_compare_by_hash_format_2_by_generation():
+    import hashlib
+
+    from serving.state.codec import GEN_OFFSET, HEADER_BYTES, cas_token
+
+    rec = _rec(9)
+    a, b = encode_user(rec), encode_user(rec)
+    assert a[4] == 2 and a != b and a[:GEN_OFFSET] == b[:GEN_OFFSET] and a[HEADER_BYTES:] == b[HEADER_BYTES:]
+    assert cas_token(a) == a[GEN_OFFSET:HEADER_BYTES] != cas_token(b) and len(cas_token(a)) == 8
+    assert encode_user(rec, gen=bytes(8)) == encode_user(rec, gen=bytes(8))
+    v1 = a[:4] + b"\x01" + a[5:GEN_OFFSET] + a[HEADER_BYTES:]
+    got = decode_user(v1)
+    assert got.seq.equals(rec.seq) and np.array_equal(got.sigs, rec.sigs) and got.attrs == rec.attrs
+    assert cas_token(v1) == hashlib.sha1(v1).hexdigest().encode() and cas_token(None) == b""
+    with pytest.raises(ValueError, match="8"):
+        encode_user(rec, gen=b"x")
+
+
 def _events(rows, user=1):
     return [Event(f"e{i:04d}", user, item, ts, etype, float(label)) for i, (item, ts, etype, label) in enumerate(rows)]
 

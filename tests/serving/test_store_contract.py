@@ -131,7 +131,7 @@ def _assert_state(store, events, state, any_order: bool = False):
 
 
 def _values(store, users):
-    return {u: None if (r := store.read_user(u)) is None else encode_user(r) for u in users}
+    return {u: None if (r := store.read_user(u)) is None else encode_user(r, gen=bytes(8)) for u in users}
 
 
 def test_ingest_writes_users_items_and_popularity_and_a_redelivery_is_a_no_op(store, applier_parts):
@@ -174,6 +174,45 @@ def test_a_user_written_by_another_consumer_meanwhile_is_recomputed_not_overwrit
     out = _applier(raced, applier_parts).apply(_msgs(mine))
     assert out.conflicts >= 1 and out.applied == 40 and raced.calls == 1 + out.conflicts
     _assert_state(store, theirs + mine, applier_parts[0], any_order=True)  # both consumers' events, each once
+
+
+def _format1(blob: bytes) -> bytes:
+    """A format-2 user value as a format-1 writer (before generations) stored it."""
+    from serving.state.codec import GEN_OFFSET, HEADER_BYTES
+
+    return blob[:4] + b"\x01" + blob[5:GEN_OFFSET] + blob[HEADER_BYTES:]
+
+
+@pytest.mark.parametrize("changed_meanwhile", [False, True])
+def test_a_format_1_value_is_applied_to_and_its_change_meanwhile_is_a_conflict(store, applier_parts, changed_meanwhile):
+    """Values written before format 2 (their compare-and-set token is their SHA-1): events are applied on top of
+    them, the value is rewritten in format 2, and one replaced after the read is recomputed, not overwritten."""
+    from serving.state.memory_store import InMemoryOnlineStore
+    from serving.state.codec import decode_user
+
+    if isinstance(store, InMemoryOnlineStore):
+        pytest.skip("values are objects in memory: no stored format")
+    old, later = _stream(12, users=2, tag="a"), _stream(6, users=2, seed=1, tag="b")
+    seed = InMemoryOnlineStore()
+    _applier(seed, applier_parts).apply(_msgs(old))
+    client = store._slow
+    for u in (1, 2):
+        client.set(store.keys.user(u), _format1(encode_user(seed.read_user(u))))
+    assert decode_user(client.get(store.keys.user(1))).seq.equals(seed.read_user(1).seq)
+    mine = _stream(20, users=2, seed=2, tag="c")
+    if changed_meanwhile:  # between the read and the write, another writer puts a changed format-1 value
+        other = InMemoryOnlineStore()
+        _applier(other, applier_parts).apply(_msgs(old + later))
+        target = _RacedOnce(store, lambda: [client.set(store.keys.user(u), _format1(encode_user(other.read_user(u))))
+                                            for u in (1, 2)])
+    else:
+        target = store
+    out = _applier(target, applier_parts).apply(_msgs(mine))
+    assert out.applied == 20 and out.conflicts == (1 if changed_meanwhile else 0)
+    seqs = _expected(old + (later if changed_meanwhile else []) + mine, applier_parts[0])[0]
+    for u in (1, 2):  # the users' state (the item counters were never seeded: only `mine` reached them)
+        assert sorted(store.read_user(u).seq.item_ids.tolist()) == sorted(seqs[u]), f"user {u}"
+    assert all(client.get(store.keys.user(u))[4] == 2 for u in (1, 2))  # rewritten in format 2
 
 
 def test_consumers_in_threads_writing_the_same_users_apply_every_event_once(store, applier_parts):
