@@ -43,12 +43,14 @@ class RankerOutput(NamedTuple):
 class RankerFeatures(NamedTuple):
     """What the bottom computes for a batch: the experts' input and the gate's parts."""
 
-    x: torch.Tensor  # (N, F) the experts' input
+    x: torch.Tensor  # (N, F_c) the experts' candidate-side input (the F columns but the user ones)
     gate_base: torch.Tensor  # (N, T*E) the candidate/user term of the gate logits; (N, 0) without a gate
     gate_attended: torch.Tensor  # (N, T*E) the attention-pooled gate unit logits; (N, 0) without a gate
     short: JaggedSequence | None  # the short-term sequence (for masked gate views)
     gate_values: torch.Tensor | None  # (S, T*E) per-behavior gate unit logits of the short-term sequence
     base: torch.Tensor | None = None  # (N,) the first stage's logit (second-stage mode), else None
+    x_user: torch.Tensor | None = None  # (B, F_u) the experts' per-user input columns
+    rows: torch.Tensor | None = None  # (N,) each candidate's user row
 
 
 class RankerModel(nn.Module):
@@ -74,7 +76,13 @@ class RankerModel(nn.Module):
                   + (2 * d if s.short_len else 0) + (2 * d if self.long is not None else 0)
                   + cfg.user_dense_dim + cfg.candidate_dense_dim + 1)
         base_dim = d + self.embedding.user_pooled_dim + cfg.user_dense_dim
-        self.moe = AWMoEArch(cfg.moe, in_dim, d, base_dim, len(cfg.heads.tasks), cfg.bf16_mlp)
+        # the experts' input columns, in the order of their weights' rows: [user pooled | candidate pooled |
+        # candidate | short-term (2D) | long-term (2D) | user dense | candidate dense | log1p(history length)];
+        # the per-user ones are multiplied once per user (ranking.arches.moe, "User-side columns")
+        pu, du = self.embedding.user_pooled_dim, cfg.user_dense_dim
+        user_dense_at = in_dim - 1 - cfg.candidate_dense_dim - du
+        user_cols = [*range(pu), *range(user_dense_at, user_dense_at + du), in_dim - 1]
+        self.moe = AWMoEArch(cfg.moe, in_dim, d, base_dim, len(cfg.heads.tasks), cfg.bf16_mlp, user_cols)
         self.heads = TaskHeads(cfg.heads, self.moe.out_dim)
         if cfg.residual_column >= 0:
             self.heads.zero_()  # the correction starts at exactly zero
@@ -86,7 +94,7 @@ class RankerModel(nn.Module):
         c = emb.candidates  # (N, D)
         user_pooled = emb.user_pooled[cu]  # (N, Fu*P)
         user_dense = batch.user_dense[cu]  # (N, Du)
-        parts = [user_pooled, emb.cand_pooled, c]
+        parts = [emb.cand_pooled, c]
         short = gate_values = None
         n = c.shape[0]
         gate_attended = c.new_zeros(n, self.moe.gate_dim)
@@ -102,16 +110,16 @@ class RankerModel(nn.Module):
         if self.long is not None:
             long_out = self.long(emb)  # (N, D)
             parts += [long_out, long_out * c]
-        seen = emb.offsets.diff() if emb.seen_lengths is None else emb.seen_lengths
-        lengths = seen[cu].to(c.dtype)
-        parts += [user_dense, batch.candidate_dense, torch.log1p(lengths)[:, None]]
-        x = torch.cat(parts, dim=1)
+        seen = emb.offsets.diff() if emb.seen_lengths is None else emb.seen_lengths  # (B,)
+        parts.append(batch.candidate_dense)
+        x = torch.cat(parts, dim=1)  # (N, F_c)
+        x_user = torch.cat([emb.user_pooled, batch.user_dense, torch.log1p(seen.to(c.dtype))[:, None]], dim=1)
         if self.moe.gated:
             gate_base = self.moe.gate_base(torch.cat([c, user_pooled, user_dense], dim=1))
         else:
             gate_base = c.new_zeros(n, 0)
         base = batch.candidate_dense[:, self.cfg.residual_column] if self.cfg.residual_column >= 0 else None
-        return RankerFeatures(x, gate_base, gate_attended, short, gate_values, base)
+        return RankerFeatures(x, gate_base, gate_attended, short, gate_values, base, x_user, cu)
 
     def gate_logits(self, f: RankerFeatures, keep: torch.Tensor | None = None) -> torch.Tensor:
         """(N, T*E) gate logits; with `keep` (S,) bool, on the short-term sequence without the dropped behaviors."""
@@ -122,7 +130,7 @@ class RankerModel(nn.Module):
 
     def score(self, f: RankerFeatures) -> RankerOutput:
         gate = self.gate_logits(f)
-        logits = self.heads(self.moe(f.x, gate))  # (N, T)
+        logits = self.heads(self.moe(f.x, gate, f.x_user, f.rows))  # (N, T)
         if f.base is not None:
             logits = torch.cat([logits[:, :1] + f.base[:, None], logits[:, 1:]], dim=1)
         return RankerOutput(logits, gate)

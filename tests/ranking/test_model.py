@@ -279,3 +279,48 @@ def test_direct_table_calls_equal_the_torchrec_path(variant, make_batch, monkeyp
     assert g_direct.keys() == g_kjt.keys() and g_direct
     for name in g_direct:
         assert torch.equal(g_direct[name], g_kjt[name]), name
+
+
+def _experts_on_whole_input(model: RankerModel, f) -> torch.Tensor:
+    """The reference: the experts on x with every column in place (the user columns gathered per candidate),
+    the first layer as one einsum per expert, mixed by an einsum: what `Experts`' split must equal."""
+    ex = model.moe.experts
+    n = f.x.shape[0]
+    x = torch.empty(n, len(ex.user_cols) + len(ex.cand_cols))
+    x[:, list(ex.cand_cols)] = f.x
+    x[:, list(ex.user_cols)] = f.x_user[f.rows]
+    h = torch.relu(torch.einsum("nf,efh->enh", x, ex.weights[0]) + ex.biases[0])
+    for w, b in zip(list(ex.weights)[1:], list(ex.biases)[1:]):
+        h = torch.relu(torch.baddbmm(b, h, w))
+    gate = model.gate_logits(f)
+    if not model.moe.gated:
+        return h[0].unsqueeze(1)
+    g = torch.softmax(gate.view(n, model.moe.num_tasks, -1), dim=-1)
+    return torch.einsum("nte,enh->nth", g, h)
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_per_user_columns_computed_once_equal_the_whole_input(variant, make_batch):
+    """The experts' first layer over the user columns once per user, added to each candidate's row, equals the
+    layer over the whole concatenated input; the cached weights (no grad) follow a parameter change; the
+    gradients reach every first-layer weight row."""
+    model = build(variant)
+    batch = make_batch(3, [0, 5, 40], [4, 6, 3])
+    ex = model.moe.experts
+    assert len(ex.user_cols) == model.embedding.user_pooled_dim + model.cfg.user_dense_dim + 1
+    with torch.no_grad():
+        f = model.encode(batch)
+        assert f.x.shape[1] == len(ex.cand_cols) and f.x_user.shape == (3, len(ex.user_cols))
+        torch.testing.assert_close(model.moe(f.x, model.gate_logits(f), f.x_user, f.rows),
+                                   _experts_on_whole_input(model, f), rtol=1e-5, atol=1e-5)
+        before = model(batch).logits
+        assert torch.equal(model(batch).logits, before)  # the cached weights
+        ex.weights[0][:, ex.user_cols[0]] += 1.0  # a user column's weights change: the cache must not hide it
+        torch.testing.assert_close(model.moe(f.x, model.gate_logits(f), f.x_user, f.rows),
+                                   _experts_on_whole_input(model, f), rtol=1e-5, atol=1e-5)
+    model.train()
+    model(batch).logits.sum().backward()
+    grad = ex.weights[0].grad
+    assert grad is not None and bool((grad[:, list(ex.user_cols)].abs().sum(-1) > 0).any())
+    with pytest.raises(ValueError, match="user columns need user_x"):
+        ex(f.x)
