@@ -86,23 +86,35 @@ def hash_int64_scalar(x: int, seed: int) -> int:
     return _signed(h)
 
 
-def _rotl(x: np.ndarray, r: int) -> np.ndarray:
-    return (x << np.uint64(r)) | (x >> np.uint64(64 - r))
+_U = np.uint64
+_P1, _P2, _P3, _P4 = _U(P1), _U(P2), _U(P3), _U(P4)
+_S = {r: _U(r) for r in (27, 29, 31, 32, 33, 37)}
 
 
 def hash_int64(ids: np.ndarray | Sequence[int], seed: int) -> np.ndarray:
-    """Vectorized XXH64 of int64 ids with a signed int64 seed -> int64 array (same shape)."""
+    """Vectorized XXH64 of int64 ids with a signed int64 seed -> int64 array (same shape).
+
+    In place on one working array (a request hashes a few arrays of 10^2-10^4 ids, where the ufunc calls and
+    temporaries are the cost): h = seed + P5 + 8 ^ rotl(x * P2, 31) * P1, then the round and the avalanche.
+    """
     x = np.asarray(ids, dtype=np.int64).view(np.uint64)
     with np.errstate(over="ignore"):
-        h = np.full(x.shape, (_unsigned(seed) + P5 + 8) & _MASK, dtype=np.uint64)
-        h ^= _rotl(x * np.uint64(P2), 31) * np.uint64(P1)
-        h = _rotl(h, 27) * np.uint64(P1) + np.uint64(P4)
-        h ^= h >> np.uint64(33)
-        h *= np.uint64(P2)
-        h ^= h >> np.uint64(29)
-        h *= np.uint64(P3)
-        h ^= h >> np.uint64(32)
-    return h.view(np.int64)
+        k = np.multiply(x, _P2, out=np.empty_like(x))  # the working array (0-d stays an array)
+        t = k << _S[31]
+        k >>= _S[33]
+        k |= t  # rotl(x * P2, 31)
+        k *= _P1
+        k ^= _U((_unsigned(seed) + P5 + 8) & _MASK)  # h ^= ..., h starting at seed + P5 + 8
+        t = k << _S[27]
+        k >>= _S[37]
+        k |= t  # rotl(h, 27)
+        k *= _P1
+        k += _P4
+        for shift, prime in ((33, _P2), (29, _P3)):
+            k ^= k >> _S[shift]
+            k *= prime
+        k ^= k >> _S[32]
+    return k.view(np.int64)
 
 
 def hash_ids(ids: np.ndarray | Sequence[int], feature: str) -> np.ndarray:
