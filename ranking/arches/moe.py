@@ -82,9 +82,9 @@ class Experts(nn.Module):
         if self.user_cols:
             idx = torch.tensor(self.cand_cols, device=flat.device)
             out = (flat.index_select(0, idx), flat.index_select(0, torch.tensor(self.user_cols, device=flat.device)),
-                   b0.permute(1, 0, 2).reshape(1, e * h))
+                   b0.reshape(1, e * h))
         else:
-            out = (flat, None, b0.permute(1, 0, 2).reshape(1, e * h))
+            out = (flat, None, b0.reshape(1, e * h))
         if frozen:
             self._cache = (key, out)
         return out
