@@ -148,6 +148,9 @@ def test_redis_restart_without_persistence_is_rebuilt_from_the_snapshot_and_the_
                    what="the snapshot's events delivered again skipped")
         _produce(services.kafka.address, topics.events, b1)
         wait_until(lambda: _marked(h.app.store, b1) == b1.num_rows, timeout_s=60, what="B1 applied")
+        # the marks land inside the write, the counters after it returns: wait for them, then exactly B1
+        wait_until(lambda: h.metric("cascade_events_applied_total") >= b1.num_rows, timeout_s=10,
+                   what="B1 counted applied")
         assert h.metric("cascade_events_applied_total") == b1.num_rows
 
         port = services.redis.port  # Redis restarts empty on the same port: no RDB, no AOF
@@ -366,6 +369,8 @@ def test_a_state_written_before_epochs_existed_is_adopted_not_rebuilt(
     try:
         assert h.app.store.get_epoch() is not None and h.metric("cascade_state_rebuilds_total", {"outcome": "done"}) == 0
         wait_until(lambda: _marked(h.app.store, b) == b.num_rows, timeout_s=60, what="B applied")
+        wait_until(lambda: h.metric("cascade_events_deduplicated_total") >= a.num_rows, timeout_s=10,
+                   what="A counted deduplicated")  # counted after the write that marked B returned
         assert h.metric("cascade_events_deduplicated_total") == a.num_rows
         _assert_exactly_once(h.app.store, ev, cfg.state, catalog, tmp_path)
     finally:
