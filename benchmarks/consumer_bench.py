@@ -76,12 +76,9 @@ def _applier(store, catalog, bundle):
 
 def _load_bundle(path: Path):
     """The served model of bundle `path`, as the server loads it (verified)."""
-    import torch
-
     from serving.config import StateConfig
     from serving.models import load_bundle, verify_bundle
 
-    torch.set_num_threads(1)
     st = StateConfig()
     manifest, digest, dense = verify_bundle(path, None, None, st.stats, st.retention_ms())
     return load_bundle(path, manifest, digest, dense)
@@ -95,8 +92,13 @@ class _Cpu:
         self.store = store
 
     def _redis(self) -> float:
-        info = self.store._slow.info("cpu")
-        rows = info.values() if self.store.cluster else [info]
+        client = self.store._slow
+        if self.store.cluster:  # every master's, one dict per node
+            from redis.cluster import RedisCluster
+
+            rows = list(client.info("cpu", target_nodes=RedisCluster.PRIMARIES).values())
+        else:
+            rows = [client.info("cpu")]
         return sum(r["used_cpu_user"] + r["used_cpu_sys"] for r in rows)
 
     def __enter__(self) -> "_Cpu":
@@ -169,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     from serving.config import RedisConfig, StateConfig
     from serving.state.redis_store import RedisOnlineStore
 
+    if args.bundle is not None:
+        import torch
+
+        torch.set_num_threads(1)  # the server's setting: one torch thread per process
     bundle = None if args.bundle is None else _load_bundle(args.bundle)
     boot = None
 

@@ -61,11 +61,11 @@ class Experts(nn.Module):
             bound = 1.0 / math.sqrt(a)
             self.biases.append(nn.Parameter(torch.empty(num_experts, 1, b).uniform_(-bound, bound)))
         self.dropout = nn.Dropout(dropout)
-        user = sorted(set(user_cols))
-        if user and not (0 <= user[0] and user[-1] < in_dim):
+        user = set(user_cols)
+        if user and not (0 <= min(user) and max(user) < in_dim):
             raise ValueError(f"user_cols {user_cols} outside the {in_dim} input columns")
-        self.user_cols = tuple(user)
-        self.cand_cols = tuple(i for i in range(in_dim) if i not in set(user))
+        self.user_cols = tuple(sorted(user))
+        self.cand_cols = tuple(i for i in range(in_dim) if i not in user)
         self._cache: tuple[tuple, tuple] | None = None  # (parameter versions, first-layer weights) without grad
 
     def _first_layer(self) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -79,12 +79,12 @@ class Experts(nn.Module):
             return cached[1]
         e, f, h = w0.shape
         flat = w0.permute(1, 0, 2).reshape(f, e * h)
-        if self.user_cols:
-            idx = torch.tensor(self.cand_cols, device=flat.device)
-            out = (flat.index_select(0, idx), flat.index_select(0, torch.tensor(self.user_cols, device=flat.device)),
-                   b0.reshape(1, e * h))
-        else:
-            out = (flat, None, b0.reshape(1, e * h))
+
+        def rows(cols: tuple[int, ...]) -> torch.Tensor:
+            return flat.index_select(0, torch.tensor(cols, device=flat.device))
+
+        out = (rows(self.cand_cols), rows(self.user_cols), b0.reshape(1, e * h)) if self.user_cols else \
+            (flat, None, b0.reshape(1, e * h))
         if frozen:
             self._cache = (key, out)
         return out
