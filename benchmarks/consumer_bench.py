@@ -5,6 +5,8 @@
     python benchmarks/consumer_bench.py --store single --quick    # a smoke run (seconds)
     python benchmarks/consumer_bench.py --store single --dataset ../shared/data/ml-1m --bootstrap \
         --bundle var/serving_bench/artifacts/versions/<v>/bundle    # the served path: ML-1M state + SDIM sums
+    python benchmarks/consumer_bench.py --store single --dataset ../shared/data/ml-1m --bootstrap --random-bundle
+                                        # the same architecture with random weights: no 26-minute training first
 
 The events consumer's apply step (`serving.stream.events.EventApplier.apply`: decode, dedupe, per-user
 state update, the store's ingest) on batches of already-fetched records, against a real redis-server or
@@ -156,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="a raw dataset: its users and catalog (the events' ids, item categories)")
     ap.add_argument("--bundle", type=Path, default=None,
                     help="a model bundle to serve (SDIM signatures and bucket sums kept as the server keeps them)")
+    ap.add_argument("--random-bundle", action="store_true",
+                    help="serve a bundle of the serving bench's architecture (ML-1M configs, SDIM ranker) with "
+                         "random weights (jobs.random_bundle): the same work per event as a trained one, no training")
     ap.add_argument("--bootstrap", action="store_true", help="load the dataset's state first (users' histories)")
     ap.add_argument("--tag", default="", help="results file suffix (e.g. the code version compared)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 20k events, 2 s of stream")
@@ -171,7 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     from serving.config import RedisConfig, StateConfig
     from serving.state.redis_store import RedisOnlineStore
 
-    if args.bundle is not None:
+    if args.bundle is not None and args.random_bundle:
+        ap.error("--bundle and --random-bundle exclude each other")
+    if args.bundle is not None or args.random_bundle:
         import torch
 
         torch.set_num_threads(1)  # the server's setting: one torch thread per process
@@ -182,6 +189,11 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         import_dataset(args.dataset, work / "data", overwrite=True)
         catalog = load_catalog(work / "data")
+        if args.random_bundle:
+            from jobs.random_bundle import RandomBundleSpec, write_random_bundle
+
+            bundle = _load_bundle(write_random_bundle(catalog, work / "models", "random-sdim", 0,
+                                                      RandomBundleSpec.ml1m_sdim())[0])
         users = np.unique(read_table(work / "data", "users").column("user_id").to_numpy()).astype(np.int64)
         nodes, svc = [], None
         try:
@@ -213,10 +225,12 @@ def main(argv: list[str] | None = None) -> int:
                                                 f"{tp['redis_cpu_us_per_event']:.1f} us"],
         ["event-to-visible p50 / p99 (%.0f ev/s, poll %.0f ms)" % (args.rate, args.poll_ms),
          f"{fr['p50_ms']:.1f} / {fr['p99_ms']:.1f} ms"]])
-    name = f"consumer-{args.store}" + ("" if bundle is None else f"-{args.dataset.name}-sdim") + args.tag
+    name = f"consumer-{args.store}" + ("" if bundle is None else f"-{args.dataset.name}-sdim") + \
+        ("-random" if args.random_bundle else "") + args.tag
     path = write_results(f"serving/{'quick/' if args.quick else ''}{name}",
                          {"dataset": args.dataset.name, "bundle": None if bundle is None else
-                          {"version": bundle.version, "sums_window": bundle.sums_window, "sig_spec": bundle.sig_spec},
+                          {"version": bundle.version, "sums_window": bundle.sums_window, "sig_spec": bundle.sig_spec,
+                           "random_weights": args.random_bundle},
                           "bootstrap": boot, "throughput": tp, "freshness": fr}, benchmark="consumer")
     print(f"wrote {path}")
     return 0

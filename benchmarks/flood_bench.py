@@ -62,43 +62,15 @@ MODEL_OVERRIDES = {
 
 def build_bundle(catalog, out: Path, model: str) -> Path:
     """A bundle of the real exporters' output over randomly initialised real models (ML-100K configs)."""
-    import dataclasses
-
-    import torch
-
-    from features.batch import ITEM_ID, make_kjt
-    from features.config import load_config
-    from features.transforms import DenseLayout, StatsConfig
-    from jobs.train_ranker import load_ranker_config
-    from ranking.export import export_ranker
-    from ranking.model import RankerModel
-    from retrieval.catalog import Catalog as RetrievalCatalog
-    from retrieval.config import RetrieverConfig
-    from retrieval.export import export_retriever
-    from retrieval.model import TwoTowerRetriever
-    from retrieval.task import item_keys
-    from serving.models import write_bundle
+    from jobs.random_bundle import RandomBundleSpec, write_random_bundle
 
     out = out / model
     path = out / "flood-v1"
     if (path / "manifest.json").exists():
         return path
     r_over, k_over = MODEL_OVERRIDES[model]
-    rcfg = load_config(RetrieverConfig, REPO / "retrieval/configs/ml-100k.yaml", [*r_over, "index.kind=flat"])
-    feats = catalog.candidate_features(catalog.item_ids)
-    kjt = make_kjt({ITEM_ID: (catalog.item_ids, np.ones(len(catalog), np.int64)),
-                    **{k: feats[k] for k in item_keys(rcfg.model) if k != ITEM_ID}})
-    torch.manual_seed(0)
-    export_retriever(TwoTowerRetriever(rcfg.model, "cpu"), rcfg,
-                     RetrievalCatalog(catalog.item_ids.copy(), kjt, torch.zeros(len(catalog))), out / "retriever")
-    layout = DenseLayout(StatsConfig(), 0.55, ("year",))
-    kcfg = load_ranker_config([REPO / "ranking/configs/ml-100k.yaml", REPO / "ranking/configs/ablations/full.yaml"],
-                              k_over)
-    mc = dataclasses.replace(kcfg.model, user_dense_dim=len(layout.user_names()),
-                             candidate_dense_dim=len(layout.candidate_names()))
-    export_ranker(RankerModel(mc, embedding_device="cpu"), out / "ranker")
-    write_bundle(path, "flood-v1", ("retrieval.export", out / "retriever"), ("ranking.export", out / "ranker"), layout)
-    return path
+    return write_random_bundle(catalog, out, "flood-v1", 0, RandomBundleSpec(
+        retriever_overrides=(*r_over, "index.kind=flat"), ranker_overrides=tuple(k_over)))[0]
 
 
 def start_server(work: Path, svc, bundle: Path, dataset: Path, prefix: str,

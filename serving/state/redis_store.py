@@ -7,6 +7,8 @@ cluster slot; `Keys` is the one place that builds key names::
 
     {p}:{u:<g>}:<user>            one packed value per user (g = user mod user_groups) (serving.state.codec):
                                   sequence, SDIM signatures, counter log, attributes; PX user_ttl_s when set
+    {p}:{u:<g>}:n:<user>:<gen>    an ingest's new value for the user, staged until APPLY_LUA renames it over
+                                  the user's key (gen: the value's generation); PX 60 s
     {p}:{u:<g>}:e:<event>         dedupe mark of an applied event, in its user's slot; EX dedupe_ttl_s
     {p}:{i:<g>}:i:<item>          the item's counter log (g = item mod item_groups): 9-byte records
                                   appended with APPEND, old ones folded into summary records (codec)
@@ -23,7 +25,8 @@ Request path: one GET for the user, one MGET for the candidates' counters (on
 a cluster, one MGET per slot, pipelined per node by redis-py).
 
 Ingest: one read (MGET of the batch's users, their events' marks and the
-epoch), `fn` computes the writes in Python, then `APPLY_LUA` writes them with
+epoch), `fn` computes the writes in Python, then one pipeline stages the users'
+new values with plain SETs and `APPLY_LUA` installs them (RENAME) with
 compare-and-set: a user is written only if its value is still the one read
 (its 8-byte generation, `codec.cas_token`: one GETRANGE inside the script, not
 a hash of the whole value; a format-1 value: its SHA-1), together with its marks. A
@@ -83,11 +86,17 @@ from serving.state.codec import (GEN_BYTES, GEN_OFFSET, UserRecord, cas_token, d
 
 # Writes one slot's share of an ingest (one Redis: all of it). Returns {1, item log sizes...} when written,
 # {0, 1-based indices of users whose value changed since it was read...} when nothing was written (conflict),
-# {-1} when the epoch is not ARGV[1] (nothing written).
-# KEYS: epoch (if ARGV[1] ~= '') | users (nu) | their marks | popularity shards (ns) | items (ni) | item marks
+# {-1} when the epoch is not ARGV[1] (nothing written), {-2, index} when a user's staged value is gone
+# (expired or evicted before the script ran; nothing written: the caller stages and calls again).
+# The users' new values are not arguments: the same pipeline SETs each first under its own staging key
+# (`Keys.staged`, named by the value's generation, so writers never share one; PX STAGE_TTL_MS), and the
+# script RENAMEs it over the user's key once every compare-and-set holds: value bytes passed through a
+# script cost Redis ~4x what a plain SET of them costs, and a RENAME copies nothing.
+# KEYS: epoch (if ARGV[1] ~= '') | users (nu) | their staged values (nu) | their marks | popularity shards (ns)
+#       | items (ni) | item marks
 # ARGV: epoch nu ni ns user_ttl_ms mark_ttl_s mark_items(0/1)
 #       | per user: the value read's codec.cas_token ('' = none; 8 bytes: its generation; else its SHA-1),
-#         new value, number of marks
+#         number of marks
 #       | per item: member, popularity shard (1-based), records, behaviors, flags (mark_items: 1 byte per event)
 APPLY_LUA = """
 local nu, ni, ns = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -100,7 +109,7 @@ end
 local a = 8
 local bad = {}
 for i = 1, nu do
-  local key, want = KEYS[k + i - 1], ARGV[a + 3 * (i - 1)]
+  local key, want = KEYS[k + i - 1], ARGV[a + 2 * (i - 1)]
   if want == '' then
     if redis.call('EXISTS', key) == 1 then bad[#bad + 1] = i end
   elseif #want == GEN_BYTES then
@@ -110,16 +119,26 @@ for i = 1, nu do
     if not cur or redis.sha1hex(cur) ~= want then bad[#bad + 1] = i end
   end
 end
-if #bad > 0 then return {0, unpack(bad)} end
-local m = k + nu
+local staged = k + nu
+local gone = 0
 for i = 1, nu do
-  if uttl > 0 then redis.call('SET', KEYS[k + i - 1], ARGV[a + 1], 'PX', uttl)
-  else redis.call('SET', KEYS[k + i - 1], ARGV[a + 1]) end
-  for j = 1, tonumber(ARGV[a + 2]) do
+  if gone == 0 and redis.call('EXISTS', KEYS[staged + i - 1]) == 0 then gone = i end
+end
+if #bad > 0 or gone > 0 then
+  for i = 1, nu do redis.call('DEL', KEYS[staged + i - 1]) end
+  if #bad > 0 then return {0, unpack(bad)} end
+  return {-2, gone}
+end
+local m = staged + nu
+for i = 1, nu do
+  local key = KEYS[k + i - 1]
+  redis.call('RENAME', KEYS[staged + i - 1], key)
+  if uttl > 0 then redis.call('PEXPIRE', key, uttl) else redis.call('PERSIST', key) end
+  for j = 1, tonumber(ARGV[a + 1]) do
     redis.call('SET', KEYS[m], '1', 'EX', mttl)
     m = m + 1
   end
-  a = a + 3
+  a = a + 2
 end
 local shard = m
 local ik = m + ns
@@ -150,6 +169,7 @@ end
 return out
 """.replace("GEN_BYTES", str(GEN_BYTES)).replace("GEN_FIRST", str(GEN_OFFSET)).replace(
     "GEN_LAST", str(GEN_OFFSET + GEN_BYTES - 1))
+STAGE_TTL_MS = 60_000  # a staged value outlives its pipeline by far; one a crash left behind goes away
 
 # KEYS: dedupe marks to set; ARGV: their TTL in seconds
 MARKS_LUA = """
@@ -229,6 +249,10 @@ class Keys:
 
     def user(self, uid: int) -> str:
         return f"{self.p}:{{u:{uid % self.user_groups}}}:{uid}"
+
+    def staged(self, uid: int, gen: bytes) -> str:
+        """Where an ingest stages the user's new value (generation `gen`) before APPLY_LUA renames it in place."""
+        return f"{self.p}:{{u:{uid % self.user_groups}}}:n:{uid}:{gen.hex()}"
 
     def mark(self, uid: int, event_id: str) -> str:
         return f"{self.p}:{{u:{uid % self.user_groups}}}:e:{event_id}"
@@ -327,21 +351,29 @@ class RedisOnlineStore(OnlineStore):
             return []
         return client.mget_nonatomic(keys) if self.cluster else client.mget(keys)
 
-    def _eval_all(self, client: Any, calls: list[tuple[_Lua, list[str], list[Any]]]) -> list[Any]:
-        """Runs script calls in one pipeline (a cluster: each call in its slot's node), loading scripts a node
-        lacks; returns their results in order."""
+    def _eval_all(self, client: Any, calls: Sequence[tuple]) -> list[Any]:
+        """Runs script calls ``(script, keys, args[, commands sent just before it])`` in one pipeline (a
+        cluster: each call, with its commands, in its slot's node, in order), loading scripts a node lacks;
+        returns the scripts' results in order (a command's error is raised)."""
         if not calls:
             return []
         todo = list(range(len(calls)))
         out: list[Any] = [None] * len(calls)
         for attempt in range(2):
             pipe = client.pipeline(transaction=False)
+            at = []  # position of each script's answer in the pipeline's
             for i in todo:
-                lua, keys, args = calls[i]
+                lua, keys, args, *pre = calls[i]
+                for cmd in (pre[0] if pre else ()):
+                    pipe.execute_command(*cmd)
+                at.append(len(pipe))
                 pipe.execute_command("EVALSHA", lua.sha, len(keys), *keys, *args)  # (ClusterPipeline blocks .evalsha)
             res = pipe.execute(raise_on_error=False)
+            for r in res:
+                if isinstance(r, Exception) and not isinstance(r, NoScriptError):
+                    raise r
             missing = []
-            for i, r in zip(todo, res):
+            for i, r in zip(todo, (res[j] for j in at)):
                 if isinstance(r, NoScriptError) and attempt == 0:
                     missing.append(i)
                 elif isinstance(r, Exception):
@@ -463,25 +495,32 @@ class RedisOnlineStore(OnlineStore):
         return written, changed
 
     def _apply_call(self, write: IngestWrite, users: list[int], items: list[int], blobs: Mapping[int, bytes | None],
-                    epoch: str | None, mark_items: bool) -> tuple[_Lua, list[str], list[Any]]:
+                    epoch: str | None, mark_items: bool) -> tuple[_Lua, list[str], list[Any], list[tuple]]:
+        """(APPLY, keys, args, the SETs staging the users' new values: sent just before it)."""
         k = self.keys
         marks = write.marks
         groups = list(dict.fromkeys(k.item_group(i) for i in items))
         shard = {g: n for n, g in enumerate(groups, 1)}
-        keys = ([k.epoch] if epoch is not None else []) + [k.user(u) for u in users]
+        staged, stage = [], []
+        for u in users:
+            value = encode_user(write.users[u])
+            key = k.staged(u, value[GEN_OFFSET:GEN_OFFSET + GEN_BYTES])
+            staged.append(key)
+            stage.append(("SET", key, value, "PX", STAGE_TTL_MS))
+        keys = ([k.epoch] if epoch is not None else []) + [k.user(u) for u in users] + staged
         keys += [k.mark(u, e) for u in users for e in marks.get(u, ())]
         keys += [k.popularity(g) for g in groups] + [k.item_log(i) for i in items]
         args: list[Any] = [epoch or "", len(users), len(items), len(groups), self.cfg.user_ttl_s * 1000,
                            self.cfg.dedupe_ttl_s, "1" if mark_items else "0"]
         for u in users:
-            args += [cas_token(blobs.get(u)), encode_user(write.users[u]), len(marks.get(u, ()))]
+            args += [cas_token(blobs.get(u)), len(marks.get(u, ()))]
         for i in items:
             w = write.items[i]
             g = k.item_group(i)
             args += [str(i), shard[g], w.log, w.behaviors, w.flags if mark_items else ""]
             if mark_items:
                 keys += [k.item_mark(g, e) for e in w.event_ids]
-        return APPLY, keys, args
+        return APPLY, keys, args, stage
 
     @staticmethod
     def _outcome(res: list, users: list[int], items: list[int], epoch: str | None, sizes: dict[int, int]
@@ -492,6 +531,8 @@ class RedisOnlineStore(OnlineStore):
             raise EpochChanged(f"redis no longer holds state epoch {epoch!r}: not writing until the state is rebuilt")
         if status == 0:
             return [], [users[int(i) - 1] for i in res[1:]]
+        if status == -2:  # a staged value vanished before the script ran: nothing written, stage and write again
+            return [], [users[int(res[1]) - 1]]
         sizes.update((i, int(n)) for i, n in zip(items, res[1:]) if int(n))
         return users, []
 

@@ -22,59 +22,17 @@ RANKER_SMALL = ["model.embedding.dim=16", "model.embedding.attention_dim=8", "mo
 
 def write_real_bundle(catalog, out: Path, version: str, seed: int, second_stage: bool = False,
                       context=None) -> tuple[Path, str]:
-    """A bundle of `retrieval.export` + `ranking.export` exports over randomly initialised real models.
+    """`jobs.random_bundle.write_random_bundle` with the ML-100K configs made small (RETRIEVER_SMALL,
+    RANKER_SMALL). second_stage: the ranker is `ranking/configs/two-stage.yaml`'s, its zero-initialised heads
+    randomised so that it reorders the list; with `context` it also reads the list's context features."""
+    from jobs.random_bundle import RandomBundleSpec, write_random_bundle
 
-    Different seeds give different weights: a history-dependent user tower and ranker, different top-k lists.
-    second_stage: the ranker is `ranking/configs/two-stage.yaml`'s (a residual on the retriever's logit over the
-    list's features), its zero-initialised heads randomised so that it reorders the list; with `context`
-    (features.list_context.ContextCounts) it also reads the list's context features and exports the counts.
-    Returns (bundle dir, manifest sha256)."""
-    import dataclasses
-
-    import numpy as np
-    import torch
-
-    from features.batch import ITEM_ID, make_kjt
-    from features.candidate_lists import LIST_FEATURE_NAMES
-    from features.list_context import CONTEXT_FEATURE_NAMES
-    from features.config import load_config
-    from features.transforms import DenseLayout, StatsConfig
-    from jobs.train_ranker import load_ranker_config
-    from ranking.export import export_ranker
-    from ranking.model import RankerModel
-    from retrieval.catalog import Catalog as RetrievalCatalog
-    from retrieval.config import RetrieverConfig
-    from retrieval.export import export_retriever
-    from retrieval.model import TwoTowerRetriever
-    from retrieval.task import item_keys
-    from serving.models import write_bundle
-
-    rcfg = load_config(RetrieverConfig, REPO / "retrieval/configs/ml-100k.yaml", RETRIEVER_SMALL)
-    feats = catalog.candidate_features(catalog.item_ids)
-    kjt = make_kjt({ITEM_ID: (catalog.item_ids, np.ones(len(catalog), np.int64)),
-                    **{k: feats[k] for k in item_keys(rcfg.model) if k != ITEM_ID}})
-    rcat = RetrievalCatalog(catalog.item_ids.copy(), kjt, torch.zeros(len(catalog)))
-    torch.manual_seed(seed)
-    export_retriever(TwoTowerRetriever(rcfg.model, "cpu"), rcfg, rcat, out / f"retriever-{version}")
-
-    layout = DenseLayout(StatsConfig(), 0.55, ("year",))
-    kcfg = load_ranker_config([REPO / "ranking/configs/ml-100k.yaml", REPO / "ranking/configs/ablations/full.yaml",
-                               *([REPO / "ranking/configs/two-stage.yaml"] if second_stage else [])], RANKER_SMALL)
-    if second_stage:
-        mc = dataclasses.replace(kcfg.model, user_dense_dim=0, candidate_dense_dim=len(LIST_FEATURE_NAMES)
-                                 + (len(CONTEXT_FEATURE_NAMES) if context is not None else 0))
-    else:
-        mc = dataclasses.replace(kcfg.model, user_dense_dim=len(layout.user_names()),
-                                 candidate_dense_dim=len(layout.candidate_names()))
-    torch.manual_seed(seed)
-    ranker = RankerModel(mc, embedding_device="cpu")
-    if second_stage:
-        torch.nn.init.normal_(ranker.heads.weight, std=2.0)
-    export_ranker(ranker, out / f"ranker-{version}", context=context)
-    path = out / version
-    checksum = write_bundle(path, version, ("retrieval.export", out / f"retriever-{version}"),
-                            ("ranking.export", out / f"ranker-{version}"), layout)
-    return path, checksum
+    spec = RandomBundleSpec(retriever_overrides=tuple(RETRIEVER_SMALL),
+                            ranker_configs=("ranking/configs/ml-100k.yaml", "ranking/configs/ablations/full.yaml",
+                                            *(("ranking/configs/two-stage.yaml",) if second_stage else ())),
+                            ranker_overrides=tuple(RANKER_SMALL), second_stage=second_stage,
+                            randomize_heads_std=2.0 if second_stage else 0.0)
+    return write_random_bundle(catalog, out, version, seed, spec, context)
 
 
 @pytest.fixture(scope="session")

@@ -215,6 +215,54 @@ def test_a_format_1_value_is_applied_to_and_its_change_meanwhile_is_a_conflict(s
     assert all(client.get(store.keys.user(u))[4] == 2 for u in (1, 2))  # rewritten in format 2
 
 
+def _staged_keys(store) -> list[bytes]:
+    return list(store._slow.scan_iter(match=f"{store.keys.p}:*:n:*", count=1000))
+
+
+def test_staged_values_are_installed_or_removed_never_left_behind(store, applier_parts):
+    """Redis stages each user's new value under its own key and the script renames it in place: after plain
+    batches and after a conflict (the loser's staged values deleted) no staged key remains."""
+    from serving.state.memory_store import InMemoryOnlineStore
+
+    if isinstance(store, InMemoryOnlineStore):
+        pytest.skip("no staged values in memory")
+    _applier(store, applier_parts).apply(_msgs(_stream(50, users=4, tag="s")))
+    assert _staged_keys(store) == []
+    other = _applier(_another_connection(store), applier_parts)
+    raced = _RacedOnce(store, lambda: other.apply(_msgs(_stream(10, users=4, seed=1, tag="o"))))
+    assert _applier(raced, applier_parts).apply(_msgs(_stream(30, users=4, seed=2, tag="m"))).conflicts >= 1
+    assert _staged_keys(store) == []
+
+
+def test_a_staged_value_gone_before_the_script_writes_nothing_and_is_retried(store, applier_parts):
+    """A staged value that expired or was evicted before APPLY ran (here: its SET never sent): the script
+    writes nothing of the batch (single Redis: no user, mark or counter; cluster: nothing in that slot), the
+    ingest stages again and every event lands once."""
+    from serving.state.memory_store import InMemoryOnlineStore
+
+    if isinstance(store, InMemoryOnlineStore):
+        pytest.skip("no staged values in memory")
+    first = _stream(30, users=4, tag="f")
+    _applier(store, applier_parts).apply(_msgs(first))
+    inner, dropped = store._eval_all, []
+
+    def drop_first_stage(client, calls):
+        if not dropped and any(len(c) == 4 and c[3] for c in calls):
+            dropped.append(True)
+            calls = [(*c[:3], c[3][1:]) if len(c) == 4 and c[3] else c for c in calls]  # one staged SET lost
+        return inner(client, calls)
+
+    store._eval_all = drop_first_stage
+    try:
+        later = _stream(40, users=4, seed=3, tag="l")
+        out = _applier(store, applier_parts).apply(_msgs(later))
+    finally:
+        del store._eval_all
+    assert dropped and out.applied == 40 and out.conflicts == 1
+    _assert_state(store, first + later, applier_parts[0], any_order=True)  # (the two streams' times interleave)
+    assert _staged_keys(store) == []
+
+
 def test_consumers_in_threads_writing_the_same_users_apply_every_event_once(store, applier_parts):
     streams = [_stream(60, users=5, items=9, seed=s, tag=f"t{s}-") for s in range(3)]
     errors = []
