@@ -154,19 +154,20 @@ def update_bucket_sums(plans: Sequence[_SumsPlan], src: SdimSource, cap: int) ->
         weighted = np.repeat(values * sign[:, None], m, axis=0)  # (E*m, D), parallel to slot
         order = np.argsort(slot, kind="stable")
         used, starts = np.unique(slot[order], return_index=True)
-        delta = np.zeros((len(inc) * m * k, dim), np.float32)
-        delta[used] = np.add.reduceat(weighted[order], starts, axis=0)
-        dcount = np.bincount(slot, np.repeat(sign, m), len(inc) * m * k).astype(np.int32)
-        delta, dcount = delta.reshape(len(inc), m, k, dim), dcount.reshape(len(inc), m, k)
+        # every user's new sums at once: the stored ones stacked (one copy), the deltas added in place
+        sums = np.stack([plans[i].old.sdim.sums for i, _, _ in inc]).astype(np.float32, copy=False)
+        counts = np.stack([plans[i].old.sdim.counts for i, _, _ in inc]).astype(np.int32, copy=False)
+        flat_sums, flat_counts = sums.reshape(-1, dim), counts.reshape(-1)
+        flat_sums[used] += np.add.reduceat(weighted[order], starts, axis=0)
+        flat_counts += np.bincount(slot, np.repeat(sign, m), len(inc) * m * k).astype(np.int32)
+        flat_sums[flat_counts == 0] = 0.0
+        # stored sums that do not match the stored sequence (a bucket below 0): start over from the sequence
+        broken = counts.reshape(len(inc), -1).min(axis=1) < 0
         for r, (i, _, _) in enumerate(inc):
-            prev = plans[i].old.sdim
-            counts = prev.counts + dcount[r]
-            if counts.min() < 0:  # stored sums that do not match the stored sequence: start over from the sequence
+            if broken[r]:
                 rebuild.append(i)
-                continue
-            sums = prev.sums + delta[r]
-            sums[counts == 0] = 0.0
-            out[i] = BucketSums(sums, counts, src.sig_spec)
+            else:
+                out[i] = BucketSums(sums[r], counts[r], src.sig_spec)
     todo = [i for i in rebuild if len(plans[i].seq)]
     for i, sums in zip(todo, rebuild_many([(plans[i].seq, plans[i].sigs) for i in todo], src)):
         out[i] = sums
@@ -276,28 +277,34 @@ def apply_user_batches(recs: Sequence[UserRecord], batches: Sequence[UserBatch],
     call per user)."""
     if sdim is not None and sdim.sums_window > 0 and sdim.sig_spec != sig_spec:
         raise ValueError(f"apply_user_batch: the SDIM source has spec {sdim.sig_spec}, the signatures {sig_spec}")
-    out: list[UserRecord] = []
-    plans: list[tuple[int, _SumsPlan]] = []
+    rows = []
     for rec, b in zip(recs, batches):
-        n = len(b.beh_items)
         seq, fast = append_behaviors(rec.seq, b.beh_items, b.beh_ts, b.beh_actions, b.beh_categories, seq_cfg)
-        log = extend_log(rec.log, b.cnt_ts, b.cnt_pos, retention_ms, now_ms)
-        sigs = None
-        if sig_spec and signatures is not None:
-            if fast and rec.sig_spec == sig_spec and rec.sigs is not None:
-                new = signatures(seq.item_ids[len(seq) - min(n, len(seq)):]) if n else np.empty(0, np.int64)
-                sigs = np.concatenate([rec.sigs, new])[-len(seq):] if len(seq) else np.empty(0, np.int64)
+        rows.append((rec, seq, fast, len(b.beh_items), extend_log(rec.log, b.cnt_ts, b.cnt_pos, retention_ms, now_ms)))
+    all_sigs: list[np.ndarray | None] = [None] * len(rows)
+    if sig_spec and signatures is not None:
+        # one signature lookup for the whole batch: a user whose stored signatures are this model's and whose
+        # behaviors were appended needs only the appended ones', any other its whole sequence's
+        extend = [fast and rec.sig_spec == sig_spec and rec.sigs is not None for rec, _, fast, _, _ in rows]
+        parts = [seq.item_ids[len(seq) - min(n, len(seq)):] if ext else seq.item_ids
+                 for (_, seq, _, n, _), ext in zip(rows, extend)]
+        looked = np.split(signatures(np.concatenate(parts)) if parts else np.empty(0, np.int64),
+                          np.cumsum([len(x) for x in parts])[:-1])
+        for r, ((rec, seq, _, _, _), ext, new) in enumerate(zip(rows, extend, looked)):
+            if ext:
+                all_sigs[r] = np.concatenate([rec.sigs, new])[-len(seq):] if len(seq) else np.empty(0, np.int64)
             else:
-                sigs = signatures(seq.item_ids)
-        if sdim is not None and sigs is not None and sdim.sums_window > 0:
-            plans.append((len(out), _SumsPlan(rec, seq, sigs, n, fast)))
-        out.append(UserRecord(seq=seq, log=log, attrs=rec.attrs, sigs=sigs,
-                              sig_spec=sig_spec if sigs is not None else 0, attrs_raw=rec.attrs_raw, sdim=None))
-    if plans:
-        sums = update_bucket_sums([p for _, p in plans], sdim, seq_cfg.long_cap)
-        for (i, _), s in zip(plans, sums):
-            out[i] = dataclasses.replace(out[i], sdim=s)
-    return out
+                all_sigs[r] = new
+    keep_sums = sdim is not None and sdim.sums_window > 0
+    planned = [r for r, sigs in enumerate(all_sigs) if keep_sums and sigs is not None]
+    sums_of: dict[int, BucketSums | None] = {}
+    if planned:
+        sums_of = dict(zip(planned, update_bucket_sums(
+            [_SumsPlan(rows[r][0], rows[r][1], all_sigs[r], rows[r][3], rows[r][2]) for r in planned],
+            sdim, seq_cfg.long_cap)))
+    return [UserRecord(seq=seq, log=log, attrs=rec.attrs, sigs=sigs, sig_spec=sig_spec if sigs is not None else 0,
+                       attrs_raw=rec.attrs_raw, sdim=sums_of.get(r))
+            for r, ((rec, seq, _, _, log), sigs) in enumerate(zip(rows, all_sigs))]
 
 
 def apply_user_events(

@@ -293,3 +293,31 @@ def test_many_users_at_once_equal_their_rebuilds():
                 np.testing.assert_allclose(got.sdim.sums, alone.sdim.sums, **SUMS_TOL)
             recs[u] = got
     assert recs[11].sdim is None and all(recs[u].sdim is not None for u in range(11) if len(recs[u].seq))
+
+
+def test_stored_sums_that_do_not_match_the_sequence_are_rebuilt_in_a_batch_of_healthy_users():
+    """A user whose stored counts cannot be what its sequence gives (a bucket would go below zero when its
+    oldest behavior leaves the window) is rebuilt from the sequence; the other users of the same batch keep
+    the incremental path, and everyone ends equal to a rebuild."""
+    from serving.state.update import EventArrays, apply_user_batches
+
+    src = RankerSums(2, long_len=5, spec=19)
+    cfg = SequenceConfig(long_cap=40, short_cap=10)
+    recs = []
+    for u in range(3):  # each user's window full (8 behaviors > W = 5)
+        rec = _apply(UserRecord.empty(), src, [Event(f"s{u}-{j}", u, 3 + j + u, 1_000 + j, "click", 1.0)
+                                               for j in range(8)], cfg)
+        recs.append(rec)
+    bad = recs[1]
+    oldest = len(bad.seq) - src.sums_window  # the window's oldest behavior: the next one to leave
+    code = int(src.signature_codes(bad.sigs[oldest:oldest + 1])[0, 1])
+    counts = bad.sdim.counts.copy()
+    counts[1] = 0
+    counts[1, (code + 1) % counts.shape[1]] = src.sums_window  # hash 1's total kept, but not in the leaving bucket
+    recs[1] = dataclasses.replace(bad, sdim=BucketSums(bad.sdim.sums, counts, bad.sdim.spec))
+    events = [Event(f"n{u}", u, 20 + u, 2_000, "click", 1.0) for u in range(3)]
+    arrays = EventArrays.of_events(events, [e.item_id % 7 + 100 for e in events], cfg.behavior_event_types,
+                                   StatsConfig().counted_event_types())
+    out = apply_user_batches(recs, arrays.spans([0, 1, 2, 3]), cfg, DAY, src.sig_spec, src.signatures, sdim=src)
+    for rec in out:
+        _assert_matches_rebuild(rec, src)
