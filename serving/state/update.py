@@ -160,7 +160,8 @@ def update_bucket_sums(plans: Sequence[_SumsPlan], src: SdimSource, cap: int) ->
         flat_sums, flat_counts = sums.reshape(-1, dim), counts.reshape(-1)
         flat_sums[used] += np.add.reduceat(weighted[order], starts, axis=0)
         flat_counts += np.bincount(slot, np.repeat(sign, m), len(inc) * m * k).astype(np.int32)
-        flat_sums[flat_counts == 0] = 0.0
+        emptied = used[flat_counts[used] == 0]  # only a touched bucket can have become empty
+        flat_sums[emptied] = 0.0
         # stored sums that do not match the stored sequence (a bucket below 0): start over from the sequence
         broken = counts.reshape(len(inc), -1).min(axis=1) < 0
         for r, (i, _, _) in enumerate(inc):
