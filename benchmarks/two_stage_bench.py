@@ -71,6 +71,25 @@ def train_retriever(features: Path, dataset: str, seed: int, out: Path, override
     return export
 
 
+def check_cache_inputs(work: Path, args: argparse.Namespace) -> None:
+    """The retrievers and lists cached under `work` were made from these inputs: refuse to reuse them for
+    others (another --holdout or retriever override would otherwise be scored on the old retrievers' lists).
+    A folder from before this record is adopted as made from the current inputs."""
+    inputs = {"holdout": args.holdout, "retriever_overrides": list(args.retriever_overrides),
+              "retriever": None if args.retriever is None else str(args.retriever),
+              "lists_retriever": None if args.lists_retriever is None else str(args.lists_retriever)}
+    record = work / "inputs.json"
+    if record.exists():
+        old = json.loads(record.read_text())
+        diff = {k: (old.get(k), v) for k, v in inputs.items() if old.get(k) != v}
+        if diff:
+            raise SystemExit(f"{work} caches retrievers and lists made from other inputs "
+                             f"({', '.join(f'{k}: cached {a!r}, asked {b!r}' for k, (a, b) in diff.items())}): "
+                             "pass another --work-dir, or delete that folder to train again")
+    else:
+        record.write_text(json.dumps(inputs, indent=1))
+
+
 def ranker_config(args: argparse.Namespace) -> Any:
     from features.config import load_config
     from ranking.config import RankerConfig
@@ -123,6 +142,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     work = args.work_dir / args.dataset / f"seed{args.seed}"
     work.mkdir(parents=True, exist_ok=True)
+    check_cache_inputs(work, args)
     t_all = time.perf_counter()
     features = prepare_features(args.dataset, args.shared_data, args.data_dir)
     print(f"\n[two-stage] {args.dataset} seed {args.seed}: retrievers (load {load1():.1f})", flush=True)
