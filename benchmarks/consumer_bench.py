@@ -156,9 +156,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--poll-ms", type=float, default=100.0)
     ap.add_argument("--dataset", type=Path, default=REPO.parent / "shared" / "data" / "ml-100k",
                     help="a raw dataset: its users and catalog (the events' ids, item categories)")
-    ap.add_argument("--bundle", type=Path, default=None,
+    served = ap.add_mutually_exclusive_group()
+    served.add_argument("--bundle", type=Path, default=None,
                     help="a model bundle to serve (SDIM signatures and bucket sums kept as the server keeps them)")
-    ap.add_argument("--random-bundle", action="store_true",
+    served.add_argument("--random-bundle", action="store_true",
                     help="serve a bundle of the serving bench's architecture (ML-1M configs, SDIM ranker) with "
                          "random weights (jobs.random_bundle): the same work per event as a trained one, no training")
     ap.add_argument("--bootstrap", action="store_true", help="load the dataset's state first (users' histories)")
@@ -176,8 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     from serving.config import RedisConfig, StateConfig
     from serving.state.redis_store import RedisOnlineStore
 
-    if args.bundle is not None and args.random_bundle:
-        ap.error("--bundle and --random-bundle exclude each other")
     if args.bundle is not None or args.random_bundle:
         import torch
 

@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Callable, Collection, Protocol, Sequence
+from typing import Callable, Collection, NamedTuple, Protocol, Sequence
 
 import numpy as np
 
@@ -102,6 +102,16 @@ def with_bucket_sums(records: dict[int, UserRecord], src: SdimSource, chunk: int
         for u, sums in zip(part, rebuild_many([(records[u].seq, records[u].sigs) for u in part], src)):
             out[u] = dataclasses.replace(records[u], sdim=sums)
     return out
+
+
+class _Folded(NamedTuple):
+    """One user's record folded with its batch, before signatures and sums (`apply_user_batches`)."""
+
+    rec: UserRecord  # as stored
+    seq: SequenceState  # after the batch's behaviors
+    in_order: bool  # the behaviors were appended (append_behaviors' fast path)
+    appended: int  # behaviors in the batch
+    log: CounterLog  # after the batch's counted events
 
 
 @dataclass(frozen=True)
@@ -281,19 +291,20 @@ def apply_user_batches(recs: Sequence[UserRecord], batches: Sequence[UserBatch],
     rows = []
     for rec, b in zip(recs, batches):
         seq, fast = append_behaviors(rec.seq, b.beh_items, b.beh_ts, b.beh_actions, b.beh_categories, seq_cfg)
-        rows.append((rec, seq, fast, len(b.beh_items), extend_log(rec.log, b.cnt_ts, b.cnt_pos, retention_ms, now_ms)))
+        rows.append(_Folded(rec, seq, fast, len(b.beh_items),
+                            extend_log(rec.log, b.cnt_ts, b.cnt_pos, retention_ms, now_ms)))
     all_sigs: list[np.ndarray | None] = [None] * len(rows)
     if sig_spec and signatures is not None:
         # one signature lookup for the whole batch: a user whose stored signatures are this model's and whose
         # behaviors were appended needs only the appended ones', any other its whole sequence's
-        extend = [fast and rec.sig_spec == sig_spec and rec.sigs is not None for rec, _, fast, _, _ in rows]
-        parts = [seq.item_ids[len(seq) - min(n, len(seq)):] if ext else seq.item_ids
-                 for (_, seq, _, n, _), ext in zip(rows, extend)]
+        extend = [f.in_order and f.rec.sig_spec == sig_spec and f.rec.sigs is not None for f in rows]
+        parts = [f.seq.item_ids[len(f.seq) - min(f.appended, len(f.seq)):] if ext else f.seq.item_ids
+                 for f, ext in zip(rows, extend)]
         looked = np.split(signatures(np.concatenate(parts)) if parts else np.empty(0, np.int64),
                           np.cumsum([len(x) for x in parts])[:-1])
-        for r, ((rec, seq, _, _, _), ext, new) in enumerate(zip(rows, extend, looked)):
+        for r, (f, ext, new) in enumerate(zip(rows, extend, looked)):
             if ext:
-                all_sigs[r] = np.concatenate([rec.sigs, new])[-len(seq):] if len(seq) else np.empty(0, np.int64)
+                all_sigs[r] = np.concatenate([f.rec.sigs, new])[-len(f.seq):] if len(f.seq) else np.empty(0, np.int64)
             else:
                 all_sigs[r] = new
     keep_sums = sdim is not None and sdim.sums_window > 0
@@ -301,11 +312,11 @@ def apply_user_batches(recs: Sequence[UserRecord], batches: Sequence[UserBatch],
     sums_of: dict[int, BucketSums | None] = {}
     if planned:
         sums_of = dict(zip(planned, update_bucket_sums(
-            [_SumsPlan(rows[r][0], rows[r][1], all_sigs[r], rows[r][3], rows[r][2]) for r in planned],
+            [_SumsPlan(rows[r].rec, rows[r].seq, all_sigs[r], rows[r].appended, rows[r].in_order) for r in planned],
             sdim, seq_cfg.long_cap)))
-    return [UserRecord(seq=seq, log=log, attrs=rec.attrs, sigs=sigs, sig_spec=sig_spec if sigs is not None else 0,
-                       attrs_raw=rec.attrs_raw, sdim=sums_of.get(r))
-            for r, ((rec, seq, _, _, log), sigs) in enumerate(zip(rows, all_sigs))]
+    return [UserRecord(seq=f.seq, log=f.log, attrs=f.rec.attrs, sigs=sigs, sig_spec=sig_spec if sigs is not None else 0,
+                       attrs_raw=f.rec.attrs_raw, sdim=sums_of.get(r))
+            for r, (f, sigs) in enumerate(zip(rows, all_sigs))]
 
 
 def apply_user_events(
