@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     from jobs.services import LocalServices, start_redis_cluster, stop_pid
     from serving.bootstrap import bootstrap_dataset
     from serving.catalog import load_catalog
-    from serving.config import RedisConfig, StateConfig
+    from serving.config import RedisConfig, RuntimeConfig, StateConfig
     from serving.state.redis_store import RedisOnlineStore
 
     if args.bundle is not None or args.random_bundle:
@@ -208,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
                 boot = {"users": b.users, "behaviors_kept": b.behaviors_kept, "seconds": round(b.seconds, 1)}
                 print(f"bootstrapped {b.users:,} users ({b.behaviors_kept:,} behaviors) in {b.seconds:.1f}s", flush=True)
             applier = _applier(store, catalog, bundle)
+            from serving.heap import settle_heap
+
+            settle_heap(RuntimeConfig().gc_gen0_threshold)  # as a server once its model is loaded
             tp = throughput(applier, args.events, args.batch, users, catalog.item_ids)
             fr = freshness(applier, args.rate, args.seconds, args.poll_ms, users, catalog.item_ids)
             store.close()

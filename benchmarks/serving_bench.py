@@ -566,6 +566,10 @@ def main(argv: list[str] | None = None) -> int:
             print("consumer ...", flush=True)
             holder = ModelHolder()
             holder.swap(bundle)
+            from serving.heap import settle_heap
+
+            # the heap as a server's once its model is loaded (ServingApp.start): long-lived objects frozen
+            settle_heap(cfg.runtime.gc_gen0_threshold)
             users = np.array(sorted(set(range(1, 6041))), np.int64)
             report["consumer"] = consumer_phase(svc, cfg, store, CatalogRef(catalog), holder, args.consumer_events,
                                                 args.fresh_rate, args.fresh_seconds, users, catalog.item_ids, meter)

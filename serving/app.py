@@ -31,6 +31,7 @@ from features.config import dump_config, load_config, parse_overrides
 from serving.catalog import ItemCatalog, load_catalog
 from serving.config import ServingConfig
 from serving.errors import StateUnavailable
+from serving.heap import settle_heap
 from serving.item_features import ItemDenseCache
 from serving.lifecycle import ItemUpdater, ModelManager
 from serving.metrics import ServingMetrics
@@ -187,6 +188,10 @@ class ServingApp:
         if self._probe_server is not None:
             self._probe_server.start()
         self.addresses = Addresses(f"{host}:{port}", metrics_addr, probe_addr)
+        # what this process serves is loaded: out of full collections from now on, and again after each swap
+        gen0 = cfg.runtime.gc_gen0_threshold
+        settle_heap(gen0)
+        self.models.on_swap(lambda b: settle_heap(gen0, f"model {b.version}"))
         log.info("serving cascade.v1.Ranking on %s (metrics %s), model %s", self.addresses.grpc,
                  metrics_addr or "off", self.models.current.version if self.models.current else "none yet")
         return self

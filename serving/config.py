@@ -347,8 +347,14 @@ class RuntimeConfig:
     # waiting, so a lone request never waits). ranker_batch_max 1 = every request runs its own forward.
     ranker_batch_max: int = 8
     ranker_batch_wait_ms: float = 0.0
+    # The cyclic garbage collector (serving/heap.py): once the process has loaded its model (and after each
+    # swap) what is alive is frozen out of full collections, and a young collection runs every
+    # gc_gen0_threshold net allocations (Python's default: 700). 0: the interpreter's defaults, nothing frozen.
+    gc_gen0_threshold: int = 20_000
 
     def __post_init__(self) -> None:
+        if self.gc_gen0_threshold < 0:
+            raise ValueError(f"runtime.gc_gen0_threshold must be >= 0 (0: Python's defaults), got {self.gc_gen0_threshold}")
         if self.torch_threads <= 0 or self.popularity_size <= 0 or self.popularity_refresh_s <= 0:
             raise ValueError("runtime.torch_threads, popularity_size and popularity_refresh_s must be positive")
         if self.item_stats_refresh_s <= 0 or self.item_stats_max_age_s < self.item_stats_refresh_s:
