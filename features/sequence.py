@@ -162,10 +162,11 @@ def append_behaviors(state: SequenceState, item_ids: np.ndarray, ts_ms: np.ndarr
     "right")`` of a timestamp >= every kept one is the end, and the cap drops from the front); otherwise they
     are inserted one at a time by `append_event`'s step.
     """
-    if not len(ts_ms):
+    b = len(ts_ms)
+    if not b:
         return state, True
-    newest = int(state.ts_ms[-1]) if len(state) else None
-    if (newest is None or ts_ms[0] >= newest) and bool((ts_ms[1:] >= ts_ms[:-1]).all()):
+    old_ts = state.ts_ms
+    if (not old_ts.shape[0] or ts_ms[0] >= old_ts[-1]) and (b == 1 or bool((ts_ms[1:] >= ts_ms[:-1]).all())):
         out = SequenceState(np.concatenate([state.item_ids, item_ids]), np.concatenate([state.ts_ms, ts_ms]),
                             np.concatenate([state.actions, actions]), np.concatenate([state.categories, categories]))
         return (out.tail(cfg.long_cap) if len(out) > cfg.long_cap else out), True

@@ -212,9 +212,10 @@ def extend_log(log: CounterLog, ts: np.ndarray, pos: np.ndarray, retention_ms: i
     if ts.size == 0:
         return log
     all_ts = np.concatenate([log.ts_ms, ts])
-    all_pos = np.concatenate([log.pos, pos.astype(np.uint8)])
-    keep = all_ts >= prune_cutoff(int(all_ts.max()), retention_ms, now_ms)
-    if not keep.all():
+    all_pos = np.concatenate([log.pos, pos.astype(np.uint8, copy=False)])
+    cutoff = prune_cutoff(int(all_ts.max()), retention_ms, now_ms)
+    if all_ts.min() < cutoff:  # something fell out of the retention (one reduction when nothing did)
+        keep = all_ts >= cutoff
         all_ts, all_pos = all_ts[keep], all_pos[keep]
     return CounterLog(all_ts, all_pos, log.total_cnt + int(ts.size), log.total_pos + int(pos.sum()))
 

@@ -56,7 +56,7 @@ from serving.metrics import ServingMetrics
 from serving.models import ModelHolder
 from serving.runtime import CatalogRef
 from serving.state.base import BEHAVIOR, COUNTED, IngestWrite, ItemWrite, OnlineStore
-from serving.state.codec import UserRecord, encode_item_log
+from serving.state.codec import ITEM_LOG_DTYPE, UserRecord, encode_item_log
 from serving.state.update import EventArrays, apply_user_batches, prune_cutoff
 from serving.stream.deadletter import DeadLetters, DeadLetterUnavailable
 from serving.stream.supervise import Backoff, RecordFailures, describe
@@ -171,10 +171,16 @@ class EventApplier:
                 idx = idx[flags_a[idx] != 0]
                 idx = idx[np.argsort(item_a[idx], kind="stable")]
                 items, starts = np.unique(item_a[idx], return_index=True)
-                for i, part in zip(items.tolist(), np.split(idx, starts[1:])):
-                    c = part[cnt_a[part]]
-                    w.items[i] = ItemWrite([eids[j] for j in part.tolist()], flags_a[part].tobytes(),
-                                           encode_item_log(ts_a[c], pos_a[c]))
+                # each item's flags and counter records are slices of two byte strings built once for the batch
+                ends = np.r_[starts[1:], len(idx)]
+                counted = cnt_a[idx]
+                rec_starts = (np.r_[0, np.cumsum(counted)] * ITEM_LOG_DTYPE.itemsize).tolist()
+                flags_b = flags_a[idx].tobytes()
+                log_b = encode_item_log(ts_a[idx[counted]], pos_a[idx[counted]])
+                idx_l = idx.tolist()
+                for i, a, b in zip(items.tolist(), starts.tolist(), ends.tolist()):
+                    w.items[i] = ItemWrite([eids[j] for j in idx_l[a:b]], flags_b[a:b],
+                                           log_b[rec_starts[a]:rec_starts[b]])
             return w
 
         res = self.store.ingest({u: eids[cuts[k]:cuts[k + 1]] for k, u in enumerate(by_user)}, fn, epoch=self.epoch)
