@@ -354,7 +354,8 @@ class RuntimeConfig:
 
     def __post_init__(self) -> None:
         if self.gc_gen0_threshold < 0:
-            raise ValueError(f"runtime.gc_gen0_threshold must be >= 0 (0: Python's defaults), got {self.gc_gen0_threshold}")
+            raise ValueError("runtime.gc_gen0_threshold must be >= 0 (0: Python's defaults), "
+                             f"got {self.gc_gen0_threshold}")
         if self.torch_threads <= 0 or self.popularity_size <= 0 or self.popularity_refresh_s <= 0:
             raise ValueError("runtime.torch_threads, popularity_size and popularity_refresh_s must be positive")
         if self.item_stats_refresh_s <= 0 or self.item_stats_max_age_s < self.item_stats_refresh_s:
