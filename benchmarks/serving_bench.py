@@ -216,7 +216,8 @@ def start_server(work: Path, services, bundle: Path, dataset: Path, prefix: str,
         f"    items: bench-items-{u}\n    models: bench-models-{u}\n    dead_letter: bench-dlq-{u}\n"
         f"  events_group: bench-{u}\n  session_timeout_ms: 2000\n  heartbeat_interval_ms: 200\n"
         f"runtime:\n  torch_threads: {args.torch_threads}\n  validate_batches: {str(args.validate_batches).lower()}\n"
-        f"  ranker_batch_max: {args.ranker_batch_max}\n  ranker_batch_wait_ms: {args.ranker_batch_wait_ms}\n")
+        f"  ranker_batch_max: {args.ranker_batch_max}\n  ranker_batch_wait_ms: {args.ranker_batch_wait_ms}\n"
+        f"  gc_gen0_threshold: {args.gc_gen0_threshold}\n")
     log = work / "serve.log"
     lf = open(log, "w")
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "serve", "--dev", "--config", str(cfg), "--model-bundle", str(bundle),
@@ -435,6 +436,8 @@ def consumer_phase(services, cfg, store, catalog, models, n_events: int, fresh_r
 
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
+    from serving.config import RuntimeConfig
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/cascade-serving-bench"), help="online state/logs dir")
     p.add_argument("--dataset", type=Path, default=None,
@@ -464,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranker-batch-max", type=int, default=8,
                    help="runtime.ranker_batch_max: requests per ranker forward (micro-batching; 1 = off)")
     p.add_argument("--ranker-batch-wait-ms", type=float, default=0.0, help="runtime.ranker_batch_wait_ms")
+    p.add_argument("--gc-gen0-threshold", type=int, default=RuntimeConfig().gc_gen0_threshold,
+                   help="runtime.gc_gen0_threshold of the server and of the benchmark's consumer (0: Python's defaults)")
     p.add_argument("--quick", action="store_true", help="duration 4 s, 50k consumer events, 5 s freshness")
     p.add_argument("--wait-quiet", action="store_true", help="wait (<= 30 min) for a 1-minute load <= 2.5 first")
     p.add_argument("--json", type=Path, default=None)
@@ -498,6 +503,7 @@ def main(argv: list[str] | None = None) -> int:
                        "server_workers": args.server_workers, "torch_threads": args.torch_threads,
                        "validate_batches": args.validate_batches, "ranker_batch_max": args.ranker_batch_max,
                        "ranker_batch_wait_ms": args.ranker_batch_wait_ms, "k": args.k,
+                       "gc_gen0_threshold": args.gc_gen0_threshold,
                        "candidates": args.candidates}
     if args.bundle is None:
         from features.config import to_dict
@@ -569,7 +575,7 @@ def main(argv: list[str] | None = None) -> int:
             from serving.heap import settle_heap
 
             # the heap as a server's once its model is loaded (ServingApp.start): long-lived objects frozen
-            settle_heap(cfg.runtime.gc_gen0_threshold)
+            settle_heap(args.gc_gen0_threshold)
             users = np.array(sorted(set(range(1, 6041))), np.int64)
             report["consumer"] = consumer_phase(svc, cfg, store, CatalogRef(catalog), holder, args.consumer_events,
                                                 args.fresh_rate, args.fresh_seconds, users, catalog.item_ids, meter)
