@@ -79,11 +79,10 @@ def _applier(store, catalog, bundle):
 def _load_bundle(path: Path):
     """The served model of bundle `path`, as the server loads it (verified)."""
     from serving.config import StateConfig
-    from serving.models import load_bundle, verify_bundle
+    from serving.models import load_verified_bundle
 
     st = StateConfig()
-    manifest, digest, dense = verify_bundle(path, None, None, st.stats, st.retention_ms())
-    return load_bundle(path, manifest, digest, dense)
+    return load_verified_bundle(path, st.stats, st.retention_ms())
 
 
 class _Cpu:

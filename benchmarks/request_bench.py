@@ -49,7 +49,7 @@ def build_runtime(users_per_set: int, ranker_batch_max: int):
     from serving.config import ServingConfig
     from serving.lifecycle import ModelManager
     from serving.metrics import ServingMetrics
-    from serving.models import ModelHolder, load_bundle, verify_bundle
+    from serving.models import ModelHolder, load_verified_bundle
     from serving.runtime import Availability, CatalogRef, Popularity, Runtime
     from serving.state.memory_store import InMemoryOnlineStore
     from serving_bench import BENCH_VAR, build_query_users, default_bundle
@@ -61,16 +61,15 @@ def build_runtime(users_per_set: int, ranker_batch_max: int):
     cfg = load_config(ServingConfig, None, [f"runtime.ranker_batch_max={ranker_batch_max}"])
     torch.set_num_threads(cfg.runtime.torch_threads)
     catalog = load_catalog(dataset)
-    manifest, digest, dense = verify_bundle(bundle_dir, None, None, cfg.state.stats, cfg.state.retention_ms())
-    bundle = load_bundle(bundle_dir, manifest, digest, dense)
+    bundle = load_verified_bundle(bundle_dir, cfg.state.stats, cfg.state.retention_ms())
     store = InMemoryOnlineStore()
     bootstrap_dataset(store, dataset, cfg.state, catalog, bundle=bundle)
     sets = build_query_users(store, bundle, catalog, cfg.state, users_per_set, np.random.default_rng(0))
     metrics, holder, cat = ServingMetrics(), ModelHolder(), CatalogRef(catalog)
-    ModelManager(holder, cat, cfg.state, cfg.models, metrics).load(bundle_dir, manifest["version"], digest)
+    ModelManager(holder, cat, cfg.state, cfg.models, metrics).load(bundle_dir, bundle.version, bundle.checksum)
     rt = Runtime(cfg.limits, cfg.runtime, store, holder, cat, Popularity(*store.top_items(100)), Availability(),
                  metrics)
-    return rt, sets["L=1000 (ML-1M users)"], str(bundle_dir), manifest["version"]
+    return rt, sets["L=1000 (ML-1M users)"], str(bundle_dir), bundle.version
 
 
 def timed(rt, queries) -> tuple[np.ndarray, np.ndarray, dict[str, list[float]]]:

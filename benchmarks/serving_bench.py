@@ -486,7 +486,7 @@ def main(argv: list[str] | None = None) -> int:
     from serving.bootstrap import bootstrap_dataset
     from serving.catalog import load_catalog
     from serving.config import ServingConfig
-    from serving.models import ModelHolder, load_bundle, verify_bundle
+    from serving.models import ModelHolder, load_verified_bundle
     from serving.runtime import CatalogRef
     from serving.state.redis_store import RedisOnlineStore
 
@@ -518,8 +518,8 @@ def main(argv: list[str] | None = None) -> int:
                                                 f"kafka.bootstrap={svc.kafka.address}"])
         store = RedisOnlineStore(cfg.redis)
         catalog = load_catalog(dataset)
-        manifest, digest, dense = verify_bundle(bundle_dir, None, None, cfg.state.stats, cfg.state.retention_ms())
-        bundle = load_bundle(bundle_dir, manifest, digest, dense)
+        bundle = load_verified_bundle(bundle_dir, cfg.state.stats, cfg.state.retention_ms())
+        manifest = bundle.manifest
         report["setup"]["model"] = {"version": bundle.version, "retriever": manifest["retriever"]["loader"],
                                     "ranker": manifest["ranker"]["loader"], "sdim": bool(bundle.sig_spec)}
         t0 = time.perf_counter()

@@ -570,6 +570,13 @@ def part_digest(manifest: Mapping[str, Any], part: str) -> bytes:
                                   if k.startswith(prefix)).encode()).digest()
 
 
+def load_verified_bundle(path: Path, stats: StatsConfig, retention_ms: int) -> ModelBundle:
+    """`verify_bundle` then `load_bundle` of a bundle named by a trusted local path (benchmarks, tools): no
+    announcement's checksum or version to match. Raises ArtifactError."""
+    manifest, checksum, dense = verify_bundle(path, None, None, stats, retention_ms)
+    return load_bundle(path, manifest, checksum, dense)
+
+
 def load_bundle(path: Path, manifest: Mapping[str, Any], checksum: str, dense: DenseLayout) -> ModelBundle:
     """Loads both models of a verified bundle (restricted loaders only). Raises ArtifactError."""
     parts = {}

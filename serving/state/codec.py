@@ -91,6 +91,9 @@ class UserAttrs:
         return cls({k: tuple(v) for k, v in d.get("sparse", {}).items()}, d.get("numeric", {}))
 
 
+_NO_ATTRS = UserAttrs()  # shared: frozen, and nothing writes into its (empty) maps
+
+
 @dataclass(frozen=True)
 class CounterLog:
     """Counted events of one entity: the totals ever, plus the events within the retention."""
@@ -224,7 +227,7 @@ def decode_user(blob: bytes, where: str = "user state", decode_attrs: bool = Tru
     return UserRecord(
         seq=SequenceState(item, ts, act, cat),
         log=CounterLog(lts, lpos, int(tcnt), int(tpos)),
-        attrs=UserAttrs.decode(raw_attrs) if decode_attrs else UserAttrs(),
+        attrs=UserAttrs.decode(raw_attrs) if decode_attrs else _NO_ATTRS,
         sigs=sigs,
         sig_spec=int(sig_spec) if has_sigs else 0,
         attrs_raw=raw_attrs,
