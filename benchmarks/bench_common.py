@@ -77,3 +77,35 @@ def write_json(path: str | Path, doc: dict[str, Any]) -> None:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     p.write_text(json.dumps(doc, indent=2, default=float) + "\n")
+
+
+class GcMeter:
+    """Python's garbage collections while the block runs: per generation, how many and their seconds (gc
+    callbacks; the collector holds the GIL meanwhile, so this is time no thread of the process ran)."""
+
+    def __enter__(self) -> "GcMeter":
+        import gc
+        import time
+
+        self.collections, self.seconds = [0, 0, 0], [0.0, 0.0, 0.0]
+        self._t0 = 0.0
+
+        def cb(phase: str, info: dict) -> None:
+            if phase == "start":
+                self._t0 = time.perf_counter()
+            else:
+                g = info["generation"]
+                self.collections[g] += 1
+                self.seconds[g] += time.perf_counter() - self._t0
+
+        self._cb = cb
+        gc.callbacks.append(cb)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import gc
+
+        gc.callbacks.remove(self._cb)
+
+    def report(self) -> dict[str, list]:
+        return {"collections": list(self.collections), "seconds": [round(s, 3) for s in self.seconds]}

@@ -42,7 +42,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.bench_common import print_table  # noqa: E402
+from benchmarks.bench_common import GcMeter, print_table  # noqa: E402
 from benchmarks.results_file import write_results  # noqa: E402
 
 
@@ -115,13 +115,13 @@ def throughput(applier, n: int, batch: int, users: np.ndarray, items: np.ndarray
     recs = make_records(n, 0, int(time.time() * 1000) - 3_600_000, f"bl{uuid.uuid4().hex[:6]}-", users, items)
     t0 = time.perf_counter()
     applied = 0
-    with _Cpu(applier.store) as cpu:
+    with _Cpu(applier.store) as cpu, GcMeter() as gcm:
         for s in range(0, n, batch):
             applied += applier.apply(recs[s:s + batch]).applied
     dt = time.perf_counter() - t0
     return {"events": n, "applied": applied, "batch": batch, "seconds": round(dt, 3), "events_per_s": n / dt,
             "cpu_s": round(cpu.client_s, 3), "client_cpu_us_per_event": cpu.client_s / n * 1e6,
-            "redis_cpu_us_per_event": cpu.redis_s / n * 1e6}
+            "redis_cpu_us_per_event": cpu.redis_s / n * 1e6, "gc": gcm.report()}
 
 
 def freshness(applier, rate: float, seconds: float, poll_ms: float, users: np.ndarray, items: np.ndarray) -> dict:

@@ -65,6 +65,8 @@ import psutil
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from benchmarks.bench_common import GcMeter  # noqa: E402
+
 BENCH_VAR = REPO / "var" / "serving_bench"
 BUNDLE_VERSION = "ml1m-serving-bench"
 TARGETS = {"p99_ms_at_c1": 15.0, "qps": 150.0, "p99_ms_at_qps": 50.0, "events_per_s": 20_000.0,
@@ -393,8 +395,9 @@ def consumer_phase(services, cfg, store, catalog, models, n_events: int, fresh_r
         raise RuntimeError(f"the benchmark consumer got no partitions in 60 s: {c.error}")
     meter.start()
     t0 = time.monotonic()
-    while c.totals.messages < n_events and time.monotonic() - t0 < 600 and c.is_alive():
-        time.sleep(0.05)
+    with GcMeter() as gcm:
+        while c.totals.messages < n_events and time.monotonic() - t0 < 600 and c.is_alive():
+            time.sleep(0.05)
     dt = time.monotonic() - t0
     cpu = meter.stop()
     c.stop()
@@ -402,6 +405,7 @@ def consumer_phase(services, cfg, store, catalog, models, n_events: int, fresh_r
     batches = metrics.registry.get_sample_value("cascade_consumer_batch_seconds_count", {"topic": topic}) or 0
     out["throughput"] = {"events": c.totals.messages, "applied": c.totals.applied, "seconds": round(dt, 2),
                          "events_per_s": c.totals.messages / dt, "batches": int(batches), "cpu": cpu,
+                         "gc": gcm.report(),
                          "note": "from partition assignment to the last commit; one consumer thread, this process"}
     # freshness: a steady stream at fresh_rate
     topic = f"bench-fresh-{uuid.uuid4().hex[:6]}"
