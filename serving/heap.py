@@ -6,8 +6,9 @@ bundle's modules and parameters, the catalog, imported modules (~450k objects
 for the ML-1M bundle). The events consumer allocates a few container objects
 per event (decoded events, per-user lists and records) that outlive the young
 collections of their batch, so with Python's defaults a full collection runs
-about once a second and takes ~150 ms of GIL time each: 17 % of the consumer's
-wall time on ML-1M, and a pause for every request that arrives meanwhile.
+about once a second and takes ~150-200 ms of GIL time each: a fifth of the
+consumer's wall time on ML-1M (results/serving/serving-ml1m-stop20-consumer-gc0.json:
+17 full collections, 3.35 s of a 16 s backlog), and a pause for every request meanwhile.
 
 `settle_heap` is called once a process has loaded what it serves (and again
 after every model swap): one full collection, then `gc.freeze()` moves every
