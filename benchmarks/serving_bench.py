@@ -405,6 +405,8 @@ def consumer_phase(services, cfg, store, catalog, models, n_events: int, fresh_r
     batches = metrics.registry.get_sample_value("cascade_consumer_batch_seconds_count", {"topic": topic}) or 0
     out["throughput"] = {"events": c.totals.messages, "applied": c.totals.applied, "seconds": round(dt, 2),
                          "events_per_s": c.totals.messages / dt, "batches": int(batches), "cpu": cpu,
+                         "users": {"total": c.totals.users, "cached": c.totals.cached_users,
+                                   "stale": c.totals.stale_cached_users},
                          "gc": gcm.report(),
                          "note": "from partition assignment to the last commit; one consumer thread, this process"}
     # freshness: a steady stream at fresh_rate
@@ -440,7 +442,7 @@ def consumer_phase(services, cfg, store, catalog, models, n_events: int, fresh_r
 
 # ----------------------------------------------------------------------------- main
 def main(argv: list[str] | None = None) -> int:
-    from serving.config import RuntimeConfig
+    from serving.config import RedisConfig, RuntimeConfig
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", type=Path, default=Path("/tmp/cascade-serving-bench"), help="online state/logs dir")
@@ -473,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranker-batch-wait-ms", type=float, default=0.0, help="runtime.ranker_batch_wait_ms")
     p.add_argument("--gc-gen0-threshold", type=int, default=RuntimeConfig().gc_gen0_threshold,
                    help="runtime.gc_gen0_threshold of the server and of the benchmark's consumer (0: Python's defaults)")
+    p.add_argument("--ingest-cache-mb", type=int, default=RedisConfig().ingest_cache_mb,
+                   help="redis.ingest_cache_mb of the benchmark's consumer (0: every user read from Redis)")
     p.add_argument("--quick", action="store_true", help="duration 4 s, 50k consumer events, 5 s freshness")
     p.add_argument("--wait-quiet", action="store_true", help="wait (<= 30 min) for a 1-minute load <= 2.5 first")
     p.add_argument("--json", type=Path, default=None)
@@ -507,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                        "server_workers": args.server_workers, "torch_threads": args.torch_threads,
                        "validate_batches": args.validate_batches, "ranker_batch_max": args.ranker_batch_max,
                        "ranker_batch_wait_ms": args.ranker_batch_wait_ms, "k": args.k,
-                       "gc_gen0_threshold": args.gc_gen0_threshold,
+                       "gc_gen0_threshold": args.gc_gen0_threshold, "ingest_cache_mb": args.ingest_cache_mb,
                        "candidates": args.candidates}
     if args.bundle is None:
         from features.config import to_dict
@@ -519,7 +523,8 @@ def main(argv: list[str] | None = None) -> int:
         from features.config import load_config
 
         cfg = load_config(ServingConfig, None, [f"redis.url={svc.redis.address}", f"redis.key_prefix={prefix}",
-                                                f"kafka.bootstrap={svc.kafka.address}"])
+                                                f"kafka.bootstrap={svc.kafka.address}",
+                                                f"redis.ingest_cache_mb={args.ingest_cache_mb}"])
         store = RedisOnlineStore(cfg.redis)
         catalog = load_catalog(dataset)
         bundle = load_verified_bundle(bundle_dir, cfg.state.stats, cfg.state.retention_ms())
@@ -619,6 +624,10 @@ def print_report(r: dict) -> None:
         print("\n== events consumer (one process) ==")
         print(f"throughput  {t['events']:,} events in {t['seconds']}s = {t['events_per_s']:,.0f} events/s "
               f"({t['batches']} batches; foreign CPU {t['cpu']['foreign_cores']} cores)")
+        if "users" in t:
+            u = t["users"]
+            print(f"users       {u['total']:,} per-batch users: {u['cached']:,} from the consumer's cache "
+                  f"({u['stale']:,} of them stale), the rest read from Redis")
         print(f"freshness   {fr['events']:,} events at {fr['rate']:.0f}/s: p50 {fr['p50_ms']:.1f} ms, p99 {fr['p99_ms']:.1f} ms, "
               f"max {fr['max_ms']:.1f} ms")
     tg = r["targets"]

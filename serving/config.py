@@ -145,6 +145,9 @@ class RedisConfig:
     user_ttl_s: int = 0  # 0: user state never expires; else expires this long after the user's last event
     dedupe_ttl_s: int = 14 * 86_400  # event-id marks live this long (redeliveries older than this are re-applied)
     item_log_prune_bytes: int = 64 * 1024  # an item's stats log is pruned to the retention when it grows past this
+    # A consumer keeps the user records it wrote (serving.state.user_cache), so a user it wrote before is
+    # neither read nor decoded again; a value changed by anyone else is noticed by its generation. 0: off.
+    ingest_cache_mb: int = 256
     health_interval_s: float = 0.5  # how often health probes Redis (and recovery is noticed)
     # AUTH (ACL user + password; "" = none or whatever the URL holds). Set the password from a Secret
     # (CASCADE_REDIS_PASSWORD), not in YAML: it is redacted from logged configs either way.
@@ -161,6 +164,8 @@ class RedisConfig:
             raise ValueError("redis timeouts and health_interval_s must be positive")
         if self.user_ttl_s < 0 or self.dedupe_ttl_s <= 0:
             raise ValueError("redis.user_ttl_s must be >= 0 and redis.dedupe_ttl_s > 0")
+        if self.ingest_cache_mb < 0:
+            raise ValueError(f"redis.ingest_cache_mb must be >= 0 (0: no cache), got {self.ingest_cache_mb}")
         for name, n in (("user_groups", self.user_groups), ("item_groups", self.item_groups)):
             if not 1 <= n <= 16384:
                 raise ValueError(f"redis.{name} must be in [1, 16384] (hash slots), got {n}")

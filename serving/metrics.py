@@ -36,6 +36,7 @@ EVENTS_APPLIED_TOTAL = "cascade_events_applied_total"
 EVENTS_DEDUPLICATED_TOTAL = "cascade_events_deduplicated_total"
 EVENTS_DEAD_LETTERED_TOTAL = "cascade_events_dead_lettered_total"
 INGEST_CONFLICTS_TOTAL = "cascade_ingest_conflicts_total"
+INGEST_USERS_TOTAL = "cascade_ingest_users_total"
 ITEMS_ADDED_TOTAL = "cascade_items_added_total"
 ITEMS_REJECTED_TOTAL = "cascade_items_rejected_total"
 INDEX_ITEMS = "cascade_index_items"
@@ -57,7 +58,7 @@ METRIC_NAMES: tuple[str, ...] = (
     REQUESTS_SHED_TOTAL, DEGRADED_ANSWERS_TOTAL, REDIS_UP, CONSUMER_LAG, CONSUMER_BATCH_SECONDS,
     CONSUMER_RESTARTS_TOTAL, CONSUMER_SKIPPED_RECORDS_TOTAL, CONSUMER_COMMIT_FAILURES_TOTAL,
     EVENT_FRESHNESS_SECONDS, EVENTS_APPLIED_TOTAL, EVENTS_DEDUPLICATED_TOTAL, EVENTS_DEAD_LETTERED_TOTAL,
-    INGEST_CONFLICTS_TOTAL, ITEMS_ADDED_TOTAL, ITEMS_REJECTED_TOTAL, INDEX_ITEMS, MODEL_INFO,
+    INGEST_CONFLICTS_TOTAL, INGEST_USERS_TOTAL, ITEMS_ADDED_TOTAL, ITEMS_REJECTED_TOTAL, INDEX_ITEMS, MODEL_INFO,
     MODEL_LOADED_TIMESTAMP_SECONDS, MODEL_SWAPS_TOTAL, MODEL_REJECTIONS_TOTAL, SDIM_SIGNATURE_RECOMPUTES_TOTAL,
     SDIM_SUMS_FALLBACKS_TOTAL,
     DEADLINE_DROPPED_TOTAL, HEALTH_SERVING,
@@ -130,6 +131,10 @@ class ServingMetrics:
         self.ingest_conflicts = Counter(_counter_base(INGEST_CONFLICTS_TOTAL),
                                         "Ingest transactions retried because another writer changed a user's state",
                                         registry=r)
+        self.ingest_users = Counter(_counter_base(INGEST_USERS_TOTAL),
+                                    "Users of applied batches by where their state came from: read (from Redis), "
+                                    "cached (the consumer's own last write, not read), stale (cached, but changed "
+                                    "by another writer: read again)", ["source"], registry=r)
         self.items_added = Counter(_counter_base(ITEMS_ADDED_TOTAL), "Items added to the ANN index from the items topic",
                                    registry=r)
         self.items_rejected = Counter(_counter_base(ITEMS_REJECTED_TOTAL), "Items not added, by reason", ["reason"],

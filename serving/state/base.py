@@ -73,6 +73,8 @@ class IngestResult:
     write: IngestWrite
     conflicts: int  # transactions retried because a user changed between read and write
     item_log_bytes: dict[int, int]  # item -> its log size after the append (to schedule pruning)
+    cached_users: int = 0  # users not read: their record was in the writer's cache (RedisOnlineStore)
+    stale_cached_users: int = 0  # of those, written by someone else meanwhile: read again (counted in conflicts)
 
 
 # (current records of the batch's users (None: unknown), event ids already applied) -> the writes

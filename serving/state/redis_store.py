@@ -83,6 +83,7 @@ from serving.security import redis_connection_kwargs
 from serving.state.base import EpochChanged, IngestFn, IngestResult, IngestWrite, ItemStats, OnlineStore, UserEvents
 from serving.state.codec import (GEN_BYTES, GEN_OFFSET, UserRecord, cas_token, decode_item_logs, decode_user, encode_user,
                                  prune_item_log)
+from serving.state.user_cache import UserCache
 
 # Writes one slot's share of an ingest (one Redis: all of it). Returns {1, item log sizes...} when written,
 # {0, 1-based indices of users whose value changed since it was read...} when nothing was written (conflict),
@@ -322,6 +323,8 @@ class RedisOnlineStore(OnlineStore):
         self.keys = Keys(cfg.key_prefix, cfg.user_groups, cfg.item_groups)
         self._clients: dict[str, Any] = {}
         self._lock = threading.Lock()
+        # the records this process's ingests wrote (serving.state.user_cache): not read again while current
+        self.user_cache = UserCache(cfg.ingest_cache_mb << 20) if cfg.ingest_cache_mb else None
 
     # A cluster client discovers the nodes when it is made: made on first use, so that a server starts
     # (degraded) while Redis is down, like with one Redis.
@@ -422,24 +425,38 @@ class RedisOnlineStore(OnlineStore):
         k = self.keys
         uids = list(events)
         eids = {u: list(dict.fromkeys(events[u])) for u in uids}
-        read_keys = [k.user(u) for u in uids] + [k.mark(u, e) for u in uids for e in eids[u]]
-        if epoch is not None:
-            read_keys.append(k.epoch)
+        flat = [e for u in uids for e in eids[u]]
+        mark_keys = [k.mark(u, e) for u in uids for e in eids[u]]
+        cache = self.user_cache
         done = IngestWrite()
         sizes: dict[int, int] = {}
-        conflicts = 0
+        conflicts = hits = stale = 0
         try:
             while True:
+                # users this process wrote last are not read: their cached generation is the write's
+                # compare-and-set token (a user changed meanwhile is a conflict, then read like the others)
+                cached = cache.lookup(uids) if cache is not None else {}
+                fetch = [u for u in uids if u not in cached] if cached else uids
+                if not conflicts:
+                    hits = len(cached)
+                read_keys = [k.user(u) for u in fetch] + mark_keys
+                if epoch is not None:
+                    read_keys.append(k.epoch)
                 vals = self._mget(self._slow, read_keys)
                 if epoch is not None:
                     self._check_epoch(vals[-1], epoch)
-                blobs = dict(zip(uids, vals))
-                states = {u: (None if v is None else decode_user(v, where=k.user(u), decode_attrs=False))
-                          for u, v in blobs.items()}
-                flat = [e for u in uids for e in eids[u]]
-                seen = {e for e, v in zip(flat, vals[len(uids):]) if v is not None}
+                states: dict[int, UserRecord | None] = {u: rec for u, (_, rec) in cached.items()}
+                tokens = {u: gen for u, (gen, _) in cached.items()}
+                for u, v in zip(fetch, vals):
+                    states[u] = None if v is None else decode_user(v, where=k.user(u), decode_attrs=False)
+                    tokens[u] = cas_token(v)
+                seen = {e for e, v in zip(flat, vals[len(fetch):]) if v is not None}
                 write = fn(states, seen)
-                written, changed = self._write(write, blobs, epoch, sizes)
+                gens: dict[int, tuple[bytes, int]] = {}
+                written, changed = self._write(write, tokens, epoch, sizes, gens)
+                if cache is not None:
+                    cache.put((u, gens[u][0], write.users[u], gens[u][1]) for u in written)
+                    stale += cache.drop(changed)
                 for u in written:  # what landed (a cluster: the groups without a conflict)
                     done.users[u] = write.users[u]
                     if u in write.marks:
@@ -453,8 +470,9 @@ class RedisOnlineStore(OnlineStore):
                         f"ingest: {conflicts} conflicting writes in a row on {len(changed)} of {len(uids)} users; "
                         "is another consumer writing the same users (partition assigned twice)?")
         except REDIS_ERRORS as e:
-            raise StateUnavailable(f"redis ingest ({len(uids)} users, {len(read_keys)} keys read): {e}") from e
-        return IngestResult(write=done, conflicts=conflicts, item_log_bytes=sizes)
+            raise StateUnavailable(f"redis ingest ({len(uids)} users, {len(mark_keys)} events): {e}") from e
+        return IngestResult(write=done, conflicts=conflicts, item_log_bytes=sizes, cached_users=hits,
+                            stale_cached_users=stale)
 
     @staticmethod
     def _check_epoch(value: bytes | None, epoch: str) -> None:
@@ -462,19 +480,21 @@ class RedisOnlineStore(OnlineStore):
             raise EpochChanged(f"redis holds state epoch {value!r}, not {epoch!r}: "
                                "not writing until the state is rebuilt")
 
-    def _write(self, write: IngestWrite, blobs: Mapping[int, bytes | None], epoch: str | None,
-               sizes: dict[int, int]) -> tuple[list[int], list[int]]:
-        """Writes `write` (item log sizes into `sizes`) -> (users written, users changed since read: not written)."""
+    def _write(self, write: IngestWrite, tokens: Mapping[int, bytes], epoch: str | None, sizes: dict[int, int],
+               gens: dict[int, tuple[bytes, int]]) -> tuple[list[int], list[int]]:
+        """Writes `write`, each user only if its value's `codec.cas_token` is still `tokens[user]` (item log
+        sizes into `sizes`; each user's new value's generation and size into `gens`) -> (users written, users
+        changed since read: not written)."""
         users = list(write.users)
         items = list(write.items)
         if not self.cluster:  # one call, all-or-nothing
-            res = self._eval_all(self._slow, [self._apply_call(write, users, items, blobs, epoch, False)])[0]
+            res = self._eval_all(self._slow, [self._apply_call(write, users, items, tokens, epoch, False, gens)])[0]
             return self._outcome(res, users, items, epoch, sizes)
         k = self.keys
         by_slot: dict[int, list[int]] = {}
         for i in items:
             by_slot.setdefault(k.group_slot(k.item_group(i)), []).append(i)
-        phase1 = [self._apply_call(write, [], part, blobs, None, True) for part in by_slot.values()]
+        phase1 = [self._apply_call(write, [], part, tokens, None, True, gens) for part in by_slot.values()]
         if epoch is not None:  # the epoch is re-read with phase 1 (its own slot, so not inside the scripts)
             phase1.append((GET, [k.epoch], []))
         res = self._eval_all(self._slow, phase1)
@@ -485,7 +505,7 @@ class RedisOnlineStore(OnlineStore):
         by_slot = {}
         for u in users:
             by_slot.setdefault(k.user_slot(u), []).append(u)
-        res = self._eval_all(self._slow, [self._apply_call(write, part, [], blobs, None, False)
+        res = self._eval_all(self._slow, [self._apply_call(write, part, [], tokens, None, False, gens)
                                           for part in by_slot.values()])
         written, changed = [], []
         for part, r in zip(by_slot.values(), res):
@@ -494,8 +514,9 @@ class RedisOnlineStore(OnlineStore):
             changed += c
         return written, changed
 
-    def _apply_call(self, write: IngestWrite, users: list[int], items: list[int], blobs: Mapping[int, bytes | None],
-                    epoch: str | None, mark_items: bool) -> tuple[_Lua, list[str], list[Any], list[tuple]]:
+    def _apply_call(self, write: IngestWrite, users: list[int], items: list[int], tokens: Mapping[int, bytes],
+                    epoch: str | None, mark_items: bool, gens: dict[int, tuple[bytes, int]]
+                    ) -> tuple[_Lua, list[str], list[Any], list[tuple]]:
         """(APPLY, keys, args, the SETs staging the users' new values: sent just before it)."""
         k = self.keys
         marks = write.marks
@@ -504,7 +525,9 @@ class RedisOnlineStore(OnlineStore):
         staged, stage = [], []
         for u in users:
             value = encode_user(write.users[u])
-            key = k.staged(u, value[GEN_OFFSET:GEN_OFFSET + GEN_BYTES])
+            gen = value[GEN_OFFSET:GEN_OFFSET + GEN_BYTES]
+            gens[u] = (gen, len(value))
+            key = k.staged(u, gen)
             staged.append(key)
             stage.append(("SET", key, value, "PX", STAGE_TTL_MS))
         keys = ([k.epoch] if epoch is not None else []) + [k.user(u) for u in users] + staged
@@ -513,7 +536,7 @@ class RedisOnlineStore(OnlineStore):
         args: list[Any] = [epoch or "", len(users), len(items), len(groups), self.cfg.user_ttl_s * 1000,
                            self.cfg.dedupe_ttl_s, "1" if mark_items else "0"]
         for u in users:
-            args += [cas_token(blobs.get(u)), len(marks.get(u, ()))]
+            args += [tokens.get(u, b""), len(marks.get(u, ()))]
         for i in items:
             w = write.items[i]
             g = k.item_group(i)

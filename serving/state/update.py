@@ -191,7 +191,8 @@ def update_bucket_sums(plans: Sequence[_SumsPlan], src: SdimSource, cap: int) ->
             if broken[r]:
                 rebuild.append(i)
             else:
-                out[i] = BucketSums(sums[r], counts[r], spec)
+                # each user's own arrays, not views of the batch's (a cached record must not keep them alive)
+                out[i] = BucketSums(sums[r].copy(), counts[r].copy(), spec)
     todo = [i for i in rebuild if len(plans[i].seq)]
     for i, sums in zip(todo, rebuild_many([(plans[i].seq, plans[i].sigs) for i in todo], src)):
         out[i] = sums

@@ -73,6 +73,9 @@ class BatchOutcome:
     deduplicated: int = 0
     dead_lettered: int = 0
     conflicts: int = 0
+    users: int = 0  # users written or read by the batch's ingest
+    cached_users: int = 0  # of them, folded from the store's cache of its own writes (not read)
+    stale_cached_users: int = 0  # cached, but changed by another writer: read again
 
 
 class EventApplier:
@@ -186,6 +189,7 @@ class EventApplier:
         res = self.store.ingest({u: eids[cuts[k]:cuts[k + 1]] for k, u in enumerate(by_user)}, fn, epoch=self.epoch)
         done_ms = time.time() * 1000.0
         out.conflicts = res.conflicts
+        out.users, out.cached_users, out.stale_cached_users = len(by_user), res.cached_users, res.stale_cached_users
         out.deduplicated += skipped[0]
         out.applied = res.write.applied
         if out.applied == len(eids):
@@ -378,7 +382,13 @@ class EventsConsumer(threading.Thread):
         self.metrics.events_applied.inc(out.applied)
         self.metrics.events_deduplicated.inc(out.deduplicated)
         self.metrics.ingest_conflicts.inc(out.conflicts)
-        for f in ("messages", "applied", "deduplicated", "dead_lettered", "conflicts"):
+        if out.users:
+            users = self.metrics.ingest_users
+            users.labels(source="read").inc(out.users - out.cached_users)
+            users.labels(source="cached").inc(out.cached_users - out.stale_cached_users)
+            users.labels(source="stale").inc(out.stale_cached_users)
+        for f in ("messages", "applied", "deduplicated", "dead_lettered", "conflicts", "users", "cached_users",
+                  "stale_cached_users"):
             setattr(self.totals, f, getattr(self.totals, f) + getattr(out, f))
 
     def _commit(self, consumer: Any, offsets: dict[Any, int]) -> None:

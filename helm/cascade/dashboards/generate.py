@@ -149,6 +149,10 @@ def streaming_dashboard() -> dash.Dashboard:
                             q(f"sum(rate(cascade_events_applied_total{{{SEL}}}[{RATE}]))", "applied"),
                             q(f"sum(rate(cascade_events_deduplicated_total{{{SEL}}}[{RATE}]))", "deduplicated"),
                             q(f"sum(rate(cascade_ingest_conflicts_total{{{SEL}}}[{RATE}]))", "conflict retries")))
+         .with_panel(series("Ingest users by source", "ops",
+                            q(f"sum by (source) (rate(cascade_ingest_users_total{{{SEL}}}[{RATE}]))", "{{source}}"),
+                            description="Users of applied batches: read from Redis, or folded from the consumer's "
+                                        "cache of its own writes (stale: changed by another writer, read again)."))
          .with_panel(series("Dead-lettered messages", "ops",
                             q(f"sum by (topic, reason) (rate(cascade_events_dead_lettered_total{{{SEL}}}[{RATE}]))",
                               "{{topic}}: {{reason}}"),
