@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import grpc
 import pytest
@@ -50,6 +51,10 @@ def test_requests_beyond_max_in_flight_are_shed_with_resource_exhausted():
     assert r.get_sample_value("cascade_rank_requests_total", {"method": "Block", "status": "OK"}) == 1
     assert r.get_sample_value("cascade_rank_requests_total", {"method": "Block", "status": "RESOURCE_EXHAUSTED"}) == 1
     assert r.get_sample_value("cascade_rank_requests_total", {"method": "Fail", "status": "INVALID_ARGUMENT"}) == 1
+    # the handler thread leaves the gauge after its answer went out: the client can read it first
+    deadline = time.monotonic() + 10
+    while r.get_sample_value("cascade_requests_in_flight") != 0 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert r.get_sample_value("cascade_requests_in_flight") == 0
 
 
