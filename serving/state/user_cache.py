@@ -27,7 +27,7 @@ import numpy as np
 
 from serving.state.codec import UserRecord
 
-ENTRY_OVERHEAD = 1024  # bytes per entry beyond its arrays: the record's objects and the cache's own
+ENTRY_OVERHEAD = 2048  # bytes per entry beyond its arrays: ~10 array headers, the record's dataclasses, the LRU node
 
 
 def _owned(a: np.ndarray | None) -> np.ndarray | None:
