@@ -189,3 +189,32 @@ def make_server(services, model_bundles, catalog, ml100k_dataset):
     yield make
     for h in made:
         h.close()
+
+
+@pytest.fixture(scope="module")
+def _single_redis(tmp_path_factory):
+    """One real redis-server on a free loopback port for a module's store tests (isolated by key prefix)."""
+    from jobs.services import LocalServices
+
+    with LocalServices(tmp_path_factory.mktemp("redis"), kafka=False) as svc:
+        yield svc.redis
+
+
+def applier(store, parts):
+    """An `EventApplier` over `store`; parts: (StateConfig, CatalogRef, ModelHolder) (`applier_parts`)."""
+    from serving.metrics import ServingMetrics
+    from serving.stream.events import EventApplier
+
+    state, catalog, models = parts
+    return EventApplier(state, store, catalog, models, ServingMetrics(), None)
+
+
+def kafka_records(events):
+    """Kafka records of `events` as the consumer sees them (the fields EventApplier reads)."""
+    from types import SimpleNamespace
+
+    from features.messages import encode_event
+
+    now = int(time.time() * 1000)
+    return [SimpleNamespace(topic="events", partition=0, offset=i, timestamp=now, value=encode_event(e))
+            for i, e in enumerate(events)]

@@ -18,17 +18,10 @@ import pytest
 from features.schema import Event
 from serving.state.base import BEHAVIOR, COUNTED, EpochChanged, IngestWrite, ItemWrite
 from serving.state.codec import UserRecord, encode_item_log, encode_user
+from tests.serving.conftest import applier as _applier, kafka_records as _msgs
 
 DAY = 86_400_000
 BACKENDS = ["memory", "redis", "redis_cluster"]
-
-
-@pytest.fixture(scope="module")
-def _single_redis(tmp_path_factory):
-    from jobs.services import LocalServices
-
-    with LocalServices(tmp_path_factory.mktemp("redis"), kafka=False) as svc:
-        yield svc.redis
 
 
 @pytest.fixture(params=BACKENDS)
@@ -73,25 +66,6 @@ def _another_connection(store):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Events through the real consumer (EventApplier): what the store is for
-
-
-def _applier(store, parts):
-    from serving.metrics import ServingMetrics
-    from serving.stream.events import EventApplier
-
-    state, catalog, models = parts
-    return EventApplier(state, store, catalog, models, ServingMetrics(), None)
-
-
-def _msgs(events):
-    """Kafka records as the consumer sees them (the fields EventApplier reads)."""
-    from types import SimpleNamespace
-
-    from features.messages import encode_event
-
-    now = int(time.time() * 1000)
-    return [SimpleNamespace(topic="events", partition=0, offset=i, timestamp=now, value=encode_event(e))
-            for i, e in enumerate(events)]
 
 
 def _stream(n: int, users: int = 7, items: int = 11, seed: int = 0, tag: str = "e"):

@@ -17,6 +17,7 @@ from features.schema import Event
 from features.sequence import SequenceState
 from serving.state.codec import BucketSums, CounterLog, UserRecord, encode_user
 from serving.state.user_cache import ENTRY_OVERHEAD, UserCache, own_arrays
+from tests.serving.conftest import applier as _applier, kafka_records as _msgs
 
 
 def _rec(n: int) -> UserRecord:
@@ -73,14 +74,6 @@ def test_the_cache_size_is_configured_and_zero_turns_it_off():
 # ---------------------------------------------------------------------------------------------- on Redis
 
 
-@pytest.fixture(scope="module")
-def _single_redis(tmp_path_factory):
-    from jobs.services import LocalServices
-
-    with LocalServices(tmp_path_factory.mktemp("redis"), kafka=False) as svc:
-        yield svc.redis
-
-
 @pytest.fixture(params=["redis", "redis_cluster"])
 def make_store(request):
     """make_store(prefix=None, **cfg) -> a Redis store (another on the same prefix: another consumer process)."""
@@ -120,24 +113,6 @@ def sdim_parts(model_bundles, catalog):
     bundle = ModelManager(holder, cat, cfg.state, cfg.models, ServingMetrics()).load(path, "v1", checksum)
     assert bundle.sums_window > 0
     return cfg.state, cat, holder
-
-
-def _applier(store, parts):
-    from serving.metrics import ServingMetrics
-    from serving.stream.events import EventApplier
-
-    state, catalog, models = parts
-    return EventApplier(state, store, catalog, models, ServingMetrics(), None)
-
-
-def _msgs(events):
-    from types import SimpleNamespace
-
-    from features.messages import encode_event
-
-    now = int(time.time() * 1000)
-    return [SimpleNamespace(topic="events", partition=0, offset=i, timestamp=now, value=encode_event(e))
-            for i, e in enumerate(events)]
 
 
 def _stream(n: int, users: int = 4, items: int = 30, seed: int = 0, tag: str = "e", t0: int | None = None):
