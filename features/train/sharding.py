@@ -12,7 +12,12 @@ code builds plain TorchRec modules (`EmbeddingCollection` for sequences,
   On CPU the fused kernels support SGD, Adagrad and row-wise Adagrad, not Adam
   (STACK.md; fbgemm-gpu-cpu 1.8's TBE asserts it), so the default is row-wise
   Adagrad and the Adam family is offered for CUDA; dense parameters use Adam
-  through `make_optimizer`;
+  through `make_optimizer`. TorchRec's unfused route to Adam on CPU (tables
+  planned data-parallel on the dense compute kernel, stepped by the dense
+  optimizer) does not serve sequence lookups: TorchRec 1.8's data-parallel
+  EmbeddingCollection returns one row per bag, bag-major (a 3-key probe got
+  f1 g1 h1 f2 ... for f1 f2 f3 g1 ...), so the retriever's per-position item
+  embeddings would come back pooled and interleaved;
 * TorchRec offers ROW_WISE for EmbeddingBagCollection only on CUDA; a sharder
   subclass adds it for CPU (gloo), which works (verified, STACK-DETAILS §2).
 """
