@@ -218,3 +218,10 @@ def kafka_records(events):
     now = int(time.time() * 1000)
     return [SimpleNamespace(topic="events", partition=0, offset=i, timestamp=now, value=encode_event(e))
             for i, e in enumerate(events)]
+
+
+def format1_value(blob: bytes) -> bytes:
+    """A format-2 user value as a format-1 writer (before generations) stored it: version byte 1, no generation."""
+    from serving.state.codec import GEN_OFFSET, HEADER_BYTES
+
+    return blob[:4] + b"\x01" + blob[5:GEN_OFFSET] + blob[HEADER_BYTES:]

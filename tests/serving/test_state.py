@@ -14,6 +14,7 @@ from serving.state.codec import (
 )
 from serving.state.stats import window_counters
 from serving.state.update import EventArrays, apply_user_batch, apply_user_events, extend_log
+from tests.serving.conftest import format1_value
 
 DAY = 86_400_000
 
@@ -59,7 +60,7 @@ def test_format_1_values_still_decode_and_compare_by_hash_format_2_by_generation
     assert a[4] == 2 and a != b and a[:GEN_OFFSET] == b[:GEN_OFFSET] and a[HEADER_BYTES:] == b[HEADER_BYTES:]
     assert cas_token(a) == a[GEN_OFFSET:HEADER_BYTES] != cas_token(b) and len(cas_token(a)) == 8
     assert encode_user(rec, gen=bytes(8)) == encode_user(rec, gen=bytes(8))
-    v1 = a[:4] + b"\x01" + a[5:GEN_OFFSET] + a[HEADER_BYTES:]
+    v1 = format1_value(a)
     got = decode_user(v1)
     assert got.seq.equals(rec.seq) and np.array_equal(got.sigs, rec.sigs) and got.attrs == rec.attrs
     assert cas_token(v1) == hashlib.sha1(v1).hexdigest().encode() and cas_token(None) == b""

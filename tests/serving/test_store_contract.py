@@ -18,7 +18,7 @@ import pytest
 from features.schema import Event
 from serving.state.base import BEHAVIOR, COUNTED, EpochChanged, IngestWrite, ItemWrite
 from serving.state.codec import UserRecord, encode_item_log, encode_user
-from tests.serving.conftest import applier as _applier, kafka_records as _msgs
+from tests.serving.conftest import applier as _applier, format1_value, kafka_records as _msgs
 
 DAY = 86_400_000
 BACKENDS = ["memory", "redis", "redis_cluster"]
@@ -150,13 +150,6 @@ def test_a_user_written_by_another_consumer_meanwhile_is_recomputed_not_overwrit
     _assert_state(store, theirs + mine, applier_parts[0], any_order=True)  # both consumers' events, each once
 
 
-def _format1(blob: bytes) -> bytes:
-    """A format-2 user value as a format-1 writer (before generations) stored it."""
-    from serving.state.codec import GEN_OFFSET, HEADER_BYTES
-
-    return blob[:4] + b"\x01" + blob[5:GEN_OFFSET] + blob[HEADER_BYTES:]
-
-
 @pytest.mark.parametrize("changed_meanwhile", [False, True])
 def test_a_format_1_value_is_applied_to_and_its_change_meanwhile_is_a_conflict(store, applier_parts, changed_meanwhile):
     """Values written before format 2 (their compare-and-set token is their SHA-1): events are applied on top of
@@ -171,13 +164,13 @@ def test_a_format_1_value_is_applied_to_and_its_change_meanwhile_is_a_conflict(s
     _applier(seed, applier_parts).apply(_msgs(old))
     client = store._slow
     for u in (1, 2):
-        client.set(store.keys.user(u), _format1(encode_user(seed.read_user(u))))
+        client.set(store.keys.user(u), format1_value(encode_user(seed.read_user(u))))
     assert decode_user(client.get(store.keys.user(1))).seq.equals(seed.read_user(1).seq)
     mine = _stream(20, users=2, seed=2, tag="c")
     if changed_meanwhile:  # between the read and the write, another writer puts a changed format-1 value
         other = InMemoryOnlineStore()
         _applier(other, applier_parts).apply(_msgs(old + later))
-        target = _RacedOnce(store, lambda: [client.set(store.keys.user(u), _format1(encode_user(other.read_user(u))))
+        target = _RacedOnce(store, lambda: [client.set(store.keys.user(u), format1_value(encode_user(other.read_user(u))))
                                             for u in (1, 2)])
     else:
         target = store
