@@ -237,6 +237,8 @@ STEP_VARIANTS = {  # name -> config overrides on top of the dataset's YAML; the 
     "pool 1024, fp32": ["loss.mode=sampled", "loss.in_batch=false", "loss.uniform_negatives=1024", "train.bf16=false"],
     "pool 1024, bf16 encoder": ["loss.mode=sampled", "loss.in_batch=false", "loss.uniform_negatives=1024",
                                 "train.bf16=true"],
+    "full softmax, fp32, sparse_adam": ["loss.mode=full", "train.bf16=false",
+                                        "train.sharding.embedding_optimizer=sparse_adam"],
 }
 
 
@@ -315,9 +317,14 @@ def step_time_section(args: argparse.Namespace) -> dict:
     feats, _ = ensure_features("ml-1m", args)
     base = load_config(RetrieverConfig, REPO / DATASETS["ml-1m"]["config"], args.overrides)
     machine = wait_for_quiet(args.max_load, args.max_wait)
-    res = run_distributed(_time_steps, 1, base, STEP_VARIANTS, feats, args.step_batches, args.overrides)[0]
+    names = [next(iter(STEP_VARIANTS)), *[v for v in (args.step_variants or STEP_VARIANTS) if v != next(iter(STEP_VARIANTS))]]
+    unknown = [v for v in names if v not in STEP_VARIANTS]
+    if unknown:
+        raise SystemExit(f"--step-variants: unknown {unknown}; known: {list(STEP_VARIANTS)}")
+    variants = {v: STEP_VARIANTS[v] for v in names}
+    res = run_distributed(_time_steps, 1, base, variants, feats, args.step_batches, args.overrides)[0]
     res.update(machine)
-    base_name = next(iter(STEP_VARIANTS))
+    base_name = names[0]
     b = res["variants"][base_name]
     for v in res["variants"].values():
         v["speedup_vs_before"] = round(b["epoch_s"] / v["epoch_s"], 2)
@@ -487,6 +494,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="quality: train/evaluate/export per dataset; step_time: ML-1M step and epoch time of the "
                         "loss/precision variants, written to benchmarks/results/retrieval/ml-1m/step-time.json")
     p.add_argument("--step-batches", type=int, default=0, help="step_time: time only the first N batches (0: an epoch)")
+    p.add_argument("--step-variants", nargs="+", default=None,
+                   help="step_time: the variants to time (default: all of STEP_VARIANTS); the baseline always runs")
     p.add_argument("--tag", default="", help="suffix of the quality results file name, e.g. pool1024 for a run "
                                              "with --overrides (the YAML defaults' file has none)")
     p.add_argument("--compare-dataset", default="ml-100k", choices=list(DATASETS))
@@ -508,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
         from results_file import write_results
 
         res = step_time_section(args)
-        print(f"  -> {write_results('retrieval/ml-1m/step-time', res, benchmark='retrieval_bench')}")
+        tag = f"-{args.tag}" if args.tag else ""
+        print(f"  -> {write_results(f'retrieval/ml-1m/step-time{tag}', res, benchmark='retrieval_bench')}")
     if "compare" in args.sections:
         compare_section(args)
     if "quality" not in args.sections:

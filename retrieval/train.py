@@ -37,7 +37,7 @@ from features.train.checkpoint import load_checkpoint, replace_checkpoint
 from features.train.loop import (TrainData, TrainResult, aligned, all_reduce_sums, broadcast_flag, improves,
                                  should_stop_early, split_metrics)
 from features.train.report import MetricsLog, write_convergence
-from features.train.sharding import describe_plan, make_optimizer, shard_model
+from features.train.sharding import SparseTableOptimizer, describe_plan, make_optimizer, shard_model
 from retrieval.catalog import Catalog, validate_catalog
 from retrieval.config import RetrieverConfig, TrainConfig
 from retrieval.evaluate import EvalBatch, evaluate
@@ -79,7 +79,13 @@ def _rank0(rank: int) -> bool:
 
 def _dense_optimizer(opt: CombinedOptimizer) -> KeyedOptimizerWrapper | None:
     """The AdamW part of `make_optimizer`'s optimizer (the one whose lr warms up)."""
-    return next((o for _, o in opt.optimizers if isinstance(o, KeyedOptimizerWrapper)), None)
+    return next((o for _, o in opt.optimizers
+                 if isinstance(o, KeyedOptimizerWrapper) and not isinstance(o, SparseTableOptimizer)), None)
+
+
+def _table_optimizer(opt: CombinedOptimizer) -> SparseTableOptimizer | None:
+    """The tables' SparseAdam under sharding.embedding_optimizer=sparse_adam (it follows the dense schedule)."""
+    return next((o for _, o in opt.optimizers if isinstance(o, SparseTableOptimizer)), None)
 
 
 def id_collisions(catalog: Catalog, num_hashes: int, buckets: int) -> dict[str, int]:
@@ -110,6 +116,7 @@ def train_retriever(
 
     dmp, opt, sampler = build_training(cfg, catalog)
     dense_opt = _dense_optimizer(opt)
+    table_opt = _table_optimizer(opt)
     dense_params = [p for g in dense_opt.param_groups for p in g["params"]] if dense_opt is not None else []
     core: RetrievalTask = _unwrap(dmp)
     plan = describe_plan(dmp)
@@ -142,8 +149,12 @@ def train_retriever(
             step = int(state["step"])
             if dense_opt is not None:
                 spent = (loop_s0 + time.perf_counter() - t0) / budget_s if tc.lr_horizon == "budget" else 0.0
+                lr = dense_lr(tc, step, tc.epochs * n_batches, spent)
                 for g in dense_opt.param_groups:
-                    g["lr"] = dense_lr(tc, step, tc.epochs * n_batches, spent)
+                    g["lr"] = lr
+                if table_opt is not None:  # Adam on the tables: the same warmup and decay, at the table's rate
+                    for g in table_opt.param_groups:
+                        g["lr"] = tc.sharding.embedding_lr * lr / tc.lr
             cands = sampler(batch, step, rank)
             out = dmp(batch, cands)  # the task autocasts the towers when train.bf16; the loss is float32
             loss = out.loss if real else out.loss * 0.0

@@ -18,6 +18,12 @@ code builds plain TorchRec modules (`EmbeddingCollection` for sequences,
   EmbeddingCollection returns one row per bag, bag-major (a 3-key probe got
   f1 g1 h1 f2 ... for f1 f2 f3 g1 ...), so the retriever's per-position item
   embeddings would come back pooled and interleaved;
+* `embedding_optimizer: sparse_adam` is the CPU route to Adam that works: the
+  collections are left unsharded (a full replica on every rank, as data-parallel
+  would hold), their lookups emit sparse row gradients, DDP averages them across
+  ranks with the dense ones, and `torch.optim.SparseAdam` updates the rows a step
+  touched (lazy Adam: moments of untouched rows stay as they were). It suits
+  catalogs whose tables fit every rank; the replica costs three tables' memory;
 * TorchRec offers ROW_WISE for EmbeddingBagCollection only on CUDA; a sharder
   subclass adds it for CPU (gloo), which works (verified, STACK-DETAILS §2).
 """
@@ -39,7 +45,7 @@ from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterCons
 from torchrec.distributed.planner.types import PlannerError
 from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan, ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection, EmbeddingCollection
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 from torchrec.optim.rowwise_adagrad import RowWiseAdagrad
 
@@ -57,7 +63,9 @@ class ShardingConfig:
     constraints: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     # fused into the backward by FBGEMM. "adam" / "partial_rowwise_adam" (Adam moments per element / the
     # second moment per row) run on CUDA only: fbgemm-gpu-cpu's TBE supports SGD and (row-wise) Adagrad
-    embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam", "partial_rowwise_adam"] = "rowwise_adagrad"
+    # "sparse_adam": unfused, the tables replicated on every rank and stepped by torch.optim.SparseAdam (CPU or CUDA)
+    embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd", "adam", "partial_rowwise_adam",
+                                 "sparse_adam"] = "rowwise_adagrad"
     embedding_lr: float = 0.05
     embedding_eps: float = 1e-8
     embedding_betas: tuple[float, float] = (0.9, 0.999)  # Adam family only
@@ -83,6 +91,11 @@ def default_sharders() -> list[ModuleSharder[nn.Module]]:
     return [CpuRowWiseEBCSharder(), EmbeddingCollectionSharder()]
 
 
+def sharders_for(cfg: ShardingConfig) -> list[ModuleSharder[nn.Module]]:
+    """The sharders DistributedModelParallel gets: none under sparse_adam (the tables stay unsharded replicas)."""
+    return [] if cfg.embedding_optimizer == UNFUSED_EMBEDDING_OPTIMIZER else default_sharders()
+
+
 def embedding_tables(model: nn.Module) -> dict[str, tuple[int, int]]:
     """table name -> (num_embeddings, embedding_dim) for every TorchRec collection in `model`."""
     out: dict[str, tuple[int, int]] = {}
@@ -104,7 +117,29 @@ def _embedding_params(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-CPU_EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
+CPU_EMBEDDING_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd", "sparse_adam")
+UNFUSED_EMBEDDING_OPTIMIZER = "sparse_adam"
+
+
+def _replicate_tables(model: nn.Module, device: torch.device) -> None:
+    """The unsharded tables of sparse_adam: allocated on `device` and initialized by their configs' init_fn
+    (TorchRec's reset_parameters skips a collection built on "meta", and DistributedModelParallel only
+    initializes what it shards), each lookup emitting a sparse (rows-touched) gradient, the input SparseAdam
+    takes. Ranks seeded alike get identical replicas (DDP also broadcasts rank 0's when it wraps)."""
+    for m in model.modules():
+        if isinstance(m, EmbeddingCollection):
+            tables = [(c, m.embeddings[c.name]) for c in m.embedding_configs()]
+        elif isinstance(m, EmbeddingBagCollection):
+            tables = [(c, m.embedding_bags[c.name]) for c in m.embedding_bag_configs()]
+        else:
+            continue
+        m._device = device  # what its reset_parameters and `device` report from now on
+        for c, emb in tables:
+            if emb.weight.is_meta or emb.weight.device != device:
+                emb.to_empty(device=device)
+                with torch.no_grad():
+                    c.init_fn(emb.weight) if c.init_fn is not None else emb.reset_parameters()
+            emb.sparse = True
 
 
 def _fuse_embedding_optimizer(model: nn.Module, cfg: ShardingConfig, device: torch.device) -> None:
@@ -114,7 +149,9 @@ def _fuse_embedding_optimizer(model: nn.Module, cfg: ShardingConfig, device: tor
     if device.type == "cpu" and cfg.embedding_optimizer not in CPU_EMBEDDING_OPTIMIZERS:
         raise ValueError(f"sharding.embedding_optimizer={cfg.embedding_optimizer!r} has no fused CPU kernel in "
                          f"fbgemm-gpu-cpu (CPU: {', '.join(CPU_EMBEDDING_OPTIMIZERS)}); use it on CUDA")
-    if cfg.embedding_optimizer in ("adam", "partial_rowwise_adam"):
+    if cfg.embedding_optimizer == UNFUSED_EMBEDDING_OPTIMIZER:
+        _replicate_tables(model, device)  # stepped by make_optimizer's SparseAdam, not fused
+    elif cfg.embedding_optimizer in ("adam", "partial_rowwise_adam"):
         from torchrec.optim import Adam, PartialRowWiseAdam
 
         cls = Adam if cfg.embedding_optimizer == "adam" else PartialRowWiseAdam
@@ -132,8 +169,14 @@ def plan_sharding(
     model: nn.Module, cfg: ShardingConfig, world_size: int, device: torch.device,
     pg: dist.ProcessGroup | None = None,
 ) -> ShardingPlan:
-    """The planner's plan under `cfg.constraints` (collective when a process group is given)."""
+    """The planner's plan under `cfg.constraints` (collective when a process group is given); empty under
+    sparse_adam, whose tables are not sharded."""
     tables = embedding_tables(model)
+    if cfg.embedding_optimizer == UNFUSED_EMBEDDING_OPTIMIZER:
+        if cfg.constraints:
+            raise ValueError(f"sharding constraints {dict(cfg.constraints)} with embedding_optimizer=sparse_adam: "
+                             "its tables are replicated on every rank, not sharded")
+        return ShardingPlan(plan={})
     unknown = sorted(set(cfg.constraints) - set(tables))
     if unknown:
         raise ValueError(f"sharding constraints name unknown tables {unknown}; the model's tables are {sorted(tables)}")
@@ -149,8 +192,8 @@ def plan_sharding(
     planner = EmbeddingShardingPlanner(topology=topology, constraints=constraints)
     try:
         if pg is not None:
-            return planner.collective_plan(model, default_sharders(), pg)
-        return planner.plan(model, default_sharders())
+            return planner.collective_plan(model, sharders_for(cfg), pg)
+        return planner.plan(model, sharders_for(cfg))
     except PlannerError as e:
         raise ValueError(f"no sharding plan satisfies the constraints {dict(cfg.constraints)}: {e}") from e
 
@@ -169,21 +212,44 @@ def shard_model(
     world = dist.get_world_size(pg)
     _fuse_embedding_optimizer(model, cfg, device)
     plan = plan_sharding(model, cfg, world, device, pg)
-    return DistributedModelParallel(
+    dmp = DistributedModelParallel(
         module=model, env=ShardingEnv.from_process_group(pg), device=device, plan=plan,
-        sharders=default_sharders(),
+        sharders=sharders_for(cfg),
     )
+    dmp.embedding_config = cfg  # type: ignore[attr-defined]  # make_optimizer reads the unfused table optimizer
+    return dmp
 
 
 def make_optimizer(dmp: DistributedModelParallel, dense_lr: float, weight_decay: float = 0.0) -> CombinedOptimizer:
-    """Fused embedding optimizer + Adam(W) for the dense parameters, stepped together."""
-    dense = dict(in_backward_optimizer_filter(dmp.named_parameters()))
-    opts = [dmp.fused_optimizer]
+    """Fused embedding optimizer + Adam(W) for the dense parameters, stepped together.
+
+    Under sparse_adam the tables are not fused: they get a SparseAdam of their own (at the sharding config's
+    rate and betas, no weight decay), after the AdamW, so the AdamW stays the first wrapped optimizer.
+    """
+    cfg: ShardingConfig | None = getattr(dmp, "embedding_config", None)
+    named = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    table_ids = {id(p) for p in _embedding_params(dmp)}
+    unfused = cfg is not None and cfg.embedding_optimizer == UNFUSED_EMBEDDING_OPTIMIZER
+    tables = {k: p for k, p in named.items() if unfused and id(p) in table_ids}
+    dense = {k: p for k, p in named.items() if k not in tables}
+    opts: list[KeyedOptimizer] = [dmp.fused_optimizer]
     if dense:
         opts.append(KeyedOptimizerWrapper(
             dense, lambda ps: torch.optim.AdamW(ps, lr=dense_lr, weight_decay=weight_decay)
         ))
+    if tables:
+        assert cfg is not None
+        opts.append(SparseTableOptimizer(tables, lambda ps: torch.optim.SparseAdam(
+            ps, lr=cfg.embedding_lr, betas=tuple(cfg.embedding_betas), eps=cfg.embedding_eps)))
     return CombinedOptimizer(opts)
+
+
+class SparseTableOptimizer(KeyedOptimizerWrapper):
+    """The tables' SparseAdam: its lazily created state is initialized from sparse (empty) gradients, which is
+    what SparseAdam accepts, so checkpoints load in place like the dense optimizer's."""
+
+    def init_state(self, sparse_grad_parameter_names: set[str] | None = None) -> None:
+        super().init_state(set(self.params) if sparse_grad_parameter_names is None else sparse_grad_parameter_names)
 
 
 def describe_plan(dmp: DistributedModelParallel) -> dict[str, str]:
@@ -193,4 +259,8 @@ def describe_plan(dmp: DistributedModelParallel) -> dict[str, str]:
         for table, ps in module_plan.items():  # type: ignore[union-attr]
             ranks = sorted({r for r in (ps.ranks or [])})
             out[table] = f"{ps.sharding_type} on ranks {ranks}"
+    cfg: ShardingConfig | None = getattr(dmp, "embedding_config", None)
+    if cfg is not None and cfg.embedding_optimizer == UNFUSED_EMBEDDING_OPTIMIZER:
+        for table in embedding_tables(dmp):
+            out.setdefault(table, f"replicated on all {dmp._env.world_size} ranks (sparse_adam: unsharded)")
     return out

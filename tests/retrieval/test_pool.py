@@ -166,3 +166,12 @@ def test_adam_family_table_optimizers_are_refused_on_cpu_with_the_reason(optimiz
 
     with pytest.raises(ValueError, match=f"embedding_optimizer='{optimizer}' has no fused CPU kernel"):
         run_distributed(_shard, 1, optimizer)
+
+
+def test_sparse_adam_refuses_sharding_constraints():
+    from features.train.sharding import ShardingConfig, plan_sharding
+
+    task = RetrievalTask(TwoTowerRetriever(CFG, "meta"), LossConfig())
+    cfg = ShardingConfig(embedding_optimizer="sparse_adam", constraints={"item_id": ("row_wise",)})
+    with pytest.raises(ValueError, match="replicated on every rank, not sharded"):
+        plan_sharding(task, cfg, 1, torch.device("cpu"))

@@ -34,3 +34,19 @@ def test_resume_gives_identical_results(two_epochs, retrieval_features, tiny_ove
     assert {k: v for k, v in resumed.history[1].items() if k.startswith("valid_")} == \
         {k: v for k, v in full.history[1].items() if k.startswith("valid_")}
     assert resumed.test == full.test
+
+
+def test_sparse_adam_trains_replicated_tables_on_two_ranks_and_resumes_exactly(retrieval_features, tiny_overrides,
+                                                                                tmp_path):
+    """The CPU route to Adam for the tables: unsharded replicas, sparse gradients averaged by DDP, SparseAdam."""
+    adam = [*tiny_overrides, "train.sharding.embedding_optimizer=sparse_adam", "train.sharding.embedding_lr=0.02"]
+    cfg2 = load_config(RetrieverConfig, None, [*adam, "train.epochs=2"])
+    full = run_distributed(train_on_features, 2, cfg2, retrieval_features, tmp_path / "full", False, False)[0]
+    assert all(v.startswith("replicated on all 2 ranks") for v in full.plan.values()) and "item_id" in full.plan
+    assert full.history[1]["loss"] < full.history[0]["loss"]
+    assert full.best_valid["hr@50"] > 3 * 50 / 1682
+    cfg1 = load_config(RetrieverConfig, None, [*adam, "train.epochs=1"])
+    run_distributed(train_on_features, 2, cfg1, retrieval_features, tmp_path / "resumed", False, False)
+    resumed = run_distributed(train_on_features, 2, cfg2, retrieval_features, tmp_path / "resumed", True, False)[0]
+    assert resumed.history[1]["loss"] == full.history[1]["loss"]  # SparseAdam's moments came back from the checkpoint
+    assert resumed.test == full.test
