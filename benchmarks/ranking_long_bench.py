@@ -234,7 +234,7 @@ def _throughput(rank: int, world: int, cfg: RankerConfig, spec: LongSeqSpec, ste
     data = LongSeqData(LongSeqWorld(spec), spec.candidates, spec.requests_per_batch)
     mc = resolve_model_config(cfg.model, data)
     dmp = shard_model(RankerTrainTask(RankerModel(mc, "meta"), cfg.loss), cfg.train.sharding, torch.device("cpu"))
-    opt = make_optimizer(dmp, cfg.train.dense_lr)
+    opt = make_optimizer(dmp, cfg.train.dense_lr, sharding=cfg.train.sharding)
     it = data.train_batches(0, 0, 1)
     batches = [next(it) for _ in range(min(steps, 4))]  # built up front: the loop times the model only
     for b in batches[:2]:  # warm-up

@@ -317,14 +317,14 @@ def step_time_section(args: argparse.Namespace) -> dict:
     feats, _ = ensure_features("ml-1m", args)
     base = load_config(RetrieverConfig, REPO / DATASETS["ml-1m"]["config"], args.overrides)
     machine = wait_for_quiet(args.max_load, args.max_wait)
-    names = [next(iter(STEP_VARIANTS)), *[v for v in (args.step_variants or STEP_VARIANTS) if v != next(iter(STEP_VARIANTS))]]
+    base_name = next(iter(STEP_VARIANTS))
+    names = [base_name, *[v for v in (args.step_variants or STEP_VARIANTS) if v != base_name]]
     unknown = [v for v in names if v not in STEP_VARIANTS]
     if unknown:
         raise SystemExit(f"--step-variants: unknown {unknown}; known: {list(STEP_VARIANTS)}")
     variants = {v: STEP_VARIANTS[v] for v in names}
     res = run_distributed(_time_steps, 1, base, variants, feats, args.step_batches, args.overrides)[0]
     res.update(machine)
-    base_name = names[0]
     b = res["variants"][base_name]
     for v in res["variants"].values():
         v["speedup_vs_before"] = round(b["epoch_s"] / v["epoch_s"], 2)

@@ -144,7 +144,7 @@ def train_ranker(rank: int, world_size: int, cfg: RankerConfig, data: RankingDat
     device = torch.device("cpu")
     task = RankerTrainTask(RankerModel(model_cfg, embedding_device="meta"), cfg.loss)
     dmp = shard_model(task, tc.sharding, device)
-    opt = make_optimizer(dmp, tc.dense_lr, tc.weight_decay)
+    opt = make_optimizer(dmp, tc.dense_lr, tc.weight_decay, sharding=tc.sharding)
     plan = describe_plan(dmp)
     torch.manual_seed(tc.seed + 1000 * rank)  # per-rank streams for the contrastive masks
     start_epoch, best_epoch, best_score = 0, -1, None

@@ -244,7 +244,7 @@ def build_training(cfg: RetrieverConfig, catalog: Catalog) -> tuple[Any, Combine
     tc = cfg.train
     task = RetrievalTask(TwoTowerRetriever(cfg.model, "meta"), cfg.loss, bf16=tc.bf16)
     dmp = shard_model(task, tc.sharding, torch.device("cpu"))
-    opt = make_optimizer(dmp, dense_lr=tc.lr, weight_decay=tc.weight_decay)
+    opt = make_optimizer(dmp, dense_lr=tc.lr, weight_decay=tc.weight_decay, sharding=tc.sharding)
     return dmp, opt, CandidateSampler(cfg.loss, catalog, item_keys(cfg.model), seed=tc.seed)
 
 

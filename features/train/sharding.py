@@ -212,25 +212,25 @@ def shard_model(
     world = dist.get_world_size(pg)
     _fuse_embedding_optimizer(model, cfg, device)
     plan = plan_sharding(model, cfg, world, device, pg)
-    dmp = DistributedModelParallel(
+    return DistributedModelParallel(
         module=model, env=ShardingEnv.from_process_group(pg), device=device, plan=plan,
         sharders=sharders_for(cfg),
     )
-    dmp.embedding_config = cfg  # type: ignore[attr-defined]  # make_optimizer reads the unfused table optimizer
-    return dmp
 
 
-def make_optimizer(dmp: DistributedModelParallel, dense_lr: float, weight_decay: float = 0.0) -> CombinedOptimizer:
+def make_optimizer(dmp: DistributedModelParallel, dense_lr: float, weight_decay: float = 0.0,
+                   sharding: ShardingConfig | None = None) -> CombinedOptimizer:
     """Fused embedding optimizer + Adam(W) for the dense parameters, stepped together.
 
-    Under sparse_adam the tables are not fused: they get a SparseAdam of their own (at the sharding config's
-    rate and betas, no weight decay), after the AdamW, so the AdamW stays the first wrapped optimizer.
+    Tables `shard_model` left unfused (sparse_adam) get a SparseAdam of their own at `sharding`'s rate and
+    betas (no weight decay), after the AdamW, so the AdamW stays the first wrapped optimizer.
     """
-    cfg: ShardingConfig | None = getattr(dmp, "embedding_config", None)
     named = dict(in_backward_optimizer_filter(dmp.named_parameters()))
     table_ids = {id(p) for p in _embedding_params(dmp)}
-    unfused = cfg is not None and cfg.embedding_optimizer == UNFUSED_EMBEDDING_OPTIMIZER
-    tables = {k: p for k, p in named.items() if unfused and id(p) in table_ids}
+    tables = {k: p for k, p in named.items() if id(p) in table_ids}
+    if tables and (sharding is None or sharding.embedding_optimizer != UNFUSED_EMBEDDING_OPTIMIZER):
+        raise ValueError(f"tables {sorted(tables)} are not fused: make_optimizer needs the sparse_adam "
+                         "ShardingConfig they were sharded with")
     dense = {k: p for k, p in named.items() if k not in tables}
     opts: list[KeyedOptimizer] = [dmp.fused_optimizer]
     if dense:
@@ -238,7 +238,7 @@ def make_optimizer(dmp: DistributedModelParallel, dense_lr: float, weight_decay:
             dense, lambda ps: torch.optim.AdamW(ps, lr=dense_lr, weight_decay=weight_decay)
         ))
     if tables:
-        assert cfg is not None
+        cfg = sharding
         opts.append(SparseTableOptimizer(tables, lambda ps: torch.optim.SparseAdam(
             ps, lr=cfg.embedding_lr, betas=tuple(cfg.embedding_betas), eps=cfg.embedding_eps)))
     return CombinedOptimizer(opts)
@@ -259,8 +259,6 @@ def describe_plan(dmp: DistributedModelParallel) -> dict[str, str]:
         for table, ps in module_plan.items():  # type: ignore[union-attr]
             ranks = sorted({r for r in (ps.ranks or [])})
             out[table] = f"{ps.sharding_type} on ranks {ranks}"
-    cfg: ShardingConfig | None = getattr(dmp, "embedding_config", None)
-    if cfg is not None and cfg.embedding_optimizer == UNFUSED_EMBEDDING_OPTIMIZER:
-        for table in embedding_tables(dmp):
-            out.setdefault(table, f"replicated on all {dmp._env.world_size} ranks (sparse_adam: unsharded)")
+    for table in embedding_tables(dmp):  # not in the plan: sparse_adam's unsharded replicas
+        out.setdefault(table, f"replicated on all {dist.get_world_size()} ranks (sparse_adam: unsharded)")
     return out
