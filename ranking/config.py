@@ -271,11 +271,17 @@ class TrainConfig:
         that many steps and an evaluation (a listwise ranker peaks within a fraction of a pass).
     patience: stop after that many evaluations without a valid `select_metric` improvement; the best
         evaluation is the one exported either way.
+    lr_schedule: the dense rate over the run's steps (epochs x steps per epoch): "constant", or "cosine"
+        down to `min_lr_ratio * dense_lr` at the last step; `warmup_steps` of linear warmup either way
+        (`features.train.loop.scheduled_lr`, the retriever's schedule). The tables keep their constant rate.
     """
 
     epochs: int = 3
     dense_lr: float = 1e-3
     weight_decay: float = 0.0
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
     sharding: ShardingConfig = field(default_factory=lambda: ShardingConfig(embedding_lr=0.05))
     seed: int = 0
     select_metric: Literal["auc", "gauc", "logloss", "hr@10", "ndcg@10"] = "auc"
@@ -290,8 +296,11 @@ class TrainConfig:
             raise ValueError(f"train.epochs must be positive, got {self.epochs}")
         if self.dense_lr <= 0:
             raise ValueError(f"train.dense_lr must be positive, got {self.dense_lr}")
-        if self.max_steps_per_epoch < 0 or self.max_minutes < 0 or self.patience < 0:
-            raise ValueError("train.max_steps_per_epoch, train.max_minutes and train.patience must be >= 0")
+        if self.max_steps_per_epoch < 0 or self.max_minutes < 0 or self.patience < 0 or self.warmup_steps < 0:
+            raise ValueError("train.max_steps_per_epoch, train.max_minutes, train.patience and train.warmup_steps "
+                             "must be >= 0")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"train.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
 
 @dataclass(frozen=True)

@@ -37,11 +37,12 @@ from features.batch import Batch
 from features.config import to_dict
 from features.train.checkpoint import load_checkpoint, replace_checkpoint
 from features.train.loop import (
-    TrainData, TrainResult, aligned, all_reduce_float, gather_arrays, improves, should_stop_early, split_metrics,
+    TrainData, TrainResult, aligned, all_reduce_float, gather_arrays, improves, scheduled_lr, should_stop_early,
+    split_metrics,
 )
 from features.train.metrics import topk_metrics
 from features.train.report import MetricsLog
-from features.train.sharding import describe_plan, make_optimizer, shard_model
+from features.train.sharding import dense_optimizer, describe_plan, make_optimizer, shard_model
 from ranking.config import ModelConfig, RankerConfig
 from ranking.export import export_from_checkpoint
 from ranking.model import RankerModel
@@ -145,6 +146,7 @@ def train_ranker(rank: int, world_size: int, cfg: RankerConfig, data: RankingDat
     task = RankerTrainTask(RankerModel(model_cfg, embedding_device="meta"), cfg.loss)
     dmp = shard_model(task, tc.sharding, device)
     opt = make_optimizer(dmp, tc.dense_lr, tc.weight_decay, sharding=tc.sharding)
+    dense_opt = dense_optimizer(opt)
     plan = describe_plan(dmp)
     torch.manual_seed(tc.seed + 1000 * rank)  # per-rank streams for the contrastive masks
     start_epoch, best_epoch, best_score = 0, -1, None
@@ -177,6 +179,11 @@ def train_ranker(rank: int, world_size: int, cfg: RankerConfig, data: RankingDat
         it = data.train_batches(epoch, rank, world_size)
         for step in range(steps):
             batch = next(it)
+            if dense_opt is not None:
+                lr = scheduled_lr(tc.dense_lr, epoch * steps + step, tc.epochs * steps, warmup_steps=tc.warmup_steps,
+                                  schedule=tc.lr_schedule, min_lr_ratio=tc.min_lr_ratio)
+                for g in dense_opt.param_groups:
+                    g["lr"] = lr
             loss, o = dmp(batch)
             opt.zero_grad()
             loss.backward()
@@ -201,6 +208,7 @@ def train_ranker(rank: int, world_size: int, cfg: RankerConfig, data: RankingDat
         test = evaluate(dmp, data, "test", rank, world_size)
         rec = {"epoch": epoch + 1, "steps": done, "loss": loss_sum / done, "contrastive": cl_sum / done,
                "examples_per_s": ex / ep_seconds, "epoch_seconds": ep_seconds,
+               "lr": float(dense_opt.param_groups[0]["lr"]) if dense_opt is not None else tc.dense_lr,
                **{f"valid_{k}": v for k, v in valid.items()}, **{f"test_{k}": v for k, v in test.items()}}
         history.append(rec)
         if tc.select_metric not in valid:

@@ -28,16 +28,16 @@ from pathlib import Path
 from typing import Any, Iterator, Protocol
 
 import torch
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.keyed import CombinedOptimizer
 from tqdm import tqdm
 
 from features.batch import Batch
 from features.config import to_dict
 from features.train.checkpoint import load_checkpoint, replace_checkpoint
 from features.train.loop import (TrainData, TrainResult, aligned, all_reduce_sums, broadcast_flag, improves,
-                                 should_stop_early, split_metrics)
+                                 scheduled_lr, should_stop_early, split_metrics)
 from features.train.report import MetricsLog, write_convergence
-from features.train.sharding import SparseTableOptimizer, describe_plan, make_optimizer, shard_model
+from features.train.sharding import describe_plan, dense_optimizer, make_optimizer, shard_model, table_optimizer
 from retrieval.catalog import Catalog, validate_catalog
 from retrieval.config import RetrieverConfig, TrainConfig
 from retrieval.evaluate import EvalBatch, evaluate
@@ -77,17 +77,6 @@ def _rank0(rank: int) -> bool:
     return rank == 0
 
 
-def _dense_optimizer(opt: CombinedOptimizer) -> KeyedOptimizerWrapper | None:
-    """The AdamW part of `make_optimizer`'s optimizer (the one whose lr warms up)."""
-    return next((o for _, o in opt.optimizers
-                 if isinstance(o, KeyedOptimizerWrapper) and not isinstance(o, SparseTableOptimizer)), None)
-
-
-def _table_optimizer(opt: CombinedOptimizer) -> SparseTableOptimizer | None:
-    """The tables' SparseAdam under sharding.embedding_optimizer=sparse_adam (it follows the dense schedule)."""
-    return next((o for _, o in opt.optimizers if isinstance(o, SparseTableOptimizer)), None)
-
-
 def id_collisions(catalog: Catalog, num_hashes: int, buckets: int) -> dict[str, int]:
     """How many catalog items share id-table rows with another item (per hash, and all hashes at once)."""
     ids = catalog.ids
@@ -115,8 +104,8 @@ def train_retriever(
     torch.manual_seed(tc.seed)  # identical dense init on every rank
 
     dmp, opt, sampler = build_training(cfg, catalog)
-    dense_opt = _dense_optimizer(opt)
-    table_opt = _table_optimizer(opt)
+    dense_opt = dense_optimizer(opt)
+    table_opt = table_optimizer(opt)
     dense_params = [p for g in dense_opt.param_groups for p in g["params"]] if dense_opt is not None else []
     core: RetrievalTask = _unwrap(dmp)
     plan = describe_plan(dmp)
@@ -267,17 +256,10 @@ def train_on_features(
 
 
 def dense_lr(tc: TrainConfig, step: int, total_steps: int, budget_spent: float = 0.0) -> float:
-    """Linear warmup over `warmup_steps`, then constant or cosine down to `min_lr_ratio * lr` at the horizon.
-
-    The cosine's progress is the larger of the steps' (step / total_steps) and `budget_spent` (the
-    fraction of train.max_minutes used, with lr_horizon=budget), so the rate reaches its floor when
-    either the epochs or the time budget run out, and stays there.
-    """
-    warm = min(1.0, (step + 1) / tc.warmup_steps) if tc.warmup_steps else 1.0
-    if tc.lr_schedule == "constant" or total_steps <= tc.warmup_steps:
-        return tc.lr * warm
-    t = min(1.0, max(max(0, step - tc.warmup_steps) / (total_steps - tc.warmup_steps), budget_spent))
-    return tc.lr * warm * (tc.min_lr_ratio + (1 - tc.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    """The dense rate at `step` (`features.train.loop.scheduled_lr` with the retriever's train config);
+    `budget_spent` is the fraction of train.max_minutes used, with lr_horizon=budget."""
+    return scheduled_lr(tc.lr, step, total_steps, warmup_steps=tc.warmup_steps, schedule=tc.lr_schedule,
+                        min_lr_ratio=tc.min_lr_ratio, budget_spent=budget_spent)
 
 
 def validate_train_batch(batch: Batch, max_len: int) -> None:

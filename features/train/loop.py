@@ -14,7 +14,8 @@ the same number of collective steps. What they have in common lives here, once:
 * lock-step iteration (`aligned`) and the small collectives (`all_reduce_float`,
   `all_reduce_sums`, `broadcast_flag`, `gather_arrays`), which are no-ops at world
   size 1 and without a process group;
-* model selection on valid (`improves`, `split_metrics`).
+* model selection on valid (`improves`, `split_metrics`);
+* the dense learning-rate schedule (`scheduled_lr`: linear warmup, then constant or cosine).
 
 The checkpoint swap (write beside, then rename) is `features.train.checkpoint.replace_checkpoint`.
 """
@@ -174,3 +175,20 @@ def split_metrics(record: dict[str, Any], split: str) -> dict[str, Any]:
     """The `<split>_<metric>` entries of an epoch record, without the prefix."""
     prefix = split + "_"
     return {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix)}
+
+
+def scheduled_lr(base_lr: float, step: int, total_steps: int, *, warmup_steps: int = 0,
+                 schedule: str = "constant", min_lr_ratio: float = 0.0, budget_spent: float = 0.0) -> float:
+    """Linear warmup over `warmup_steps`, then constant or cosine down to `min_lr_ratio * base_lr` at the horizon.
+
+    The cosine's progress is the larger of the steps' (step / total_steps) and `budget_spent` (the
+    fraction of a time budget used), so the rate reaches its floor when either the steps or the
+    budget run out, and stays there.
+    """
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"lr schedule must be 'constant' or 'cosine', got {schedule!r}")
+    warm = min(1.0, (step + 1) / warmup_steps) if warmup_steps else 1.0
+    if schedule == "constant" or total_steps <= warmup_steps:
+        return base_lr * warm
+    t = min(1.0, max(max(0, step - warmup_steps) / (total_steps - warmup_steps), budget_spent))
+    return base_lr * warm * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))

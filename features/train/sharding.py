@@ -252,6 +252,17 @@ class SparseTableOptimizer(KeyedOptimizerWrapper):
         super().init_state(set(self.params) if sparse_grad_parameter_names is None else sparse_grad_parameter_names)
 
 
+def dense_optimizer(opt: CombinedOptimizer) -> KeyedOptimizerWrapper | None:
+    """The AdamW part of `make_optimizer`'s optimizer (the one a dense learning-rate schedule drives)."""
+    return next((o for _, o in opt.optimizers
+                 if isinstance(o, KeyedOptimizerWrapper) and not isinstance(o, SparseTableOptimizer)), None)
+
+
+def table_optimizer(opt: CombinedOptimizer) -> SparseTableOptimizer | None:
+    """The tables' SparseAdam under sharding.embedding_optimizer=sparse_adam (None with fused tables)."""
+    return next((o for _, o in opt.optimizers if isinstance(o, SparseTableOptimizer)), None)
+
+
 def describe_plan(dmp: DistributedModelParallel) -> dict[str, str]:
     """table name -> sharding type, for logs and manifests."""
     out: dict[str, str] = {}

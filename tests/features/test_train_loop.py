@@ -14,7 +14,7 @@ from features.train.checkpoint import load_checkpoint, replace_checkpoint
 from features.train.launch import run_distributed
 from features.train.loop import (
     aligned, all_reduce_float, all_reduce_sums, broadcast_flag, gather_arrays, improves, reader_batches_per_rank,
-    should_stop_early, split_metrics,
+    scheduled_lr, should_stop_early, split_metrics,
 )
 
 
@@ -102,3 +102,22 @@ def test_early_stopping_waits_patience_evaluations_after_the_best():
     logloss = [{"epoch": i + 1, "valid_logloss": s} for i, s in enumerate([0.5, 0.4, 0.45, 0.41])]
     assert should_stop_early(logloss, "logloss", 2) and not should_stop_early(logloss[:3] + [
         {"epoch": 4, "valid_logloss": 0.39}], "logloss", 2)
+
+
+def test_scheduled_lr_warms_up_then_holds_or_follows_the_cosine_to_its_floor():
+    assert scheduled_lr(0.01, 0, 100, warmup_steps=10) == pytest.approx(0.001)
+    assert scheduled_lr(0.01, 9, 100, warmup_steps=10) == scheduled_lr(0.01, 99, 100, warmup_steps=10) == 0.01
+    cos = dict(warmup_steps=10, schedule="cosine", min_lr_ratio=0.1)
+    assert scheduled_lr(0.01, 10, 110, **cos) == pytest.approx(0.01)
+    assert scheduled_lr(0.01, 60, 110, **cos) == pytest.approx(0.01 * (0.1 + 0.9 * 0.5))
+    assert scheduled_lr(0.01, 110, 110, **cos) == scheduled_lr(0.01, 500, 110, **cos) == pytest.approx(0.001)
+    assert all(scheduled_lr(0.01, s, 110, **cos) >= scheduled_lr(0.01, s + 1, 110, **cos) for s in range(10, 110))
+    # a spent time budget takes the cosine to its floor before the steps do
+    assert scheduled_lr(0.01, 20, 110, budget_spent=1.0, **cos) == pytest.approx(0.001)
+    # no warmup, cosine over the whole run
+    assert scheduled_lr(0.01, 0, 4, schedule="cosine") == pytest.approx(0.01)
+
+
+def test_scheduled_lr_names_an_unknown_schedule():
+    with pytest.raises(ValueError, match="'linear'"):
+        scheduled_lr(0.01, 0, 10, schedule="linear")

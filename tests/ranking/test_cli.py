@@ -23,6 +23,16 @@ def test_configs_layer_dataset_then_ablation_then_overrides():
     assert cfg.model.embedding.item_buckets == 16384  # from the dataset file
 
 
+@pytest.mark.parametrize("override, message", [
+    ("train.lr_schedule=linear", "lr_schedule"),
+    ("train.min_lr_ratio=1.5", "min_lr_ratio must be in"),
+    ("train.warmup_steps=-1", "warmup_steps"),
+])
+def test_a_bad_schedule_override_is_named(override, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        load_ranker_config([REPO / "ranking/configs/two-stage.yaml"], ["train.lr_schedule=cosine", override])
+
+
 @pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "ranking/configs/ablations").glob("*.yaml")))
 def test_every_ablation_config_loads_on_every_dataset(name):
     for dataset in ("ml-1m", "ml-100k"):

@@ -9,6 +9,7 @@ import torch
 
 from features.train.checkpoint import load_checkpoint
 from features.train.launch import run_distributed
+from features.train.loop import scheduled_lr
 from features.train.sharding import ShardingConfig, shard_model
 from ranking.config import DataConfig, LossConfig, RankerConfig, TrainConfig
 from ranking.data import InMemoryRankingData
@@ -133,6 +134,26 @@ def test_resumed_training_equals_uninterrupted(tmp_path):
     resumed = run_distributed(_train_epochs, 1, str(tmp_path / "b"), 2, True)[0]
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in straight.history]
     assert resumed.test == straight.test and resumed.epochs_run == 2
+
+
+def _train_cosine(rank: int, world: int, out: str):
+    from dataclasses import replace
+
+    cfg = _cfg()
+    cfg = replace(cfg, train=replace(cfg.train, epochs=3, lr_schedule="cosine", warmup_steps=2, min_lr_ratio=0.1,
+                                     sharding=ShardingConfig()))
+    return train_ranker(rank, world, cfg, _data(0), out, export=False, progress=False)
+
+
+def test_cosine_schedule_drives_the_dense_rate_over_all_epochs_steps(tmp_path):
+    res = run_distributed(_train_cosine, 1, str(tmp_path))[0]
+    steps = res.history[0]["steps"]
+    lrs = [h["lr"] for h in res.history]
+    for epoch, lr in enumerate(lrs):  # the rate each epoch ended at: its last step's on the run's one horizon
+        last = (epoch + 1) * steps - 1
+        assert lr == pytest.approx(scheduled_lr(3e-3, last, 3 * steps, warmup_steps=2, schedule="cosine",
+                                                min_lr_ratio=0.1))
+    assert lrs[0] > lrs[1] > lrs[2] >= 3e-4
 
 
 def _pointwise_data() -> InMemoryRankingData:
