@@ -5,12 +5,14 @@
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -84,9 +86,6 @@ class GcMeter:
     callbacks; the collector holds the GIL meanwhile, so this is time no thread of the process ran)."""
 
     def __enter__(self) -> "GcMeter":
-        import gc
-        import time
-
         self.collections, self.seconds = [0, 0, 0], [0.0, 0.0, 0.0]
         self._t0 = 0.0
 
@@ -103,8 +102,6 @@ class GcMeter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        import gc
-
         gc.callbacks.remove(self._cb)
 
     def report(self) -> dict[str, list]:
