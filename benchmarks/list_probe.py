@@ -1,0 +1,189 @@
+"""How much of the second stage's lift do its dense list features carry, and would more of them help?
+
+A diagnostic beside `two_stage_bench.py`: on the candidate lists that benchmark cached
+(`<work-dir>/<dataset>/seed<S>/lists-*.npz`, the same lists the ranker trained and was
+selected on), it fits small listwise models over per-candidate dense features only — a
+linear model and a one-hidden-layer MLP, each as a correction added to the retriever's
+logit and starting at zero, the ranker's own residual form, trained by softmax
+cross-entropy over each whole training list — and reports the valid lists' NDCG@10 /
+HR@10 at the best of a few epochs (validation only: this chooses what to build, so the
+test lists are not read).
+
+Feature sets:
+  list+context  the ranker's candidate_dense (`features.list_context.second_stage_dense`:
+                retriever logit, log rank, gap to the top; point-in-time item count,
+                item age, transitions, co-occurrence and category share over the last
+                `--window` behaviors)
+  +time windows behaviors on the candidate in the last 24 h / 7 d / 30 d before the
+                request (point in time, from the same counts), candidates for new features
+  +wide cooc    co-occurrence and category share over the last 10 and 20 behaviors
+                (the product's features at `lists.context_window` = 10 / 20)
+  all           both
+
+Compare its best with the full ranker's valid NDCG@10 in the two-stage results file (pass
+`--ranker-results`): the gap is what the ranker's sequence modules add beyond the dense
+features.
+
+    python benchmarks/list_probe.py --dataset ml-1m --seed 0 \\
+        --ranker-results benchmarks/results/two_stage/ml-1m/seed0-ctx5-e60-h10.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+from bench_common import prepare_features, print_table  # noqa: E402
+from results_file import write_results  # noqa: E402
+
+WINDOWS_H = (24, 24 * 7, 24 * 30)
+WIDE = (10, 20)
+TS_SHIFT = 41  # item index * 2**41 + ts_ms: a sortable (item, time) key for ms timestamps before year 2039
+
+
+def build_features(store: Any, lists: Any, window: int) -> tuple[np.ndarray, list[str]]:
+    """(R, N, F) float32 features of every candidate of `lists`, and their names."""
+    from features.candidate_lists import LIST_FEATURE_NAMES
+    from features.list_context import (
+        CONTEXT_FEATURE_NAMES, event_order, recent_items, request_points, second_stage_dense,
+    )
+    from ranking.lists import ListRankingData
+
+    v, offsets = store.timeline_values, store.timeline_offsets
+    order = event_order(v["ts_ms"], int(offsets[-1]))
+    rows, _ = store.timeline_users.rows(lists.user_ids)
+    req_ts = v["ts_ms"][offsets[rows] + np.maximum(lists.hist_len - 1, 0)] + 1  # as ranking.lists does
+    pts = request_points(order, offsets, rows, lists.hist_len)
+    r, n = lists.items.shape
+    ctx = ListRankingData.context_counts(store, window)
+    recent = recent_items(offsets, v["item_id"], rows, lists.hist_len, window)
+    cols = [second_stage_dense(lists.logits, lists.items, ctx, recent, lists.hist_len, pts, req_ts)]
+    names = [*LIST_FEATURE_NAMES, *CONTEXT_FEATURE_NAMES]
+    # windowed counts: events on the candidate before the request's point and within the window before its time
+    c_idx, found = ctx._index(lists.items)
+    hi = np.searchsorted(ctx.item_keys, c_idx * ctx.horizon + np.repeat(pts, n).reshape(r, n))
+    ts_keys = (ctx.item_keys // ctx.horizon) * (1 << TS_SHIFT) + ctx.item_ts
+    for w in WINDOWS_H:
+        lo = np.searchsorted(ts_keys, c_idx * (1 << TS_SHIFT) + (req_ts[:, None] - int(w * 3.6e6)))
+        cols.append(np.log1p(np.where(found, np.maximum(hi - lo, 0), 0)).reshape(-1, 1).astype(np.float32))
+        names.append(f"log_item_count_{w}h")
+    for wide in WIDE:
+        c2 = ListRankingData.context_counts(store, wide)
+        f2 = c2.features(recent_items(offsets, v["item_id"], rows, lists.hist_len, wide), lists.hist_len, pts,
+                         req_ts, lists.items)
+        for name in ("log_cooccurrence", "category_share"):
+            cols.append(f2[:, [CONTEXT_FEATURE_NAMES.index(name)]])
+            names.append(f"{name}_{wide}")
+    return np.concatenate(cols, 1).reshape(r, n, -1), names
+
+
+def ndcg_hr10(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
+    top = np.take_along_axis(labels, np.argsort(-scores, 1, kind="stable"), 1)[:, :10]
+    return float((top / np.log2(np.arange(2, 12))).sum(1).mean()), float(top.sum(1).mean())
+
+
+def fit(x_tr: np.ndarray, y_tr: np.ndarray, x_va: np.ndarray, y_va: np.ndarray, cols: list[int], hidden: int,
+        epochs: int, seed: int) -> dict[str, Any]:
+    """Listwise residual model over `cols` (column 0 is the retriever logit, the base score); best valid epoch."""
+    import torch
+
+    torch.manual_seed(seed)
+    flat = x_tr.reshape(-1, x_tr.shape[-1])[:, cols]
+    mu, sd = flat.mean(0), flat.std(0) + 1e-6
+    d = len(cols)
+    net = (torch.nn.Linear(d, 1) if not hidden else
+           torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, 1)))
+    last = net if not hidden else net[-1]
+    torch.nn.init.zeros_(last.weight)
+    torch.nn.init.zeros_(last.bias)
+    opt = torch.optim.Adam(net.parameters(), lr=3e-3)
+    x = torch.from_numpy((x_tr[..., cols] - mu) / sd)
+    base, y = torch.from_numpy(x_tr[..., 0]), torch.from_numpy(y_tr)
+    xv, base_v = torch.from_numpy((x_va[..., cols] - mu) / sd), torch.from_numpy(x_va[..., 0])
+    curve = []
+    for _ in range(epochs):
+        perm = torch.randperm(len(x))
+        for s in range(0, len(x), 64):
+            i = perm[s:s + 64]
+            loss = -(torch.log_softmax(base[i] + net(x[i]).squeeze(-1), 1) * y[i]).sum(1).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            curve.append(ndcg_hr10((base_v + net(xv).squeeze(-1)).numpy(), y_va))
+    best = max(range(epochs), key=lambda e: curve[e][0])
+    return {"ndcg@10": curve[best][0], "hr@10": curve[best][1], "best_epoch": best + 1,
+            "curve_ndcg@10": [c[0] for c in curve]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", default="ml-1m", choices=["beauty", "ml-100k", "ml-1m"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--window", type=int, default=5, help="the ranker's lists.context_window")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--hidden", type=int, default=64)
+    p.add_argument("--work-dir", type=Path, default=REPO / "var" / "two_stage_bench")
+    p.add_argument("--shared-data", type=Path, default=REPO.parent / "shared" / "data")
+    p.add_argument("--data-dir", type=Path, default=REPO / "data" / "bench")
+    p.add_argument("--ranker-results", type=Path, help="a two_stage results file of the same lists")
+    p.add_argument("--tag", default="")
+    args = p.parse_args()
+
+    from features.candidate_lists import LIST_FEATURE_NAMES, CandidateLists
+    from features.list_context import CONTEXT_FEATURE_NAMES
+    from features.reader import FeatureStore
+
+    work = args.work_dir / args.dataset / f"seed{args.seed}"
+    found = {s: sorted(work.glob(f"lists-{s}-top*.npz")) for s in ("train", "valid")}
+    if not all(found.values()):
+        raise SystemExit(f"{work} holds no cached lists: run benchmarks/two_stage_bench.py --dataset {args.dataset} "
+                         f"--seed {args.seed} first")
+    store = FeatureStore(prepare_features(args.dataset, args.shared_data, args.data_dir))
+    train, valid = (CandidateLists.load(found[s][0]) for s in ("train", "valid"))
+    train = train.take(np.flatnonzero(train.hit()))  # as the ranker trains: lists that hold their target
+    t0 = time.perf_counter()
+    x_tr, names = build_features(store, train, args.window)
+    x_va, _ = build_features(store, valid, args.window)
+    print(f"features {x_tr.shape} train, {x_va.shape} valid in {time.perf_counter() - t0:.0f}s", flush=True)
+    y_tr, y_va = train.labels(), valid.labels()
+    n_base = len(LIST_FEATURE_NAMES) + len(CONTEXT_FEATURE_NAMES)
+    sets = {
+        "list+context": list(range(n_base)),
+        "+time windows": list(range(n_base)) + [names.index(f"log_item_count_{w}h") for w in WINDOWS_H],
+        "+wide cooc": list(range(n_base)) + [i for i, nm in enumerate(names) if nm.endswith(tuple(f"_{w}" for w in WIDE))],
+        "all": list(range(len(names))),
+    }
+    retr = ndcg_hr10(valid.logits, y_va)
+    rows = [["retriever alone", "-", f"{retr[0]:.4f}", f"{retr[1]:.4f}", "-"]]
+    out: dict[str, Any] = {"dataset": args.dataset, "seed": args.seed, "split": "valid lists (validation only)",
+                           "train_lists": len(train), "valid_lists": len(valid), "features": names,
+                           "retriever": {"ndcg@10": retr[0], "hr@10": retr[1]}, "models": {}}
+    for model, hidden in (("linear", 0), (f"mlp{args.hidden}", args.hidden)):
+        for label, cols in sets.items():
+            r = fit(x_tr, y_tr, x_va, y_va, cols, hidden, args.epochs, args.seed)
+            out["models"][f"{model} {label}"] = {**r, "features": [names[c] for c in cols]}
+            rows.append([model, label, f"{r['ndcg@10']:.4f}", f"{r['hr@10']:.4f}", str(r["best_epoch"])])
+            print(f"  {model} {label}: valid ndcg@10 {r['ndcg@10']:.4f}", flush=True)
+    if args.ranker_results:
+        res = json.loads(args.ranker_results.read_text())["results"]
+        v = res["valid"]["pipeline"]
+        out["ranker"] = {"file": str(args.ranker_results), "ndcg@10": v["ndcg@10"], "hr@10": v["hr@10"]}
+        rows.append(["full ranker", args.ranker_results.name, f"{v['ndcg@10']:.4f}", f"{v['hr@10']:.4f}",
+                     str(res["ranker"]["best_epoch"])])
+    print_table(f"List-feature probe: {args.dataset} seed {args.seed}, valid lists", ["model", "features", "valid ndcg@10", "valid hr@10", "best epoch"], rows)
+    path = write_results(f"two_stage/{args.dataset}/list-probe-seed{args.seed}{args.tag}", out, benchmark="list_probe")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
