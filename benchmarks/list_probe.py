@@ -51,23 +51,19 @@ TS_SHIFT = 41  # item index * 2**41 + ts_ms: a sortable (item, time) key for ms 
 
 
 def build_features(store: Any, lists: Any, window: int) -> tuple[np.ndarray, list[str]]:
-    """(R, N, F) float32 features of every candidate of `lists`, and their names."""
+    """(R, N, F) float32 features of every candidate of `lists`, and their names: the ranker's candidate_dense
+    as training builds it (`ListRankingData.candidate_dense`), then the candidate features."""
     from features.candidate_lists import LIST_FEATURE_NAMES
-    from features.list_context import (
-        CONTEXT_FEATURE_NAMES, event_order, recent_items, request_points, second_stage_dense,
-    )
+    from features.list_context import CONTEXT_FEATURE_NAMES, recent_items
     from ranking.lists import ListRankingData
 
-    v, offsets = store.timeline_values, store.timeline_offsets
-    order = event_order(v["ts_ms"], int(offsets[-1]))
-    rows, _ = store.timeline_users.rows(lists.user_ids)
-    req_ts = v["ts_ms"][offsets[rows] + np.maximum(lists.hist_len - 1, 0)] + 1  # as ranking.lists does
-    pts = request_points(order, offsets, rows, lists.hist_len)
-    r, n = lists.items.shape
     ctx = ListRankingData.context_counts(store, window)
-    recent = recent_items(offsets, v["item_id"], rows, lists.hist_len, window)
-    cols = [second_stage_dense(lists.logits, lists.items, ctx, recent, lists.hist_len, pts, req_ts)]
-    names = [*LIST_FEATURE_NAMES, *CONTEXT_FEATURE_NAMES]
+    data = ListRankingData(store, {"train": lists, "valid": lists, "test": lists}, history_cap=1, lists_per_batch=1,
+                           context=ctx)
+    base, req_ts = data.candidate_dense(lists)
+    _, pts = data.request_times(lists)
+    cols, names = [base], [*LIST_FEATURE_NAMES, *CONTEXT_FEATURE_NAMES]
+    r, n = lists.items.shape
     # windowed counts: events on the candidate before the request's point and within the window before its time
     c_idx, found = ctx._index(lists.items)
     hi = np.searchsorted(ctx.item_keys, c_idx * ctx.horizon + np.repeat(pts, n).reshape(r, n))
@@ -76,10 +72,11 @@ def build_features(store: Any, lists: Any, window: int) -> tuple[np.ndarray, lis
         lo = np.searchsorted(ts_keys, c_idx * (1 << TS_SHIFT) + (req_ts[:, None] - int(w * 3.6e6)))
         cols.append(np.log1p(np.where(found, np.maximum(hi - lo, 0), 0)).reshape(-1, 1).astype(np.float32))
         names.append(f"log_item_count_{w}h")
+    rows, _ = store.timeline_users.rows(lists.user_ids)
     for wide in WIDE:
         c2 = ListRankingData.context_counts(store, wide)
-        f2 = c2.features(recent_items(offsets, v["item_id"], rows, lists.hist_len, wide), lists.hist_len, pts,
-                         req_ts, lists.items)
+        recent = recent_items(store.timeline_offsets, store.timeline_values["item_id"], rows, lists.hist_len, wide)
+        f2 = c2.features(recent, lists.hist_len, pts, req_ts, lists.items)
         for name in ("log_cooccurrence", "category_share"):
             cols.append(f2[:, [CONTEXT_FEATURE_NAMES.index(name)]])
             names.append(f"{name}_{wide}")

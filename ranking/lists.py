@@ -63,6 +63,33 @@ class ListRankingData:
                                             store.retrieval_train_len, window)
 
 
+    def request_times(self, lists: CandidateLists) -> tuple[np.ndarray, np.ndarray | None]:
+        """(R,) each request's time (ms, just after the last behavior it sees) and (R,) its order point for the
+        context counts (`request_points`; None for a ranker without context features)."""
+        offsets = self.store.timeline_offsets
+        rows, _ = self.store.timeline_users.rows(lists.user_ids)
+        last = offsets[rows] + np.maximum(lists.hist_len - 1, 0)
+        request_ts = self.store.timeline_values["ts_ms"][last] + 1
+        points = request_points(self._order, offsets, rows, lists.hist_len) if self.context is not None else None
+        return request_ts, points
+
+    def candidate_dense(self, lists: CandidateLists, columns: np.ndarray | None = None,
+                        as_served_at: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The lists' `second_stage_dense` (whole lists, or the (R, W) positions `columns`) and the requests'
+        times; `as_served_at` as in `batch`."""
+        request_ts, points = self.request_times(lists)
+        recent = None
+        if self.context is not None:
+            rows, _ = self.store.timeline_users.rows(lists.user_ids)
+            recent = recent_items(self.store.timeline_offsets, self.store.timeline_values["item_id"], rows,
+                                  lists.hist_len, self.context.window)
+            if as_served_at is not None:
+                r = len(lists)
+                points, request_ts = np.full(r, SERVE_POINT), np.full(r, as_served_at, np.int64)
+        feats = second_stage_dense(lists.logits, lists.items, self.context, recent, lists.hist_len, points,
+                                   request_ts, columns)
+        return feats, request_ts
+
     def batch(self, lists: CandidateLists, columns: np.ndarray | None = None, as_served_at: int | None = None) -> Batch:
         """One batch of whole lists, or of the given (R, W) list positions of each (features from whole lists).
 
@@ -75,20 +102,7 @@ class ListRankingData:
         if columns is not None:
             n = columns.shape[1]
             items, labels = np.take_along_axis(items, columns, 1), np.take_along_axis(labels, columns, 1)
-        ts = self.store.timeline_values["ts_ms"]
-        offsets = self.store.timeline_offsets
-        rows, _ = self.store.timeline_users.rows(lists.user_ids)
-        last = offsets[rows] + np.maximum(lists.hist_len - 1, 0)
-        request_ts = ts[last] + 1  # just after the last behavior the request sees
-        recent = points = None
-        if self.context is not None:
-            recent = recent_items(offsets, self.store.timeline_values["item_id"], rows, lists.hist_len,
-                                  self.context.window)
-            points = request_points(self._order, offsets, rows, lists.hist_len)
-            if as_served_at is not None:
-                points, request_ts = np.full(r, SERVE_POINT), np.full(r, as_served_at, np.int64)
-        feats = second_stage_dense(lists.logits, lists.items, self.context, recent, lists.hist_len, points,
-                                   request_ts, columns)
+        feats, request_ts = self.candidate_dense(lists, columns, as_served_at)
         return build_batch(user=self.store.user_features(lists.user_ids), history=hist, history_lengths=lens,
                            candidates=self.store.candidate_features(items.ravel()),
                            num_candidates=np.full(r, n, np.int64),
