@@ -19,6 +19,10 @@ Feature sets:
   +wide cooc    co-occurrence and category share over the last 10 and 20 behaviors
                 (the product's features at `lists.context_window` = 10 / 20)
   all           both
+  +retriever u*v  the retriever's per-dimension logit terms u_d * v_d x logit_scale (D columns,
+                summing to the logit), from the lists' own exports (`retriever-holdout` for the
+                training lists, `retriever` for the valid ones): does the ranker gain from the
+                retriever's vectors, not only its score? (skipped with --no-vectors)
 
 Compare its best with the full ranker's valid NDCG@10 in the two-stage results file (pass
 `--ranker-results`): the gap is what the ranker's sequence modules add beyond the dense
@@ -83,6 +87,16 @@ def build_features(store: Any, lists: Any, window: int) -> tuple[np.ndarray, lis
     return np.concatenate(cols, 1).reshape(r, n, -1), names
 
 
+def retriever_products(store: Any, lists: Any, export: Path) -> np.ndarray:
+    """(R, N, D) the lists' `retrieval_products` as the ranker reads them with `lists.retriever_vectors`, from the
+    export that made the lists (`retrieval.lists.attach_vectors`)."""
+    from retrieval.export import load_retriever
+    from retrieval.lists import attach_vectors
+
+    withv = attach_vectors(lists, load_retriever(export), store)
+    return withv.products().reshape(len(lists), lists.width, -1)
+
+
 def ndcg_hr10(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     top = np.take_along_axis(labels, np.argsort(-scores, 1, kind="stable"), 1)[:, :10]
     return float((top / np.log2(np.arange(2, 12))).sum(1).mean()), float(top.sum(1).mean())
@@ -134,6 +148,7 @@ def main() -> None:
     p.add_argument("--data-dir", type=Path, default=REPO / "data" / "bench")
     p.add_argument("--ranker-results", type=Path, help="a two_stage results file of the same lists")
     p.add_argument("--tag", default="")
+    p.add_argument("--no-vectors", action="store_true", help="skip the retriever u*v set (needs the cached exports)")
     args = p.parse_args()
 
     from features.candidate_lists import LIST_FEATURE_NAMES, CandidateLists
@@ -151,6 +166,16 @@ def main() -> None:
     t0 = time.perf_counter()
     x_tr, names = build_features(store, train, args.window)
     x_va, _ = build_features(store, valid, args.window)
+    exports = {"train": work / "retriever-holdout" / "export", "valid": work / "retriever" / "export"}
+    with_uv = not args.no_vectors and all((e / "manifest.json").exists() for e in exports.values())
+    if with_uv:  # the lists' own retrievers: holdout for training lists, the served one for valid lists
+        uv_tr = retriever_products(store, train, exports["train"])
+        uv_va = retriever_products(store, valid, exports["valid"])
+        err = np.abs(uv_va.sum(-1) - valid.logits).max()
+        print(f"  retriever u*v: {uv_tr.shape[-1]} columns; max |sum - logit| on valid {err:.2e}", flush=True)
+        names += [f"retriever_uv_{d}" for d in range(uv_tr.shape[-1])]
+        x_tr, x_va = np.concatenate([x_tr, uv_tr], -1), np.concatenate([x_va, uv_va], -1)
+        del uv_tr, uv_va
     print(f"features {x_tr.shape} train, {x_va.shape} valid in {time.perf_counter() - t0:.0f}s", flush=True)
     y_tr, y_va = train.labels(), valid.labels()
     n_base = len(LIST_FEATURE_NAMES) + len(CONTEXT_FEATURE_NAMES)
@@ -158,8 +183,10 @@ def main() -> None:
         "list+context": list(range(n_base)),
         "+time windows": list(range(n_base)) + [names.index(f"log_item_count_{w}h") for w in WINDOWS_H],
         "+wide cooc": list(range(n_base)) + [i for i, nm in enumerate(names) if nm.endswith(tuple(f"_{w}" for w in WIDE))],
-        "all": list(range(len(names))),
+        "all": [i for i, nm in enumerate(names) if not nm.startswith("retriever_uv_")],
     }
+    if with_uv:
+        sets["+retriever u*v"] = list(range(n_base)) + [i for i, nm in enumerate(names) if nm.startswith("retriever_uv_")]
     retr = ndcg_hr10(valid.logits, y_va)
     rows = [["retriever alone", "-", f"{retr[0]:.4f}", f"{retr[1]:.4f}", "-"]]
     out: dict[str, Any] = {"dataset": args.dataset, "seed": args.seed, "split": "valid lists (validation only)",

@@ -14,16 +14,29 @@ through the one function here:
         logit - top logit  the gap to the list's best candidate (<= 0)
 
 Column 0 is the ranker's residual base (`ranking.config.ModelConfig.residual_column`).
+
+A ranker may also read the vectors behind the logit (`ranking.config.ListsConfig.retriever_vectors`):
+
+    retrieval_products(user_vectors, item_vectors)  ->  (N, D) float32 per candidate:
+        u_d * v_d          the D per-dimension terms of the logit (they sum to it), with u the request's
+                           user vector times the logit scale and v the candidate's item vector
+
+so the correction can reweight the retriever's own dimensions on the hard candidates of its lists.
+Lists carry their requests' scaled user vectors and a lookup of their retriever's item vectors
+(`CandidateLists.user_vectors` / `item_vectors`, attached by `retrieval.lists`); the server
+passes its user vector and its bundle's item table.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 LIST_FEATURE_NAMES: tuple[str, ...] = ("retrieval_logit", "retrieval_log1p_rank", "retrieval_logit_gap")
 RESIDUAL_COLUMN = 0  # list_features column holding the first stage's logit
+PRODUCT_PREFIX = "retrieval_uv_"  # retrieval_products column d is named PRODUCT_PREFIX + str(d)
 
 
 def list_features(logits: np.ndarray) -> np.ndarray:
@@ -37,6 +50,21 @@ def list_features(logits: np.ndarray) -> np.ndarray:
     return np.stack([lg, rank, gap], axis=-1).reshape(r * n, len(LIST_FEATURE_NAMES))
 
 
+def retrieval_products(user_vectors: np.ndarray, item_vectors: np.ndarray) -> np.ndarray:
+    """(R, D) scaled user vectors and (R, N, D) their lists' item vectors -> (R * N, D) float32 u_d * v_d, row-major
+    (request, candidate): the per-dimension terms of each candidate's logit."""
+    u = np.asarray(user_vectors, np.float32)
+    v = np.asarray(item_vectors, np.float32)
+    if u.ndim != 2 or v.ndim != 3 or v.shape[0] != u.shape[0] or v.shape[2] != u.shape[1]:
+        raise ValueError(f"retrieval_products: user vectors (R, D) {u.shape} and item vectors (R, N, D) {v.shape} "
+                         f"do not match")
+    return (u[:, None, :] * v).reshape(-1, u.shape[1])
+
+
+def product_names(dim: int) -> tuple[str, ...]:
+    return tuple(f"{PRODUCT_PREFIX}{d}" for d in range(dim))
+
+
 @dataclass(frozen=True)
 class CandidateLists:
     """R requests' retrieved lists (see the module docstring). Arrays, row r = request r."""
@@ -46,6 +74,11 @@ class CandidateLists:
     items: np.ndarray  # (R, N) int64, best first
     logits: np.ndarray  # (R, N) float32
     target: np.ndarray  # (R,) int64, -1 = unknown
+    # the vectors behind the logits (`retrieval_products`), when attached: (R, D) float32 user vectors times the
+    # logit scale (saved with the lists), and the lists' retriever's item lookup, ids (...) -> (..., D) float32
+    # (not saved: `with_vectors` attaches it from the retriever export that made the lists)
+    user_vectors: np.ndarray | None = None
+    item_vectors: Callable[[np.ndarray], np.ndarray] | None = None
 
     def __len__(self) -> int:
         return int(self.user_ids.shape[0])
@@ -64,7 +97,20 @@ class CandidateLists:
 
     def take(self, rows: np.ndarray) -> "CandidateLists":
         return CandidateLists(self.user_ids[rows], self.hist_len[rows], self.items[rows], self.logits[rows],
-                              self.target[rows])
+                              self.target[rows], None if self.user_vectors is None else self.user_vectors[rows],
+                              self.item_vectors)
+
+    def with_vectors(self, user_vectors: np.ndarray | None,
+                     item_vectors: Callable[[np.ndarray], np.ndarray] | None) -> "CandidateLists":
+        return replace(self, user_vectors=user_vectors, item_vectors=item_vectors).validate("with_vectors")
+
+    def products(self, columns: np.ndarray | None = None) -> np.ndarray:
+        """`retrieval_products` of the lists (or of their (R, W) positions `columns`): (R * N, D) float32."""
+        if self.user_vectors is None or self.item_vectors is None:
+            raise ValueError("these lists carry no retriever vectors (user vectors and the item lookup): attach "
+                             "them with retrieval.lists.attach_vectors")
+        items = self.items if columns is None else np.take_along_axis(self.items, columns, 1)
+        return retrieval_products(self.user_vectors, self.item_vectors(items))
 
     def validate(self, where: str) -> "CandidateLists":
         r = self.user_ids.shape
@@ -77,6 +123,10 @@ class CandidateLists:
             raise ValueError(f"{where}: {self.items.shape[0]} lists for {r[0]} users")
         if (self.hist_len < 0).any():
             raise ValueError(f"{where}: negative hist_len at request {int(np.flatnonzero(self.hist_len < 0)[0])}")
+        if self.user_vectors is not None and (self.user_vectors.ndim != 2 or self.user_vectors.shape[0] != r[0]
+                                              or not np.isfinite(self.user_vectors).all()):
+            raise ValueError(f"{where}: user_vectors must be finite (R, D) for {r[0]} requests, got shape "
+                             f"{self.user_vectors.shape}")
         if not np.isfinite(self.logits).all():
             raise ValueError(f"{where}: non-finite logits at request {int(np.flatnonzero(~np.isfinite(self.logits).all(1))[0])}")
         return self
@@ -85,13 +135,15 @@ class CandidateLists:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp.npz")
+        vectors = {} if self.user_vectors is None else {"user_vectors": self.user_vectors}
         np.savez(tmp, user_ids=self.user_ids, hist_len=self.hist_len, items=self.items, logits=self.logits,
-                 target=self.target)
+                 target=self.target, **vectors)
         tmp.replace(path)
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> "CandidateLists":
         with np.load(Path(path), allow_pickle=False) as z:
+            uv = z["user_vectors"].astype(np.float32) if "user_vectors" in z.files else None
             return cls(z["user_ids"].astype(np.int64), z["hist_len"].astype(np.int64), z["items"].astype(np.int64),
-                       z["logits"].astype(np.float32), z["target"].astype(np.int64)).validate(str(path))
+                       z["logits"].astype(np.float32), z["target"].astype(np.int64), uv).validate(str(path))

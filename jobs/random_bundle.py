@@ -30,6 +30,7 @@ class RandomBundleSpec:
     ranker_overrides: tuple[str, ...] = ()
     second_stage: bool = False  # the ranker is two-stage.yaml's residual on the retriever logit
     randomize_heads_std: float = 0.0  # >0: the (zero-initialised) residual heads drawn N(0, std) so they reorder
+    retriever_vectors: bool = False  # the second stage also reads the retriever's u_d * v_d terms
 
     @classmethod
     def ml1m_sdim(cls) -> "RandomBundleSpec":
@@ -75,11 +76,13 @@ def write_random_bundle(catalog, out: Path, version: str, seed: int, spec: Rando
     layout = DenseLayout(StatsConfig(), 0.55, ("year",))
     kcfg = load_ranker_config([REPO / c for c in spec.ranker_configs], list(spec.ranker_overrides))
     if spec.second_stage:
+        products = rcfg.model.dim if spec.retriever_vectors else 0
         mc = dataclasses.replace(kcfg.model, user_dense_dim=0, candidate_dense_dim=len(LIST_FEATURE_NAMES)
-                                 + (len(CONTEXT_FEATURE_NAMES) if context is not None else 0))
+                                 + (len(CONTEXT_FEATURE_NAMES) if context is not None else 0) + products,
+                                 retrieval_products=products)
     else:
         mc = dataclasses.replace(kcfg.model, user_dense_dim=len(layout.user_names()),
-                                 candidate_dense_dim=len(layout.candidate_names()))
+                                 candidate_dense_dim=len(layout.candidate_names()), retrieval_products=0)
     torch.manual_seed(seed)
     ranker = RankerModel(mc, embedding_device="cpu")
     if spec.randomize_heads_std > 0:

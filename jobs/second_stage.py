@@ -12,7 +12,9 @@ top-N list of each request as the retriever's logit plus a learned correction. W
   ranker's epoch is chosen on their NDCG@10, which is the two-stage system's valid NDCG@10;
 * test lists: the served retriever at the test position, reported once;
 * the point-in-time context counts (`features.list_context`) over every user's retrieval-training prefix,
-  exported with the ranker (`context.npz`) so the server computes the same features.
+  exported with the ranker (`context.npz`) so the server computes the same features;
+* with `lists.retriever_vectors`, each list's retriever vectors (`retrieval.lists.attach_vectors`): the
+  holdout retriever's for the training lists, the served one's for valid and test, as the server uses its own.
 
 Every list is the top N of every item the user has not seen. Lists are cached as ``.npz`` under the run's
 directory, so a resumed run does not retrieve again.
@@ -52,16 +54,20 @@ def candidate_lists(store: Any, retriever: Path, lists_retriever: Path, lc: Any,
     test lists from `retriever` (the served one); cached under `cache_dir` when given."""
     from features.candidate_lists import CandidateLists
     from retrieval.export import load_retriever
-    from retrieval.lists import retrieve_lists
+    from retrieval.lists import attach_vectors, retrieve_lists
 
     exports = {"train": Path(lists_retriever), "valid": Path(retriever), "test": Path(retriever)}
     out, loaded = {}, {}
     for split, (users, hist) in list_requests(store, lc).items():
         path = None if cache_dir is None else Path(cache_dir) / f"lists-{split}-top{lc.top_n}.npz"
+        export = exports[split]
         if path is not None and path.exists():
             out[split] = CandidateLists.load(path)
+            if lc.retriever_vectors:  # the item lookup is not cached; user vectors are unless the cache predates them
+                if export not in loaded:
+                    loaded[export] = load_retriever(export)
+                out[split] = attach_vectors(out[split], loaded[export], store)
             continue
-        export = exports[split]
         if export not in loaded:
             loaded[export] = load_retriever(export)
         t0 = time.perf_counter()
@@ -82,7 +88,7 @@ def list_data(store: Any, lists: dict[str, Any], cfg: Any) -> Any:
     context = ListRankingData.context_counts(store, lc.context_window) if lc.context_window else None
     return ListRankingData(store, lists, history_cap=cfg.model.sequence.history_len,
                            lists_per_batch=lc.lists_per_batch, seed=cfg.train.seed, train_width=lc.train_width,
-                           context=context)
+                           context=context, retriever_vectors=lc.retriever_vectors)
 
 
 def _train(rank: int, world: int, cfg: Any, data: Any, out: str) -> Any:

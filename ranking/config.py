@@ -170,6 +170,11 @@ class ModelConfig:
         that value plus the model's output, whose last layer starts at zero: an
         untrained ranker reproduces the retriever's order and its softmax, and
         training learns only the correction. -1: a plain CTR ranker.
+    retrieval_products: a second stage reading the retriever's vectors: its last
+        `retrieval_products` candidate_dense columns are the u_d * v_d terms of the
+        retriever's logit (`features.candidate_lists.retrieval_products`; the
+        retriever's dimension), which the server computes from its own retriever.
+        0: none; -1: take it from the data.
     """
 
     embedding: EmbeddingArchConfig = EmbeddingArchConfig()
@@ -182,8 +187,14 @@ class ModelConfig:
     # fp32, since emulated bf16 is tens of times slower (features/hardware.py)
     bf16_mlp: bool = True
     residual_column: int = -1
+    retrieval_products: int = -1
 
     def __post_init__(self) -> None:
+        if self.retrieval_products > 0 and self.residual_column < 0:
+            raise ValueError("retrieval_products needs a second-stage ranker (residual_column >= 0)")
+        if self.resolved and self.retrieval_products > self.candidate_dense_dim:
+            raise ValueError(f"retrieval_products {self.retrieval_products} exceeds the {self.candidate_dense_dim} "
+                             f"candidate_dense columns")
         if self.sequence.short_len == 0 and self.moe.num_experts > 1:
             raise ValueError("moe.num_experts > 1 needs the short-term sequence (sequence.short_len > 0): "
                              "the AW-MoE gate attends over it")
@@ -318,6 +329,9 @@ class ListsConfig:
     train_width: int = 32  # sampled candidates per training list and step (0: the whole list)
     lists_per_batch: int = 16
     context_window: int = 5  # point-in-time context features over the last N behaviors (0: list features only)
+    # the retriever's per-dimension logit terms u_d * v_d as D more candidate features (the correction can then
+    # reweight the retriever's own dimensions on its hard candidates); the server computes them from its retriever
+    retriever_vectors: bool = False
     max_users: int = 0  # 0: every user (a smaller number: smoke runs)
 
     def __post_init__(self) -> None:

@@ -3,7 +3,9 @@
 A request's batch row is the user as of the request (history ``timeline[:hist_len]``
 capped to what the model reads, user attributes), its N candidates with their
 item features and `list_features` (retriever logit, log rank, gap to the top)
-as `candidate_dense`, and label 1 on the target. The ranker trains listwise
+as `candidate_dense` (then the point-in-time context features and, with
+`retriever_vectors`, the retriever's per-dimension logit terms), and label 1
+on the target. The ranker trains listwise
 (`loss.kind = listwise`) with `model.residual_column = 0`.
 
 Training keeps the lists that hold their target (a list without it carries no
@@ -37,7 +39,8 @@ class ListRankingData:
     user_dense_dim = 0
 
     def __init__(self, store: Any, splits: Mapping[str, CandidateLists], history_cap: int, lists_per_batch: int,
-                 seed: int = 0, train_width: int = 0, context: ContextCounts | None = None) -> None:
+                 seed: int = 0, train_width: int = 0, context: ContextCounts | None = None,
+                 retriever_vectors: bool = False) -> None:
         missing = {"train", "valid", "test"} - set(splits)
         if missing:
             raise ValueError(f"ListRankingData needs train/valid/test lists, missing {sorted(missing)}")
@@ -51,7 +54,18 @@ class ListRankingData:
         self.store, self.cap, self.per_batch, self.seed = store, history_cap, lists_per_batch, seed
         self.train_width = train_width
         self.context = context
-        self.candidate_dense_dim = len(LIST_FEATURE_NAMES) + (len(CONTEXT_FEATURE_NAMES) if context else 0)
+        self.retrieval_products = 0
+        if retriever_vectors:
+            lacking = [k for k, v in self.splits.items() if v.user_vectors is None or v.item_vectors is None]
+            if lacking:
+                raise ValueError(f"retriever_vectors: the {lacking} lists carry no retriever vectors "
+                                 f"(retrieval.lists.attach_vectors)")
+            dims = {k: v.user_vectors.shape[1] for k, v in self.splits.items()}
+            if len(set(dims.values())) != 1:
+                raise ValueError(f"retriever_vectors: the splits' retrievers differ in dimension: {dims}")
+            self.retrieval_products = dims["valid"]
+        self.candidate_dense_dim = (len(LIST_FEATURE_NAMES) + (len(CONTEXT_FEATURE_NAMES) if context else 0)
+                                    + self.retrieval_products)
         self._order = (event_order(store.timeline_values["ts_ms"], int(store.timeline_offsets[-1]))
                        if context is not None else None)
 
@@ -86,8 +100,9 @@ class ListRankingData:
             if as_served_at is not None:
                 r = len(lists)
                 points, request_ts = np.full(r, SERVE_POINT), np.full(r, as_served_at, np.int64)
+        products = lists.products(columns) if self.retrieval_products else None
         feats = second_stage_dense(lists.logits, lists.items, self.context, recent, lists.hist_len, points,
-                                   request_ts, columns)
+                                   request_ts, columns, products)
         return feats, request_ts
 
     def batch(self, lists: CandidateLists, columns: np.ndarray | None = None, as_served_at: int | None = None) -> Batch:

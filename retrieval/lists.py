@@ -9,7 +9,9 @@ exactly (the ANN index's reference), every item the request has seen is masked
 — the whole history, not a capped tail — and the top `top_n` are kept with
 their logits (score x `logit_scale`, the retriever's training-time softmax
 logit: 1 / temperature for cosine scores). The target is ``timeline[hist_len]``
-when the timeline has it.
+when the timeline has it. The lists carry the vectors behind their logits
+(user vectors x logit_scale, the retriever's item lookup); `attach_vectors`
+re-attaches them to lists loaded from a cache.
 
 Which retriever produces the lists decides whether they are honest: the second
 stage must see lists for targets the retriever was not trained on (see the
@@ -17,7 +19,8 @@ README's two-stage section).
 """
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -34,6 +37,45 @@ def _history_batch(retriever: Any, store: Any, user_ids: np.ndarray, hist_len: n
                         history_lengths=lens, candidates={}, num_candidates=np.zeros(len(user_ids), np.int64),
                         request_ts=np.zeros(len(user_ids), np.int64))
     return validate_batch(batch, retriever.batch_spec())
+
+
+def candidate_vectors(retriever: Any, item_ids: np.ndarray) -> np.ndarray:
+    """(..., D) float32 item vectors of the retriever for item ids of any shape (0 for items it does not index)."""
+    rows, known = retriever.rows(item_ids)
+    vecs = np.asarray(retriever.item_vectors, np.float32)[rows]
+    return np.where(known[..., None], vecs, np.float32(0.0))
+
+
+def item_lookup(retriever: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """The lists' item-vector lookup (`CandidateLists.item_vectors`) of a loaded retriever."""
+    return functools.partial(candidate_vectors, retriever)
+
+
+def _scale(retriever: Any, logit_scale: float | None) -> float:
+    scale = logit_scale if logit_scale is not None else getattr(retriever, "logit_scale", None)
+    if scale is None or not np.isfinite(scale) or scale <= 0:
+        raise ValueError(f"retrieve_lists: the retriever export records no usable logit scale ({scale!r}); "
+                         f"pass logit_scale (1 / the training temperature)")
+    return float(scale)
+
+
+@torch.inference_mode()
+def attach_vectors(lists: CandidateLists, retriever: Any, store: Any, logit_scale: float | None = None,
+                   chunk: int = 512) -> CandidateLists:
+    """`lists` with the vectors behind their logits (`features.candidate_lists.retrieval_products`): the user
+    vectors of their requests times the logit scale (kept when the lists already carry them) and the item
+    lookup of `retriever`, which must be the retriever that made them."""
+    uv = lists.user_vectors
+    if uv is None:
+        uv = np.empty((len(lists), retriever.dim), np.float32)
+        for s in range(0, len(lists), chunk):
+            batch = _history_batch(retriever, store, lists.user_ids[s:s + chunk], lists.hist_len[s:s + chunk])
+            uv[s:s + chunk] = retriever.user_embedding(batch).float().numpy()
+        uv *= np.float32(_scale(retriever, logit_scale))
+    if uv.shape[1] != retriever.dim:
+        raise ValueError(f"attach_vectors: the lists' user vectors have {uv.shape[1]} dimensions, the retriever "
+                         f"{retriever.dim}: these lists were made by another retriever")
+    return lists.with_vectors(uv, item_lookup(retriever))
 
 
 @torch.inference_mode()
@@ -59,17 +101,16 @@ def retrieve_lists(retriever: Any, store: Any, user_ids: np.ndarray, hist_len: n
     n_items = len(retriever.item_ids)
     if not 0 < top_n <= n_items:
         raise ValueError(f"retrieve_lists: top_n must be in [1, {n_items}], got {top_n}")
-    scale = logit_scale if logit_scale is not None else getattr(retriever, "logit_scale", None)
-    if scale is None or not np.isfinite(scale) or scale <= 0:
-        raise ValueError(f"retrieve_lists: the retriever export records no usable logit scale ({scale!r}); "
-                         f"pass logit_scale (1 / the training temperature)")
-    scale = float(scale)
+    scale = _scale(retriever, logit_scale)
     vecs = torch.from_numpy(np.ascontiguousarray(retriever.item_vectors, dtype=np.float32))  # (I, D)
     items = np.empty((len(user_ids), top_n), np.int64)
     logits = np.empty((len(user_ids), top_n), np.float32)
+    uvecs = np.empty((len(user_ids), retriever.dim), np.float32)
     for s in range(0, len(user_ids), chunk):
         u, h = user_ids[s:s + chunk], hist_len[s:s + chunk]
-        scores = retriever.user_embedding(_history_batch(retriever, store, u, h)).float() @ vecs.T  # (c, I)
+        uvec = retriever.user_embedding(_history_batch(retriever, store, u, h)).float()
+        uvecs[s:s + chunk] = uvec.numpy() * np.float32(scale)
+        scores = uvec @ vecs.T  # (c, I)
         seen, lens = store.items_before(u, h)  # the whole history, uncapped
         rows, known = retriever.rows(seen)
         owner = np.repeat(np.arange(len(u)), lens)
@@ -86,4 +127,5 @@ def retrieve_lists(retriever: Any, store: Any, user_ids: np.ndarray, hist_len: n
     target[has] = store.timeline_values["item_id"][store.timeline_offsets[rows[has]] + hist_len[has]]
     # a list can run out of unseen items only when the catalog is smaller than history + top_n
     logits = np.where(np.isfinite(logits), logits, np.float32(-1e4))
-    return CandidateLists(user_ids, hist_len, items, logits, target).validate("retrieve_lists")
+    return CandidateLists(user_ids, hist_len, items, logits, target, uvecs,
+                          item_lookup(retriever)).validate("retrieve_lists")

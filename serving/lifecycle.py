@@ -69,7 +69,7 @@ def smoke_test(bundle: ModelBundle, catalog: ItemCatalog, num_candidates: int) -
             raise ArtifactError("smoke_failed", "ANN search returned no candidates")
         second = bundle.ranker.second_stage
         if second:  # the runtime's second-stage inputs: the list's features, no user dense features
-            dense = list_dense(bundle, scores, cands, view.seq.item_ids, as_of)
+            dense = list_dense(bundle, scores, cands, view.seq.item_ids, as_of, uvec[0])
         else:
             dense = candidate_dense(catalog, cands, None, as_of, bundle.dense)
         batch = build_request_batch(view, catalog, cands, dense, as_of, sigs, bundle.user_keys)

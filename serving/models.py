@@ -595,6 +595,10 @@ def load_bundle(path: Path, manifest: Mapping[str, Any], checksum: str, dense: D
         except Exception as e:  # a loader failing on a bad artifact is a rejection, not a crash
             raise ArtifactError("load_failed", f"{part} ({spec['loader']}) from {part_dir}: {describe_error(e)}") from e
     retriever, ranker = parts["retriever"], parts["ranker"]
+    products = int(getattr(getattr(ranker, "cfg", None), "retrieval_products", 0) or 0)
+    if products > 0 and products != int(getattr(retriever, "dim", -1)):
+        raise ArtifactError("schema", f"the ranker reads {products} retriever vector terms but the bundle's retriever "
+                                      f"has dimension {getattr(retriever, 'dim', None)}: export the pair together")
     context = getattr(ranker, "context", None)
     if context is not None:  # a second stage's context counts: their serve-point totals, before any request
         context.prepare_serving()

@@ -45,7 +45,9 @@ import numpy as np
 import torch
 
 from features.batch import Batch
+from features.candidate_lists import retrieval_products
 from features.list_context import recent_items, second_stage_dense
+from retrieval.lists import candidate_vectors
 from serving.batching import UserView, candidate_dense, user_batch, user_view, with_candidates
 from serving.catalog import ItemCatalog
 from serving.config import LimitsConfig, RuntimeConfig
@@ -241,9 +243,7 @@ class RequestContext:
 
 def exact_scores(retriever, uvec: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
     """(N,) float32 retriever scores of the given items for one user vector (0 for items it does not index)."""
-    rows, known = retriever.rows(item_ids)
-    vecs = np.asarray(retriever.item_vectors, np.float32)[rows]  # (N, D)
-    return np.where(known, vecs @ uvec.astype(np.float32), 0.0).astype(np.float32)
+    return (candidate_vectors(retriever, item_ids) @ uvec.astype(np.float32)).astype(np.float32)
 
 
 def second_stage_scale(bundle: ModelBundle) -> float:
@@ -256,18 +256,26 @@ def second_stage_scale(bundle: ModelBundle) -> float:
 
 
 def list_dense(bundle: ModelBundle, retrieval: np.ndarray, cands: np.ndarray, history: np.ndarray,
-               as_of: int) -> np.ndarray:
+               as_of: int, user_vec: np.ndarray | None = None) -> np.ndarray:
     """A second-stage ranker's candidate_dense for one served list (best first): the list features of the
-    retriever's logits, then the context features as of now when the ranker reads them
-    (`features.list_context.second_stage_dense`, the function training used)."""
+    retriever's logits, then the context features as of now when the ranker reads them, then the retriever's
+    per-dimension logit terms from `user_vec` (D,) when it reads those (zero without a user vector: a cold
+    user's list has no retriever logits either) (`features.list_context.second_stage_dense`, the function
+    training used)."""
+    scale = second_stage_scale(bundle)
+    products = None
+    dim = max(int(getattr(bundle.ranker.cfg, "retrieval_products", 0)), 0)
+    if dim:
+        u = np.zeros(dim, np.float32) if user_vec is None else np.asarray(user_vec, np.float32).reshape(-1)
+        products = retrieval_products(u[None, :] * np.float32(scale), candidate_vectors(bundle.retriever, cands)[None])
     context = bundle.ranker.context
     recent = None
     hist_len = np.array([len(history)], np.int64)
     if context is not None:
         recent = recent_items(np.array([0, len(history)], np.int64), history, np.array([0]), hist_len,
                               context.window)
-    return second_stage_dense(retrieval[None, :] * second_stage_scale(bundle), cands[None, :], context, recent,
-                              hist_len, request_ts=np.array([as_of], np.int64))
+    return second_stage_dense(retrieval[None, :] * scale, cands[None, :], context, recent, hist_len,
+                              request_ts=np.array([as_of], np.int64), products=products)
 
 
 def _ranker_logits(ranker, batch: Batch) -> torch.Tensor:
@@ -439,7 +447,8 @@ class Runtime:
         counters: one Redis MGET, unless `item_stats: off`."""
         bundle = ctx.bundle
         if bundle.ranker.second_stage:
-            ctx.dense = list_dense(bundle, ctx.retrieval, ctx.cands, ctx.view.seq.item_ids, ctx.as_of)
+            ctx.dense = list_dense(bundle, ctx.retrieval, ctx.cands, ctx.view.seq.item_ids, ctx.as_of,
+                                   None if ctx.user_vec is None else ctx.user_vec[0])
         elif self.cfg.item_stats == "cached" and not ctx.query.as_of_ms and self.item_dense is not None:
             ctx.dense = self.item_dense.lookup(ctx.catalog, bundle.dense, ctx.cands, ctx.as_of, self._max_age_ms)
         if ctx.dense is None and self.cfg.item_stats != "off" and len(ctx.cands):

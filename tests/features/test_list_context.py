@@ -134,3 +134,26 @@ def test_served_features_match_brute_force(seed: int, window: int) -> None:
             want = _brute(offsets, item_ids, ts, cats, visible, window, hist[r, 7 - h[r]:], int(h[r]), SERVE_POINT,
                           req_ts[r], cand[r, n])
             np.testing.assert_allclose(got[r, n], want, rtol=1e-6, atol=1e-6, err_msg=f"request {r}, candidate {n}")
+
+
+def test_second_stage_dense_appends_the_retrievers_products_last() -> None:
+    """[list features | context | u_d * v_d] for the kept positions; the products sum to the logit column."""
+    from features.candidate_lists import list_features, retrieval_products
+    from features.list_context import second_stage_dense
+
+    rng = np.random.default_rng(3)
+    u, v = rng.normal(size=(2, 4)).astype(np.float32), rng.normal(size=(2, 6, 4)).astype(np.float32)
+    logits = np.einsum("rd,rnd->rn", u, v)
+    order = np.argsort(-logits, 1)
+    logits, v = np.take_along_axis(logits, order, 1), np.take_along_axis(v, order[..., None], 1)
+    items = np.arange(12, dtype=np.int64).reshape(2, 6)
+    cols = np.array([[0, 2, 5], [1, 3, 4]])
+    products = retrieval_products(u, np.take_along_axis(v, cols[..., None], 1))
+    got = second_stage_dense(logits, items, columns=cols, products=products)
+    assert got.shape == (6, list_features(logits).shape[1] + 4)
+    np.testing.assert_allclose(got[:, -4:].sum(1), got[:, 0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(got[:, :3], second_stage_dense(logits, items, columns=cols))
+    with pytest.raises(ValueError, match="rows of retrieval products"):
+        second_stage_dense(logits, items, products=products)
+    with pytest.raises(ValueError, match="do not match"):
+        retrieval_products(u, v[:, :, :3])

@@ -136,3 +136,51 @@ def test_sampled_training_lists_keep_the_target_and_the_whole_lists_features(lis
     feats = b.candidate_dense.view(8, 10, -1)
     assert torch.all(feats[:, 1:, 1] > feats[:, :-1, 1])  # list order kept: log1p(rank) increasing
     assert torch.all(feats[:, :, 2] <= 0)  # gaps to the whole list's top
+
+
+def test_lists_carry_the_vectors_behind_their_logits_through_a_cache(lists, retriever, retrieval_features, tmp_path):
+    """`retrieval_products` sum to the logits; a cached list keeps its user vectors, and `attach_vectors` on lists
+    saved without them (an older cache) recomputes the same ones."""
+    from retrieval.lists import attach_vectors
+
+    r, scale = retriever
+    cl = lists["valid"].take(np.arange(40))
+    products = cl.products().reshape(len(cl), TOP_N, r.dim)
+    np.testing.assert_allclose(products.sum(-1), cl.logits, rtol=1e-4, atol=1e-4)
+    cols = np.sort(np.random.default_rng(0).choice(TOP_N, (len(cl), 7)), 1)
+    np.testing.assert_array_equal(cl.products(cols).reshape(len(cl), 7, -1),
+                                  np.take_along_axis(products, cols[..., None], 1))
+    loaded = CandidateLists.load(cl.save(tmp_path / "with.npz"))
+    np.testing.assert_array_equal(loaded.user_vectors, cl.user_vectors)
+    bare = dataclasses.replace(cl, user_vectors=None, item_vectors=None)
+    again = attach_vectors(CandidateLists.load(bare.save(tmp_path / "bare.npz")), r, FeatureStore(retrieval_features),
+                           scale)
+    np.testing.assert_allclose(again.user_vectors, cl.user_vectors, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(again.products(), cl.products(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="no retriever vectors"):
+        bare.products()
+    with pytest.raises(ValueError, match="user_vectors must be finite"):
+        cl.with_vectors(cl.user_vectors[:3], cl.item_vectors)
+
+
+def test_a_second_stage_reading_the_retrievers_vectors_trains_and_exports_them(lists, retriever, retrieval_features,
+                                                                              tmp_path):
+    from features.train.launch import run_distributed
+    from ranking.export import load_ranker
+    from ranking.lists import ListRankingData
+
+    r, _ = retriever
+    store = FeatureStore(retrieval_features)
+    data = ListRankingData(store, lists, history_cap=100, lists_per_batch=16, train_width=10, retriever_vectors=True)
+    assert data.retrieval_products == r.dim
+    assert data.candidate_dense_dim == list_features(np.zeros((1, 1))).shape[1] + r.dim
+    b = next(iter(data.train_batches(0, 0, 1)))
+    feats = b.candidate_dense.view(16, 10, -1)
+    torch.testing.assert_close(feats[..., -r.dim:].sum(-1), feats[..., 0], rtol=1e-4, atol=1e-4)
+    res = run_distributed(_train, 1, _ranker_config(4), data, str(tmp_path))[0]
+    ranker = load_ranker(res.export_dir)
+    assert ranker.cfg.retrieval_products == r.dim
+    assert ranker.logits(data.batch(lists["test"].take(np.arange(2)))).shape == (2 * TOP_N,)
+    bare = {k: dataclasses.replace(v, user_vectors=None, item_vectors=None) for k, v in lists.items()}
+    with pytest.raises(ValueError, match="carry no retriever vectors"):
+        ListRankingData(store, bare, history_cap=100, lists_per_batch=16, retriever_vectors=True)
