@@ -243,6 +243,19 @@ def test_missing_and_modified_files_are_refused(manager, copy_bundle) -> None:
     assert rejected(manager, b, sha).reason == "checksum_mismatch"
 
 
+def test_a_ranker_reading_vectors_of_another_dimension_than_its_retriever_is_refused(manager, copy_bundle) -> None:
+    """A second stage whose `model.retrieval_products` is not its bundle's retriever's dimension (a pair exported
+    apart), checksums all good: refused at load, before it could answer with misaligned features."""
+    b = copy_bundle()
+    cfg_path = b / "ranker" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    retriever_dim = json.loads((b / "retriever" / "config.json").read_text())["model"]["dim"]
+    cfg["model"].update(residual_column=0, retrieval_products=1 if retriever_dim != 1 else 2)
+    cfg_path.write_text(json.dumps(cfg))
+    e = rejected(manager, b, resign(b))
+    assert e.reason == "schema" and "retriever vector terms" in e.detail
+
+
 def test_announcement_checksum_and_version_must_match(manager, copy_bundle) -> None:
     b = copy_bundle()
     sha = resign(b)
