@@ -23,6 +23,8 @@ Feature sets:
                 summing to the logit), from the lists' own exports (`retriever-holdout` for the
                 training lists, `retriever` for the valid ones): does the ranker gain from the
                 retriever's vectors, not only its score? (skipped with --no-vectors)
+  +retriever sims  cosine similarity in the retriever's item space of the candidate to the
+                request's last behavior, and its max and mean over the last 5 (basis-free)
 
 Compare its best with the full ranker's valid NDCG@10 in the two-stage results file (pass
 `--ranker-results`): the gap is what the ranker's sequence modules add beyond the dense
@@ -87,14 +89,34 @@ def build_features(store: Any, lists: Any, window: int) -> tuple[np.ndarray, lis
     return np.concatenate(cols, 1).reshape(r, n, -1), names
 
 
-def retriever_products(store: Any, lists: Any, export: Path) -> np.ndarray:
-    """(R, N, D) the lists' `retrieval_products` as the ranker reads them with `lists.retriever_vectors`, from the
-    export that made the lists (`retrieval.lists.attach_vectors`)."""
-    from retrieval.export import load_retriever
-    from retrieval.lists import attach_vectors
+SIM_RECENT = 5  # recent behaviors the retriever-space similarities read
+SIM_NAMES = ("retriever_sim_last", f"retriever_sim_max{SIM_RECENT}", f"retriever_sim_mean{SIM_RECENT}")
 
-    withv = attach_vectors(lists, load_retriever(export), store)
-    return withv.products().reshape(len(lists), lists.width, -1)
+
+def retriever_features(store: Any, lists: Any, export: Path, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
+    """From the export that made `lists`: (R, N, D) their `retrieval_products` as the ranker reads them with
+    `lists.retriever_vectors` (`retrieval.lists.attach_vectors`), and (R, N, 3) the cosine similarities in the
+    retriever's item space of each candidate to the request's last behavior, and their max and mean over its last
+    `SIM_RECENT` (basis-free: unlike u_d * v_d they mean the same in the holdout and the served retriever)."""
+    from features.list_context import recent_items
+    from retrieval.export import load_retriever
+    from retrieval.lists import attach_vectors, candidate_vectors
+
+    retriever = load_retriever(export)
+    withv = attach_vectors(lists, retriever, store)
+    products = withv.products().reshape(len(lists), lists.width, -1)
+    rows, _ = store.timeline_users.rows(lists.user_ids)
+    recent = recent_items(store.timeline_offsets, store.timeline_values["item_id"], rows, lists.hist_len, SIM_RECENT)
+    sims = np.zeros((len(lists), lists.width, len(SIM_NAMES)), np.float32)
+    for s in range(0, len(lists), chunk):
+        rv = candidate_vectors(retriever, np.maximum(recent[s:s + chunk], 0))  # (c, K, D)
+        valid = recent[s:s + chunk] >= 0
+        sim = np.einsum("cnd,ckd->cnk", candidate_vectors(retriever, lists.items[s:s + chunk]), rv)
+        sim = np.where(valid[:, None, :], sim, np.nan)
+        sims[s:s + chunk, :, 0] = np.nan_to_num(sim[..., -1])
+        sims[s:s + chunk, :, 1] = np.nan_to_num(np.nanmax(sim, -1))
+        sims[s:s + chunk, :, 2] = np.nan_to_num(np.nanmean(sim, -1))
+    return products, sims
 
 
 def ndcg_hr10(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
@@ -148,7 +170,9 @@ def main() -> None:
     p.add_argument("--data-dir", type=Path, default=REPO / "data" / "bench")
     p.add_argument("--ranker-results", type=Path, help="a two_stage results file of the same lists")
     p.add_argument("--tag", default="")
-    p.add_argument("--no-vectors", action="store_true", help="skip the retriever u*v set (needs the cached exports)")
+    p.add_argument("--no-vectors", action="store_true",
+                   help="skip the retriever u*v and similarity sets (they need the cached exports)")
+    p.add_argument("--sets", nargs="*", default=[], help="only these feature sets (names as in the table)")
     args = p.parse_args()
 
     from features.candidate_lists import LIST_FEATURE_NAMES, CandidateLists
@@ -169,13 +193,13 @@ def main() -> None:
     exports = {"train": work / "retriever-holdout" / "export", "valid": work / "retriever" / "export"}
     with_uv = not args.no_vectors and all((e / "manifest.json").exists() for e in exports.values())
     if with_uv:  # the lists' own retrievers: holdout for training lists, the served one for valid lists
-        uv_tr = retriever_products(store, train, exports["train"])
-        uv_va = retriever_products(store, valid, exports["valid"])
+        uv_tr, sim_tr = retriever_features(store, train, exports["train"])
+        uv_va, sim_va = retriever_features(store, valid, exports["valid"])
         err = np.abs(uv_va.sum(-1) - valid.logits).max()
         print(f"  retriever u*v: {uv_tr.shape[-1]} columns; max |sum - logit| on valid {err:.2e}", flush=True)
-        names += [f"retriever_uv_{d}" for d in range(uv_tr.shape[-1])]
-        x_tr, x_va = np.concatenate([x_tr, uv_tr], -1), np.concatenate([x_va, uv_va], -1)
-        del uv_tr, uv_va
+        names += [*SIM_NAMES, *(f"retriever_uv_{d}" for d in range(uv_tr.shape[-1]))]
+        x_tr, x_va = np.concatenate([x_tr, sim_tr, uv_tr], -1), np.concatenate([x_va, sim_va, uv_va], -1)
+        del uv_tr, uv_va, sim_tr, sim_va
     print(f"features {x_tr.shape} train, {x_va.shape} valid in {time.perf_counter() - t0:.0f}s", flush=True)
     y_tr, y_va = train.labels(), valid.labels()
     n_base = len(LIST_FEATURE_NAMES) + len(CONTEXT_FEATURE_NAMES)
@@ -183,10 +207,16 @@ def main() -> None:
         "list+context": list(range(n_base)),
         "+time windows": list(range(n_base)) + [names.index(f"log_item_count_{w}h") for w in WINDOWS_H],
         "+wide cooc": list(range(n_base)) + [i for i, nm in enumerate(names) if nm.endswith(tuple(f"_{w}" for w in WIDE))],
-        "all": [i for i, nm in enumerate(names) if not nm.startswith("retriever_uv_")],
+        "all": [i for i, nm in enumerate(names) if not nm.startswith("retriever_")],
     }
     if with_uv:
         sets["+retriever u*v"] = list(range(n_base)) + [i for i, nm in enumerate(names) if nm.startswith("retriever_uv_")]
+        sets["+retriever sims"] = list(range(n_base)) + [names.index(nm) for nm in SIM_NAMES]
+    if args.sets:
+        unknown = set(args.sets) - set(sets)
+        if unknown:
+            raise SystemExit(f"--sets: unknown {sorted(unknown)}; have {list(sets)}")
+        sets = {k: v for k, v in sets.items() if k in args.sets}
     retr = ndcg_hr10(valid.logits, y_va)
     rows = [["retriever alone", "-", f"{retr[0]:.4f}", f"{retr[1]:.4f}", "-"]]
     out: dict[str, Any] = {"dataset": args.dataset, "seed": args.seed, "split": "valid lists (validation only)",
