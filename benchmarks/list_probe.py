@@ -90,33 +90,22 @@ def build_features(store: Any, lists: Any, window: int) -> tuple[np.ndarray, lis
 
 
 SIM_RECENT = 5  # recent behaviors the retriever-space similarities read
-SIM_NAMES = ("retriever_sim_last", f"retriever_sim_max{SIM_RECENT}", f"retriever_sim_mean{SIM_RECENT}")
+SIM_NAMES = ("retriever_sim_last", f"retriever_sim_max{SIM_RECENT}", f"retriever_sim_mean{SIM_RECENT}")  # as probed
 
 
-def retriever_features(store: Any, lists: Any, export: Path, chunk: int = 2048) -> tuple[np.ndarray, np.ndarray]:
-    """From the export that made `lists`: (R, N, D) their `retrieval_products` as the ranker reads them with
-    `lists.retriever_vectors` (`retrieval.lists.attach_vectors`), and (R, N, 3) the cosine similarities in the
-    retriever's item space of each candidate to the request's last behavior, and their max and mean over its last
-    `SIM_RECENT` (basis-free: unlike u_d * v_d they mean the same in the holdout and the served retriever)."""
+def retriever_features(store: Any, lists: Any, export: Path) -> tuple[np.ndarray, np.ndarray]:
+    """From the export that made `lists`: (R, N, D) their `retrieval_products` and (R, N, 3) their
+    `retrieval_similarities` to the last `SIM_RECENT` behaviors, as the ranker reads them with
+    `lists.retriever_vectors` / `lists.retriever_similarity` (`retrieval.lists.attach_vectors`)."""
     from features.list_context import recent_items
     from retrieval.export import load_retriever
-    from retrieval.lists import attach_vectors, candidate_vectors
+    from retrieval.lists import attach_vectors
 
-    retriever = load_retriever(export)
-    withv = attach_vectors(lists, retriever, store)
-    products = withv.products().reshape(len(lists), lists.width, -1)
+    withv = attach_vectors(lists, load_retriever(export), store)
     rows, _ = store.timeline_users.rows(lists.user_ids)
     recent = recent_items(store.timeline_offsets, store.timeline_values["item_id"], rows, lists.hist_len, SIM_RECENT)
-    sims = np.zeros((len(lists), lists.width, len(SIM_NAMES)), np.float32)
-    for s in range(0, len(lists), chunk):
-        rv = candidate_vectors(retriever, np.maximum(recent[s:s + chunk], 0))  # (c, K, D)
-        valid = recent[s:s + chunk] >= 0
-        sim = np.einsum("cnd,ckd->cnk", candidate_vectors(retriever, lists.items[s:s + chunk]), rv)
-        sim = np.where(valid[:, None, :], sim, np.nan)
-        sims[s:s + chunk, :, 0] = np.nan_to_num(sim[..., -1])
-        sims[s:s + chunk, :, 1] = np.nan_to_num(np.nanmax(sim, -1))
-        sims[s:s + chunk, :, 2] = np.nan_to_num(np.nanmean(sim, -1))
-    return products, sims
+    shape = (len(lists), lists.width, -1)
+    return withv.products().reshape(shape), withv.similarities(recent).reshape(shape)
 
 
 def ndcg_hr10(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:

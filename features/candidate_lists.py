@@ -21,7 +21,14 @@ A ranker may also read the vectors behind the logit (`ranking.config.ListsConfig
         u_d * v_d          the D per-dimension terms of the logit (they sum to it), with u the request's
                            user vector times the logit scale and v the candidate's item vector
 
-so the correction can reweight the retriever's own dimensions on the hard candidates of its lists.
+so the correction can reweight the retriever's own dimensions on the hard candidates of its lists,
+and the basis-free similarities (`ranking.config.ListsConfig.retriever_similarity` = K):
+
+    retrieval_similarities(cand_vectors, recent_vectors, recent_ok)  ->  (N, 3) float32 per candidate:
+        sim_last           cosine in the retriever's item space to the request's last behavior
+        sim_max, sim_mean  its max and mean over the request's last K behaviors
+
+(0 for a request without behaviors).
 Lists carry their requests' scaled user vectors and a lookup of their retriever's item vectors
 (`CandidateLists.user_vectors` / `item_vectors`, attached by `retrieval.lists`); the server
 passes its user vector and its bundle's item table.
@@ -37,6 +44,7 @@ import numpy as np
 LIST_FEATURE_NAMES: tuple[str, ...] = ("retrieval_logit", "retrieval_log1p_rank", "retrieval_logit_gap")
 RESIDUAL_COLUMN = 0  # list_features column holding the first stage's logit
 PRODUCT_PREFIX = "retrieval_uv_"  # retrieval_products column d is named PRODUCT_PREFIX + str(d)
+SIMILARITY_NAMES: tuple[str, ...] = ("retrieval_sim_last", "retrieval_sim_max", "retrieval_sim_mean")
 
 
 def list_features(logits: np.ndarray) -> np.ndarray:
@@ -59,6 +67,25 @@ def retrieval_products(user_vectors: np.ndarray, item_vectors: np.ndarray) -> np
         raise ValueError(f"retrieval_products: user vectors (R, D) {u.shape} and item vectors (R, N, D) {v.shape} "
                          f"do not match")
     return (u[:, None, :] * v).reshape(-1, u.shape[1])
+
+
+def retrieval_similarities(cand_vectors: np.ndarray, recent_vectors: np.ndarray, recent_ok: np.ndarray) -> np.ndarray:
+    """(R, N, D) the candidates' unit item vectors, (R, K, D) the requests' last K behaviors' (right-aligned, as
+    `features.list_context.recent_items` lays them out) and (R, K) bool which of those exist -> (R * N, 3) float32
+    `SIMILARITY_NAMES`, row-major (request, candidate)."""
+    c = np.asarray(cand_vectors, np.float32)
+    h = np.asarray(recent_vectors, np.float32)
+    ok = np.asarray(recent_ok, bool)
+    if c.ndim != 3 or h.ndim != 3 or h.shape[:2] != ok.shape or h.shape[0] != c.shape[0] or h.shape[2] != c.shape[2]:
+        raise ValueError(f"retrieval_similarities: candidates (R, N, D) {c.shape}, recent (R, K, D) {h.shape} and "
+                         f"recent_ok (R, K) {ok.shape} do not match")
+    sim = np.einsum("rnd,rkd->rnk", c, h)
+    okb = np.broadcast_to(ok[:, None, :], sim.shape)
+    count = okb.sum(-1)
+    last = np.where(okb[..., -1], sim[..., -1], 0.0)
+    top = np.where(count > 0, np.where(okb, sim, -np.inf).max(-1), 0.0)
+    mean = np.where(okb, sim, 0.0).sum(-1) / np.maximum(count, 1)
+    return np.stack([last, top, mean], -1).reshape(-1, len(SIMILARITY_NAMES)).astype(np.float32)
 
 
 def product_names(dim: int) -> tuple[str, ...]:
@@ -111,6 +138,16 @@ class CandidateLists:
                              "them with retrieval.lists.attach_vectors")
         items = self.items if columns is None else np.take_along_axis(self.items, columns, 1)
         return retrieval_products(self.user_vectors, self.item_vectors(items))
+
+    def similarities(self, recent: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
+        """`retrieval_similarities` of the lists (or of their positions `columns`) to `recent` (R, K) item ids of each
+        request's last K behaviors, right-aligned, -1 before a short history's first: (R * N, 3) float32."""
+        if self.item_vectors is None:
+            raise ValueError("these lists carry no retriever vectors (the item lookup): attach them with "
+                             "retrieval.lists.attach_vectors")
+        items = self.items if columns is None else np.take_along_axis(self.items, columns, 1)
+        recent = np.asarray(recent, np.int64)
+        return retrieval_similarities(self.item_vectors(items), self.item_vectors(np.maximum(recent, 0)), recent >= 0)
 
     def validate(self, where: str) -> "CandidateLists":
         r = self.user_ids.shape

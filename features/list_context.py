@@ -12,7 +12,7 @@ and a served list sees everything the bundle's log holds:
 
 `second_stage_dense` is the second-stage ranker's whole candidate_dense (the list's
 `features.candidate_lists.list_features`, then these when the ranker reads them, then the
-retriever's `retrieval_products` when it reads those), built the same way by training
+retriever-vector features when it reads those), built the same way by training
 (`ranking.lists`) and by the server.
 
 Per candidate (`CONTEXT_FEATURE_NAMES`, all float32):
@@ -303,7 +303,7 @@ def recent_items(offsets: np.ndarray, item_ids: np.ndarray, rows: np.ndarray, hi
 def second_stage_dense(logits: np.ndarray, items: np.ndarray, context: ContextCounts | None = None,
                        recent: np.ndarray | None = None, hist_len: np.ndarray | None = None,
                        points: np.ndarray | int = SERVE_POINT, request_ts: np.ndarray | int = 0,
-                       columns: np.ndarray | None = None, products: np.ndarray | None = None) -> np.ndarray:
+                       columns: np.ndarray | None = None, vectors: np.ndarray | None = None) -> np.ndarray:
     """The second-stage ranker's candidate_dense of R lists, row-major (request, candidate).
 
     logits, items: (R, N) the retrieved lists, best first (the list features read the whole list).
@@ -311,8 +311,8 @@ def second_stage_dense(logits: np.ndarray, items: np.ndarray, context: ContextCo
     context: the ranker's counts (None: a ranker without context features); then recent (R, H) the
     requests' last behaviors right-aligned (`recent_items`), hist_len (R,), points (R,) or `SERVE_POINT`,
     request_ts (R,) ms.
-    products: the kept candidates' `features.candidate_lists.retrieval_products` (a ranker reading the retriever's
-    vectors), appended last; None: none.
+    vectors: (rows, F) the kept candidates' retriever-vector features (`features.candidate_lists.retrieval_products`
+    then `retrieval_similarities`, those the ranker reads), appended last; None: none.
     """
     feats = list_features(logits)
     items = np.asarray(items, np.int64)
@@ -325,9 +325,9 @@ def second_stage_dense(logits: np.ndarray, items: np.ndarray, context: ContextCo
         if recent is None or hist_len is None:
             raise ValueError("second_stage_dense: a ranker with context features needs the requests' recent behaviors")
         parts.append(context.features(recent, hist_len, points, request_ts, items))
-    if products is not None:
-        if products.shape[0] != feats.shape[0]:
-            raise ValueError(f"second_stage_dense: {products.shape[0]} rows of retrieval products for "
+    if vectors is not None:
+        if vectors.shape[0] != feats.shape[0]:
+            raise ValueError(f"second_stage_dense: {vectors.shape[0]} rows of retriever-vector features for "
                              f"{feats.shape[0]} candidates")
-        parts.append(np.asarray(products, np.float32))
+        parts.append(np.asarray(vectors, np.float32))
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)

@@ -31,6 +31,7 @@ class RandomBundleSpec:
     second_stage: bool = False  # the ranker is two-stage.yaml's residual on the retriever logit
     randomize_heads_std: float = 0.0  # >0: the (zero-initialised) residual heads drawn N(0, std) so they reorder
     retriever_vectors: bool = False  # the second stage also reads the retriever's u_d * v_d terms
+    retriever_similarity: int = 0  # and the retriever-space similarities to the last K behaviors (0: not)
 
     @classmethod
     def ml1m_sdim(cls) -> "RandomBundleSpec":
@@ -50,7 +51,7 @@ def write_random_bundle(catalog, out: Path, version: str, seed: int, spec: Rando
     import torch
 
     from features.batch import ITEM_ID, make_kjt
-    from features.candidate_lists import LIST_FEATURE_NAMES
+    from features.candidate_lists import LIST_FEATURE_NAMES, SIMILARITY_NAMES
     from features.config import load_config
     from features.list_context import CONTEXT_FEATURE_NAMES
     from features.transforms import DenseLayout, StatsConfig
@@ -78,11 +79,13 @@ def write_random_bundle(catalog, out: Path, version: str, seed: int, spec: Rando
     if spec.second_stage:
         products = rcfg.model.dim if spec.retriever_vectors else 0
         mc = dataclasses.replace(kcfg.model, user_dense_dim=0, candidate_dense_dim=len(LIST_FEATURE_NAMES)
-                                 + (len(CONTEXT_FEATURE_NAMES) if context is not None else 0) + products,
-                                 retrieval_products=products)
+                                 + (len(CONTEXT_FEATURE_NAMES) if context is not None else 0) + products
+                                 + (len(SIMILARITY_NAMES) if spec.retriever_similarity else 0),
+                                 retrieval_products=products, retrieval_similarity=spec.retriever_similarity)
     else:
         mc = dataclasses.replace(kcfg.model, user_dense_dim=len(layout.user_names()),
-                                 candidate_dense_dim=len(layout.candidate_names()), retrieval_products=0)
+                                 candidate_dense_dim=len(layout.candidate_names()), retrieval_products=0,
+                                 retrieval_similarity=0)
     torch.manual_seed(seed)
     ranker = RankerModel(mc, embedding_device="cpu")
     if spec.randomize_heads_std > 0:

@@ -13,7 +13,7 @@ top-N list of each request as the retriever's logit plus a learned correction. W
 * test lists: the served retriever at the test position, reported once;
 * the point-in-time context counts (`features.list_context`) over every user's retrieval-training prefix,
   exported with the ranker (`context.npz`) so the server computes the same features;
-* with `lists.retriever_vectors`, each list's retriever vectors (`retrieval.lists.attach_vectors`): the
+* with `lists.retriever_vectors` or `lists.retriever_similarity`, each list's retriever vectors (`retrieval.lists.attach_vectors`): the
   holdout retriever's for the training lists, the served one's for valid and test, as the server uses its own.
 
 Every list is the top N of every item the user has not seen. Lists are cached as ``.npz`` under the run's
@@ -63,7 +63,7 @@ def candidate_lists(store: Any, retriever: Path, lists_retriever: Path, lc: Any,
         export = exports[split]
         if path is not None and path.exists():
             out[split] = CandidateLists.load(path)
-            if lc.retriever_vectors:  # the item lookup is not cached; user vectors are unless the cache predates them
+            if lc.retriever_vectors or lc.retriever_similarity:  # the item lookup is not cached; user vectors are unless the cache predates them
                 if export not in loaded:
                     loaded[export] = load_retriever(export)
                 out[split] = attach_vectors(out[split], loaded[export], store)
@@ -88,7 +88,8 @@ def list_data(store: Any, lists: dict[str, Any], cfg: Any) -> Any:
     context = ListRankingData.context_counts(store, lc.context_window) if lc.context_window else None
     return ListRankingData(store, lists, history_cap=cfg.model.sequence.history_len,
                            lists_per_batch=lc.lists_per_batch, seed=cfg.train.seed, train_width=lc.train_width,
-                           context=context, retriever_vectors=lc.retriever_vectors)
+                           context=context, retriever_vectors=lc.retriever_vectors,
+                           retriever_similarity=lc.retriever_similarity)
 
 
 def _train(rank: int, world: int, cfg: Any, data: Any, out: str) -> Any:

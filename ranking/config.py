@@ -175,6 +175,9 @@ class ModelConfig:
         retriever's logit (`features.candidate_lists.retrieval_products`; the
         retriever's dimension), which the server computes from its own retriever.
         0: none; -1: take it from the data.
+    retrieval_similarity: a second stage reading the retriever-space similarities of each candidate to the
+        request's last `retrieval_similarity` behaviors (`features.candidate_lists.retrieval_similarities`,
+        3 columns after the products). 0: none; -1: take it from the data.
     """
 
     embedding: EmbeddingArchConfig = EmbeddingArchConfig()
@@ -188,10 +191,12 @@ class ModelConfig:
     bf16_mlp: bool = True
     residual_column: int = -1
     retrieval_products: int = -1
+    retrieval_similarity: int = -1
 
     def __post_init__(self) -> None:
-        if self.retrieval_products > 0 and self.residual_column < 0:
-            raise ValueError("retrieval_products needs a second-stage ranker (residual_column >= 0)")
+        if (self.retrieval_products > 0 or self.retrieval_similarity > 0) and self.residual_column < 0:
+            raise ValueError("retrieval_products and retrieval_similarity need a second-stage ranker "
+                             "(residual_column >= 0)")
         if self.resolved and self.retrieval_products > self.candidate_dense_dim:
             raise ValueError(f"retrieval_products {self.retrieval_products} exceeds the {self.candidate_dense_dim} "
                              f"candidate_dense columns")
@@ -332,6 +337,9 @@ class ListsConfig:
     # the retriever's per-dimension logit terms u_d * v_d as D more candidate features (the correction can then
     # reweight the retriever's own dimensions on its hard candidates); the server computes them from its retriever
     retriever_vectors: bool = False
+    # the cosine in the retriever's item space of each candidate to the request's last behavior, and its max and
+    # mean over the last `retriever_similarity` behaviors (3 features; 0: off): basis-free, unlike the u_d * v_d terms
+    retriever_similarity: int = 0
     max_users: int = 0  # 0: every user (a smaller number: smoke runs)
 
     def __post_init__(self) -> None:
@@ -340,9 +348,9 @@ class ListsConfig:
                              f"{self.top_n}, {self.holdout}, {self.lists_per_batch}")
         if not 0 <= self.train_width <= self.top_n:
             raise ValueError(f"lists.train_width must be in [0, lists.top_n={self.top_n}], got {self.train_width}")
-        if self.context_window < 0 or self.max_users < 0:
-            raise ValueError(f"lists.context_window and lists.max_users must be >= 0, got "
-                             f"{self.context_window}, {self.max_users}")
+        if self.context_window < 0 or self.max_users < 0 or self.retriever_similarity < 0:
+            raise ValueError(f"lists.context_window, lists.max_users and lists.retriever_similarity must be >= 0, "
+                             f"got {self.context_window}, {self.max_users}, {self.retriever_similarity}")
 
 
 @dataclass(frozen=True)

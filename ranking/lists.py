@@ -4,7 +4,8 @@ A request's batch row is the user as of the request (history ``timeline[:hist_le
 capped to what the model reads, user attributes), its N candidates with their
 item features and `list_features` (retriever logit, log rank, gap to the top)
 as `candidate_dense` (then the point-in-time context features and, with
-`retriever_vectors`, the retriever's per-dimension logit terms), and label 1
+`retriever_vectors`, the retriever's per-dimension logit terms, with
+`retriever_similarity`, the retriever-space similarities to the last behaviors), and label 1
 on the target. The ranker trains listwise
 (`loss.kind = listwise`) with `model.residual_column = 0`.
 
@@ -27,7 +28,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from features.batch import Batch, build_batch
-from features.candidate_lists import LIST_FEATURE_NAMES, CandidateLists
+from features.candidate_lists import LIST_FEATURE_NAMES, SIMILARITY_NAMES, CandidateLists
 from features.list_context import (
     CONTEXT_FEATURE_NAMES, SERVE_POINT, ContextCounts, event_order, recent_items, request_points, second_stage_dense,
 )
@@ -40,7 +41,7 @@ class ListRankingData:
 
     def __init__(self, store: Any, splits: Mapping[str, CandidateLists], history_cap: int, lists_per_batch: int,
                  seed: int = 0, train_width: int = 0, context: ContextCounts | None = None,
-                 retriever_vectors: bool = False) -> None:
+                 retriever_vectors: bool = False, retriever_similarity: int = 0) -> None:
         missing = {"train", "valid", "test"} - set(splits)
         if missing:
             raise ValueError(f"ListRankingData needs train/valid/test lists, missing {sorted(missing)}")
@@ -54,18 +55,20 @@ class ListRankingData:
         self.store, self.cap, self.per_batch, self.seed = store, history_cap, lists_per_batch, seed
         self.train_width = train_width
         self.context = context
-        self.retrieval_products = 0
-        if retriever_vectors:
+        if retriever_similarity < 0:
+            raise ValueError(f"retriever_similarity must be >= 0, got {retriever_similarity}")
+        self.retrieval_products, self.retrieval_similarity = 0, retriever_similarity
+        if retriever_vectors or retriever_similarity:
             lacking = [k for k, v in self.splits.items() if v.user_vectors is None or v.item_vectors is None]
             if lacking:
-                raise ValueError(f"retriever_vectors: the {lacking} lists carry no retriever vectors "
-                                 f"(retrieval.lists.attach_vectors)")
+                raise ValueError(f"retriever_vectors / retriever_similarity: the {lacking} lists carry no retriever "
+                                 f"vectors (retrieval.lists.attach_vectors)")
             dims = {k: v.user_vectors.shape[1] for k, v in self.splits.items()}
             if len(set(dims.values())) != 1:
                 raise ValueError(f"retriever_vectors: the splits' retrievers differ in dimension: {dims}")
-            self.retrieval_products = dims["valid"]
+            self.retrieval_products = dims["valid"] if retriever_vectors else 0
         self.candidate_dense_dim = (len(LIST_FEATURE_NAMES) + (len(CONTEXT_FEATURE_NAMES) if context else 0)
-                                    + self.retrieval_products)
+                                    + self.retrieval_products + (len(SIMILARITY_NAMES) if retriever_similarity else 0))
         self._order = (event_order(store.timeline_values["ts_ms"], int(store.timeline_offsets[-1]))
                        if context is not None else None)
 
@@ -100,9 +103,16 @@ class ListRankingData:
             if as_served_at is not None:
                 r = len(lists)
                 points, request_ts = np.full(r, SERVE_POINT), np.full(r, as_served_at, np.int64)
-        products = lists.products(columns) if self.retrieval_products else None
+        vectors = []
+        if self.retrieval_products:
+            vectors.append(lists.products(columns))
+        if self.retrieval_similarity:
+            rows, _ = self.store.timeline_users.rows(lists.user_ids)
+            vectors.append(lists.similarities(recent_items(self.store.timeline_offsets,
+                                                           self.store.timeline_values["item_id"], rows,
+                                                           lists.hist_len, self.retrieval_similarity), columns))
         feats = second_stage_dense(lists.logits, lists.items, self.context, recent, lists.hist_len, points,
-                                   request_ts, columns, products)
+                                   request_ts, columns, np.concatenate(vectors, 1) if vectors else None)
         return feats, request_ts
 
     def batch(self, lists: CandidateLists, columns: np.ndarray | None = None, as_served_at: int | None = None) -> Batch:

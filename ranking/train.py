@@ -76,7 +76,8 @@ def resolve_model_config(cfg: ModelConfig, data: RankingData) -> ModelConfig:
     """Fills the dense widths from the data; a width set in the config must match it."""
     out = cfg
     for name, got in (("user_dense_dim", data.user_dense_dim), ("candidate_dense_dim", data.candidate_dense_dim),
-                      ("retrieval_products", getattr(data, "retrieval_products", 0))):
+                      ("retrieval_products", getattr(data, "retrieval_products", 0)),
+                      ("retrieval_similarity", getattr(data, "retrieval_similarity", 0))):
         want = getattr(cfg, name)
         if want >= 0 and want != got:
             raise ValueError(f"model.{name}={want} but the data has {got} columns (use -1 to take it from the data)")

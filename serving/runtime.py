@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 from features.batch import Batch
-from features.candidate_lists import retrieval_products
+from features.candidate_lists import retrieval_products, retrieval_similarities
 from features.list_context import recent_items, second_stage_dense
 from retrieval.lists import candidate_vectors
 from serving.batching import UserView, candidate_dense, user_batch, user_view, with_candidates
@@ -258,24 +258,31 @@ def second_stage_scale(bundle: ModelBundle) -> float:
 def list_dense(bundle: ModelBundle, retrieval: np.ndarray, cands: np.ndarray, history: np.ndarray,
                as_of: int, user_vec: np.ndarray | None = None) -> np.ndarray:
     """A second-stage ranker's candidate_dense for one served list (best first): the list features of the
-    retriever's logits, then the context features as of now when the ranker reads them, then the retriever's
-    per-dimension logit terms from `user_vec` (D,) when it reads those (zero without a user vector: a cold
-    user's list has no retriever logits either) (`features.list_context.second_stage_dense`, the function
-    training used)."""
+    retriever's logits, then the context features as of now when the ranker reads them, then the retriever-vector
+    features it reads: the per-dimension logit terms from `user_vec` (D,) (zero without a user vector: a cold
+    user's list has no retriever logits either) and the similarities to the last behaviors
+    (`features.list_context.second_stage_dense` and `features.candidate_lists`, the functions training used)."""
     scale = second_stage_scale(bundle)
-    products = None
+    hist_len = np.array([len(history)], np.int64)
+    vectors = []
     dim = max(int(getattr(bundle.ranker.cfg, "retrieval_products", 0)), 0)
+    sim_k = max(int(getattr(bundle.ranker.cfg, "retrieval_similarity", 0)), 0)
+    cand_vecs = candidate_vectors(bundle.retriever, cands)[None] if dim or sim_k else None
     if dim:
         u = np.zeros(dim, np.float32) if user_vec is None else np.asarray(user_vec, np.float32).reshape(-1)
-        products = retrieval_products(u[None, :] * np.float32(scale), candidate_vectors(bundle.retriever, cands)[None])
+        vectors.append(retrieval_products(u[None, :] * np.float32(scale), cand_vecs))
+    if sim_k:
+        last = recent_items(np.array([0, len(history)], np.int64), history, np.array([0]), hist_len, sim_k)
+        vectors.append(retrieval_similarities(cand_vecs, candidate_vectors(bundle.retriever, np.maximum(last, 0)),
+                                              last >= 0))
     context = bundle.ranker.context
     recent = None
-    hist_len = np.array([len(history)], np.int64)
     if context is not None:
         recent = recent_items(np.array([0, len(history)], np.int64), history, np.array([0]), hist_len,
                               context.window)
     return second_stage_dense(retrieval[None, :] * scale, cands[None, :], context, recent, hist_len,
-                              request_ts=np.array([as_of], np.int64), products=products)
+                              request_ts=np.array([as_of], np.int64),
+                              vectors=np.concatenate(vectors, 1) if vectors else None)
 
 
 def _ranker_logits(ranker, batch: Batch) -> torch.Tensor:

@@ -149,11 +149,31 @@ def test_second_stage_dense_appends_the_retrievers_products_last() -> None:
     items = np.arange(12, dtype=np.int64).reshape(2, 6)
     cols = np.array([[0, 2, 5], [1, 3, 4]])
     products = retrieval_products(u, np.take_along_axis(v, cols[..., None], 1))
-    got = second_stage_dense(logits, items, columns=cols, products=products)
+    got = second_stage_dense(logits, items, columns=cols, vectors=products)
     assert got.shape == (6, list_features(logits).shape[1] + 4)
     np.testing.assert_allclose(got[:, -4:].sum(1), got[:, 0], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(got[:, :3], second_stage_dense(logits, items, columns=cols))
-    with pytest.raises(ValueError, match="rows of retrieval products"):
-        second_stage_dense(logits, items, products=products)
+    with pytest.raises(ValueError, match="rows of retriever-vector features"):
+        second_stage_dense(logits, items, vectors=products)
     with pytest.raises(ValueError, match="do not match"):
         retrieval_products(u, v[:, :, :3])
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), k=st.integers(1, 5))
+def test_retrieval_similarities_match_a_loop(seed: int, k: int) -> None:
+    """Last / max / mean cosine over the behaviors a request has (right-aligned, -1 before the first); 0 without."""
+    from features.candidate_lists import retrieval_similarities
+
+    rng = np.random.default_rng(seed)
+    r, n, d = 4, 6, 3
+    cand = rng.normal(size=(r, n, d)).astype(np.float32)
+    recent = rng.normal(size=(r, k, d)).astype(np.float32)
+    have = rng.integers(0, k + 1, r)
+    ok = np.arange(k)[None, :] >= k - have[:, None]
+    got = retrieval_similarities(cand, recent, ok).reshape(r, n, 3)
+    for i in range(r):
+        for j in range(n):
+            sims = [float(cand[i, j] @ recent[i, m]) for m in range(k) if ok[i, m]]
+            want = [sims[-1], max(sims), sum(sims) / len(sims)] if sims else [0.0, 0.0, 0.0]
+            np.testing.assert_allclose(got[i, j], want, rtol=1e-5, atol=1e-5)

@@ -171,15 +171,19 @@ def test_a_second_stage_reading_the_retrievers_vectors_trains_and_exports_them(l
 
     r, _ = retriever
     store = FeatureStore(retrieval_features)
-    data = ListRankingData(store, lists, history_cap=100, lists_per_batch=16, train_width=10, retriever_vectors=True)
-    assert data.retrieval_products == r.dim
-    assert data.candidate_dense_dim == list_features(np.zeros((1, 1))).shape[1] + r.dim
+    data = ListRankingData(store, lists, history_cap=100, lists_per_batch=16, train_width=10, retriever_vectors=True,
+                           retriever_similarity=3)
+    assert (data.retrieval_products, data.retrieval_similarity) == (r.dim, 3)
+    assert data.candidate_dense_dim == list_features(np.zeros((1, 1))).shape[1] + r.dim + 3
     b = next(iter(data.train_batches(0, 0, 1)))
     feats = b.candidate_dense.view(16, 10, -1)
-    torch.testing.assert_close(feats[..., -r.dim:].sum(-1), feats[..., 0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(feats[..., -r.dim - 3:-3].sum(-1), feats[..., 0], rtol=1e-4, atol=1e-4)
+    sims = feats[..., -3:]  # cosines of unit vectors; the max over the last 3 bounds the last and the mean
+    assert torch.all(sims.abs() <= 1 + 1e-4) and torch.all(sims[..., 1] >= sims[..., 0] - 1e-6)
+    assert torch.all(sims[..., 1] >= sims[..., 2] - 1e-6)
     res = run_distributed(_train, 1, _ranker_config(4), data, str(tmp_path))[0]
     ranker = load_ranker(res.export_dir)
-    assert ranker.cfg.retrieval_products == r.dim
+    assert (ranker.cfg.retrieval_products, ranker.cfg.retrieval_similarity) == (r.dim, 3)
     assert ranker.logits(data.batch(lists["test"].take(np.arange(2)))).shape == (2 * TOP_N,)
     bare = {k: dataclasses.replace(v, user_vectors=None, item_vectors=None) for k, v in lists.items()}
     with pytest.raises(ValueError, match="carry no retriever vectors"):

@@ -15,14 +15,14 @@ N, K = 60, 10
 @pytest.fixture(scope="module")
 def second_stage_bundle(catalog, tmp_path_factory, retrieval_features):
     """A second-stage bundle whose ranker reads every list feature: the retriever's logits, the context features
-    (counts over the features' events) and the retriever's per-dimension logit terms."""
+    (counts over the features' events), the retriever's per-dimension logit terms and its similarities."""
     from features.reader import FeatureStore
     from ranking.lists import ListRankingData
     from tests.serving.conftest import write_real_bundle
 
     context = ListRankingData.context_counts(FeatureStore(retrieval_features))
     return write_real_bundle(catalog, tmp_path_factory.mktemp("two_stage"), "ts-v1", seed=5, second_stage=True,
-                             context=context, retriever_vectors=True)
+                             context=context, retriever_vectors=True, retriever_similarity=5)
 
 
 def served_at(features) -> int:
@@ -46,9 +46,10 @@ def offline_top_k(bundle_dir, features, user_ids: np.ndarray) -> tuple[np.ndarra
     full = store.timeline_offsets[rows + 1] - store.timeline_offsets[rows]
     lists = retrieve_lists(retriever, store, user_ids, full, N)
     data = ListRankingData(store, {"train": lists, "valid": lists, "test": lists}, ranker.history_len, 8,
-                           context=ranker.context, retriever_vectors=True)
+                           context=ranker.context, retriever_vectors=True, retriever_similarity=5)
     # the served features include the context ones and the retriever's vectors
     assert ranker.context is not None and ranker.cfg.retrieval_products == retriever.dim == data.retrieval_products
+    assert ranker.cfg.retrieval_similarity == data.retrieval_similarity == 5
     logits = ranker.logits(data.batch(lists, as_served_at=served_at(features))).numpy().reshape(len(user_ids), N)
     order = np.argsort(-logits, axis=1, kind="stable")[:, :K]
     return np.take_along_axis(lists.items, order, 1), np.take_along_axis(logits, order, 1)
