@@ -71,7 +71,7 @@ def build_features(store: Any, lists: Any, window: int) -> tuple[np.ndarray, lis
     cols, names = [base], [*LIST_FEATURE_NAMES, *CONTEXT_FEATURE_NAMES]
     r, n = lists.items.shape
     # windowed counts: events on the candidate before the request's point and within the window before its time
-    c_idx, found = ctx._index(lists.items)
+    c_idx, found = ctx.item_index(lists.items)
     hi = np.searchsorted(ctx.item_keys, c_idx * ctx.horizon + np.repeat(pts, n).reshape(r, n))
     ts_keys = (ctx.item_keys // ctx.horizon) * (1 << TS_SHIFT) + ctx.item_ts
     for w in WINDOWS_H:
@@ -199,7 +199,8 @@ def main() -> None:
         "all": [i for i, nm in enumerate(names) if not nm.startswith("retriever_")],
     }
     if with_uv:
-        sets["+retriever u*v"] = list(range(n_base)) + [i for i, nm in enumerate(names) if nm.startswith("retriever_uv_")]
+        uv_cols = [i for i, nm in enumerate(names) if nm.startswith("retriever_uv_")]
+        sets["+retriever u*v"] = list(range(n_base)) + uv_cols
         sets["+retriever sims"] = list(range(n_base)) + [names.index(nm) for nm in SIM_NAMES]
     if args.sets:
         unknown = set(args.sets) - set(sets)

@@ -150,7 +150,9 @@ class ContextCounts:
         request does not pay for them)."""
         self._at_serve_point  # noqa: B018 (the cached property's side effect)
 
-    def _index(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def item_index(self, item_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(dense index into `items`, found mask) of item ids of any shape; an unknown id gets a valid index and
+        found False."""
         pos = np.searchsorted(self.items, item_ids)
         pos = np.minimum(pos, max(len(self.items) - 1, 0))
         found = (self.items[pos] == item_ids) if len(self.items) else np.zeros(item_ids.shape, bool)
@@ -184,7 +186,7 @@ class ContextCounts:
         recent = hist_items[:, -w:]  # (R, w); column j is real when j >= w - h_len
         real = np.arange(w)[None, :] >= (w - np.minimum(h_len, w))[:, None]
 
-        c_idx, c_found = self._index(cand_items)
+        c_idx, c_found = self.item_index(cand_items)
         pt = np.repeat(points, n).reshape(r, n)
         served = bool((points >= self.horizon).all())  # a served request: every event of the log counts
         if served:
@@ -199,7 +201,7 @@ class ContextCounts:
         has_last = c_found & (count > 0)
         age_h = np.where(has_last, np.maximum(request_ts[:, None] - last_ts, 0) / 3.6e6, AGE_CAP_H)
 
-        a_idx, a_found = self._index(recent)
+        a_idx, a_found = self.item_index(recent)
         # pair counts of (recent item j, candidate, distance d) for every j and d in one lookup per chunk of
         # requests; the last recent item (one behavior before the request) at distance 1 is the transition
         trans = np.zeros((r, n), np.int64)

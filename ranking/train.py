@@ -37,7 +37,7 @@ from features.batch import Batch
 from features.config import to_dict
 from features.train.checkpoint import load_checkpoint, replace_checkpoint
 from features.train.loop import (
-    TrainData, TrainResult, aligned, all_reduce_float, gather_arrays, improves, scheduled_lr, should_stop_early,
+    TrainData, TrainResult, aligned, all_reduce_float, gather_arrays, improves, scheduled_lr, set_lr, should_stop_early,
     split_metrics,
 )
 from features.train.metrics import topk_metrics
@@ -184,8 +184,7 @@ def train_ranker(rank: int, world_size: int, cfg: RankerConfig, data: RankingDat
             if dense_opt is not None:
                 lr = scheduled_lr(tc.dense_lr, epoch * steps + step, tc.epochs * steps, warmup_steps=tc.warmup_steps,
                                   schedule=tc.lr_schedule, min_lr_ratio=tc.min_lr_ratio)
-                for g in dense_opt.param_groups:
-                    g["lr"] = lr
+                set_lr(dense_opt, lr)
             loss, o = dmp(batch)
             opt.zero_grad()
             loss.backward()

@@ -35,7 +35,7 @@ from features.batch import Batch
 from features.config import to_dict
 from features.train.checkpoint import load_checkpoint, replace_checkpoint
 from features.train.loop import (TrainData, TrainResult, aligned, all_reduce_sums, broadcast_flag, improves,
-                                 scheduled_lr, should_stop_early, split_metrics)
+                                 scheduled_lr, set_lr, should_stop_early, split_metrics)
 from features.train.report import MetricsLog, write_convergence
 from features.train.sharding import describe_plan, dense_optimizer, make_optimizer, shard_model, table_optimizer
 from retrieval.catalog import Catalog, validate_catalog
@@ -139,11 +139,9 @@ def train_retriever(
             if dense_opt is not None:
                 spent = (loop_s0 + time.perf_counter() - t0) / budget_s if tc.lr_horizon == "budget" else 0.0
                 lr = dense_lr(tc, step, tc.epochs * n_batches, spent)
-                for g in dense_opt.param_groups:
-                    g["lr"] = lr
+                set_lr(dense_opt, lr)
                 if table_opt is not None:  # Adam on the tables: the same warmup and decay, at the table's rate
-                    for g in table_opt.param_groups:
-                        g["lr"] = tc.sharding.embedding_lr * lr / tc.lr
+                    set_lr(table_opt, tc.sharding.embedding_lr * lr / tc.lr)
             cands = sampler(batch, step, rank)
             out = dmp(batch, cands)  # the task autocasts the towers when train.bf16; the loss is float32
             loss = out.loss if real else out.loss * 0.0

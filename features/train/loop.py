@@ -15,7 +15,7 @@ the same number of collective steps. What they have in common lives here, once:
   `all_reduce_sums`, `broadcast_flag`, `gather_arrays`), which are no-ops at world
   size 1 and without a process group;
 * model selection on valid (`improves`, `split_metrics`);
-* the dense learning-rate schedule (`scheduled_lr`: linear warmup, then constant or cosine).
+* the dense learning-rate schedule (`scheduled_lr`: linear warmup, then constant or cosine; `set_lr` applies it).
 
 The checkpoint swap (write beside, then rename) is `features.train.checkpoint.replace_checkpoint`.
 """
@@ -175,6 +175,12 @@ def split_metrics(record: dict[str, Any], split: str) -> dict[str, Any]:
     """The `<split>_<metric>` entries of an epoch record, without the prefix."""
     prefix = split + "_"
     return {k[len(prefix):]: v for k, v in record.items() if k.startswith(prefix)}
+
+
+def set_lr(optimizer: Any, lr: float) -> None:
+    """Sets every param group of `optimizer` to `lr` (the step's `scheduled_lr`)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr
 
 
 def scheduled_lr(base_lr: float, step: int, total_steps: int, *, warmup_steps: int = 0,
