@@ -43,7 +43,6 @@ import numpy as np
 
 LIST_FEATURE_NAMES: tuple[str, ...] = ("retrieval_logit", "retrieval_log1p_rank", "retrieval_logit_gap")
 RESIDUAL_COLUMN = 0  # list_features column holding the first stage's logit
-PRODUCT_PREFIX = "retrieval_uv_"  # retrieval_products column d is named PRODUCT_PREFIX + str(d)
 SIMILARITY_NAMES: tuple[str, ...] = ("retrieval_sim_last", "retrieval_sim_max", "retrieval_sim_mean")
 
 
@@ -86,10 +85,6 @@ def retrieval_similarities(cand_vectors: np.ndarray, recent_vectors: np.ndarray,
     top = np.where(count > 0, np.where(okb, sim, -np.inf).max(-1), 0.0)
     mean = np.where(okb, sim, 0.0).sum(-1) / np.maximum(count, 1)
     return np.stack([last, top, mean], -1).reshape(-1, len(SIMILARITY_NAMES)).astype(np.float32)
-
-
-def product_names(dim: int) -> tuple[str, ...]:
-    return tuple(f"{PRODUCT_PREFIX}{d}" for d in range(dim))
 
 
 @dataclass(frozen=True)
@@ -136,8 +131,7 @@ class CandidateLists:
         if self.user_vectors is None or self.item_vectors is None:
             raise ValueError("these lists carry no retriever vectors (user vectors and the item lookup): attach "
                              "them with retrieval.lists.attach_vectors")
-        items = self.items if columns is None else np.take_along_axis(self.items, columns, 1)
-        return retrieval_products(self.user_vectors, self.item_vectors(items))
+        return retrieval_products(self.user_vectors, self.item_vectors(self._kept(columns)))
 
     def similarities(self, recent: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
         """`retrieval_similarities` of the lists (or of their positions `columns`) to `recent` (R, K) item ids of each
@@ -145,9 +139,12 @@ class CandidateLists:
         if self.item_vectors is None:
             raise ValueError("these lists carry no retriever vectors (the item lookup): attach them with "
                              "retrieval.lists.attach_vectors")
-        items = self.items if columns is None else np.take_along_axis(self.items, columns, 1)
         recent = np.asarray(recent, np.int64)
-        return retrieval_similarities(self.item_vectors(items), self.item_vectors(np.maximum(recent, 0)), recent >= 0)
+        return retrieval_similarities(self.item_vectors(self._kept(columns)), self.item_vectors(np.maximum(recent, 0)),
+                                      recent >= 0)
+
+    def _kept(self, columns: np.ndarray | None) -> np.ndarray:
+        return self.items if columns is None else np.take_along_axis(self.items, columns, 1)
 
     def validate(self, where: str) -> "CandidateLists":
         r = self.user_ids.shape

@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from features.candidate_lists import list_features
+from features.candidate_lists import LIST_FEATURE_NAMES, SIMILARITY_NAMES, list_features
 
 CONTEXT_FEATURE_NAMES: tuple[str, ...] = ("log_item_count", "log_item_age_h", "log_transitions",
                                           "log_cooccurrence", "category_share")
@@ -300,6 +300,13 @@ def recent_items(offsets: np.ndarray, item_ids: np.ndarray, rows: np.ndarray, hi
     cols = hist_len[:, None] - width + np.arange(width)[None, :]
     flat = np.asarray(offsets, np.int64)[rows][:, None] + np.maximum(cols, 0)
     return np.where(cols >= 0, np.asarray(item_ids, np.int64)[flat], -1)
+
+
+def second_stage_dense_dim(context: bool, retrieval_products: int = 0, retrieval_similarity: int = 0) -> int:
+    """Columns of `second_stage_dense` for a ranker with (or without) context features, `retrieval_products` u_d*v_d
+    terms and (when `retrieval_similarity` > 0) the retriever-space similarities."""
+    return (len(LIST_FEATURE_NAMES) + (len(CONTEXT_FEATURE_NAMES) if context else 0) + retrieval_products
+            + (len(SIMILARITY_NAMES) if retrieval_similarity else 0))
 
 
 def second_stage_dense(logits: np.ndarray, items: np.ndarray, context: ContextCounts | None = None,

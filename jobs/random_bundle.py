@@ -51,9 +51,8 @@ def write_random_bundle(catalog, out: Path, version: str, seed: int, spec: Rando
     import torch
 
     from features.batch import ITEM_ID, make_kjt
-    from features.candidate_lists import LIST_FEATURE_NAMES, SIMILARITY_NAMES
     from features.config import load_config
-    from features.list_context import CONTEXT_FEATURE_NAMES
+    from features.list_context import second_stage_dense_dim
     from features.transforms import DenseLayout, StatsConfig
     from jobs.train_ranker import load_ranker_config
     from ranking.export import export_ranker
@@ -78,9 +77,9 @@ def write_random_bundle(catalog, out: Path, version: str, seed: int, spec: Rando
     kcfg = load_ranker_config([REPO / c for c in spec.ranker_configs], list(spec.ranker_overrides))
     if spec.second_stage:
         products = rcfg.model.dim if spec.retriever_vectors else 0
-        mc = dataclasses.replace(kcfg.model, user_dense_dim=0, candidate_dense_dim=len(LIST_FEATURE_NAMES)
-                                 + (len(CONTEXT_FEATURE_NAMES) if context is not None else 0) + products
-                                 + (len(SIMILARITY_NAMES) if spec.retriever_similarity else 0),
+        mc = dataclasses.replace(kcfg.model, user_dense_dim=0,
+                                 candidate_dense_dim=second_stage_dense_dim(context is not None, products,
+                                                                            spec.retriever_similarity),
                                  retrieval_products=products, retrieval_similarity=spec.retriever_similarity)
     else:
         mc = dataclasses.replace(kcfg.model, user_dense_dim=len(layout.user_names()),

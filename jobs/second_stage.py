@@ -13,8 +13,9 @@ top-N list of each request as the retriever's logit plus a learned correction. W
 * test lists: the served retriever at the test position, reported once;
 * the point-in-time context counts (`features.list_context`) over every user's retrieval-training prefix,
   exported with the ranker (`context.npz`) so the server computes the same features;
-* with `lists.retriever_vectors` or `lists.retriever_similarity`, each list's retriever vectors (`retrieval.lists.attach_vectors`): the
-  holdout retriever's for the training lists, the served one's for valid and test, as the server uses its own.
+* with `lists.retriever_vectors` or `lists.retriever_similarity`, each list's retriever vectors
+  (`retrieval.lists.attach_vectors`): the holdout retriever's for the training lists, the served one's for
+  valid and test, as the server uses its own.
 
 Every list is the top N of every item the user has not seen. Lists are cached as ``.npz`` under the run's
 directory, so a resumed run does not retrieve again.
@@ -63,7 +64,8 @@ def candidate_lists(store: Any, retriever: Path, lists_retriever: Path, lc: Any,
         export = exports[split]
         if path is not None and path.exists():
             out[split] = CandidateLists.load(path)
-            if lc.retriever_vectors or lc.retriever_similarity:  # the item lookup is not cached; user vectors are unless the cache predates them
+            # the item lookup is not cached; the user vectors are, unless the cache predates them
+            if lc.retriever_vectors or lc.retriever_similarity:
                 if export not in loaded:
                     loaded[export] = load_retriever(export)
                 out[split] = attach_vectors(out[split], loaded[export], store)

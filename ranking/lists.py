@@ -28,9 +28,9 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 
 from features.batch import Batch, build_batch
-from features.candidate_lists import LIST_FEATURE_NAMES, SIMILARITY_NAMES, CandidateLists
+from features.candidate_lists import CandidateLists
 from features.list_context import (
-    CONTEXT_FEATURE_NAMES, SERVE_POINT, ContextCounts, event_order, recent_items, request_points, second_stage_dense,
+    SERVE_POINT, ContextCounts, event_order, recent_items, request_points, second_stage_dense, second_stage_dense_dim,
 )
 
 
@@ -67,8 +67,8 @@ class ListRankingData:
             if len(set(dims.values())) != 1:
                 raise ValueError(f"retriever_vectors: the splits' retrievers differ in dimension: {dims}")
             self.retrieval_products = dims["valid"] if retriever_vectors else 0
-        self.candidate_dense_dim = (len(LIST_FEATURE_NAMES) + (len(CONTEXT_FEATURE_NAMES) if context else 0)
-                                    + self.retrieval_products + (len(SIMILARITY_NAMES) if retriever_similarity else 0))
+        self.candidate_dense_dim = second_stage_dense_dim(context is not None, self.retrieval_products,
+                                                          retriever_similarity)
         self._order = (event_order(store.timeline_values["ts_ms"], int(store.timeline_offsets[-1]))
                        if context is not None else None)
 
@@ -95,11 +95,15 @@ class ListRankingData:
         """The lists' `second_stage_dense` (whole lists, or the (R, W) positions `columns`) and the requests'
         times; `as_served_at` as in `batch`."""
         request_ts, points = self.request_times(lists)
+        rows, _ = self.store.timeline_users.rows(lists.user_ids)
+
+        def last(width: int) -> np.ndarray:  # (R, width) the requests' last behaviors, right-aligned
+            return recent_items(self.store.timeline_offsets, self.store.timeline_values["item_id"], rows,
+                                lists.hist_len, width)
+
         recent = None
         if self.context is not None:
-            rows, _ = self.store.timeline_users.rows(lists.user_ids)
-            recent = recent_items(self.store.timeline_offsets, self.store.timeline_values["item_id"], rows,
-                                  lists.hist_len, self.context.window)
+            recent = last(self.context.window)
             if as_served_at is not None:
                 r = len(lists)
                 points, request_ts = np.full(r, SERVE_POINT), np.full(r, as_served_at, np.int64)
@@ -107,10 +111,7 @@ class ListRankingData:
         if self.retrieval_products:
             vectors.append(lists.products(columns))
         if self.retrieval_similarity:
-            rows, _ = self.store.timeline_users.rows(lists.user_ids)
-            vectors.append(lists.similarities(recent_items(self.store.timeline_offsets,
-                                                           self.store.timeline_values["item_id"], rows,
-                                                           lists.hist_len, self.retrieval_similarity), columns))
+            vectors.append(lists.similarities(last(self.retrieval_similarity), columns))
         feats = second_stage_dense(lists.logits, lists.items, self.context, recent, lists.hist_len, points,
                                    request_ts, columns, np.concatenate(vectors, 1) if vectors else None)
         return feats, request_ts

@@ -54,7 +54,7 @@ def item_lookup(retriever: Any) -> Callable[[np.ndarray], np.ndarray]:
 def _scale(retriever: Any, logit_scale: float | None) -> float:
     scale = logit_scale if logit_scale is not None else getattr(retriever, "logit_scale", None)
     if scale is None or not np.isfinite(scale) or scale <= 0:
-        raise ValueError(f"retrieve_lists: the retriever export records no usable logit scale ({scale!r}); "
+        raise ValueError(f"the retriever export records no usable logit scale ({scale!r}); "
                          f"pass logit_scale (1 / the training temperature)")
     return float(scale)
 
