@@ -177,7 +177,7 @@ class ModelConfig:
         0: none; -1: take it from the data.
     retrieval_similarity: a second stage reading the retriever-space similarities of each candidate to the
         request's last `retrieval_similarity` behaviors (`features.candidate_lists.retrieval_similarities`,
-        3 columns after the products). 0: none; -1: take it from the data.
+        3 columns after the products; at most `sequence.history_len`). 0: none; -1: take it from the data.
     """
 
     embedding: EmbeddingArchConfig = EmbeddingArchConfig()
@@ -197,6 +197,9 @@ class ModelConfig:
         if (self.retrieval_products > 0 or self.retrieval_similarity > 0) and self.residual_column < 0:
             raise ValueError("retrieval_products and retrieval_similarity need a second-stage ranker "
                              "(residual_column >= 0)")
+        if self.retrieval_similarity > self.sequence.history_len:
+            raise ValueError(f"retrieval_similarity {self.retrieval_similarity} exceeds the "
+                             f"{self.sequence.history_len} behaviors the ranker reads (sequence.history_len)")
         if self.resolved and self.retrieval_products > self.candidate_dense_dim:
             raise ValueError(f"retrieval_products {self.retrieval_products} exceeds the {self.candidate_dense_dim} "
                              f"candidate_dense columns")

@@ -256,6 +256,18 @@ def test_a_ranker_reading_vectors_of_another_dimension_than_its_retriever_is_ref
     assert e.reason == "schema" and "retriever vector terms" in e.detail
 
 
+def test_a_similarity_window_beyond_the_rankers_history_is_refused(manager, copy_bundle) -> None:
+    """A ranker config asking for the similarities over a billion behaviors would make every request allocate for
+    them: refused at load."""
+    b = copy_bundle()
+    cfg_path = b / "ranker" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model"].update(residual_column=0, retrieval_similarity=10**9)
+    cfg_path.write_text(json.dumps(cfg))
+    e = rejected(manager, b, resign(b))
+    assert e.reason == "load_failed" and "retrieval_similarity" in e.detail
+
+
 def test_announcement_checksum_and_version_must_match(manager, copy_bundle) -> None:
     b = copy_bundle()
     sha = resign(b)
