@@ -4,8 +4,9 @@ A diagnostic beside `two_stage_bench.py`: it loads the ranker exports that bench
 one seed's cached lists (`<work-dir>/<dataset>/seed<S>/ranker-<tag>/export`, each with its own
 inputs: context window, retriever vectors, similarities), scores the same valid and test lists
 with each, and ranks every list by the retriever's logit plus the mean of the rankers'
-corrections (each ranker's logit minus the retriever's). Valid decides which subset would be
-chosen; test is printed for the one chosen on valid only, beside the single rankers' test figures
+corrections (each ranker's logit minus the retriever's), times a scale (`--scales`: 1 is the
+rankers as trained, below 1 shrinks the correction toward the retriever's order, above 1 sharpens
+it). Valid decides which subset and scale would be chosen; test is printed for the one chosen on valid only, beside the single rankers' test figures
 from their results files. Nothing here is served: an ensemble would need a bundle with several
 rankers, which the product does not have.
 
@@ -60,6 +61,8 @@ def main() -> None:
     p.add_argument("--work-dir", type=Path, default=REPO / "var" / "two_stage_bench")
     p.add_argument("--shared-data", type=Path, default=REPO.parent / "shared" / "data")
     p.add_argument("--data-dir", type=Path, default=REPO / "data" / "bench")
+    p.add_argument("--scales", nargs="+", type=float, default=[1.0],
+                   help="multipliers of the mean correction to try on valid (1 = the rankers as trained)")
     p.add_argument("--tag", default="")
     args = p.parse_args()
 
@@ -79,28 +82,32 @@ def main() -> None:
         print(f"  {tag}: scored in {time.perf_counter() - t0:.0f}s", flush=True)
     labels = {s: lists[s].labels() for s in lists}
 
-    def metrics(tags: tuple[str, ...], split: str) -> tuple[float, float]:
-        scores = lists[split].logits + np.mean([corr[t][split] for t in tags], axis=0)
+    def metrics(tags: tuple[str, ...], scale: float, split: str) -> tuple[float, float]:
+        scores = lists[split].logits + scale * np.mean([corr[t][split] for t in tags], axis=0)
         return ndcg_hr10(scores, labels[split])
 
+    def name(c: tuple[tuple[str, ...], float]) -> str:
+        return " + ".join(c[0]) + ("" if c[1] == 1.0 else f" (x{c[1]:g})")
+
     retr = {s: ndcg_hr10(lists[s].logits, labels[s]) for s in lists}
-    subsets = [c for k in range(1, len(args.tags) + 1) for c in itertools.combinations(args.tags, k)]
-    valid = {c: metrics(c, "valid") for c in subsets}
+    subsets = [(c, a) for k in range(1, len(args.tags) + 1) for c in itertools.combinations(args.tags, k)
+               for a in args.scales]
+    valid = {c: metrics(*c, "valid") for c in subsets}
     chosen = max(subsets, key=lambda c: valid[c][0])
-    test = metrics(chosen, "test")
+    test = metrics(*chosen, "test")
     rows = [["retriever alone", f"{retr['valid'][0]:.4f}", f"{retr['valid'][1]:.4f}", "", ""]]
-    rows += [[" + ".join(c), f"{valid[c][0]:.4f}", f"{valid[c][1]:.4f}",
+    rows += [[name(c), f"{valid[c][0]:.4f}", f"{valid[c][1]:.4f}",
               *((f"{test[0]:.4f}", f"{test[1]:.4f}") if c == chosen else ("", ""))]
              for c in sorted(subsets, key=lambda c: -valid[c][0])[:12]]
     print_table(f"Ranker ensemble probe: {args.dataset} seed {args.seed} (mean of the corrections; top 12 on valid)",
                 ["rankers", "valid ndcg@10", "valid hr@10", "test ndcg@10", "test hr@10"], rows)
     ratio = {"hr@10": test[1] / retr["test"][1], "ndcg@10": test[0] / retr["test"][0]}
-    print(f"  chosen on valid: {' + '.join(chosen)}; test x retriever: hr@10 x{ratio['hr@10']:.3f}, "
+    print(f"  chosen on valid: {name(chosen)}; test x retriever: hr@10 x{ratio['hr@10']:.3f}, "
           f"ndcg@10 x{ratio['ndcg@10']:.3f}")
-    out = {"dataset": args.dataset, "seed": args.seed, "rankers": args.tags,
+    out = {"dataset": args.dataset, "seed": args.seed, "rankers": args.tags, "scales": args.scales,
            "retriever": {s: {"ndcg@10": v[0], "hr@10": v[1]} for s, v in retr.items()},
-           "valid": {" + ".join(c): {"ndcg@10": v[0], "hr@10": v[1]} for c, v in valid.items()},
-           "chosen_on_valid": list(chosen), "test_of_chosen": {"ndcg@10": test[0], "hr@10": test[1]},
+           "valid": {name(c): {"ndcg@10": v[0], "hr@10": v[1]} for c, v in valid.items()},
+           "chosen_on_valid": list(chosen[0]), "chosen_scale": chosen[1], "test_of_chosen": {"ndcg@10": test[0], "hr@10": test[1]},
            "test_ratio_of_chosen": ratio}
     path = write_results(f"two_stage/{args.dataset}/ensemble-probe-seed{args.seed}{args.tag}", out,
                          benchmark="ensemble_probe")
