@@ -25,6 +25,11 @@ Feature sets:
                 retriever's vectors, not only its score? (skipped with --no-vectors)
   +retriever sims  cosine similarity in the retriever's item space of the candidate to the
                 request's last behavior, and its max and mean over the last 5 (basis-free)
+  +ease         a second, differently built model's opinion: EASE (an item-item ridge regression,
+                closed form, `--ease-lambda`) fitted on what the lists' retriever trained on (each
+                user's timeline before their first training list for the training lists, before
+                the valid target for the valid ones); its score of the candidate from the request's
+                whole history, and that score's gap to the list's best (`--ease`)
 
 Compare its best with the full ranker's valid NDCG@10 in the two-stage results file (pass
 `--ranker-results`): the gap is what the ranker's sequence modules add beyond the dense
@@ -108,6 +113,40 @@ def retriever_features(store: Any, lists: Any, export: Path) -> tuple[np.ndarray
     return withv.products().reshape(shape), withv.similarities(recent).reshape(shape)
 
 
+def ease_fit(store: Any, rows: np.ndarray, fit_len: np.ndarray, n_items: int, lam: float) -> np.ndarray:
+    """(I, I) EASE weights (Steck 2019: B = I - P diag(1/diag P), P = (X'X + lam I)^-1) over the binary
+    user x item matrix of timeline[:fit_len] of timeline rows `rows` (item ids must be < n_items)."""
+    import torch
+
+    x = np.zeros((len(rows), n_items), np.float32)
+    for i, (r, n) in enumerate(zip(rows, fit_len)):
+        off = int(store.timeline_offsets[r])
+        x[i, store.timeline_values["item_id"][off:off + int(n)]] = 1.0
+    xt = torch.from_numpy(x)
+    g = (xt.T @ xt).double()
+    g += lam * torch.eye(n_items, dtype=torch.float64)
+    pinv = torch.linalg.inv(g)
+    b = -pinv / torch.diagonal(pinv)[None, :]
+    b.fill_diagonal_(0.0)
+    return b.float().numpy()
+
+
+def ease_features(store: Any, lists: Any, b: np.ndarray, chunk: int = 2048) -> np.ndarray:
+    """(R, N, 2) EASE score of every candidate from its request's whole history timeline[:hist_len], and the
+    score minus the list's best."""
+    rows, _ = store.timeline_users.rows(lists.user_ids)
+    values = np.asarray(store.timeline_values["item_id"], np.int64)
+    out = np.zeros((len(lists), lists.width), np.float32)
+    for s in range(0, len(lists), chunk):
+        part = np.arange(s, min(s + chunk, len(lists)))
+        h = np.zeros((len(part), b.shape[0]), np.float32)
+        for i, j in enumerate(part):
+            off = int(store.timeline_offsets[rows[j]])
+            h[i, values[off:off + int(lists.hist_len[j])]] = 1.0
+        out[part] = np.take_along_axis(h @ b, lists.items[part], 1)
+    return np.stack([out, out - out.max(1, keepdims=True)], -1)
+
+
 def ndcg_hr10(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
     top = np.take_along_axis(labels, np.argsort(-scores, 1, kind="stable"), 1)[:, :10]
     return float((top / np.log2(np.arange(2, 12))).sum(1).mean()), float(top.sum(1).mean())
@@ -161,6 +200,8 @@ def main() -> None:
     p.add_argument("--tag", default="")
     p.add_argument("--no-vectors", action="store_true",
                    help="skip the retriever u*v and similarity sets (they need the cached exports)")
+    p.add_argument("--ease", action="store_true", help="add the +ease set (an EASE model fitted per split)")
+    p.add_argument("--ease-lambda", type=float, default=500.0)
     p.add_argument("--sets", nargs="*", default=[], help="only these feature sets (names as in the table)")
     args = p.parse_args()
 
@@ -175,6 +216,7 @@ def main() -> None:
                          f"--seed {args.seed} first")
     store = FeatureStore(prepare_features(args.dataset, args.shared_data, args.data_dir))
     train, valid = (CandidateLists.load(found[s][0]) for s in ("train", "valid"))
+    all_train = train
     train = train.take(np.flatnonzero(train.hit()))  # as the ranker trains: lists that hold their target
     t0 = time.perf_counter()
     x_tr, names = build_features(store, train, args.window)
@@ -189,6 +231,19 @@ def main() -> None:
         names += [*SIM_NAMES, *(f"retriever_uv_{d}" for d in range(uv_tr.shape[-1]))]
         x_tr, x_va = np.concatenate([x_tr, sim_tr, uv_tr], -1), np.concatenate([x_va, sim_va, uv_va], -1)
         del uv_tr, uv_va, sim_tr, sim_va
+    if args.ease:  # fitted on what each list's retriever trained on: the prefix before its first list
+        n_items = int(store.timeline_values["item_id"].max()) + 1
+        ease = []
+        for lst, src in ((train, all_train), (valid, valid)):
+            users, inv = np.unique(src.user_ids, return_inverse=True)
+            first = np.full(len(users), np.iinfo(np.int64).max)
+            np.minimum.at(first, inv, src.hist_len)
+            b = ease_fit(store, store.timeline_users.rows(users)[0], first, n_items, args.ease_lambda)
+            ease.append(ease_features(store, lst, b))
+        names += ["ease_score", "ease_gap"]
+        x_tr, x_va = np.concatenate([x_tr, ease[0]], -1), np.concatenate([x_va, ease[1]], -1)
+        print(f"  ease: lambda {args.ease_lambda:g}, {n_items} items; valid lists' ease-alone ndcg@10 "
+              f"{ndcg_hr10(ease[1][..., 0], valid.labels())[0]:.4f}", flush=True)
     print(f"features {x_tr.shape} train, {x_va.shape} valid in {time.perf_counter() - t0:.0f}s", flush=True)
     y_tr, y_va = train.labels(), valid.labels()
     n_base = len(LIST_FEATURE_NAMES) + len(CONTEXT_FEATURE_NAMES)
@@ -196,12 +251,14 @@ def main() -> None:
         "list+context": list(range(n_base)),
         "+time windows": list(range(n_base)) + [names.index(f"log_item_count_{w}h") for w in WINDOWS_H],
         "+wide cooc": list(range(n_base)) + [i for i, nm in enumerate(names) if nm.endswith(tuple(f"_{w}" for w in WIDE))],
-        "all": [i for i, nm in enumerate(names) if not nm.startswith("retriever_")],
+        "all": [i for i, nm in enumerate(names) if not nm.startswith(("retriever_", "ease_"))],
     }
     if with_uv:
         uv_cols = [i for i, nm in enumerate(names) if nm.startswith("retriever_uv_")]
         sets["+retriever u*v"] = list(range(n_base)) + uv_cols
         sets["+retriever sims"] = list(range(n_base)) + [names.index(nm) for nm in SIM_NAMES]
+    if args.ease:
+        sets["+ease"] = list(range(n_base)) + [names.index("ease_score"), names.index("ease_gap")]
     if args.sets:
         unknown = set(args.sets) - set(sets)
         if unknown:
