@@ -25,11 +25,12 @@ Feature sets:
                 retriever's vectors, not only its score? (skipped with --no-vectors)
   +retriever sims  cosine similarity in the retriever's item space of the candidate to the
                 request's last behavior, and its max and mean over the last 5 (basis-free)
-  +ease         a second, differently built model's opinion: EASE (an item-item ridge regression,
-                closed form, `--ease-lambda`) fitted on what the lists' retriever trained on (each
-                user's timeline before their first training list for the training lists, before
-                the valid target for the valid ones); its score of the candidate from the request's
-                whole history, and that score's gap to the list's best (`--ease`)
+  +ease         a second, differently built model's opinion: EASE, an item-item ridge regression in
+                closed form (`features.item_item.ItemItem`; `--ease-lambda`, `--ease-k`), fitted on
+                what the lists' retriever trained on (each user's timeline before their first
+                training list for the training lists, before the valid target for the valid ones);
+                its score of the candidate from the request's history (`--ease-history`), and that
+                score's gap to the list's best (`--ease`)
 
 Compare its best with the full ranker's valid NDCG@10 in the two-stage results file (pass
 `--ranker-results`): the gap is what the ranker's sequence modules add beyond the dense
@@ -113,37 +114,27 @@ def retriever_features(store: Any, lists: Any, export: Path) -> tuple[np.ndarray
     return withv.products().reshape(shape), withv.similarities(recent).reshape(shape)
 
 
-def ease_fit(store: Any, rows: np.ndarray, fit_len: np.ndarray, n_items: int, lam: float) -> np.ndarray:
-    """(I, I) EASE weights (Steck 2019: B = I - P diag(1/diag P), P = (X'X + lam I)^-1) over the binary
-    user x item matrix of timeline[:fit_len] of timeline rows `rows` (item ids must be < n_items)."""
-    import torch
+def ease_features(store: Any, lists: Any, fit_lists: Any, lam: float, k: int, history: int,
+                  chunk: int = 2048) -> np.ndarray:
+    """(R, N, 2) the `features.item_item.ItemItem` score of every candidate of `lists` from its request's last
+    `history` behaviors (0: all), and the score minus the list's best; the model fitted on each user's timeline
+    before the first of the user's `fit_lists` (what that list's retriever trained on)."""
+    from features.item_item import ItemItem
+    from features.list_context import recent_items
 
-    x = np.zeros((len(rows), n_items), np.float32)
-    for i, (r, n) in enumerate(zip(rows, fit_len)):
-        off = int(store.timeline_offsets[r])
-        x[i, store.timeline_values["item_id"][off:off + int(n)]] = 1.0
-    xt = torch.from_numpy(x)
-    g = (xt.T @ xt).double()
-    g += lam * torch.eye(n_items, dtype=torch.float64)
-    pinv = torch.linalg.inv(g)
-    b = -pinv / torch.diagonal(pinv)[None, :]
-    b.fill_diagonal_(0.0)
-    return b.float().numpy()
-
-
-def ease_features(store: Any, lists: Any, b: np.ndarray, chunk: int = 2048) -> np.ndarray:
-    """(R, N, 2) EASE score of every candidate from its request's whole history timeline[:hist_len], and the
-    score minus the list's best."""
+    users, inv = np.unique(fit_lists.user_ids, return_inverse=True)
+    first = np.full(len(users), np.iinfo(np.int64).max)
+    np.minimum.at(first, inv, fit_lists.hist_len)
+    user_rows, _ = store.timeline_users.rows(users)
+    values = store.timeline_values["item_id"]
+    model = ItemItem.fit(np.asarray(store.timeline_offsets)[user_rows], values, first, lam=lam, k=k)
     rows, _ = store.timeline_users.rows(lists.user_ids)
-    values = np.asarray(store.timeline_values["item_id"], np.int64)
     out = np.zeros((len(lists), lists.width), np.float32)
     for s in range(0, len(lists), chunk):
-        part = np.arange(s, min(s + chunk, len(lists)))
-        h = np.zeros((len(part), b.shape[0]), np.float32)
-        for i, j in enumerate(part):
-            off = int(store.timeline_offsets[rows[j]])
-            h[i, values[off:off + int(lists.hist_len[j])]] = 1.0
-        out[part] = np.take_along_axis(h @ b, lists.items[part], 1)
+        part = slice(s, s + chunk)
+        width = int(lists.hist_len[part].max()) if history <= 0 else history
+        recent = recent_items(store.timeline_offsets, values, rows[part], lists.hist_len[part], max(width, 1))
+        out[part] = model.scores(recent, lists.items[part])
     return np.stack([out, out - out.max(1, keepdims=True)], -1)
 
 
@@ -202,6 +193,8 @@ def main() -> None:
                    help="skip the retriever u*v and similarity sets (they need the cached exports)")
     p.add_argument("--ease", action="store_true", help="add the +ease set (an EASE model fitted per split)")
     p.add_argument("--ease-lambda", type=float, default=500.0)
+    p.add_argument("--ease-k", type=int, default=256, help="weights kept per candidate (0: all)")
+    p.add_argument("--ease-history", type=int, default=0, help="behaviors the score reads (0: the whole history)")
     p.add_argument("--sets", nargs="*", default=[], help="only these feature sets (names as in the table)")
     args = p.parse_args()
 
@@ -232,18 +225,12 @@ def main() -> None:
         x_tr, x_va = np.concatenate([x_tr, sim_tr, uv_tr], -1), np.concatenate([x_va, sim_va, uv_va], -1)
         del uv_tr, uv_va, sim_tr, sim_va
     if args.ease:  # fitted on what each list's retriever trained on: the prefix before its first list
-        n_items = int(store.timeline_values["item_id"].max()) + 1
-        ease = []
-        for lst, src in ((train, all_train), (valid, valid)):
-            users, inv = np.unique(src.user_ids, return_inverse=True)
-            first = np.full(len(users), np.iinfo(np.int64).max)
-            np.minimum.at(first, inv, src.hist_len)
-            b = ease_fit(store, store.timeline_users.rows(users)[0], first, n_items, args.ease_lambda)
-            ease.append(ease_features(store, lst, b))
+        ease = [ease_features(store, lst, src, args.ease_lambda, args.ease_k, args.ease_history)
+                for lst, src in ((train, all_train), (valid, valid))]
         names += ["ease_score", "ease_gap"]
         x_tr, x_va = np.concatenate([x_tr, ease[0]], -1), np.concatenate([x_va, ease[1]], -1)
-        print(f"  ease: lambda {args.ease_lambda:g}, {n_items} items; valid lists' ease-alone ndcg@10 "
-              f"{ndcg_hr10(ease[1][..., 0], valid.labels())[0]:.4f}", flush=True)
+        print(f"  ease: lambda {args.ease_lambda:g}, k {args.ease_k}, history {args.ease_history}; valid lists' "
+              f"ease-alone ndcg@10 {ndcg_hr10(ease[1][..., 0], valid.labels())[0]:.4f}", flush=True)
     print(f"features {x_tr.shape} train, {x_va.shape} valid in {time.perf_counter() - t0:.0f}s", flush=True)
     y_tr, y_va = train.labels(), valid.labels()
     n_base = len(LIST_FEATURE_NAMES) + len(CONTEXT_FEATURE_NAMES)
