@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from features.jagged import segment_indices
+
 MAX_DENSE_ITEMS = 40_000  # X'X is I x I float64: 12.8 GB at this size; refuse larger catalogs
 
 
@@ -46,17 +48,15 @@ class ItemItem:
             raise ValueError(f"ItemItem.fit: offsets {offsets.shape} and visible_len {visible_len.shape} must match "
                              "and be non-negative")
         row_of = np.repeat(np.arange(len(offsets)), visible_len)
-        flat = (np.repeat(offsets - np.concatenate([[0], np.cumsum(visible_len)[:-1]]), visible_len)
-                + np.arange(int(visible_len.sum())))
-        seen = np.asarray(item_ids, np.int64)[flat]
-        catalog = np.unique(seen)
+        seen = np.asarray(item_ids, np.int64)[segment_indices(offsets, visible_len)]
+        catalog, col_of = np.unique(seen, return_inverse=True)
         if len(catalog) < 2:
             raise ValueError(f"ItemItem.fit: {len(catalog)} distinct items in the visible behaviors; need at least 2")
         if len(catalog) > MAX_DENSE_ITEMS:
             raise ValueError(f"ItemItem.fit: {len(catalog):,} items; the closed form needs an I x I matrix, so at most "
                              f"{MAX_DENSE_ITEMS:,} (fit over the most frequent items)")
         x = np.zeros((len(offsets), len(catalog)), np.float32)
-        x[row_of, np.searchsorted(catalog, seen)] = 1.0
+        x[row_of, col_of] = 1.0
         g = (x.T @ x).astype(np.float64)
         g[np.diag_indices_from(g)] += lam
         p = np.linalg.inv(g)
@@ -93,8 +93,9 @@ class ItemItem:
             rec, cand = recent[s:s + chunk], candidates[s:s + chunk]
             rows = np.arange(len(cand))
             h_idx, h_ok = self.index(rec)
+            h_ok &= rec >= 0
             seen = np.zeros((len(cand), n_items), bool)  # the distinct catalog items of each request's history
-            seen[np.broadcast_to(rows[:, None], rec.shape)[h_ok & (rec >= 0)], h_idx[h_ok & (rec >= 0)]] = True
+            seen[np.broadcast_to(rows[:, None], rec.shape)[h_ok], h_idx[h_ok]] = True
             c_idx, c_ok = self.index(cand)
             hit = seen[rows[:, None, None], self.neighbors[c_idx]]  # (r, N, k)
             out[s:s + chunk] = np.where(c_ok, (self.weights[c_idx] * hit).sum(-1, dtype=np.float32), 0.0)
