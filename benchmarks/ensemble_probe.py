@@ -43,9 +43,8 @@ def corrections(ranker: Any, store: Any, lists: Any, export: Path, chunk: int = 
     sim = max(cfg.retrieval_similarity, 0)
     if cfg.retrieval_products > 0 or sim:
         lists = attach_vectors(lists, load_retriever(export), store)
-    data = ListRankingData(store, {"train": lists, "valid": lists, "test": lists}, ranker.history_len, chunk,
-                           context=ranker.context, retriever_vectors=cfg.retrieval_products > 0,
-                           retriever_similarity=sim)
+    data = ListRankingData.for_ranker(store, lists, ranker, chunk)
+    lists = data.splits["valid"]
     out = []
     for s in range(0, len(lists), chunk):
         part = lists.take(np.arange(s, min(s + chunk, len(lists))))

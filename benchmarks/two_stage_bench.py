@@ -128,11 +128,11 @@ def paired(a: np.ndarray, b: np.ndarray, seed: int, reps: int = 2000) -> dict[st
     return {"mean": float(d.mean()), "ci95": [float(np.quantile(boots, 0.025)), float(np.quantile(boots, 0.975))]}
 
 
-def score_lists(ranker_export: str, data: Any, lists: Any) -> np.ndarray:
-    """(R,) 0-based rank of each test request's target after the ranker (inf: not retrieved)."""
+def score_lists(ranker_export: str, data: Any) -> np.ndarray:
+    """(R,) 0-based rank of each test request's target after the exported ranker (inf: not retrieved)."""
     from ranking.export import load_ranker
 
-    return data.ranks(load_ranker(ranker_export), lists)
+    return data.ranks(load_ranker(ranker_export), "test")
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res = fit(cfg, data, work / f"ranker{args.tag}")
     test = lists["test"]
     retr_rank = np.where(test.hit(), (test.items == test.target[:, None]).argmax(1), np.inf)
-    pipe_rank = score_lists(res.export_dir, data, test)
+    pipe_rank = score_lists(res.export_dir, data)
     retr, pipe = per_user(retr_rank), per_user(pipe_rank)
     m_retr = topk_metrics(retr_rank, ks=KS, recall_ks=(args.top_n,))
     m_pipe = topk_metrics(pipe_rank, ks=KS, recall_ks=(args.top_n,))

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -101,6 +101,9 @@ class CandidateLists:
     # (not saved: `with_vectors` attaches it from the retriever export that made the lists)
     user_vectors: np.ndarray | None = None
     item_vectors: Callable[[np.ndarray], np.ndarray] | None = None
+    # the item-item model fitted on what the lists' retriever trained on (`features.item_item.ItemItem`, the
+    # second stage's `lists.item_item` features), when attached (`with_item_item`); not saved with the lists
+    item_item: Any = None
 
     def __len__(self) -> int:
         return int(self.user_ids.shape[0])
@@ -118,13 +121,17 @@ class CandidateLists:
         return (self.items == self.target[:, None]).any(axis=1)
 
     def take(self, rows: np.ndarray) -> "CandidateLists":
-        return CandidateLists(self.user_ids[rows], self.hist_len[rows], self.items[rows], self.logits[rows],
-                              self.target[rows], None if self.user_vectors is None else self.user_vectors[rows],
-                              self.item_vectors)
+        return replace(self, user_ids=self.user_ids[rows], hist_len=self.hist_len[rows], items=self.items[rows],
+                       logits=self.logits[rows], target=self.target[rows],
+                       user_vectors=None if self.user_vectors is None else self.user_vectors[rows])
 
     def with_vectors(self, user_vectors: np.ndarray | None,
                      item_vectors: Callable[[np.ndarray], np.ndarray] | None) -> "CandidateLists":
         return replace(self, user_vectors=user_vectors, item_vectors=item_vectors).validate("with_vectors")
+
+    def with_item_item(self, model: Any) -> "CandidateLists":
+        """These lists reading `model` (a `features.item_item.ItemItem`) for their item-item features."""
+        return replace(self, item_item=model)
 
     def products(self, columns: np.ndarray | None = None) -> np.ndarray:
         """`retrieval_products` of the lists (or of their (R, W) positions `columns`): (R * N, D) float32."""

@@ -16,6 +16,15 @@ the item set and X then carry no event the lists' targets could leak through.
 
     model = ItemItem.fit(offsets, item_ids, visible_len, lam=500.0, k=256)
     scores = model.scores(recent, candidates)        # (R, N) float32; recent (R, H), -1 = padding
+    feats = model.list_features(recent, lists)       # (R * N, 2) the second stage's columns
+
+The second stage reads it per candidate of a retrieved list (`ITEM_ITEM_FEATURE_NAMES`, float32):
+
+    item_item_score    the candidate's score from the request's last behaviors
+    item_item_gap      that score minus the best score in the candidate's list (<= 0)
+
+The scores alone rank the retriever's lists poorly; what they add is a second opinion,
+built differently, on the candidates the retriever already put close together.
 """
 from __future__ import annotations
 
@@ -26,6 +35,10 @@ import numpy as np
 
 from features.jagged import segment_indices
 
+ITEM_ITEM_FEATURE_NAMES: tuple[str, ...] = ("item_item_score", "item_item_gap")
+# the longest window of behaviors the features read: the server keeps up to `features.sequence.SequenceConfig.long_cap`
+# (10,000 by default), and a request allocates for the window
+MAX_HISTORY = 10_000
 MAX_DENSE_ITEMS = 40_000  # X'X is I x I float64: 12.8 GB at this size; refuse larger catalogs
 
 
@@ -100,6 +113,16 @@ class ItemItem:
             hit = seen[rows[:, None, None], self.neighbors[c_idx]]  # (r, N, k)
             out[s:s + chunk] = np.where(c_ok, (self.weights[c_idx] * hit).sum(-1, dtype=np.float32), 0.0)
         return out
+
+    def list_features(self, recent: np.ndarray, lists: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
+        """(R * N, 2) float32 `ITEM_ITEM_FEATURE_NAMES` of the (R, N) `lists` (best first) for the requests' last
+        behaviors `recent` (R, H), row-major (request, candidate); with `columns` (R, W) only those list positions
+        (the gap still reads the whole list)."""
+        score = self.scores(recent, lists)
+        gap = score - (score.max(1, keepdims=True) if score.shape[1] else score)
+        if columns is not None:
+            score, gap = np.take_along_axis(score, columns, 1), np.take_along_axis(gap, columns, 1)
+        return np.stack([score, gap], -1).reshape(-1, len(ITEM_ITEM_FEATURE_NAMES)).astype(np.float32)
 
     # ------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:

@@ -12,8 +12,8 @@ and a served list sees everything the bundle's log holds:
 
 `second_stage_dense` is the second-stage ranker's whole candidate_dense (the list's
 `features.candidate_lists.list_features`, then these when the ranker reads them, then the
-retriever-vector features when it reads those), built the same way by training
-(`ranking.lists`) and by the server.
+retriever-vector features and the item-item features (`features.item_item`) when it reads those),
+built the same way by training (`ranking.lists`) and by the server.
 
 Per candidate (`CONTEXT_FEATURE_NAMES`, all float32):
     log_item_count      log1p(behaviors on the item before the request)
@@ -42,6 +42,7 @@ from typing import NamedTuple
 import numpy as np
 
 from features.candidate_lists import LIST_FEATURE_NAMES, SIMILARITY_NAMES, list_features
+from features.item_item import ITEM_ITEM_FEATURE_NAMES
 
 CONTEXT_FEATURE_NAMES: tuple[str, ...] = ("log_item_count", "log_item_age_h", "log_transitions",
                                           "log_cooccurrence", "category_share")
@@ -302,17 +303,20 @@ def recent_items(offsets: np.ndarray, item_ids: np.ndarray, rows: np.ndarray, hi
     return np.where(cols >= 0, np.asarray(item_ids, np.int64)[flat], -1)
 
 
-def second_stage_dense_dim(context: bool, retrieval_products: int = 0, retrieval_similarity: int = 0) -> int:
+def second_stage_dense_dim(context: bool, retrieval_products: int = 0, retrieval_similarity: int = 0,
+                           item_item: bool = False) -> int:
     """Columns of `second_stage_dense` for a ranker with (or without) context features, `retrieval_products` u_d*v_d
-    terms and (when `retrieval_similarity` > 0) the retriever-space similarities."""
+    terms, (when `retrieval_similarity` > 0) the retriever-space similarities and the item-item features."""
     return (len(LIST_FEATURE_NAMES) + (len(CONTEXT_FEATURE_NAMES) if context else 0) + retrieval_products
-            + (len(SIMILARITY_NAMES) if retrieval_similarity else 0))
+            + (len(SIMILARITY_NAMES) if retrieval_similarity else 0)
+            + (len(ITEM_ITEM_FEATURE_NAMES) if item_item else 0))
 
 
 def second_stage_dense(logits: np.ndarray, items: np.ndarray, context: ContextCounts | None = None,
                        recent: np.ndarray | None = None, hist_len: np.ndarray | None = None,
                        points: np.ndarray | int = SERVE_POINT, request_ts: np.ndarray | int = 0,
-                       columns: np.ndarray | None = None, vectors: np.ndarray | None = None) -> np.ndarray:
+                       columns: np.ndarray | None = None, vectors: np.ndarray | None = None,
+                       item_item: np.ndarray | None = None) -> np.ndarray:
     """The second-stage ranker's candidate_dense of R lists, row-major (request, candidate).
 
     logits, items: (R, N) the retrieved lists, best first (the list features read the whole list).
@@ -321,7 +325,8 @@ def second_stage_dense(logits: np.ndarray, items: np.ndarray, context: ContextCo
     requests' last behaviors right-aligned (`recent_items`), hist_len (R,), points (R,) or `SERVE_POINT`,
     request_ts (R,) ms.
     vectors: (rows, F) the kept candidates' retriever-vector features (`features.candidate_lists.retrieval_products`
-    then `retrieval_similarities`, those the ranker reads), appended last; None: none.
+    then `retrieval_similarities`, those the ranker reads), appended after the context; None: none.
+    item_item: (rows, 2) the kept candidates' `features.item_item.ItemItem.list_features`, appended last; None: none.
     """
     feats = list_features(logits)
     items = np.asarray(items, np.int64)
@@ -334,9 +339,10 @@ def second_stage_dense(logits: np.ndarray, items: np.ndarray, context: ContextCo
         if recent is None or hist_len is None:
             raise ValueError("second_stage_dense: a ranker with context features needs the requests' recent behaviors")
         parts.append(context.features(recent, hist_len, points, request_ts, items))
-    if vectors is not None:
-        if vectors.shape[0] != feats.shape[0]:
-            raise ValueError(f"second_stage_dense: {vectors.shape[0]} rows of retriever-vector features for "
-                             f"{feats.shape[0]} candidates")
-        parts.append(np.asarray(vectors, np.float32))
+    for name, extra in (("retriever-vector", vectors), ("item-item", item_item)):
+        if extra is not None:
+            if extra.shape[0] != feats.shape[0]:
+                raise ValueError(f"second_stage_dense: {extra.shape[0]} rows of {name} features for "
+                                 f"{feats.shape[0]} candidates")
+            parts.append(np.asarray(extra, np.float32))
     return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1)

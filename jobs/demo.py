@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 # The full ranker as the second stage, small (two epochs on the dataset's sizes) but complete: DARE's decoupled
 # attention and representation tables, SDIM long-term interest (signatures and bucket sums kept at ingest by the
 # server), a 4-expert AW-MoE with the contrastive gate loss, scoring the retriever's logit plus a learned
-# correction, trained listwise on a held-out retriever's lists with the point-in-time context features
-# (jobs/second_stage.py). Layered on the dataset's ranking config.
+# correction, trained listwise on a held-out retriever's lists with the point-in-time context features and the
+# item-item model's (jobs/second_stage.py). Layered on the dataset's ranking config.
 RANKER_FULL = ("ranking/configs/two-stage.yaml",)
 RANKER_FULL_OVERRIDES = ("model.sequence.long=sdim",)
 
@@ -314,10 +314,13 @@ def run_demo(cfg: DemoConfig) -> int:
 
 def _ranker_summary(bundle: Path) -> str:
     """What the served ranker is made of, from its export's config.json."""
-    m = json.loads((bundle / "ranker" / "config.json").read_text())["model"]
+    config = json.loads((bundle / "ranker" / "config.json").read_text())
+    m = config["model"]
     e, s, moe = m["embedding"], m["sequence"], m["moe"]
-    stage = ("second stage: the retriever's logit + a learned correction over its list, with point-in-time context "
-             "features; " if m.get("residual_column", -1) >= 0 else "")
+    reads = " and ".join(name for name, part in (("point-in-time context", "context"), ("item-item", "item_item"))
+                         if config.get(part))
+    stage = ("second stage: the retriever's logit + a learned correction over its list"
+             f"{f', with {reads} features' if reads else ''}; " if m.get("residual_column", -1) >= 0 else "")
     return (f"{stage}{'DARE decoupled attention/representation tables' if e['decoupled'] else 'coupled tables'}; "
             f"short-term target attention over {s['short_len']}; long-term {s['long']} over {s['long_len']}; "
             f"AW-MoE with {moe['num_experts']} expert(s) {list(moe['expert_hidden'])}")

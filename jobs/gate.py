@@ -82,13 +82,11 @@ def evaluate_two_stage(retriever_export: Path, ranker_export: Path, features: Pa
     ok = np.flatnonzero(store.retrieval_train_len >= 1)
     hist = store.retrieval_train_len[ok] + (1 if split == "test" else 0)
     lists = retrieve_lists(load_retriever(retriever_export), store, store.timeline_users.ids[ok], hist, top_n)
-    data = ListRankingData(store, {"train": lists, "valid": lists, "test": lists}, ranker.history_len, 32,
-                           context=ranker.context, retriever_vectors=ranker.cfg.retrieval_products > 0,
-                           retriever_similarity=max(ranker.cfg.retrieval_similarity, 0))
+    data = ListRankingData.for_ranker(store, lists, ranker)
     retr = np.where(lists.hit(), (lists.items == lists.target[:, None]).argmax(1), np.inf)
     ks = (10, 50)
     return {"retriever": topk_metrics(retr, ks=ks, recall_ks=(top_n,)),
-            "two_stage": topk_metrics(data.ranks(ranker, lists), ks=ks, recall_ks=(top_n,))}
+            "two_stage": topk_metrics(data.ranks(ranker, "valid"), ks=ks, recall_ks=(top_n,))}
 
 
 def evaluate_bundle_parts(retriever_export: Path, ranker_export: Path, features: Path) -> dict[str, dict[str, float]]:

@@ -32,6 +32,7 @@ class RandomBundleSpec:
     randomize_heads_std: float = 0.0  # >0: the (zero-initialised) residual heads drawn N(0, std) so they reorder
     retriever_vectors: bool = False  # the second stage also reads the retriever's u_d * v_d terms
     retriever_similarity: int = 0  # and the retriever-space similarities to the last K behaviors (0: not)
+    item_item_history: int = 10  # with an item-item model: the behaviors its features read
 
     @classmethod
     def ml1m_sdim(cls) -> "RandomBundleSpec":
@@ -42,11 +43,13 @@ class RandomBundleSpec:
 
 
 def write_random_bundle(catalog, out: Path, version: str, seed: int, spec: RandomBundleSpec | None = None,
-                        context=None) -> tuple[Path, str]:
+                        context=None, item_item=None) -> tuple[Path, str]:
     """Exports both models under `out` and the bundle at `out/version`; returns (bundle dir, manifest sha256).
 
     `catalog`: the served `serving.catalog.Catalog`; `context` (features.list_context.ContextCounts): the
-    two-stage ranker also reads the list's context features and exports the counts. Different seeds give
+    two-stage ranker also reads the list's context features and exports the counts; `item_item`
+    (features.item_item.ItemItem): it also reads the item-item features (over `spec.item_item_history` behaviors)
+    and exports the model. Different seeds give
     different weights, so different answers."""
     import torch
 
@@ -79,7 +82,8 @@ def write_random_bundle(catalog, out: Path, version: str, seed: int, spec: Rando
         products = rcfg.model.dim if spec.retriever_vectors else 0
         mc = dataclasses.replace(kcfg.model, user_dense_dim=0,
                                  candidate_dense_dim=second_stage_dense_dim(context is not None, products,
-                                                                            spec.retriever_similarity),
+                                                                            spec.retriever_similarity,
+                                                                            item_item is not None),
                                  retrieval_products=products, retrieval_similarity=spec.retriever_similarity)
     else:
         mc = dataclasses.replace(kcfg.model, user_dense_dim=len(layout.user_names()),
@@ -89,7 +93,8 @@ def write_random_bundle(catalog, out: Path, version: str, seed: int, spec: Rando
     ranker = RankerModel(mc, embedding_device="cpu")
     if spec.randomize_heads_std > 0:
         torch.nn.init.normal_(ranker.heads.weight, std=spec.randomize_heads_std)
-    export_ranker(ranker, out / f"ranker-{version}", context=context)
+    export_ranker(ranker, out / f"ranker-{version}", context=context, item_item=item_item,
+                  item_item_history=spec.item_item_history if item_item is not None else 0)
     path = out / version
     checksum = write_bundle(path, version, ("retrieval.export", out / f"retriever-{version}"),
                             ("ranking.export", out / f"ranker-{version}"), layout)

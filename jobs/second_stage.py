@@ -15,7 +15,10 @@ top-N list of each request as the retriever's logit plus a learned correction. W
   exported with the ranker (`context.npz`) so the server computes the same features;
 * with `lists.retriever_vectors` or `lists.retriever_similarity`, each list's retriever vectors
   (`retrieval.lists.attach_vectors`): the holdout retriever's for the training lists, the served one's for
-  valid and test, as the server uses its own.
+  valid and test, as the server uses its own;
+* with `lists.item_item`, an item-item model (`features.item_item.ItemItem`) per lists retriever, fitted on
+  exactly what it trained on (each user's timeline before the holdout positions for the training lists, the
+  retrieval-training prefix for valid and test), the served one exported with the ranker (`item_item.npz`).
 
 Every list is the top N of every item the user has not seen. Lists are cached as ``.npz`` under the run's
 directory, so a resumed run does not retrieve again.
@@ -82,16 +85,37 @@ def candidate_lists(store: Any, retriever: Path, lists_retriever: Path, lc: Any,
     return out
 
 
-def list_data(store: Any, lists: dict[str, Any], cfg: Any) -> Any:
-    """The ranker's `ListRankingData` over `lists`, with the context counts when `cfg.lists.context_window` > 0."""
+def fit_item_item(store: Any, lc: Any, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """{split: ItemItem} fitted on what each split's lists retriever trained on: the holdout retriever's timeline
+    prefixes (before each user's last `lc.holdout` training behaviors) for train, the served retriever's
+    (the retrieval-training prefix) for valid and test."""
+    from features.item_item import ItemItem
+
+    offsets, items = np.asarray(store.timeline_offsets)[:-1], store.timeline_values["item_id"]
+    out = {}
+    for name, visible in (("lists", store.retrieval_train_ends(lc.holdout)), ("served", store.retrieval_train_ends())):
+        t0 = time.perf_counter()
+        out[name] = ItemItem.fit(offsets, items, visible, lam=lc.item_item_lambda, k=lc.item_item_k)
+        say(f"    item-item ({name} retriever's prefixes): {len(out[name].item_ids):,} items, k {out[name].k}, "
+            f"lambda {lc.item_item_lambda:g}, {time.perf_counter() - t0:.0f}s")
+    return {"train": out["lists"], "valid": out["served"], "test": out["served"]}
+
+
+def list_data(store: Any, lists: dict[str, Any], cfg: Any, say: Callable[[str], None] = print) -> Any:
+    """The ranker's `ListRankingData` over `lists`, with the context counts when `cfg.lists.context_window` > 0 and
+    the item-item models with `cfg.lists.item_item`."""
     from ranking.lists import ListRankingData
 
     lc = cfg.lists
     context = ListRankingData.context_counts(store, lc.context_window) if lc.context_window else None
+    if lc.item_item:
+        models = fit_item_item(store, lc, say)
+        lists = {split: lst.with_item_item(models[split]) for split, lst in lists.items()}
     return ListRankingData(store, lists, history_cap=cfg.model.sequence.history_len,
                            lists_per_batch=lc.lists_per_batch, seed=cfg.train.seed, train_width=lc.train_width,
                            context=context, retriever_vectors=lc.retriever_vectors,
-                           retriever_similarity=lc.retriever_similarity)
+                           retriever_similarity=lc.retriever_similarity,
+                           item_item_history=lc.item_item_history if lc.item_item else 0)
 
 
 def _train(rank: int, world: int, cfg: Any, data: Any, out: str) -> Any:
@@ -126,7 +150,7 @@ def train_second_stage(cfg: Any, features: Path, retriever: Path, lists_retrieve
     out = Path(out)
     store = FeatureStore(Path(features))
     lists = candidate_lists(store, retriever, lists_retriever, cfg.lists, out / "lists", say)
-    data = list_data(store, lists, cfg)
+    data = list_data(store, lists, cfg, say)
     say(f"    ranker: {len(data.splits['train']):,} training lists holding their target (of "
         f"{len(lists['train']):,}), width {cfg.lists.train_width or cfg.lists.top_n}, "
         f"context window {cfg.lists.context_window}")

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from features.item_item import MAX_HISTORY as ITEM_ITEM_MAX_HISTORY
 from features.train.sharding import ShardingConfig
 
 # TorchRec table names.
@@ -343,6 +344,14 @@ class ListsConfig:
     # the cosine in the retriever's item space of each candidate to the request's last behavior, and its max and
     # mean over the last `retriever_similarity` behaviors (3 features; 0: off): basis-free, unlike the u_d * v_d terms
     retriever_similarity: int = 0
+    # an item-item model (EASE, `features.item_item`) fitted on what each list's retriever trained on: its score of
+    # the candidate from the request's last `item_item_history` behaviors and the gap to the list's best (2 features);
+    # exported with the ranker (item_item.npz), so the server computes them from its stored sequence (which keeps
+    # up to `features.sequence.SequenceConfig.long_cap` behaviors: keep item_item_history at most that)
+    item_item: bool = False
+    item_item_k: int = 256  # weights kept per candidate (0: all)
+    item_item_lambda: float = 500.0  # the ridge weight
+    item_item_history: int = 1000
     max_users: int = 0  # 0: every user (a smaller number: smoke runs)
 
     def __post_init__(self) -> None:
@@ -351,6 +360,11 @@ class ListsConfig:
                              f"{self.top_n}, {self.holdout}, {self.lists_per_batch}")
         if not 0 <= self.train_width <= self.top_n:
             raise ValueError(f"lists.train_width must be in [0, lists.top_n={self.top_n}], got {self.train_width}")
+        if self.item_item and (self.item_item_k < 0 or not 1 <= self.item_item_history <= ITEM_ITEM_MAX_HISTORY
+                               or not self.item_item_lambda > 0):
+            raise ValueError(f"lists.item_item_k must be >= 0, lists.item_item_history in [1, {ITEM_ITEM_MAX_HISTORY}] "
+                             f"and lists.item_item_lambda > 0, got {self.item_item_k}, {self.item_item_history}, "
+                             f"{self.item_item_lambda}")
         if self.context_window < 0 or self.max_users < 0 or self.retriever_similarity < 0:
             raise ValueError(f"lists.context_window, lists.max_users and lists.retriever_similarity must be >= 0, "
                              f"got {self.context_window}, {self.max_users}, {self.retriever_similarity}")

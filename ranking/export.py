@@ -4,6 +4,8 @@
     EXPORT/weights.pt      torch.save(model.state_dict()): tensors only, loaded with weights_only=True
     EXPORT/context.npz     second-stage rankers that read point-in-time context (features.list_context):
                            the counts the server looks candidates up in (config.json "context")
+    EXPORT/item_item.npz   second-stage rankers that read item-item features (features.item_item): the model the
+                           server scores its lists with, from the last `history` behaviors (config.json "item_item")
     EXPORT/manifest.json   {"format", "files": {name: sha256}}
 
 The module is rebuilt from config.json and the code (never unpickled). Sharded
@@ -25,6 +27,7 @@ import torch.distributed.checkpoint as dcp
 
 from features.config import ConfigError, from_mapping, to_dict
 from features.datasets.common import sha256_file
+from features.item_item import ITEM_ITEM_FEATURE_NAMES, MAX_HISTORY, ItemItem
 from features.list_context import CONTEXT_FEATURE_NAMES, ContextCounts
 from ranking.config import LossConfig, ModelConfig
 from ranking.inference import RankerInference, make_inference
@@ -36,6 +39,7 @@ CONFIG = "config.json"
 WEIGHTS = "weights.pt"
 MANIFEST = "manifest.json"
 CONTEXT = "context.npz"
+ITEM_ITEM = "item_item.npz"
 
 
 class RankerExportError(ValueError):
@@ -44,9 +48,12 @@ class RankerExportError(ValueError):
 
 
 def export_ranker(model: RankerModel, out_dir: str | Path, metadata: Mapping[str, Any] | None = None,
-                  context: ContextCounts | None = None) -> Path:
-    """Writes config.json, weights.pt (+ context.npz) and manifest.json for an unsharded model; returns the
-    directory."""
+                  context: ContextCounts | None = None, item_item: ItemItem | None = None,
+                  item_item_history: int = 0) -> Path:
+    """Writes config.json, weights.pt (+ context.npz, + item_item.npz read over the last `item_item_history`
+    behaviors) and manifest.json for an unsharded model; returns the directory."""
+    if item_item is not None and not 1 <= item_item_history <= MAX_HISTORY:
+        raise ValueError(f"export_ranker: an item-item model reads 1..{MAX_HISTORY} behaviors, got {item_item_history}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
@@ -62,20 +69,26 @@ def export_ranker(model: RankerModel, out_dir: str | Path, metadata: Mapping[str
         "metadata": dict(metadata or {}),
         "context": {"file": CONTEXT, "features": list(CONTEXT_FEATURE_NAMES), "window": context.window}
         if context is not None else None,
+        "item_item": {"file": ITEM_ITEM, "features": list(ITEM_ITEM_FEATURE_NAMES), "history": int(item_item_history),
+                      "k": item_item.k, "lambda": item_item.lam} if item_item is not None else None,
     }
     if context is not None:
         context.save(out / CONTEXT)
+    if item_item is not None:
+        item_item.save(out / ITEM_ITEM)
     (out / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     torch.save(state, out / WEIGHTS)
-    names = (CONFIG, WEIGHTS, *((CONTEXT,) if context is not None else ()))
+    names = (CONFIG, WEIGHTS, *((CONTEXT,) if context is not None else ()),
+             *((ITEM_ITEM,) if item_item is not None else ()))
     manifest = {"format": FORMAT, "files": {name: sha256_file(out / name) for name in names}}
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return out
 
 
 def export_from_checkpoint(checkpoint: str | Path, model_cfg: ModelConfig, out_dir: str | Path,
-                           metadata: Mapping[str, Any] | None = None, context: ContextCounts | None = None) -> Path:
+                           metadata: Mapping[str, Any] | None = None, context: ContextCounts | None = None,
+                           item_item: ItemItem | None = None, item_item_history: int = 0) -> Path:
     """Gathers a (sharded) DCP training checkpoint into an unsharded model and exports it.
 
     Runs in one process, with or without a process group (no collectives).
@@ -87,7 +100,7 @@ def export_from_checkpoint(checkpoint: str | Path, model_cfg: ModelConfig, out_d
     state = {"model": task.state_dict()}
     dcp.load(state, checkpoint_id=str(ckpt), no_dist=True)
     task.load_state_dict(state["model"])
-    return export_ranker(task.model, out_dir, metadata, context)
+    return export_ranker(task.model, out_dir, metadata, context, item_item, item_item_history)
 
 
 def read_export_config(path: str | Path) -> dict[str, Any]:
@@ -100,7 +113,7 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
     if manifest.get("format") != FORMAT:
         raise RankerExportError(f"{m}: format {manifest.get('format')!r}, this code reads {FORMAT!r}")
     files = manifest.get("files") or {}
-    for name in (CONFIG, WEIGHTS, *((CONTEXT,) if CONTEXT in files else ())):
+    for name in (CONFIG, WEIGHTS, *(f for f in (CONTEXT, ITEM_ITEM) if f in files)):
         if name not in files:
             raise RankerExportError(f"{m} does not list {name}")
         f = root / name
@@ -117,6 +130,18 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
         if list(ctx.get("features") or []) != list(CONTEXT_FEATURE_NAMES):
             raise RankerExportError(f"{root / CONFIG}: context features {ctx.get('features')}, this code computes "
                                     f"{list(CONTEXT_FEATURE_NAMES)}")
+    ii = config.get("item_item")
+    if ii is not None:
+        if ITEM_ITEM not in files:
+            raise RankerExportError(f"{m}: config.json reads item-item features but the manifest does not list "
+                                    f"{ITEM_ITEM}")
+        if not isinstance(ii, dict) or list(ii.get("features") or []) != list(ITEM_ITEM_FEATURE_NAMES):
+            raise RankerExportError(f"{root / CONFIG}: item-item features {ii.get('features') if isinstance(ii, dict) else ii!r}, "
+                                    f"this code computes {list(ITEM_ITEM_FEATURE_NAMES)}")
+        h = ii.get("history")
+        if not isinstance(h, int) or isinstance(h, bool) or not 1 <= h <= MAX_HISTORY:
+            raise RankerExportError(f"{root / CONFIG}: item_item.history must be an integer in [1, {MAX_HISTORY}], "
+                                    f"got {h!r}")
     return config
 
 
@@ -140,4 +165,11 @@ def load_ranker(path: str | Path) -> RankerInference:
             context = ContextCounts.load(root / CONTEXT)
         except (ValueError, KeyError, OSError) as e:
             raise RankerExportError(f"{root / CONTEXT}: {e}") from None
-    return make_inference(model, context)
+    item_item, history = None, 0
+    if config.get("item_item") is not None:
+        history = int(config["item_item"]["history"])
+        try:
+            item_item = ItemItem.load(root / ITEM_ITEM)
+        except (ValueError, OSError) as e:
+            raise RankerExportError(str(e)) from None
+    return make_inference(model, context, item_item, history)

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from features.batch import HISTORY_KEYS, ITEM_CATEGORY, ITEM_ID, USER_ID, Batch, BatchSpec, BatchValidationError
+from features.item_item import ItemItem
 from features.list_context import ContextCounts
 from kernels import pack_codes, unpack_codes
 from ranking.model import RankerModel
@@ -45,10 +46,14 @@ class RankerInference:
         probs = ranker.forward(batch)          # (N,)
     """
 
-    def __init__(self, model: RankerModel, context: ContextCounts | None = None) -> None:
+    def __init__(self, model: RankerModel, context: ContextCounts | None = None, item_item: ItemItem | None = None,
+                 item_item_history: int = 0) -> None:
         self.model = model.eval()
         self.cfg = model.cfg
         self.context = context  # second stage: the point-in-time counts its context features read
+        # second stage: the item-item model its item-item features read, over the last `item_item_history` behaviors
+        self.item_item = item_item
+        self.item_item_history = item_item_history if item_item is not None else 0
         for p in self.model.parameters():
             p.requires_grad_(False)
 
@@ -200,7 +205,8 @@ class SdimRankerInference(RankerInference):
         return (sums[0], counts[0]) if lengths is None else (sums, counts)
 
 
-def make_inference(model: RankerModel, context: ContextCounts | None = None) -> RankerInference:
+def make_inference(model: RankerModel, context: ContextCounts | None = None, item_item: ItemItem | None = None,
+                   item_item_history: int = 0) -> RankerInference:
     """The right wrapper for the model (with behavior signatures when it has SDIM)."""
     cls = SdimRankerInference if model.cfg.sequence.long == "sdim" else RankerInference
-    return cls(model, context)
+    return cls(model, context, item_item, item_item_history)

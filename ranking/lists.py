@@ -5,8 +5,9 @@ capped to what the model reads, user attributes), its N candidates with their
 item features and `list_features` (retriever logit, log rank, gap to the top)
 as `candidate_dense` (then the point-in-time context features and, with
 `retriever_vectors`, the retriever's per-dimension logit terms, with
-`retriever_similarity`, the retriever-space similarities to the last behaviors), and label 1
-on the target. The ranker trains listwise
+`retriever_similarity`, the retriever-space similarities to the last behaviors, with
+`item_item_history`, the item-item model's score and gap from the last behaviors: the model each
+split's lists carry, fitted on what their retriever trained on), and label 1 on the target. The ranker trains listwise
 (`loss.kind = listwise`) with `model.residual_column = 0`.
 
 Training keeps the lists that hold their target (a list without it carries no
@@ -41,7 +42,7 @@ class ListRankingData:
 
     def __init__(self, store: Any, splits: Mapping[str, CandidateLists], history_cap: int, lists_per_batch: int,
                  seed: int = 0, train_width: int = 0, context: ContextCounts | None = None,
-                 retriever_vectors: bool = False, retriever_similarity: int = 0) -> None:
+                 retriever_vectors: bool = False, retriever_similarity: int = 0, item_item_history: int = 0) -> None:
         missing = {"train", "valid", "test"} - set(splits)
         if missing:
             raise ValueError(f"ListRankingData needs train/valid/test lists, missing {sorted(missing)}")
@@ -67,10 +68,36 @@ class ListRankingData:
             if len(set(dims.values())) != 1:
                 raise ValueError(f"retriever_vectors: the splits' retrievers differ in dimension: {dims}")
             self.retrieval_products = dims["valid"] if retriever_vectors else 0
+        if item_item_history < 0:
+            raise ValueError(f"item_item_history must be >= 0, got {item_item_history}")
+        self.item_item_history = item_item_history
+        if item_item_history:
+            lacking = [k for k, v in self.splits.items() if v.item_item is None]
+            if lacking:
+                raise ValueError(f"item_item_history: the {lacking} lists carry no item-item model "
+                                 f"(CandidateLists.with_item_item; jobs.second_stage.fit_item_item)")
         self.candidate_dense_dim = second_stage_dense_dim(context is not None, self.retrieval_products,
-                                                          retriever_similarity)
+                                                          retriever_similarity, item_item_history > 0)
         self._order = (event_order(store.timeline_values["ts_ms"], int(store.timeline_offsets[-1]))
                        if context is not None else None)
+
+    @classmethod
+    def for_ranker(cls, store: Any, lists: CandidateLists, ranker: Any, lists_per_batch: int = 32) -> "ListRankingData":
+        """Scoring `lists` (every split) with a loaded second-stage ranker (`ranking.inference.RankerInference`):
+        the inputs it was trained with, its exported context counts and item-item model. Lists it reads retriever
+        vectors from must carry them (`retrieval.lists.attach_vectors`, with the retriever that made them)."""
+        cfg = ranker.cfg
+        if ranker.item_item is not None:
+            lists = lists.with_item_item(ranker.item_item)
+        return cls(store, {"train": lists, "valid": lists, "test": lists}, ranker.history_len, lists_per_batch,
+                   context=ranker.context, retriever_vectors=cfg.retrieval_products > 0,
+                   retriever_similarity=max(cfg.retrieval_similarity, 0), item_item_history=ranker.item_item_history)
+
+    @property
+    def item_item(self) -> Any:
+        """The item-item model the served lists read (the valid split's: the served retriever's), exported with the
+        ranker; None when the ranker reads no item-item features."""
+        return self.splits["valid"].item_item if self.item_item_history else None
 
     @classmethod
     def context_counts(cls, store: Any, window: int = 5) -> ContextCounts:
@@ -112,8 +139,11 @@ class ListRankingData:
             vectors.append(lists.products(columns))
         if self.retrieval_similarity:
             vectors.append(lists.similarities(last(self.retrieval_similarity), columns))
+        item_item = None
+        if self.item_item_history:
+            item_item = lists.item_item.list_features(last(self.item_item_history), lists.items, columns)
         feats = second_stage_dense(lists.logits, lists.items, self.context, recent, lists.hist_len, points,
-                                   request_ts, columns, np.concatenate(vectors, 1) if vectors else None)
+                                   request_ts, columns, np.concatenate(vectors, 1) if vectors else None, item_item)
         return feats, request_ts
 
     def batch(self, lists: CandidateLists, columns: np.ndarray | None = None, as_served_at: int | None = None) -> Batch:
@@ -162,11 +192,14 @@ class ListRankingData:
             if j % world_size == rank:
                 yield self.batch(lists.take(np.arange(s, min(s + self.per_batch, len(lists)))))
 
-    def ranks(self, ranker: Any, lists: CandidateLists, chunk: int = 32) -> np.ndarray:
-        """(R,) 0-based rank of each list's target after `ranker` (a `RankerInference`) reorders the whole list;
-        inf where the list lacks it (the first stage missed it)."""
+    def ranks(self, ranker: Any, split: str, chunk: int = 32) -> np.ndarray:
+        """(R,) 0-based rank of each `split` ("valid" or "test") list's target after `ranker` (a `RankerInference`)
+        reorders the whole list; inf where the list lacks it (the first stage missed it)."""
         from ranking.train import list_ranks
 
+        if split not in ("valid", "test"):
+            raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+        lists = self.splits[split]
         out = []
         for s in range(0, len(lists), chunk):
             b = self.batch(lists.take(np.arange(s, min(s + chunk, len(lists)))))

@@ -240,7 +240,8 @@ def train_ranker(rank: int, world_size: int, cfg: RankerConfig, data: RankingDat
         if rank == 0:
             meta = {"best_epoch": best_epoch + 1, "valid": split_metrics(best, "valid"), "plan": plan}
             export_dir = str(export_from_checkpoint(ckpt_best, model_cfg, out / "export", meta,
-                                                    getattr(data, "context", None)))
+                                                    getattr(data, "context", None), getattr(data, "item_item", None),
+                                                    getattr(data, "item_item_history", 0)))
         if dist.is_initialized():
             dist.barrier()
     result = RankerTrainResult(

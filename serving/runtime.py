@@ -260,10 +260,15 @@ def list_dense(bundle: ModelBundle, retrieval: np.ndarray, cands: np.ndarray, hi
     """A second-stage ranker's candidate_dense for one served list (best first): the list features of the
     retriever's logits, then the context features as of now when the ranker reads them, then the retriever-vector
     features it reads: the per-dimension logit terms from `user_vec` (D,) (zero without a user vector: a cold
-    user's list has no retriever logits either) and the similarities to the last behaviors
-    (`features.list_context.second_stage_dense` and `features.candidate_lists`, the functions training used)."""
+    user's list has no retriever logits either) and the similarities to the last behaviors, then the item-item
+    features from the last behaviors (`features.list_context.second_stage_dense`, `features.candidate_lists` and
+    `features.item_item`, the functions training used)."""
     scale = second_stage_scale(bundle)
     hist_len = np.array([len(history)], np.int64)
+
+    def last(width: int) -> np.ndarray:  # (1, width) the request's last behaviors, right-aligned
+        return recent_items(np.array([0, len(history)], np.int64), history, np.array([0]), hist_len, width)
+
     vectors = []
     dim = max(int(getattr(bundle.ranker.cfg, "retrieval_products", 0)), 0)
     sim_k = max(int(getattr(bundle.ranker.cfg, "retrieval_similarity", 0)), 0)
@@ -272,17 +277,17 @@ def list_dense(bundle: ModelBundle, retrieval: np.ndarray, cands: np.ndarray, hi
         u = np.zeros(dim, np.float32) if user_vec is None else np.asarray(user_vec, np.float32).reshape(-1)
         vectors.append(retrieval_products(u[None, :] * np.float32(scale), cand_vecs))
     if sim_k:
-        last = recent_items(np.array([0, len(history)], np.int64), history, np.array([0]), hist_len, sim_k)
-        vectors.append(retrieval_similarities(cand_vecs, candidate_vectors(bundle.retriever, np.maximum(last, 0)),
-                                              last >= 0))
+        recent_k = last(sim_k)
+        vectors.append(retrieval_similarities(cand_vecs, candidate_vectors(bundle.retriever, np.maximum(recent_k, 0)),
+                                              recent_k >= 0))
     context = bundle.ranker.context
-    recent = None
-    if context is not None:
-        recent = recent_items(np.array([0, len(history)], np.int64), history, np.array([0]), hist_len,
-                              context.window)
+    recent = last(context.window) if context is not None else None
+    item_item = getattr(bundle.ranker, "item_item", None)
+    if item_item is not None:
+        item_item = item_item.list_features(last(bundle.ranker.item_item_history), cands[None, :])
     return second_stage_dense(retrieval[None, :] * scale, cands[None, :], context, recent, hist_len,
                               request_ts=np.array([as_of], np.int64),
-                              vectors=np.concatenate(vectors, 1) if vectors else None)
+                              vectors=np.concatenate(vectors, 1) if vectors else None, item_item=item_item)
 
 
 def _ranker_logits(ranker, batch: Batch) -> torch.Tensor:

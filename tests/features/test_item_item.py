@@ -72,6 +72,23 @@ def test_pruning_keeps_each_candidates_largest_weights() -> None:
         assert c not in pruned.neighbors[c]
 
 
+def test_list_features_are_the_score_and_its_gap_to_the_lists_best_whole_or_at_sampled_positions() -> None:
+    offs, vals, lens = _timelines(3, items=10)
+    model = ItemItem.fit(offs, vals, lens, lam=2.0, k=4)
+    ids = model.item_ids
+    recent = np.array([[-1, ids[0], ids[1]], [ids[2], ids[3], ids[4]]])
+    lists = np.array([[ids[5], ids[6], ids[7], 777], [ids[0], ids[1], ids[8], ids[9]]])
+    score = model.scores(recent, lists)
+    feats = model.list_features(recent, lists)
+    assert feats.shape == (8, 2) and feats.dtype == np.float32
+    np.testing.assert_allclose(feats[:, 0], score.ravel())
+    np.testing.assert_allclose(feats[:, 1], (score - score.max(1, keepdims=True)).ravel())
+    assert (feats[:, 1] <= 0).all() and np.isclose(feats[:, 1].reshape(2, 4).max(1), 0).all()
+    cols = np.array([[3, 0], [1, 2]])  # sampled positions: their rows of the whole-list features
+    np.testing.assert_allclose(model.list_features(recent, lists, cols), feats.reshape(2, 4, 2)[[[0], [1]], cols]
+                               .reshape(-1, 2))
+
+
 def test_save_load_round_trip(tmp_path) -> None:
     offs, vals, lens = _timelines(3)
     model = ItemItem.fit(offs, vals, lens, k=4)

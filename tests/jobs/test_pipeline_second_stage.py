@@ -1,6 +1,6 @@
 """The scheduled pipeline trains the second stage the way the two-stage benchmark measures it: a lists
-retriever with each user's last items held out, its lists, the point-in-time context counts, the listwise
-ranker (`jobs.second_stage`), and the gate evaluates the bundle on the validation lists. The ranker the
+retriever with each user's last items held out, its lists, the point-in-time context counts, the item-item
+model, the listwise ranker (`jobs.second_stage`), and the gate evaluates the bundle on the validation lists. The ranker the
 pipeline selected on its valid lists scores exactly what the gate then measures on the same lists."""
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ def test_pipeline_trains_a_second_stage_ranker_on_held_out_lists(retrieval_featu
         "lists-test-top100.npz", "lists-train-top100.npz", "lists-valid-top100.npz"]
     ranker = load_ranker(rank["export"])
     assert ranker.second_stage and ranker.context is not None and ranker.context.window == 5
+    assert ranker.item_item is not None and ranker.item_item_history == 1000  # two-stage.yaml's lists.item_item
 
     ev = json.loads((vdir / "evaluation.json").read_text())["candidate"]
     assert "ranker" not in ev and ev["two_stage"]["n"] == ev["retriever_valid"]["n"] > 900

@@ -164,3 +164,51 @@ def test_export_carries_the_context_counts_and_refuses_a_tampered_copy(tmp_path)
     np.savez(out / CONTEXT, items=np.zeros(1, np.int64))  # replaced after export: the checksum no longer holds
     with pytest.raises(RankerExportError, match="sha256"):
         load_ranker(out)
+
+
+def test_export_carries_the_item_item_model_and_refuses_a_bad_or_unlisted_one(tmp_path):
+    import hashlib
+    import json
+
+    from features.item_item import ItemItem
+    from ranking.export import ITEM_ITEM, RankerExportError, export_ranker, load_ranker
+
+    model = ItemItem.fit(np.array([0, 3]), np.array([1, 2, 3, 2, 4]), np.array([3, 2]), lam=1.0, k=2)
+    out = export_ranker(residual_model(), tmp_path / "ranker", item_item=model, item_item_history=7)
+    meta = json.loads((out / "config.json").read_text())["item_item"]
+    assert (meta["history"], meta["k"], meta["features"]) == (7, 2, ["item_item_score", "item_item_gap"])
+    back = load_ranker(out)
+    assert back.item_item_history == 7
+    np.testing.assert_array_equal(back.item_item.weights, model.weights)
+    plain = load_ranker(export_ranker(residual_model(), tmp_path / "plain"))
+    assert plain.item_item is None and plain.item_item_history == 0
+    with pytest.raises(ValueError, match="reads 1..10000 behaviors"):
+        export_ranker(residual_model(), tmp_path / "x", item_item=model, item_item_history=0)
+
+    def resign(edit_config=None) -> None:
+        cfg = json.loads((out / "config.json").read_text())
+        if edit_config:
+            edit_config(cfg)
+        (out / "config.json").write_text(json.dumps(cfg))
+        m = json.loads((out / "manifest.json").read_text())
+        m["files"] = {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in m["files"]}
+        (out / "manifest.json").write_text(json.dumps(m))
+
+    good = (out / ITEM_ITEM).read_bytes()
+    (out / ITEM_ITEM).write_bytes(good[: len(good) // 2])  # truncated, checksums re-signed: the model check refuses
+    resign()
+    with pytest.raises(RankerExportError, match="item_item.npz: not an item-item model"):
+        load_ranker(out)
+    (out / ITEM_ITEM).write_bytes(good)
+    resign(lambda c: c["item_item"].update(history=10**9))  # a window every request would allocate for
+    with pytest.raises(RankerExportError, match=r"item_item.history must be an integer in \[1, 10000\]"):
+        load_ranker(out)
+    resign(lambda c: c["item_item"].update(history=7, features=["something_else"]))
+    with pytest.raises(RankerExportError, match="item-item features"):
+        load_ranker(out)
+    resign(lambda c: c["item_item"].update(features=["item_item_score", "item_item_gap"]))
+    m = json.loads((out / "manifest.json").read_text())
+    del m["files"][ITEM_ITEM]
+    (out / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(RankerExportError, match="does not list item_item.npz"):
+        load_ranker(out)

@@ -188,3 +188,45 @@ def test_a_second_stage_reading_the_retrievers_vectors_trains_and_exports_them(l
     bare = {k: dataclasses.replace(v, user_vectors=None, item_vectors=None) for k, v in lists.items()}
     with pytest.raises(ValueError, match="carry no retriever vectors"):
         ListRankingData(store, bare, history_cap=100, lists_per_batch=16, retriever_vectors=True)
+
+
+def test_a_second_stage_reading_item_item_features_fits_one_model_per_lists_retriever_and_exports_the_served_one(
+        lists, retrieval_features, tmp_path):
+    from features.item_item import ItemItem
+    from features.list_context import recent_items
+    from features.train.launch import run_distributed
+    from jobs.second_stage import list_data
+    from ranking.export import load_ranker
+    from ranking.lists import ListRankingData
+
+    store = FeatureStore(retrieval_features)
+    cfg = _ranker_config(4)
+    cfg = dataclasses.replace(cfg, lists=dataclasses.replace(
+        cfg.lists, holdout=2, train_width=10, context_window=0, item_item=True, item_item_history=30, item_item_k=16,
+        item_item_lambda=20.0))
+    data = list_data(store, lists, cfg, say=lambda _: None)
+    served, held = data.splits["valid"].item_item, data.splits["train"].item_item
+    assert data.splits["test"].item_item is served and data.item_item is served and held is not served
+    offsets, items = store.timeline_offsets[:-1], store.timeline_values["item_id"]
+    for model, ends in ((held, store.retrieval_train_ends(2)), (served, store.retrieval_train_ends())):
+        want = ItemItem.fit(offsets, items, ends, lam=20.0, k=16)  # what each split's retriever trained on
+        np.testing.assert_array_equal(model.item_ids, want.item_ids)
+        np.testing.assert_allclose(model.weights, want.weights, rtol=1e-5)
+    assert data.candidate_dense_dim == list_features(np.zeros((1, 1))).shape[1] + 2
+
+    valid = data.splits["valid"].take(np.arange(4))
+    rows, _ = store.timeline_users.rows(valid.user_ids)
+    last30 = recent_items(store.timeline_offsets, items, rows, valid.hist_len, 30)
+    got = data.batch(valid).candidate_dense.numpy()[:, -2:]
+    np.testing.assert_allclose(got, served.list_features(last30, valid.items), rtol=1e-5, atol=1e-6)
+    b = next(iter(data.train_batches(0, 0, 1)))
+    assert torch.all(b.candidate_dense[:, -1] <= 0)  # the gap to the best of the whole list, sampled or not
+
+    res = run_distributed(_train, 1, cfg, data, str(tmp_path))[0]
+    ranker = load_ranker(res.export_dir)
+    assert ranker.item_item_history == 30
+    np.testing.assert_array_equal(ranker.item_item.weights, served.weights)
+    again = ListRankingData.for_ranker(store, lists["test"], ranker)  # the gate's path: the export's own model
+    np.testing.assert_array_equal(again.ranks(ranker, "test"), data.ranks(ranker, "test"))
+    with pytest.raises(ValueError, match="carry no item-item model"):
+        ListRankingData(store, lists, history_cap=100, lists_per_batch=16, item_item_history=30)

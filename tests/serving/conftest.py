@@ -21,12 +21,14 @@ RANKER_SMALL = ["model.embedding.dim=16", "model.embedding.attention_dim=8", "mo
 
 
 def write_real_bundle(catalog, out: Path, version: str, seed: int, second_stage: bool = False,
-                      context=None, retriever_vectors: bool = False, retriever_similarity: int = 0) -> tuple[Path, str]:
+                      context=None, retriever_vectors: bool = False, retriever_similarity: int = 0,
+                      item_item=None, item_item_history: int = 10) -> tuple[Path, str]:
     """`jobs.random_bundle.write_random_bundle` with the ML-100K configs made small (RETRIEVER_SMALL,
     RANKER_SMALL). second_stage: the ranker is `ranking/configs/two-stage.yaml`'s, its zero-initialised heads
     randomised so that it reorders the list; with `context` it also reads the list's context features, with
     `retriever_vectors` the retriever's per-dimension logit terms, with `retriever_similarity` the retriever-space
-    similarities to the last behaviors."""
+    similarities to the last behaviors, with `item_item` the item-item model's features over the last
+    `item_item_history` behaviors."""
     from jobs.random_bundle import RandomBundleSpec, write_random_bundle
 
     spec = RandomBundleSpec(retriever_overrides=tuple(RETRIEVER_SMALL),
@@ -34,8 +36,8 @@ def write_real_bundle(catalog, out: Path, version: str, seed: int, second_stage:
                                             *(("ranking/configs/two-stage.yaml",) if second_stage else ())),
                             ranker_overrides=tuple(RANKER_SMALL), second_stage=second_stage,
                             randomize_heads_std=2.0 if second_stage else 0.0, retriever_vectors=retriever_vectors,
-                            retriever_similarity=retriever_similarity)
-    return write_random_bundle(catalog, out, version, seed, spec, context)
+                            retriever_similarity=retriever_similarity, item_item_history=item_item_history)
+    return write_random_bundle(catalog, out, version, seed, spec, context, item_item)
 
 
 @pytest.fixture(scope="session")

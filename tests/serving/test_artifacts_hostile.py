@@ -268,6 +268,69 @@ def test_a_similarity_window_beyond_the_rankers_history_is_refused(manager, copy
     assert e.reason == "load_failed" and "retrieval_similarity" in e.detail
 
 
+@pytest.fixture(scope="module")
+def item_item_bundle(catalog, hostile_root: Path) -> Path:
+    """A second-stage bundle whose ranker reads item-item features (a model fitted on random timelines of catalog
+    items, over the last 10 behaviors)."""
+    import numpy as np
+
+    from features.item_item import ItemItem
+    from tests.serving.conftest import write_real_bundle
+
+    rng = np.random.default_rng(0)
+    items = rng.choice(catalog.item_ids[:300], size=(200, 10))
+    model = ItemItem.fit(np.arange(0, 2000, 10), items.ravel(), np.full(200, 10), lam=5.0, k=8)
+    return write_real_bundle(catalog, hostile_root / "item-item", "ii-v1", seed=3, second_stage=True, item_item=model,
+                             item_item_history=10)[0]
+
+
+def _item_item_copy(item_item_bundle: Path, hostile_root: Path) -> Path:
+    dst = hostile_root / f"ii-{uuid.uuid4().hex[:10]}"
+    shutil.copytree(item_item_bundle, dst)
+    return dst
+
+
+def _nan_weights(data: bytes) -> bytes:
+    import io
+
+    import numpy as np
+
+    with np.load(io.BytesIO(data)) as z:
+        arrays = {k: z[k] for k in z.files}
+    arrays["weights"][0, 0] = np.nan
+    out = io.BytesIO()
+    np.savez(out, **arrays)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("how", ["truncated", "junk", "nan_weights", "history_1e9", "unlisted"])
+def test_a_bad_item_item_model_signed_as_good_is_refused(manager, item_item_bundle, hostile_root, how) -> None:
+    """The item-item model a second stage reads, however it is bad (checksums re-signed so the model's own checks
+    are reached): a load_failed rejection naming it, and the served model stays; the good copy loads."""
+    b = _item_item_copy(item_item_bundle, hostile_root)
+    assert rejected_or_loaded(manager, b, resign(b)) is None
+    f = b / "ranker" / "item_item.npz"
+    data = f.read_bytes()
+    if how == "truncated":
+        f.write_bytes(data[: len(data) // 3])
+    elif how == "junk":
+        f.write_bytes(os.urandom(len(data)))
+    elif how == "nan_weights":
+        f.write_bytes(_nan_weights(data))
+    else:
+        cfg_path = b / "ranker" / "config.json"
+        cfg = json.loads(cfg_path.read_text())
+        if how == "history_1e9":  # a window every request would allocate for
+            cfg["item_item"]["history"] = 10**9
+        else:  # config.json reads the model; the export's manifest no longer lists it
+            m = json.loads((b / "ranker" / "manifest.json").read_text())
+            del m["files"]["item_item.npz"]
+            (b / "ranker" / "manifest.json").write_text(json.dumps(m))
+        cfg_path.write_text(json.dumps(cfg))
+    e = rejected(manager, b, resign(b))
+    assert e.reason == "load_failed" and "item_item" in e.detail, e
+
+
 def test_announcement_checksum_and_version_must_match(manager, copy_bundle) -> None:
     b = copy_bundle()
     sha = resign(b)

@@ -15,14 +15,21 @@ N, K = 60, 10
 @pytest.fixture(scope="module")
 def second_stage_bundle(catalog, tmp_path_factory, retrieval_features):
     """A second-stage bundle whose ranker reads every list feature: the retriever's logits, the context features
-    (counts over the features' events), the retriever's per-dimension logit terms and its similarities."""
+    (counts over the features' events), the retriever's per-dimension logit terms and its similarities, and the
+    item-item features (a model fitted on the features' retrieval-training prefixes, over the last 30 behaviors:
+    fewer than most of the tested users have, so the server must cut the same window)."""
+    from features.item_item import ItemItem
     from features.reader import FeatureStore
     from ranking.lists import ListRankingData
     from tests.serving.conftest import write_real_bundle
 
-    context = ListRankingData.context_counts(FeatureStore(retrieval_features))
+    store = FeatureStore(retrieval_features)
+    context = ListRankingData.context_counts(store)
+    item_item = ItemItem.fit(store.timeline_offsets[:-1], store.timeline_values["item_id"],
+                             store.retrieval_train_ends(), lam=50.0, k=32)
     return write_real_bundle(catalog, tmp_path_factory.mktemp("two_stage"), "ts-v1", seed=5, second_stage=True,
-                             context=context, retriever_vectors=True, retriever_similarity=5)
+                             context=context, retriever_vectors=True, retriever_similarity=5, item_item=item_item,
+                             item_item_history=30)
 
 
 def served_at(features) -> int:
@@ -45,11 +52,12 @@ def offline_top_k(bundle_dir, features, user_ids: np.ndarray) -> tuple[np.ndarra
     rows, _ = store.timeline_users.rows(user_ids)
     full = store.timeline_offsets[rows + 1] - store.timeline_offsets[rows]
     lists = retrieve_lists(retriever, store, user_ids, full, N)
-    data = ListRankingData(store, {"train": lists, "valid": lists, "test": lists}, ranker.history_len, 8,
-                           context=ranker.context, retriever_vectors=True, retriever_similarity=5)
-    # the served features include the context ones and the retriever's vectors
+    data = ListRankingData.for_ranker(store, lists, ranker, 8)
+    # the served features include the context ones, the retriever's vectors and the item-item ones
     assert ranker.context is not None and ranker.cfg.retrieval_products == retriever.dim == data.retrieval_products
     assert ranker.cfg.retrieval_similarity == data.retrieval_similarity == 5
+    assert ranker.item_item is not None and data.item_item_history == 30
+    lists = data.splits["valid"]
     logits = ranker.logits(data.batch(lists, as_served_at=served_at(features))).numpy().reshape(len(user_ids), N)
     order = np.argsort(-logits, axis=1, kind="stable")[:, :K]
     return np.take_along_axis(lists.items, order, 1), np.take_along_axis(logits, order, 1)
