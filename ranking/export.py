@@ -135,9 +135,10 @@ def read_export_config(path: str | Path) -> dict[str, Any]:
         if ITEM_ITEM not in files:
             raise RankerExportError(f"{m}: config.json reads item-item features but the manifest does not list "
                                     f"{ITEM_ITEM}")
-        if not isinstance(ii, dict) or list(ii.get("features") or []) != list(ITEM_ITEM_FEATURE_NAMES):
-            raise RankerExportError(f"{root / CONFIG}: item-item features {ii.get('features') if isinstance(ii, dict) else ii!r}, "
-                                    f"this code computes {list(ITEM_ITEM_FEATURE_NAMES)}")
+        names = ii.get("features") if isinstance(ii, dict) else ii
+        if not isinstance(ii, dict) or list(names or []) != list(ITEM_ITEM_FEATURE_NAMES):
+            raise RankerExportError(f"{root / CONFIG}: item-item features {names!r}, this code computes "
+                                    f"{list(ITEM_ITEM_FEATURE_NAMES)}")
         h = ii.get("history")
         if not isinstance(h, int) or isinstance(h, bool) or not 1 <= h <= MAX_HISTORY:
             raise RankerExportError(f"{root / CONFIG}: item_item.history must be an integer in [1, {MAX_HISTORY}], "

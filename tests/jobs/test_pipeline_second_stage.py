@@ -1,7 +1,8 @@
 """The scheduled pipeline trains the second stage the way the two-stage benchmark measures it: a lists
 retriever with each user's last items held out, its lists, the point-in-time context counts, the item-item
-model, the listwise ranker (`jobs.second_stage`), and the gate evaluates the bundle on the validation lists. The ranker the
-pipeline selected on its valid lists scores exactly what the gate then measures on the same lists."""
+model, the listwise ranker (`jobs.second_stage`), and the gate evaluates the bundle on the validation lists.
+The ranker the pipeline selected on its valid lists scores exactly what the gate then measures on the same
+lists."""
 from __future__ import annotations
 
 import json
