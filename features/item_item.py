@@ -122,7 +122,7 @@ class ItemItem:
         gap = score - (score.max(1, keepdims=True) if score.shape[1] else score)
         if columns is not None:
             score, gap = np.take_along_axis(score, columns, 1), np.take_along_axis(gap, columns, 1)
-        return np.stack([score, gap], -1).reshape(-1, len(ITEM_ITEM_FEATURE_NAMES)).astype(np.float32)
+        return np.stack([score, gap], -1).reshape(-1, len(ITEM_ITEM_FEATURE_NAMES)).astype(np.float32, copy=False)
 
     # ------------------------------------------------------------ persistence
     def save(self, path: str | Path) -> Path:
