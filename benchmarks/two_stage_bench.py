@@ -17,7 +17,9 @@ catalog item with every item the user has seen masked (the whole history, not a 
    one): DIN + DARE + AW-MoE with the contrastive gate loss, scoring the retriever's logit plus a
    learned correction whose heads start at zero, trained listwise (softmax over the list,
    `--train-width` sampled candidates per list and step), the epoch chosen on the valid lists'
-   NDCG@10 (the two-stage system's valid NDCG@10), tested once at that epoch.
+   NDCG@10 (the two-stage system's valid NDCG@10), tested once at that epoch. With the item-item
+   inputs and `lists.item_item_select` (the default), a ranker without them is trained too and the
+   one better on the valid lists is kept (`jobs.second_stage.fit_selected`); the file records both.
 5. Retriever alone and pipeline are scored on the same users and the same test lists (the list is
    the retriever's top N of every unseen item, so the retriever's order on it is its full-ranking
    order); paired per-user differences of hit@10 and NDCG@10 with a bootstrap 95% interval.
@@ -138,7 +140,7 @@ def score_lists(ranker_export: str, data: Any) -> np.ndarray:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     from features.reader import FeatureStore
     from features.train.metrics import topk_metrics
-    from jobs.second_stage import candidate_lists, fit, list_data
+    from jobs.second_stage import candidate_lists, fit_selected
 
     work = args.work_dir / args.dataset / f"seed{args.seed}"
     work.mkdir(parents=True, exist_ok=True)
@@ -158,10 +160,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     lists = candidate_lists(store, Path(std), Path(held), cfg.lists, work)
     lists_s = time.perf_counter() - t0
-    data = list_data(store, lists, cfg)
-    print(f"[two-stage] ranker: {len(data.splits['train']):,} training lists holding their target "
-          f"(of {len(lists['train']):,}), width {args.train_width or args.top_n}", flush=True)
-    res = fit(cfg, data, work / f"ranker{args.tag}")
+    print("[two-stage] ranker", flush=True)
+    fitted = fit_selected(cfg, store, lists, work / f"ranker{args.tag}")
+    res, data = fitted.result, fitted.data
     test = lists["test"]
     retr_rank = np.where(test.hit(), (test.items == test.target[:, None]).argmax(1), np.inf)
     pipe_rank = score_lists(res.export_dir, data)
@@ -182,7 +183,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "valid": {"retriever": valid_retr, "pipeline": res.best_valid},
         "ranker": {"best_epoch": res.best_epoch, "epochs_run": res.epochs_run, "stopped": res.stopped,
                    "train_seconds": res.train_seconds, "examples_per_s": res.examples_per_s,
-                   "history": res.history},
+                   "history": res.history, "kept": fitted.kept, "variants": fitted.variants},
         "seconds": {"retrievers": retrievers_s, "lists": lists_s, "ranker": res.train_seconds,
                     "all": time.perf_counter() - t_all},
         "retriever_exports": {"standard": str(std), "lists": str(held)},
@@ -212,12 +213,13 @@ def summarize(dataset: str, folder: Path, tag: str = "") -> dict[str, Any] | Non
         table[system] = {k: mean_std([r[system][k] for r in runs.values()]) for k in ("hr@10", "ndcg@10", "hr@50")}
         rows.append([system, *(fmt(table[system][k]) for k in ("hr@10", "ndcg@10", "hr@50")), str(len(runs))])
     ratios = {s: r["ratio"] for s, r in runs.items()}
+    kept = {s: r["ranker"].get("kept", "") for s, r in runs.items()}
     met = {s: all(v >= TARGET_RATIO for v in r.values()) for s, r in ratios.items()}
     print_table(f"Two-stage {dataset}: mean ± std over seeds ({', '.join(runs)})",
                 ["system", "hr@10", "ndcg@10", "hr@50", "seeds"], rows)
     return {"dataset": dataset, "seeds": sorted(runs), "table": table, "ratio_by_seed": ratios,
             "target": f"pipeline >= {TARGET_RATIO} x retriever on hr@10 and ndcg@10, every seed",
-            "met_by_seed": met}
+            "met_by_seed": met, "ranker_kept_by_seed": kept}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 # attention and representation tables, SDIM long-term interest (signatures and bucket sums kept at ingest by the
 # server), a 4-expert AW-MoE with the contrastive gate loss, scoring the retriever's logit plus a learned
 # correction, trained listwise on a held-out retriever's lists with the point-in-time context features and the
-# item-item model's (jobs/second_stage.py). Layered on the dataset's ranking config.
+# item-item model's where validation keeps them (jobs/second_stage.py). Layered on the dataset's ranking config.
 RANKER_FULL = ("ranking/configs/two-stage.yaml",)
 RANKER_FULL_OVERRIDES = ("model.sequence.long=sdim",)
 

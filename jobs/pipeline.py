@@ -531,11 +531,13 @@ def train_ranker_stage(tc: TrainStage, fdir: Path, out: Path, retriever: TrainSt
             dataclasses.replace(retriever, overrides=(*retriever.overrides, f"train.holdout_tail={cfg.lists.holdout}")),
             fdir, out / "lists-retriever")
         say(f"    candidate lists (top {cfg.lists.top_n}, every seen item masked) and the listwise ranker ...")
-        res = train_second_stage(cfg, fdir, retriever_export, Path(held["export"]), out, say)
+        fitted = train_second_stage(cfg, fdir, retriever_export, Path(held["export"]), out, say)
+        res = fitted.result
         if not res.export_dir:
             raise RuntimeError(f"the second-stage ranker run in {out} did not export a model")
         return {"export": str(res.export_dir), "test": res.test, "valid": res.best_valid,
-                "best_epoch": res.best_epoch, "second_stage": True, "lists_retriever": held["export"]}
+                "best_epoch": res.best_epoch, "second_stage": True, "lists_retriever": held["export"],
+                "kept": fitted.kept, "variants": fitted.variants}
     res = train(cfg, fdir, out, tc.world_size)
     if not res.export_dir:
         raise RuntimeError(f"the ranker run in {out} did not export a model")

@@ -18,18 +18,22 @@ top-N list of each request as the retriever's logit plus a learned correction. W
   valid and test, as the server uses its own;
 * with `lists.item_item`, an item-item model (`features.item_item.ItemItem`) per lists retriever, fitted on
   exactly what it trained on (each user's timeline before the holdout positions for the training lists, the
-  retrieval-training prefix for valid and test), the served one exported with the ranker (`item_item.npz`).
+  retrieval-training prefix for valid and test), the served one exported with the ranker (`item_item.npz`);
+  with `lists.item_item_select` as well, a ranker without them is trained too and the one better on the valid
+  lists is kept (`fit_selected`).
 
 Every list is the top N of every item the user has not seen. Lists are cached as ``.npz`` under the run's
 directory, so a resumed run does not retrieve again.
 
     lists = candidate_lists(store, retriever_export, lists_retriever_export, cfg.lists, cache_dir=out / "lists")
-    data = list_data(store, lists, cfg)
-    result = train_second_stage(cfg, features_dir, retriever_export, lists_retriever_export, out)
+    kept = fit_selected(cfg, store, lists, out)  # the ranker (or, with lists.item_item_select, the better of two)
+    kept = train_second_stage(cfg, features_dir, retriever_export, lists_retriever_export, out)
 """
 from __future__ import annotations
 
+import dataclasses
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -118,6 +122,55 @@ def list_data(store: Any, lists: dict[str, Any], cfg: Any, say: Callable[[str], 
                            item_item_history=lc.item_item_history if lc.item_item else 0)
 
 
+@dataclass
+class SecondStageFit:
+    """What `fit_selected` kept: the ranker's TrainResult and the ListRankingData it reads, and a record of every
+    ranker the run trained ({name: {"valid", "test", "best_epoch", "export"}}; "" when it trained one)."""
+
+    result: Any
+    data: Any
+    kept: str
+    variants: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+def ranker_variants(cfg: Any) -> dict[str, Any]:
+    """{name: config} of the rankers a second-stage run trains: `cfg` alone (name ""), or with
+    `lists.item_item_select` the ranker without the item-item inputs and the one with them, in that order."""
+    lc = cfg.lists
+    if not (lc.item_item and lc.item_item_select):
+        return {"": cfg}
+    without = dataclasses.replace(cfg, lists=dataclasses.replace(lc, item_item=False, item_item_select=False))
+    return {"no-item-item": without, "item-item": cfg}
+
+
+def fit_selected(cfg: Any, store: Any, lists: dict[str, Any], out: Path,
+                 say: Callable[[str], None] = print) -> SecondStageFit:
+    """Trains each of `ranker_variants(cfg)` on `lists` (a single one into OUT, else each into OUT/<name>) and keeps
+    the one best on the valid lists' `train.select_metric`; a later variant must beat the earlier strictly, so a tie
+    keeps the ranker without the item-item inputs. Only validation decides; the test figures are recorded."""
+    from features.train.loop import improves
+
+    metric = cfg.train.select_metric
+    kept: SecondStageFit | None = None
+    variants: dict[str, dict[str, Any]] = {}
+    for name, vcfg in ranker_variants(cfg).items():
+        data = list_data(store, lists, vcfg, say)
+        say(f"    ranker{f' ({name})' if name else ''}: {len(data.splits['train']):,} training lists holding their "
+            f"target (of {len(lists['train']):,}), width {vcfg.lists.train_width or vcfg.lists.top_n}, "
+            f"context window {vcfg.lists.context_window}")
+        res = fit(vcfg, data, Path(out) / name if name else Path(out))
+        variants[name] = {"valid": res.best_valid, "test": res.test, "best_epoch": res.best_epoch,
+                          "export": res.export_dir}
+        if kept is None or improves(metric, res.best_valid[metric], kept.result.best_valid[metric]):
+            kept = SecondStageFit(result=res, data=data, kept=name)
+    assert kept is not None
+    kept.variants = variants
+    if len(variants) > 1:
+        say(f"    kept the ranker {kept.kept!r} on valid {metric}: "
+            + ", ".join(f"{n} {v['valid'][metric]:.4f}" for n, v in variants.items()))
+    return kept
+
+
 def _train(rank: int, world: int, cfg: Any, data: Any, out: str) -> Any:
     from ranking.train import train_ranker
 
@@ -141,17 +194,14 @@ def check_second_stage(cfg: Any) -> None:
 
 
 def train_second_stage(cfg: Any, features: Path, retriever: Path, lists_retriever: Path, out: Path,
-                       say: Callable[[str], None] = print) -> Any:
-    """Lists (cached under OUT/lists), then the listwise ranker into OUT (checkpoints, export with its context
-    counts); -> `ranking.train.TrainResult` (best valid = the two-stage valid metrics, test at that epoch)."""
+                       say: Callable[[str], None] = print) -> SecondStageFit:
+    """Lists (cached under OUT/lists), then the listwise ranker(s) into OUT (checkpoints, export with its context
+    counts; `fit_selected`); its `result` is the kept ranker's `ranking.train.TrainResult` (best valid = the
+    two-stage valid metrics, test at that epoch)."""
     from features.reader import FeatureStore
 
     check_second_stage(cfg)
     out = Path(out)
     store = FeatureStore(Path(features))
     lists = candidate_lists(store, retriever, lists_retriever, cfg.lists, out / "lists", say)
-    data = list_data(store, lists, cfg, say)
-    say(f"    ranker: {len(data.splits['train']):,} training lists holding their target (of "
-        f"{len(lists['train']):,}), width {cfg.lists.train_width or cfg.lists.top_n}, "
-        f"context window {cfg.lists.context_window}")
-    return fit(cfg, data, out)
+    return fit_selected(cfg, store, lists, out, say)

@@ -352,6 +352,10 @@ class ListsConfig:
     item_item_k: int = 256  # weights kept per candidate (0: all)
     item_item_lambda: float = 500.0  # the ridge weight
     item_item_history: int = 1000
+    # with item_item, also train the ranker without the item-item inputs and keep whichever is better on the valid
+    # lists' `train.select_metric` (a tie keeps the one without): the inputs lift some catalogs (ML-1M) and not
+    # others (Beauty), and validation, not the dataset's name, decides
+    item_item_select: bool = False
     max_users: int = 0  # 0: every user (a smaller number: smoke runs)
 
     def __post_init__(self) -> None:

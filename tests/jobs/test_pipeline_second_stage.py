@@ -37,9 +37,21 @@ def test_pipeline_trains_a_second_stage_ranker_on_held_out_lists(retrieval_featu
     assert "holdout_tail: 2" in held_cfg  # the lists retriever never trained on the training lists' targets
     assert sorted(p.name for p in (vdir / "ranker" / "lists").iterdir()) == [
         "lists-test-top100.npz", "lists-train-top100.npz", "lists-valid-top100.npz"]
+    # two-stage.yaml's lists.item_item_select: a ranker with the item-item inputs and one without, the one better
+    # on the valid lists kept (a tie keeps the one without)
+    variants = rank["variants"]
+    assert set(variants) == {"item-item", "no-item-item"}
+    with_ii, without = (variants[n]["valid"]["ndcg@10"] for n in ("item-item", "no-item-item"))
+    kept = "item-item" if with_ii > without else "no-item-item"
+    assert rank["kept"] == kept and rank["export"] == variants[kept]["export"]
+    assert rank["valid"] == variants[kept]["valid"]
+    assert any(f"kept the ranker {kept!r}" in line for line in log)
     ranker = load_ranker(rank["export"])
     assert ranker.second_stage and ranker.context is not None and ranker.context.window == 5
-    assert ranker.item_item is not None and ranker.item_item_history == 1000  # two-stage.yaml's lists.item_item
+    assert (ranker.item_item is not None) == (kept == "item-item")
+    other = load_ranker(variants["item-item"]["export"])
+    assert other.item_item is not None and other.item_item_history == 1000  # two-stage.yaml's lists.item_item
+    assert load_ranker(variants["no-item-item"]["export"]).item_item is None
 
     ev = json.loads((vdir / "evaluation.json").read_text())["candidate"]
     assert "ranker" not in ev and ev["two_stage"]["n"] == ev["retriever_valid"]["n"] > 900

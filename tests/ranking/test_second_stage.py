@@ -212,3 +212,51 @@ def test_export_carries_the_item_item_model_and_refuses_a_bad_or_unlisted_one(tm
     (out / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(RankerExportError, match="does not list item_item.npz"):
         load_ranker(out)
+
+
+@pytest.mark.parametrize("with_ii,without,kept", [(0.31, 0.30, "item-item"), (0.30, 0.30, "no-item-item"),
+                                                   (0.29, 0.30, "no-item-item")])
+def test_item_item_select_keeps_the_ranker_better_on_the_valid_lists_and_a_tie_the_one_without(
+        monkeypatch, tmp_path, with_ii, without, kept):
+    # the logic around training: which configs are trained where, and which result is kept (the training itself,
+    # faked here, runs for real in tests/jobs/test_pipeline_second_stage.py)
+    from features.config import load_config
+    from features.train.loop import TrainResult
+    from jobs import second_stage
+    from ranking.config import RankerConfig
+
+    cfg = load_config(RankerConfig, "ranking/configs/two-stage.yaml")
+    assert cfg.lists.item_item and cfg.lists.item_item_select  # the shipped default selects
+    variants = second_stage.ranker_variants(cfg)
+    assert list(variants) == ["no-item-item", "item-item"] and variants["item-item"] is cfg
+    assert not variants["no-item-item"].lists.item_item and variants["no-item-item"].model == cfg.model
+    single = dataclasses.replace(cfg, lists=dataclasses.replace(cfg.lists, item_item_select=False))
+    assert second_stage.ranker_variants(single) == {"": single}
+
+    valid = {True: with_ii, False: without}
+    trained = []
+
+    def fake_fit(vcfg, data, out):
+        trained.append((vcfg.lists.item_item, out))
+        return TrainResult(best_epoch=1, best_valid={"ndcg@10": valid[vcfg.lists.item_item]},
+                           test={"ndcg@10": 0.0}, epochs_run=1, stopped="epochs", train_seconds=0.0,
+                           wall_seconds=0.0, plan={}, export_dir=str(out / "export"))
+
+    class Data:
+        def __init__(self, vcfg):
+            self.item_item = vcfg.lists.item_item
+            self.splits = {"train": []}
+
+    monkeypatch.setattr(second_stage, "fit", fake_fit)
+    monkeypatch.setattr(second_stage, "list_data", lambda store, lists, vcfg, say: Data(vcfg))
+    log: list[str] = []
+    got = second_stage.fit_selected(cfg, None, {"train": []}, tmp_path, log.append)
+    assert trained == [(False, tmp_path / "no-item-item"), (True, tmp_path / "item-item")]
+    assert got.kept == kept and got.data.item_item == (kept == "item-item")
+    assert got.result.export_dir == str(tmp_path / kept / "export") == got.variants[kept]["export"]
+    assert {n: v["valid"]["ndcg@10"] for n, v in got.variants.items()} == {"item-item": with_ii,
+                                                                          "no-item-item": without}
+    assert any(f"kept the ranker {kept!r}" in line for line in log)
+    trained.clear()
+    one = second_stage.fit_selected(single, None, {"train": []}, tmp_path, log.append)
+    assert trained == [(True, tmp_path)] and one.kept == "" and list(one.variants) == [""]
